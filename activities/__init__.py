@@ -1,0 +1,1 @@
+"""Side effects: activity classes with injected clients (database, vector store, LLM, bot)."""

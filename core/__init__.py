@@ -1,0 +1,1 @@
+"""Core concerns shared by every layer: settings, errors, logging."""

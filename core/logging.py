@@ -1,0 +1,101 @@
+"""structlog for everything: our own loggers and the stdlib ones (temporalio, sqlalchemy, alembic) alike."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, TextIO
+
+import structlog
+from pydantic import SecretStr
+from structlog.typing import EventDict, Processor
+
+APP_NAME = "companion"
+
+# Keys whose values are secrets wherever they appear in a log event.
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|password|passwd|secret|authorization|credential)", re.IGNORECASE)
+# Secrets that slip into free text: bot tokens, OpenAI-style keys, passwords inside URLs.
+_SECRET_TEXT = (
+    (re.compile(r"(?<!\d)\d{5,}:[A-Za-z0-9_-]{30,}"), "[REDACTED-BOT-TOKEN]"),
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}\b"), "[REDACTED-KEY]"),
+    (re.compile(r"(://[^:/@\s]+:)[^@\s]+@"), r"\1[REDACTED]@"),
+)
+REDACTED = "[REDACTED]"
+
+# Libraries that are chatty at INFO; their warnings still come through.
+_QUIET_LOGGERS = ("sqlalchemy.engine", "alembic.runtime.migration", "pgserver", "asyncio", "httpx", "httpcore")
+
+
+def redact_text(text: str) -> str:
+    """Text with anything that looks like a token, key or URL password replaced."""
+    for pattern, replacement in _SECRET_TEXT:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redact_value(key: str, value: Any) -> Any:
+    if isinstance(value, SecretStr) or (_SECRET_KEY.search(key) and value not in (None, "", False)):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(str(k), v) for k, v in value.items()}
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: never let a secret reach a log line."""
+    return {key: _redact_value(key, value) for key, value in event_dict.items()}
+
+
+def _add_app(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    event_dict.setdefault("app", APP_NAME)
+    return event_dict
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.ExtraAdder(),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_app,
+        structlog.processors.StackInfoRenderer(),
+    ]
+
+
+def configure_logging(level: str = "INFO", fmt: str = "console", stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging through one renderer: JSON lines or readable console."""
+    renderer: Processor
+    if fmt == "json":
+        final: list[Processor] = [structlog.processors.dict_tracebacks, redact_secrets,
+                                  structlog.processors.JSONRenderer()]
+    else:
+        final = [redact_secrets, structlog.dev.ConsoleRenderer(colors=stream is None and sys.stderr.isatty())]
+    renderer = final[-1]
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final[:-1], renderer],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+    structlog.configure(
+        processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str | None = None, **context: Any) -> Any:
+    """A structlog logger with the given key-value context; lazy, so module-level loggers follow configure_logging."""
+    return structlog.get_logger(name, **context)

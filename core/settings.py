@@ -1,0 +1,201 @@
+"""The one settings object: environment variables and `.env`, validated once at start-up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from core.errors import ConfigurationError
+
+Environment = Literal["development", "staging", "production"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["json", "console"]
+
+# Values people leave in a copied .env; refused outside development.
+_PLACEHOLDER = re.compile(r"^(|changeme|change[-_ ]?me.*|placeholder|secret|password|xxx+|todo|dummy|test|example.*|your[-_ ].*|<.*>|\.\.\.)$",
+                          re.IGNORECASE)
+_SECRET_FIELDS = ("openai_api_key", "pinecone_api_key", "telegram_bot_token", "telegram_webhook_secret",
+                  "database_url")
+_POSTGRES_SCHEMES = {"postgres", "postgresql", "postgresql+asyncpg", "postgresql+psycopg", "postgresql+psycopg2"}
+_DATABASE_URL_FORMS = ("postgresql://user:pass@host:5432/db or postgresql://user@/db?host=/socket/dir")
+
+
+class Settings(BaseSettings):
+    """Every knob of the companion; unset keys mean the embedded, offline defaults."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore", validate_default=True)
+
+    environment: Environment = "development"
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat | None = Field(default=None, description="json|console; default console in development")
+    companion_data_dir: Path = Path(".companion")
+
+    database_url: SecretStr | None = None
+
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "companion"
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_chat_model: str = "gpt-4o-mini"
+    openai_embedding_model: str = "text-embedding-3-small"
+
+    pinecone_api_key: SecretStr | None = None
+    pinecone_index: str = "companion-memory"
+
+    telegram_bot_token: SecretStr | None = None
+    telegram_api_base_url: str = "https://api.telegram.org/bot"
+    telegram_webhook_url: str | None = None
+    telegram_webhook_secret: SecretStr | None = None
+    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("companion_data_dir")
+    @classmethod
+    def _absolute_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        try:
+            url = make_url(value.get_secret_value())
+        except ArgumentError:
+            raise ValueError(f"expected {_DATABASE_URL_FORMS}") from None
+        if url.drivername not in _POSTGRES_SCHEMES:
+            raise ValueError(f"expected a PostgreSQL URL ({_DATABASE_URL_FORMS}), not scheme {url.drivername!r}")
+        if not url.database:
+            raise ValueError(f"expected a database name in the URL ({_DATABASE_URL_FORMS})")
+        if not url.host and "host" not in url.query:
+            raise ValueError(f"expected a host, or ?host=/socket/dir ({_DATABASE_URL_FORMS})")
+        return value
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port, e.g. localhost:7233")
+        return value
+
+    @field_validator("openai_base_url", "telegram_api_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("expected an http(s) URL, e.g. https://api.example.com/v1")
+        return value
+
+    @field_validator("telegram_webhook_url")
+    @classmethod
+    def _https_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme != "https" or not parts.netloc:
+                raise ValueError("expected the public https URL Telegram posts updates to")
+        return value
+
+    @field_validator("telegram_bot_token")
+    @classmethod
+    def _bot_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"\d+:[A-Za-z0-9_-]{20,}", value.get_secret_value()):
+            raise ValueError("expected a bot token from @BotFather, like 123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11")
+        return value
+
+    @field_validator("telegram_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Telegram's own rule for secret_token.
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value.get_secret_value()):
+            raise ValueError("expected 1-256 characters of A-Z, a-z, 0-9, _ and -")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.telegram_webhook_url and not self.telegram_webhook_secret:
+            raise ValueError("TELEGRAM_WEBHOOK_SECRET: expected a secret token whenever TELEGRAM_WEBHOOK_URL is set")
+        if self.environment != "development":
+            for name in _SECRET_FIELDS:
+                if _is_placeholder(name, getattr(self, name)):
+                    raise ValueError(f"{name.upper()}: expected a real secret in {self.environment}, "
+                                     "not a placeholder value")
+        return self
+
+    # --- derived values -----------------------------------------------------------------------------------------
+
+    @property
+    def effective_log_format(self) -> LogFormat:
+        """The log format in force: as set, else readable console in development and JSON lines elsewhere."""
+        if self.log_format is not None:
+            return self.log_format
+        return "console" if self.environment == "development" else "json"
+
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        """True when no DATABASE_URL is set and the companion runs its own PostgreSQL."""
+        return self.database_url is None
+
+    @property
+    def postgres_data_dir(self) -> Path:
+        """Where the embedded PostgreSQL keeps its files."""
+        return self.companion_data_dir / "postgres"
+
+
+def _is_placeholder(name: str, value: SecretStr | None) -> bool:
+    if value is None:
+        return False
+    secret = value.get_secret_value()
+    if name == "database_url":
+        password = make_url(secret).password
+        return password is not None and bool(_PLACEHOLDER.match(password) or password == "postgres")
+    return bool(_PLACEHOLDER.match(secret.strip()))
+
+
+def to_async_url(url: str) -> URL:
+    """A PostgreSQL URL in any accepted form, as the asyncpg URL SQLAlchemy needs."""
+    parsed = make_url(url).set(drivername="postgresql+asyncpg")
+    sslmode = parsed.query.get("sslmode")
+    if sslmode is not None:  # libpq spelling; asyncpg calls it ssl
+        parsed = parsed.difference_update_query(["sslmode"]).update_query_dict({"ssl": sslmode})
+    return parsed
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; a bad value raises ConfigurationError with one line naming each bad setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc), context={"settings": _bad_names(exc)}) from None
+
+
+def _bad_names(exc: ValidationError) -> list[str]:
+    return [str(err["loc"][0]).upper() for err in exc.errors() if err["loc"]]
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if not err["loc"]:  # model-level checks name their setting themselves
+            problems.append(message)
+            continue
+        name = str(err["loc"][0])
+        shown = "" if name in _SECRET_FIELDS else f" (got {err['input']!r})"
+        problems.append(f"{name.upper()}: {message[0].lower()}{message[1:]}{shown}")
+    return "Invalid setting " + "; ".join(problems)

@@ -1,0 +1,1 @@
+"""Contracts: the pydantic models that cross every boundary (repository, activities, workflows, CLI)."""

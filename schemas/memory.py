@@ -1,0 +1,311 @@
+"""Create / Update / Read models for every memory entity the repository stores."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+
+def _valid_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}; expected an IANA name like Europe/Berlin") from None
+    return name
+
+
+TelegramId = Annotated[int, Field(gt=0, lt=2**63)]
+TimeZoneName = Annotated[str, AfterValidator(_valid_timezone)]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10_000)]
+FactKey = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=100,
+                                           pattern=r"^[a-z0-9][a-z0-9_.\- ]*$")]
+MessageKey = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+SourceKeys = Annotated[list[MessageKey], Field(default_factory=list, max_length=100)]
+
+
+class FactCategory(StrEnum):
+    """What a profile fact is about."""
+
+    PERSONAL = "personal"
+    RELATIONSHIPS = "relationships"
+    WORK = "work"
+    EDUCATION = "education"
+    HEALTH = "health"
+    HOBBIES = "hobbies"
+    PREFERENCES = "preferences"
+    GOALS = "goals"
+    LOCATION = "location"
+    OTHER = "other"
+
+
+class Role(StrEnum):
+    """Who said a message."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+
+
+class Channel(StrEnum):
+    """Where a message came from and where its reply goes."""
+
+    TELEGRAM = "telegram"
+    CONSOLE = "console"
+
+
+class DiaryKind(StrEnum):
+    """The kind of a diary entry."""
+
+    MILESTONE = "milestone"
+    REFLECTION = "reflection"
+    NOTE = "note"
+
+
+class NudgeKind(StrEnum):
+    """Why a proactive message exists."""
+
+    REMINDER = "reminder"
+    FOLLOW_UP = "follow_up"
+    CHECK_IN = "check_in"
+    CUSTOM = "custom"
+
+
+class NudgeCreator(StrEnum):
+    """Who asked for a proactive message."""
+
+    COMPANION = "companion"
+    USER = "user"
+    OPERATOR = "operator"
+
+
+class NudgeStatus(StrEnum):
+    """Where a proactive message is in its life."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --- users ------------------------------------------------------------------------------------------------------
+
+
+class UserCreate(_Model):
+    """A user as first seen on a channel."""
+
+    telegram_id: TelegramId
+    username: str | None = Field(default=None, max_length=64)
+    first_name: str | None = Field(default=None, max_length=128)
+    last_name: str | None = Field(default=None, max_length=128)
+    language_code: str | None = Field(default=None, max_length=16)
+    timezone: TimeZoneName = "UTC"
+
+
+class UserUpdate(_Model):
+    """Changes to a user; fields left unset stay as they are."""
+
+    username: str | None = Field(default=None, max_length=64)
+    first_name: str | None = Field(default=None, max_length=128)
+    last_name: str | None = Field(default=None, max_length=128)
+    language_code: str | None = Field(default=None, max_length=16)
+    timezone: TimeZoneName | None = None
+    is_active: bool | None = None
+    preferences: dict[str, Any] | None = None
+
+
+class UserRead(_Read):
+    """A stored user."""
+
+    id: int
+    telegram_id: int
+    username: str | None
+    first_name: str | None
+    last_name: str | None
+    language_code: str | None
+    timezone: str
+    is_active: bool
+    preferences: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    last_seen_at: datetime | None
+
+    @property
+    def display_name(self) -> str:
+        """The name to call the user by."""
+        full = " ".join(part for part in (self.first_name, self.last_name) if part)
+        return full or self.username or f"user {self.telegram_id}"
+
+
+# --- profile facts ----------------------------------------------------------------------------------------------
+
+
+class ProfileFactCreate(_Model):
+    """A fact about the user, e.g. (work, employer, "Acme")."""
+
+    category: FactCategory
+    key: FactKey
+    value: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2_000)]
+    confidence: float = Field(default=1.0, ge=0.0, le=1.0)
+    source_keys: SourceKeys
+
+
+class ProfileFactRead(_Read):
+    """A stored fact; valid_to is set once a newer value superseded it."""
+
+    id: int
+    user_id: int
+    category: FactCategory
+    key: str
+    value: str
+    confidence: float
+    source_keys: list[str]
+    valid_from: datetime
+    valid_to: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def is_current(self) -> bool:
+        """True while no newer value has replaced this one."""
+        return self.valid_to is None
+
+
+# --- conversations ----------------------------------------------------------------------------------------------
+
+
+class MessageCreate(_Model):
+    """One message of a conversation; message_key makes a retried write land once."""
+
+    message_key: MessageKey
+    role: Role
+    content: Annotated[str, StringConstraints(max_length=64_000)]
+    channel: Channel = Channel.CONSOLE
+    sent_at: AwareDatetime
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessageRead(_Read):
+    """A stored message."""
+
+    id: int
+    user_id: int
+    message_key: str
+    role: Role
+    content: str
+    channel: Channel
+    sent_at: datetime
+    meta: dict[str, Any]
+    created_at: datetime
+
+
+# --- timeline events --------------------------------------------------------------------------------------------
+
+
+class TimelineEventCreate(_Model):
+    """Something that happens at a time in the user's life (an interview, a trip)."""
+
+    title: ShortText
+    description: LongText | None = None
+    event_at: AwareDatetime
+    category: ShortText = "general"
+    source_keys: SourceKeys
+    idempotency_key: MessageKey | None = None
+
+
+class TimelineEventRead(_Read):
+    """A stored timeline event."""
+
+    id: int
+    user_id: int
+    title: str
+    description: str | None
+    event_at: datetime
+    category: str
+    source_keys: list[str]
+    created_at: datetime
+
+
+# --- diary ------------------------------------------------------------------------------------------------------
+
+
+class DiaryEntryCreate(_Model):
+    """A milestone or reflection worth remembering."""
+
+    title: ShortText
+    content: LongText
+    kind: DiaryKind = DiaryKind.MILESTONE
+    importance: int = Field(default=3, ge=1, le=5)
+    occurred_at: AwareDatetime
+    source_keys: SourceKeys
+    idempotency_key: MessageKey | None = None
+
+
+class DiaryEntryRead(_Read):
+    """A stored diary entry."""
+
+    id: int
+    user_id: int
+    title: str
+    content: str
+    kind: DiaryKind
+    importance: int
+    occurred_at: datetime
+    source_keys: list[str]
+    created_at: datetime
+
+
+# --- scheduled messages (nudges) --------------------------------------------------------------------------------
+
+
+class ScheduledMessageCreate(_Model):
+    """A proactive message to send at a time: given text, or a purpose to write it from."""
+
+    nudge_id: MessageKey
+    scheduled_for: AwareDatetime
+    content: LongText | None = None
+    purpose: LongText | None = None
+    kind: NudgeKind = NudgeKind.CUSTOM
+    created_by: NudgeCreator = NudgeCreator.COMPANION
+    source_keys: SourceKeys
+
+
+class ScheduledMessageUpdate(_Model):
+    """A change of a scheduled message's status, time or text."""
+
+    status: NudgeStatus | None = None
+    scheduled_for: AwareDatetime | None = None
+    content: LongText | None = None
+    error: str | None = Field(default=None, max_length=2_000)
+
+
+class ScheduledMessageRead(_Read):
+    """A stored scheduled message: the audit record of one nudge."""
+
+    id: int
+    user_id: int
+    nudge_id: str
+    scheduled_for: datetime
+    content: str | None
+    purpose: str | None
+    kind: NudgeKind
+    created_by: NudgeCreator
+    status: NudgeStatus
+    source_keys: list[str]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    cancelled_at: datetime | None

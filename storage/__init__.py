@@ -1,0 +1,1 @@
+"""Memory storage: ORM models, the repository, migrations and the embedded PostgreSQL."""

@@ -1,0 +1,124 @@
+"""The one engine factory, the retry policy for transient failures, and the translation of driver errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from core.errors import (
+    CompanionError,
+    ConstraintViolationError,
+    DatabaseConnectionError,
+    DatabaseError,
+    DuplicateRecordError,
+    UserNotFoundError,
+)
+from core.logging import get_logger
+from core.settings import to_async_url
+
+T = TypeVar("T")
+
+POOL_SIZE = 10
+MAX_OVERFLOW = 20
+POOL_RECYCLE_S = 3600
+# A transient failure is retried this many times (so 1 + 3 attempts), backing off 0.1 s, 0.2 s, 0.4 s.
+TRANSIENT_RETRIES = 3
+RETRY_WAIT = wait_exponential(multiplier=0.1, min=0.1, max=2.0)
+
+# SQLSTATEs worth another attempt: serialization failure, deadlock, server shutting down or killing the backend,
+# too many connections. Class 08 (connection exceptions) is matched by prefix.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "57P01", "57P02", "57P03", "53300"}
+
+_log = get_logger(__name__)
+
+
+def create_engine(url: str | URL, **overrides: Any) -> AsyncEngine:
+    """An asyncpg engine with the pool every process of the companion uses."""
+    options: dict[str, Any] = {
+        "pool_size": POOL_SIZE,
+        "max_overflow": MAX_OVERFLOW,
+        "pool_pre_ping": True,
+        "pool_recycle": POOL_RECYCLE_S,
+    }
+    options.update(overrides)
+    return create_async_engine(to_async_url(str(url)) if isinstance(url, str) else url, **options)
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions whose loaded objects stay readable after commit."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE behind a SQLAlchemy or asyncpg error, when there is one."""
+    for candidate in (getattr(exc, "orig", None), getattr(getattr(exc, "orig", None), "__cause__", None), exc):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures another attempt can cure: dropped connections, serialization failures, restarts."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    code = sqlstate(exc)
+    if code is not None:
+        return code.startswith("08") or code in _TRANSIENT_SQLSTATES
+    return isinstance(exc, (OperationalError, InterfaceError, ConnectionError, asyncio.TimeoutError, OSError))
+
+
+def translate(exc: BaseException, operation: str, context: dict[str, Any]) -> CompanionError:
+    """The typed error for a driver failure; the one place SQLAlchemy errors become ours."""
+    context = {"operation": operation, **context}
+    if isinstance(exc, CompanionError):
+        return exc
+    cause = getattr(getattr(exc, "orig", None), "__cause__", None)
+    constraint = getattr(cause, "constraint_name", None)
+    if constraint:
+        context["constraint"] = constraint
+    code = sqlstate(exc)
+    if code == "23505":
+        return DuplicateRecordError(f"{operation}: a record with the same unique key exists", context=context,
+                                    cause=exc)
+    if code == "23503" and constraint and constraint.endswith("_user_id_users"):
+        return UserNotFoundError(f"{operation}: no user with that id", context=context, cause=exc)
+    if isinstance(exc, IntegrityError) or (code or "").startswith("23"):
+        return ConstraintViolationError(f"{operation}: the write breaks constraint {constraint or code}",
+                                        context=context, cause=exc)
+    if is_transient(exc):
+        return DatabaseConnectionError(f"{operation}: PostgreSQL unavailable after {TRANSIENT_RETRIES} retries "
+                                       f"({type(exc).__name__})", context=context, cause=exc)
+    return DatabaseError(f"{operation}: database error ({type(exc).__name__})", context=context, cause=exc)
+
+
+async def run_transaction(
+    sessions: async_sessionmaker[AsyncSession],
+    operation: str,
+    work: Callable[[AsyncSession], Awaitable[T]],
+    **context: Any,
+) -> T:
+    """Run ``work`` in one transaction, retrying the whole of it on transient failures, translating the rest."""
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(TRANSIENT_RETRIES + 1),
+        wait=RETRY_WAIT,
+        retry=retry_if_exception(is_transient),
+        reraise=True,
+        before_sleep=lambda state: _log.warning(
+            "db.transient_failure_retrying", operation=operation, attempt=state.attempt_number,
+            error=type(state.outcome.exception()).__name__ if state.outcome else None, **context),
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                async with sessions.begin() as session:
+                    result = await work(session)
+        return result
+    except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+        raise translate(exc, operation, context) from exc

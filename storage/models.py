@@ -1,0 +1,194 @@
+"""SQLAlchemy models of the six memory tables. Migrations in storage/migrations create them; a test keeps both equal."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Identity,
+    Index,
+    MetaData,
+    SmallInteger,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from schemas.memory import Channel, DiaryKind, FactCategory, NudgeCreator, NudgeKind, NudgeStatus, Role
+
+# Stable constraint names: migrations can refer to them and errors can report them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+
+def _one_of(column: str, values: type[StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _id() -> Mapped[int]:
+    return mapped_column(BigInteger, Identity(always=False), primary_key=True)
+
+
+def _user_id() -> Mapped[int]:
+    return mapped_column(BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+def _updated_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now(), onupdate=func.now())
+
+
+def _source_keys() -> Mapped[list[str]]:
+    # Provenance: the message keys a memory came from.
+    return mapped_column(ARRAY(Text), nullable=False, server_default=text("'{}'::text[]"))
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = _id()
+    telegram_id: Mapped[int] = mapped_column(BigInteger, nullable=False, unique=True)
+    username: Mapped[str | None] = mapped_column(Text)
+    first_name: Mapped[str | None] = mapped_column(Text)
+    last_name: Mapped[str | None] = mapped_column(Text)
+    language_code: Mapped[str | None] = mapped_column(Text)
+    timezone: Mapped[str] = mapped_column(Text, nullable=False, server_default="UTC")
+    is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("true"))
+    preferences: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ProfileFact(Base):
+    __tablename__ = "profile_facts"
+    __table_args__ = (
+        CheckConstraint(_one_of("category", FactCategory), name="category"),
+        CheckConstraint("confidence >= 0 AND confidence <= 1", name="confidence"),
+        # One current value per fact; superseded values keep their valid_to.
+        Index("ux_profile_facts_current", "user_id", "category", "key", unique=True,
+              postgresql_where=text("valid_to IS NULL")),
+    )
+
+    id: Mapped[int] = _id()
+    user_id: Mapped[int] = _user_id()
+    category: Mapped[str] = mapped_column(Text, nullable=False)
+    key: Mapped[str] = mapped_column(Text, nullable=False)
+    value: Mapped[str] = mapped_column(Text, nullable=False)
+    confidence: Mapped[float] = mapped_column(Float, nullable=False, server_default=text("1.0"))
+    source_keys: Mapped[list[str]] = _source_keys()
+    valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    valid_to: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    __table_args__ = (
+        UniqueConstraint("user_id", "message_key"),
+        CheckConstraint(_one_of("role", Role), name="role"),
+        CheckConstraint(_one_of("channel", Channel), name="channel"),
+        Index("ix_conversations_user_id_sent_at", "user_id", "sent_at"),
+    )
+
+    id: Mapped[int] = _id()
+    user_id: Mapped[int] = _user_id()
+    message_key: Mapped[str] = mapped_column(Text, nullable=False)
+    role: Mapped[str] = mapped_column(Text, nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    channel: Mapped[str] = mapped_column(Text, nullable=False)
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class TimelineEvent(Base):
+    __tablename__ = "timeline_events"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key"),
+        Index("ix_timeline_events_user_id_event_at", "user_id", "event_at"),
+    )
+
+    id: Mapped[int] = _id()
+    user_id: Mapped[int] = _user_id()
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    event_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    category: Mapped[str] = mapped_column(Text, nullable=False, server_default="general")
+    source_keys: Mapped[list[str]] = _source_keys()
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class DiaryEntry(Base):
+    __tablename__ = "diary_entries"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key"),
+        CheckConstraint(_one_of("kind", DiaryKind), name="kind"),
+        CheckConstraint("importance BETWEEN 1 AND 5", name="importance"),
+        Index("ix_diary_entries_user_id_occurred_at", "user_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = _id()
+    user_id: Mapped[int] = _user_id()
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False, server_default="milestone")
+    importance: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default=text("3"))
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    source_keys: Mapped[list[str]] = _source_keys()
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class ScheduledMessage(Base):
+    __tablename__ = "scheduled_messages"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", NudgeKind), name="kind"),
+        CheckConstraint(_one_of("created_by", NudgeCreator), name="created_by"),
+        CheckConstraint(_one_of("status", NudgeStatus), name="status"),
+        CheckConstraint("content IS NOT NULL OR purpose IS NOT NULL", name="content_or_purpose"),
+        Index("ix_scheduled_messages_user_id_status_scheduled_for", "user_id", "status", "scheduled_for"),
+        Index("ix_scheduled_messages_status_scheduled_for", "status", "scheduled_for"),
+    )
+
+    id: Mapped[int] = _id()
+    user_id: Mapped[int] = _user_id()
+    nudge_id: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    scheduled_for: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    content: Mapped[str | None] = mapped_column(Text)
+    purpose: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text, nullable=False, server_default="custom")
+    created_by: Mapped[str] = mapped_column(Text, nullable=False, server_default="companion")
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default="pending")
+    source_keys: Mapped[list[str]] = _source_keys()
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,403 @@
+"""The memory manager: every read and write of a user's memory, speaking pydantic schemas.
+
+Each method is one transaction, retried whole on transient failures (storage.database.run_transaction). Writes that
+a retried activity may repeat are idempotent by key: a message key, an idempotency key, a nudge id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.errors import InvalidMemoryDataError, RecordNotFoundError, UserNotFoundError
+from schemas.context import UserContextSchema
+from schemas.memory import (
+    DiaryEntryCreate,
+    DiaryEntryRead,
+    FactCategory,
+    MessageCreate,
+    MessageRead,
+    NudgeStatus,
+    ProfileFactCreate,
+    ProfileFactRead,
+    ScheduledMessageCreate,
+    ScheduledMessageRead,
+    ScheduledMessageUpdate,
+    TimelineEventCreate,
+    TimelineEventRead,
+    UserCreate,
+    UserRead,
+    UserUpdate,
+)
+from storage.database import run_transaction
+from storage.models import Conversation, DiaryEntry, ProfileFact, ScheduledMessage, TimelineEvent, User
+
+T = TypeVar("T")
+
+# Context sizes: enough for a friend's memory, small enough for a prompt.
+CONTEXT_MESSAGES = 20
+CONTEXT_EVENTS = 10
+CONTEXT_EVENT_HORIZON = timedelta(days=30)
+CONTEXT_DIARY = 5
+CONTEXT_NUDGES = 5
+
+# A nudge leaves "pending" once; a repeated transition to the same state is a retried write and allowed.
+_NUDGE_TRANSITIONS = {
+    NudgeStatus.PENDING: {NudgeStatus.PENDING, NudgeStatus.SENT, NudgeStatus.CANCELLED, NudgeStatus.FAILED},
+    NudgeStatus.SENT: {NudgeStatus.SENT},
+    NudgeStatus.CANCELLED: {NudgeStatus.CANCELLED},
+    NudgeStatus.FAILED: {NudgeStatus.FAILED, NudgeStatus.PENDING},
+}
+
+
+def _now() -> datetime:
+    return datetime.now().astimezone()
+
+
+def _same_value(a: str, b: str) -> bool:
+    return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
+
+
+def _merge_keys(old: list[str], new: list[str]) -> list[str]:
+    return old + [key for key in new if key not in old]
+
+
+class MemoryRepository:
+    """Reads and writes one PostgreSQL database of users and their memories."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]):
+        self._sessions = sessions
+
+    async def _tx(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], **context: Any) -> T:
+        return await run_transaction(self._sessions, operation, work, **context)
+
+    # --- users --------------------------------------------------------------------------------------------------
+
+    async def get_or_create_user(self, data: UserCreate) -> UserRead:
+        """The user with this Telegram id, created on first sight; names given here refresh the stored ones."""
+        values = data.model_dump()
+        refreshed = {name: func.coalesce(getattr(insert(User).excluded, name), getattr(User, name))
+                     for name in ("username", "first_name", "last_name", "language_code")}
+
+        async def work(session: AsyncSession) -> UserRead:
+            statement = (insert(User).values(**values, last_seen_at=func.now())
+                         .on_conflict_do_update(index_elements=[User.telegram_id],
+                                                set_={**refreshed, "last_seen_at": func.now()})
+                         .returning(User))
+            return UserRead.model_validate((await session.execute(statement)).scalar_one())
+
+        return await self._tx("get_or_create_user", work, telegram_id=data.telegram_id)
+
+    async def get_user(self, user_id: int) -> UserRead:
+        """The user with this internal id, or UserNotFoundError."""
+
+        async def work(session: AsyncSession) -> UserRead:
+            return UserRead.model_validate(await self._user_row(session, user_id))
+
+        return await self._tx("get_user", work, user_id=user_id)
+
+    async def get_user_by_telegram_id(self, telegram_id: int) -> UserRead:
+        """The user with this Telegram id, or UserNotFoundError."""
+
+        async def work(session: AsyncSession) -> UserRead:
+            row = (await session.execute(select(User).where(User.telegram_id == telegram_id))).scalar_one_or_none()
+            if row is None:
+                raise UserNotFoundError(f"no user with Telegram id {telegram_id}", context={"telegram_id": telegram_id})
+            return UserRead.model_validate(row)
+
+        return await self._tx("get_user_by_telegram_id", work, telegram_id=telegram_id)
+
+    async def update_user(self, user_id: int, data: UserUpdate) -> UserRead:
+        """Apply the fields set in ``data`` to the user."""
+
+        async def work(session: AsyncSession) -> UserRead:
+            row = await self._user_row(session, user_id)
+            for name, value in data.model_dump(exclude_unset=True).items():
+                setattr(row, name, value)
+            await session.flush()
+            await session.refresh(row)
+            return UserRead.model_validate(row)
+
+        return await self._tx("update_user", work, user_id=user_id)
+
+    @staticmethod
+    async def _user_row(session: AsyncSession, user_id: int, lock: bool = False) -> User:
+        statement = select(User).where(User.id == user_id)
+        row = (await session.execute(statement.with_for_update() if lock else statement)).scalar_one_or_none()
+        if row is None:
+            raise UserNotFoundError(f"no user with id {user_id}", context={"user_id": user_id})
+        return row
+
+    # --- profile facts ------------------------------------------------------------------------------------------
+
+    async def upsert_profile_fact(self, user_id: int, data: ProfileFactCreate) -> ProfileFactRead:
+        """Store a fact by (category, key): the same value merges provenance, a new value supersedes the old one.
+
+        A superseded value is kept with its valid_to set, so the user's history is never silently lost.
+        """
+
+        async def work(session: AsyncSession) -> ProfileFactRead:
+            # Locking the user row serialises concurrent writes of the same fact.
+            await self._user_row(session, user_id, lock=True)
+            current = (await session.execute(
+                select(ProfileFact).where(ProfileFact.user_id == user_id, ProfileFact.category == data.category.value,
+                                          ProfileFact.key == data.key, ProfileFact.valid_to.is_(None))
+            )).scalar_one_or_none()
+            if current is not None and _same_value(current.value, data.value):
+                current.source_keys = _merge_keys(current.source_keys, data.source_keys)
+                current.confidence = max(current.confidence, data.confidence)
+                await session.flush()
+                await session.refresh(current)
+                return ProfileFactRead.model_validate(current)
+            now = _now()
+            if current is not None:
+                current.valid_to = now
+                await session.flush()
+            fact = ProfileFact(user_id=user_id, **data.model_dump(), valid_from=now)
+            session.add(fact)
+            await session.flush()
+            await session.refresh(fact)
+            return ProfileFactRead.model_validate(fact)
+
+        return await self._tx("upsert_profile_fact", work, user_id=user_id, category=data.category.value,
+                              key=data.key)
+
+    async def list_profile_facts(self, user_id: int, category: FactCategory | None = None,
+                                 include_history: bool = False) -> list[ProfileFactRead]:
+        """The user's current facts (and superseded ones with include_history), by category and key."""
+
+        async def work(session: AsyncSession) -> list[ProfileFactRead]:
+            statement = select(ProfileFact).where(ProfileFact.user_id == user_id)
+            if category is not None:
+                statement = statement.where(ProfileFact.category == category.value)
+            if not include_history:
+                statement = statement.where(ProfileFact.valid_to.is_(None))
+            statement = statement.order_by(ProfileFact.category, ProfileFact.key, ProfileFact.valid_from)
+            return [ProfileFactRead.model_validate(row) for row in (await session.execute(statement)).scalars()]
+
+        return await self._tx("list_profile_facts", work, user_id=user_id)
+
+    async def delete_profile_fact(self, user_id: int, fact_id: int) -> None:
+        """Forget one fact (every version of it stays unless deleted one by one)."""
+
+        async def work(session: AsyncSession) -> None:
+            row = (await session.execute(select(ProfileFact).where(ProfileFact.id == fact_id,
+                                                                   ProfileFact.user_id == user_id)))
+            fact = row.scalar_one_or_none()
+            if fact is None:
+                raise RecordNotFoundError(f"no fact {fact_id} for user {user_id}",
+                                          context={"user_id": user_id, "fact_id": fact_id})
+            await session.delete(fact)
+
+        await self._tx("delete_profile_fact", work, user_id=user_id, fact_id=fact_id)
+
+    # --- conversations ------------------------------------------------------------------------------------------
+
+    async def add_message(self, user_id: int, data: MessageCreate) -> MessageRead:
+        """Store a message once: writing the same message key again returns the row already stored."""
+
+        async def work(session: AsyncSession) -> MessageRead:
+            inserted = (await session.execute(
+                insert(Conversation).values(user_id=user_id, **data.model_dump())
+                .on_conflict_do_nothing(index_elements=[Conversation.user_id, Conversation.message_key])
+                .returning(Conversation)
+            )).scalar_one_or_none()
+            if inserted is None:
+                inserted = (await session.execute(select(Conversation).where(
+                    Conversation.user_id == user_id, Conversation.message_key == data.message_key))).scalar_one()
+            return MessageRead.model_validate(inserted)
+
+        return await self._tx("add_message", work, user_id=user_id, message_key=data.message_key)
+
+    async def get_message(self, user_id: int, message_key: str) -> MessageRead | None:
+        """The message stored under this key, if any."""
+
+        async def work(session: AsyncSession) -> MessageRead | None:
+            row = (await session.execute(select(Conversation).where(
+                Conversation.user_id == user_id, Conversation.message_key == message_key))).scalar_one_or_none()
+            return None if row is None else MessageRead.model_validate(row)
+
+        return await self._tx("get_message", work, user_id=user_id, message_key=message_key)
+
+    async def recent_messages(self, user_id: int, limit: int = CONTEXT_MESSAGES) -> list[MessageRead]:
+        """The last ``limit`` messages, oldest first."""
+
+        async def work(session: AsyncSession) -> list[MessageRead]:
+            rows = (await session.execute(
+                select(Conversation).where(Conversation.user_id == user_id)
+                .order_by(Conversation.sent_at.desc(), Conversation.id.desc()).limit(limit)
+            )).scalars().all()
+            return [MessageRead.model_validate(row) for row in reversed(rows)]
+
+        return await self._tx("recent_messages", work, user_id=user_id)
+
+    # --- timeline events ----------------------------------------------------------------------------------------
+
+    async def add_timeline_event(self, user_id: int, data: TimelineEventCreate) -> TimelineEventRead:
+        """Store an event; with an idempotency key, a repeated write returns the stored event."""
+        return await self._insert_once(TimelineEvent, TimelineEventRead, "add_timeline_event", user_id, data)
+
+    async def upcoming_events(self, user_id: int, now: datetime | None = None,
+                              within: timedelta = CONTEXT_EVENT_HORIZON,
+                              limit: int = CONTEXT_EVENTS) -> list[TimelineEventRead]:
+        """Events from now until ``within`` ahead, soonest first."""
+        start = now or _now()
+        return await self.events_between(user_id, start, start + within, limit=limit)
+
+    async def events_between(self, user_id: int, start: datetime, end: datetime,
+                             limit: int = 100) -> list[TimelineEventRead]:
+        """Events with start <= event_at < end, in time order."""
+        if start.tzinfo is None or end.tzinfo is None:
+            raise InvalidMemoryDataError("event ranges need timezone-aware datetimes",
+                                         context={"start": start, "end": end})
+
+        async def work(session: AsyncSession) -> list[TimelineEventRead]:
+            rows = (await session.execute(
+                select(TimelineEvent).where(TimelineEvent.user_id == user_id, TimelineEvent.event_at >= start,
+                                            TimelineEvent.event_at < end)
+                .order_by(TimelineEvent.event_at, TimelineEvent.id).limit(limit)
+            )).scalars()
+            return [TimelineEventRead.model_validate(row) for row in rows]
+
+        return await self._tx("events_between", work, user_id=user_id)
+
+    # --- diary --------------------------------------------------------------------------------------------------
+
+    async def add_diary_entry(self, user_id: int, data: DiaryEntryCreate) -> DiaryEntryRead:
+        """Store a diary entry; with an idempotency key, a repeated write returns the stored entry."""
+        return await self._insert_once(DiaryEntry, DiaryEntryRead, "add_diary_entry", user_id, data)
+
+    async def recent_diary_entries(self, user_id: int, limit: int = CONTEXT_DIARY) -> list[DiaryEntryRead]:
+        """The latest diary entries, newest first."""
+
+        async def work(session: AsyncSession) -> list[DiaryEntryRead]:
+            rows = (await session.execute(
+                select(DiaryEntry).where(DiaryEntry.user_id == user_id)
+                .order_by(DiaryEntry.occurred_at.desc(), DiaryEntry.id.desc()).limit(limit)
+            )).scalars()
+            return [DiaryEntryRead.model_validate(row) for row in rows]
+
+        return await self._tx("recent_diary_entries", work, user_id=user_id)
+
+    async def _insert_once(self, model: type, read: type[T], operation: str, user_id: int, data: Any) -> T:
+        values = {"user_id": user_id, **data.model_dump()}
+        key = values.get("idempotency_key")
+
+        async def work(session: AsyncSession) -> T:
+            statement = insert(model).values(**values)
+            if key is not None:
+                statement = statement.on_conflict_do_nothing(index_elements=[model.user_id, model.idempotency_key])
+            row = (await session.execute(statement.returning(model))).scalar_one_or_none()
+            if row is None:
+                row = (await session.execute(select(model).where(model.user_id == user_id,
+                                                                  model.idempotency_key == key))).scalar_one()
+            return read.model_validate(row)
+
+        return await self._tx(operation, work, user_id=user_id, idempotency_key=key)
+
+    # --- scheduled messages -------------------------------------------------------------------------------------
+
+    async def create_scheduled_message(self, user_id: int, data: ScheduledMessageCreate) -> ScheduledMessageRead:
+        """Record a nudge; creating the same nudge id again returns the stored record."""
+        if data.content is None and data.purpose is None:
+            raise InvalidMemoryDataError("a scheduled message needs its text or a purpose",
+                                         context={"nudge_id": data.nudge_id})
+
+        async def work(session: AsyncSession) -> ScheduledMessageRead:
+            row = (await session.execute(
+                insert(ScheduledMessage).values(user_id=user_id, **data.model_dump())
+                .on_conflict_do_nothing(index_elements=[ScheduledMessage.nudge_id]).returning(ScheduledMessage)
+            )).scalar_one_or_none()
+            if row is None:
+                row = await self._nudge_row(session, data.nudge_id)
+                if row.user_id != user_id:
+                    raise InvalidMemoryDataError("that nudge id belongs to another user",
+                                                 context={"nudge_id": data.nudge_id, "user_id": user_id})
+            return ScheduledMessageRead.model_validate(row)
+
+        return await self._tx("create_scheduled_message", work, user_id=user_id, nudge_id=data.nudge_id)
+
+    async def get_scheduled_message(self, nudge_id: str) -> ScheduledMessageRead:
+        """The nudge with this id, or RecordNotFoundError."""
+
+        async def work(session: AsyncSession) -> ScheduledMessageRead:
+            return ScheduledMessageRead.model_validate(await self._nudge_row(session, nudge_id))
+
+        return await self._tx("get_scheduled_message", work, nudge_id=nudge_id)
+
+    async def update_scheduled_message(self, nudge_id: str, data: ScheduledMessageUpdate) -> ScheduledMessageRead:
+        """Change a nudge's status, time or text; a status leaves pending once (repeating it is a no-op)."""
+
+        async def work(session: AsyncSession) -> ScheduledMessageRead:
+            row = await self._nudge_row(session, nudge_id, lock=True)
+            changes = data.model_dump(exclude_unset=True)
+            status = changes.get("status")
+            if status is not None:
+                current = NudgeStatus(row.status)
+                if status not in _NUDGE_TRANSITIONS[current]:
+                    raise InvalidMemoryDataError(f"nudge {nudge_id} is {current.value}; it cannot become {status.value}",
+                                                 context={"nudge_id": nudge_id, "status": current.value})
+                if status != current:
+                    stamp = {NudgeStatus.SENT: "sent_at", NudgeStatus.CANCELLED: "cancelled_at"}.get(status)
+                    if stamp:
+                        changes[stamp] = _now()
+                changes["status"] = status.value
+            await session.execute(update(ScheduledMessage).where(ScheduledMessage.id == row.id).values(**changes))
+            await session.refresh(row)
+            return ScheduledMessageRead.model_validate(row)
+
+        return await self._tx("update_scheduled_message", work, nudge_id=nudge_id)
+
+    async def list_scheduled_messages(self, user_id: int | None = None, status: NudgeStatus | None = None,
+                                      limit: int = 100) -> list[ScheduledMessageRead]:
+        """Nudges, soonest first, optionally for one user and one status."""
+
+        async def work(session: AsyncSession) -> list[ScheduledMessageRead]:
+            statement = select(ScheduledMessage)
+            if user_id is not None:
+                statement = statement.where(ScheduledMessage.user_id == user_id)
+            if status is not None:
+                statement = statement.where(ScheduledMessage.status == status.value)
+            rows = await session.execute(statement.order_by(ScheduledMessage.scheduled_for, ScheduledMessage.id)
+                                         .limit(limit))
+            return [ScheduledMessageRead.model_validate(row) for row in rows.scalars()]
+
+        return await self._tx("list_scheduled_messages", work, user_id=user_id)
+
+    async def delete_scheduled_message(self, nudge_id: str) -> None:
+        """Remove a nudge's record entirely (cancelling keeps it; this is for erasing a user's data)."""
+
+        async def work(session: AsyncSession) -> None:
+            await session.delete(await self._nudge_row(session, nudge_id))
+
+        await self._tx("delete_scheduled_message", work, nudge_id=nudge_id)
+
+    @staticmethod
+    async def _nudge_row(session: AsyncSession, nudge_id: str, lock: bool = False) -> ScheduledMessage:
+        statement = select(ScheduledMessage).where(ScheduledMessage.nudge_id == nudge_id)
+        row = (await session.execute(statement.with_for_update() if lock else statement)).scalar_one_or_none()
+        if row is None:
+            raise RecordNotFoundError(f"no nudge {nudge_id}", context={"nudge_id": nudge_id})
+        return row
+
+    # --- the context of a turn ----------------------------------------------------------------------------------
+
+    async def get_user_context(self, user_id: int, message_limit: int = CONTEXT_MESSAGES,
+                               now: datetime | None = None) -> UserContextSchema:
+        """Everything the prompt needs about a user, its parts fetched concurrently on separate connections."""
+        user, facts, events, diary, nudges, messages = await asyncio.gather(
+            self.get_user(user_id),
+            self.list_profile_facts(user_id),
+            self.upcoming_events(user_id, now=now),
+            self.recent_diary_entries(user_id),
+            self.list_scheduled_messages(user_id, NudgeStatus.PENDING, limit=CONTEXT_NUDGES),
+            self.recent_messages(user_id, limit=message_limit),
+        )
+        return UserContextSchema(user=user, facts=facts, upcoming_events=events, diary_entries=diary,
+                                 pending_nudges=nudges, recent_messages=messages)

@@ -1,0 +1,1 @@
+"""Orchestration: deterministic Temporal workflows that speak schemas and call activities."""
