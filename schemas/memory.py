@@ -23,7 +23,7 @@ TimeZoneName = Annotated[str, AfterValidator(_valid_timezone)]
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10_000)]
 FactKey = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=100,
-                                           pattern=r"^[a-z0-9][a-z0-9_.\- ]*$")]
+                                           pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")]
 MessageKey = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
 SourceKeys = Annotated[list[MessageKey], Field(default_factory=list, max_length=100)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigurationError
-from core.settings import load_settings, to_async_url
+from core.settings import Settings, load_settings, to_async_url
 
 BOT_TOKEN = "123456789:AAH9xYzQ1w2e3r4t5y6u7i8o9p0asdfghjk"
 
@@ -145,3 +145,15 @@ def test_cli_stops_with_one_line_on_a_bad_setting(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "companion: Invalid setting TEMPORAL_ADDRESS: expected host:port, e.g. localhost:7233 (got 'nowhere')"]
+
+
+def test_env_example_lists_every_setting_and_loads_as_is(tmp_path: Path) -> None:
+    example = (Path(__file__).parent.parent / ".env.example").read_text()
+    names = [line.split("=", 1)[0] for line in example.splitlines() if line and not line.startswith("#")]
+    assert sorted(names) == sorted(field.upper() for field in Settings.model_fields)
+    lines = example.splitlines()
+    for name in names:  # each setting has its one-line comment right above it
+        above = lines[lines.index(next(line for line in lines if line.startswith(f"{name}="))) - 1]
+        assert above.startswith("# "), name
+    (tmp_path / ".env").write_text(example)
+    assert load_settings().uses_embedded_postgres

@@ -72,8 +72,8 @@ def upgrade() -> None:
         _stamp("updated_at"),
         sa.PrimaryKeyConstraint("id", name="pk_profile_facts"),
         sa.CheckConstraint("category IN ('personal', 'relationships', 'work', 'education', 'health', 'hobbies', "
-                           "'preferences', 'goals', 'location', 'other')", name="ck_profile_facts_category"),
-        sa.CheckConstraint("confidence >= 0 AND confidence <= 1", name="ck_profile_facts_confidence"),
+                           "'preferences', 'goals', 'location', 'other')", name=op.f("ck_profile_facts_category")),
+        sa.CheckConstraint("confidence >= 0 AND confidence <= 1", name=op.f("ck_profile_facts_confidence")),
     )
     op.create_index("ux_profile_facts_current", "profile_facts", ["user_id", "category", "key"], unique=True,
                     postgresql_where=sa.text("valid_to IS NULL"))
@@ -91,8 +91,8 @@ def upgrade() -> None:
         _stamp("created_at"),
         sa.PrimaryKeyConstraint("id", name="pk_conversations"),
         sa.UniqueConstraint("user_id", "message_key", name="uq_conversations_user_id_message_key"),
-        sa.CheckConstraint("role IN ('user', 'assistant', 'system')", name="ck_conversations_role"),
-        sa.CheckConstraint("channel IN ('telegram', 'console')", name="ck_conversations_channel"),
+        sa.CheckConstraint("role IN ('user', 'assistant', 'system')", name=op.f("ck_conversations_role")),
+        sa.CheckConstraint("channel IN ('telegram', 'console')", name=op.f("ck_conversations_channel")),
     )
     op.create_index("ix_conversations_user_id_sent_at", "conversations", ["user_id", "sent_at"])
 
@@ -126,8 +126,8 @@ def upgrade() -> None:
         _stamp("created_at"),
         sa.PrimaryKeyConstraint("id", name="pk_diary_entries"),
         sa.UniqueConstraint("user_id", "idempotency_key", name="uq_diary_entries_user_id_idempotency_key"),
-        sa.CheckConstraint("kind IN ('milestone', 'reflection', 'note')", name="ck_diary_entries_kind"),
-        sa.CheckConstraint("importance BETWEEN 1 AND 5", name="ck_diary_entries_importance"),
+        sa.CheckConstraint("kind IN ('milestone', 'reflection', 'note')", name=op.f("ck_diary_entries_kind")),
+        sa.CheckConstraint("importance BETWEEN 1 AND 5", name=op.f("ck_diary_entries_importance")),
     )
     op.create_index("ix_diary_entries_user_id_occurred_at", "diary_entries", ["user_id", "occurred_at"])
 
@@ -150,11 +150,11 @@ def upgrade() -> None:
         _stamp("cancelled_at", nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_scheduled_messages"),
         sa.UniqueConstraint("nudge_id", name="uq_scheduled_messages_nudge_id"),
-        sa.CheckConstraint("kind IN ('reminder', 'follow_up', 'check_in', 'custom')", name="ck_scheduled_messages_kind"),
-        sa.CheckConstraint("created_by IN ('companion', 'user', 'operator')", name="ck_scheduled_messages_created_by"),
-        sa.CheckConstraint("status IN ('pending', 'sent', 'cancelled', 'failed')", name="ck_scheduled_messages_status"),
+        sa.CheckConstraint("kind IN ('reminder', 'follow_up', 'check_in', 'custom')", name=op.f("ck_scheduled_messages_kind")),
+        sa.CheckConstraint("created_by IN ('companion', 'user', 'operator')", name=op.f("ck_scheduled_messages_created_by")),
+        sa.CheckConstraint("status IN ('pending', 'sent', 'cancelled', 'failed')", name=op.f("ck_scheduled_messages_status")),
         sa.CheckConstraint("content IS NOT NULL OR purpose IS NOT NULL",
-                           name="ck_scheduled_messages_content_or_purpose"),
+                           name=op.f("ck_scheduled_messages_content_or_purpose")),
     )
     op.create_index("ix_scheduled_messages_user_id_status_scheduled_for", "scheduled_messages",
                     ["user_id", "status", "scheduled_for"])
