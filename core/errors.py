@@ -15,10 +15,13 @@ class CompanionError(Exception):
     code: ClassVar[str] = "COMPANION_ERROR"
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, context: dict[str, Any] | None = None, cause: BaseException | None = None):
+    def __init__(self, message: str, *, context: dict[str, Any] | None = None, cause: BaseException | None = None,
+                 retryable: bool | None = None):
         super().__init__(message)
         self.message = message
         self.context: dict[str, Any] = dict(context or {})
+        if retryable is not None:  # the class gives the usual answer; a given failure may know better
+            self.retryable = retryable
         if cause is not None:
             self.__cause__ = cause
 

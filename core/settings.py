@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     temporal_task_queue: str = "companion"
+    workflow_turns_per_run: int = Field(default=200, ge=1, le=10_000)
+    worker_max_cached_workflows: int = Field(default=1000, ge=0)
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
@@ -145,6 +147,11 @@ class Settings(BaseSettings):
         if self.log_format is not None:
             return self.log_format
         return "console" if self.environment == "development" else "json"
+
+    @property
+    def uses_local_model(self) -> bool:
+        """True when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set and the embedded model answers."""
+        return self.openai_api_key is None and self.openai_base_url is None
 
     @property
     def uses_embedded_postgres(self) -> bool:

@@ -47,8 +47,11 @@ class UserContextSchema(BaseModel):
     def _local(self, moment: datetime) -> str:
         return moment.astimezone(ZoneInfo(self.user.timezone)).strftime("%Y-%m-%d %H:%M")
 
-    def to_prompt_context(self) -> str:
-        """The context as prompt text: a fixed preamble, then every stored value quoted inside one data block."""
+    def to_prompt_context(self, include_messages: bool = True) -> str:
+        """The context as prompt text: a fixed preamble, then every stored value quoted inside one data block.
+
+        Leave the messages out when the caller hands them to the LLM as chat turns of their own.
+        """
         lines = [_PREAMBLE, MEMORY_OPEN, f"name: {quote(self.user.display_name)}",
                  f"timezone: {quote(self.user.timezone)}"]
         if self.facts:
@@ -65,7 +68,7 @@ class UserContextSchema(BaseModel):
             lines.append("things you plan to bring up (user's local time):")
             lines += [f"- {self._local(nudge.scheduled_for)} {quote(nudge.content or nudge.purpose or '')}"
                       for nudge in self.pending_nudges]
-        if self.recent_messages:
+        if include_messages and self.recent_messages:
             lines.append("recent conversation (user's local time):")
             lines += [f"- {self._local(msg.sent_at)} {msg.role.value}: {quote(msg.content)}"
                       for msg in self.recent_messages]

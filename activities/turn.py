@@ -1,0 +1,95 @@
+"""The activities of one turn: store the message, gather the user's memory, ask the LLM, store the reply.
+
+Named timeouts and retry policies live here, next to the activities they govern; the workflow imports them.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.common import RetryPolicy
+
+from activities.errors import translate_errors
+from activities.llm import ChatModel
+from core.logging import get_logger
+from schemas.memory import MessageCreate, Role, UserCreate
+from schemas.turn import (
+    BuildContextInput,
+    ChatTurn,
+    EnsureUserInput,
+    GeneratedReply,
+    GenerateReplyInput,
+    RecordedMessage,
+    RecordMessageInput,
+    TurnContext,
+    UserRef,
+)
+from storage.repository import MemoryRepository
+
+# PostgreSQL steps run as local activities: short, retried until the database is back (writes are idempotent).
+DB_TIMEOUT = timedelta(seconds=10)
+DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
+                       maximum_interval=timedelta(seconds=10),
+                       non_retryable_error_types=["InvalidMemoryDataError", "UserNotFoundError",
+                                                  "ConstraintViolationError", "DuplicateRecordError"])
+# The LLM call is a regular activity, visible in the UI; capped because each attempt may be paid for.
+LLM_TIMEOUT = timedelta(seconds=90)
+LLM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                        maximum_interval=timedelta(seconds=10), maximum_attempts=3)
+
+HISTORY_TURNS = 12
+PERSONA = (
+    "You are Companion, a warm and attentive friend who talks with the user on Telegram. You remember what they "
+    "have told you and bring it up naturally. Keep replies short and conversational, ask about their life, and "
+    "never claim to have done things you cannot do."
+)
+
+_log = get_logger(__name__)
+
+
+class TurnActivities:
+    """The side effects of a turn, over an injected repository and chat model."""
+
+    def __init__(self, repository: MemoryRepository, chat_model: ChatModel):
+        self._repository = repository
+        self._chat_model = chat_model
+
+    @activity.defn(name="ensure_user")
+    @translate_errors
+    async def ensure_user(self, data: EnsureUserInput) -> UserRef:
+        """The stored user for a channel user, created on first contact."""
+        user = await self._repository.get_or_create_user(UserCreate(**data.user.model_dump()))
+        return UserRef(user_id=user.id, display_name=user.display_name, timezone=user.timezone)
+
+    @activity.defn(name="record_message")
+    @translate_errors
+    async def record_message(self, data: RecordMessageInput) -> RecordedMessage:
+        """Store one message of the conversation; a retry stores nothing twice."""
+        stored = await self._repository.add_message(data.user_id, MessageCreate(
+            message_key=data.message_key, role=data.role, content=data.text, channel=data.channel,
+            sent_at=data.sent_at, meta={"fallback": True} if data.fallback else {}))
+        return RecordedMessage(message_id=stored.id)
+
+    @activity.defn(name="build_context")
+    @translate_errors
+    async def build_context(self, data: BuildContextInput) -> TurnContext:
+        """The prompt of the turn: persona and quoted memory, then the recent conversation as chat turns."""
+        context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        history = [ChatTurn(role=message.role, content=message.content) for message in context.recent_messages
+                   if message.message_key != data.message_key and message.role != Role.SYSTEM]
+        system_prompt = f"{PERSONA}\n\n{context.to_prompt_context(include_messages=False)}"
+        return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
+
+    @activity.defn(name="generate_reply")
+    @translate_errors
+    async def generate_reply(self, data: GenerateReplyInput) -> GeneratedReply:
+        """The LLM's reply to the user's message."""
+        info = activity.info()
+        _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
+                  workflow_id=info.workflow_id)
+        return await self._chat_model.reply(data.context, data.text)
+
+    def all(self) -> list:
+        """Every activity of this class, for registering with a worker."""
+        return [self.ensure_user, self.record_message, self.build_context, self.generate_reply]

@@ -1,0 +1,166 @@
+"""Contracts of the per-user workflow: its messages, its state, and the inputs and results of its activities."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+from schemas.memory import Channel, MessageKey, Role, TelegramId
+
+# Bounds that keep the workflow state small whatever the length of the conversation.
+SEEN_KEYS_KEPT = 200
+REPLIES_KEPT = 20
+TRANSCRIPT_LINES_KEPT = 8
+TRANSCRIPT_LINE_CHARS = 200
+DEFAULT_TURNS_PER_RUN = 200
+MAX_MESSAGE_CHARS = 16_000
+
+MessageText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS)]
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatUser(_Contract):
+    """Who sent a message, as the channel knows them."""
+
+    telegram_id: TelegramId
+    username: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    language_code: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        """The name to show operators and to greet the user by."""
+        full = " ".join(part for part in (self.first_name, self.last_name) if part)
+        return full or self.username or f"user {self.telegram_id}"
+
+
+class IncomingMessage(_Contract):
+    """One message from a user, as the gateway or the terminal hands it to the user's workflow."""
+
+    message_key: MessageKey
+    user: ChatUser
+    chat_id: int
+    channel: Channel
+    text: MessageText
+    sent_at: AwareDatetime
+
+    @property
+    def reply_key(self) -> str:
+        """The message key of the companion's reply to this message."""
+        return f"{self.message_key}:reply"
+
+
+class TurnReply(_Contract):
+    """The companion's answer to one message."""
+
+    message_key: str
+    reply_key: str
+    text: str
+    fallback: bool = False
+
+
+class CompanionState(_Contract):
+    """Everything a user's workflow carries, across continue-as-new too. Bounded: text lives in PostgreSQL."""
+
+    telegram_id: TelegramId
+    user_id: int | None = None
+    display_name: str | None = None
+    queue: list[IncomingMessage] = Field(default_factory=list)
+    seen_keys: list[str] = Field(default_factory=list)
+    replies: list[TurnReply] = Field(default_factory=list)
+    transcript: list[str] = Field(default_factory=list)
+    turns: int = 0
+    turns_this_run: int = 0
+    fallbacks: int = 0
+    turns_per_run: int = Field(default=DEFAULT_TURNS_PER_RUN, ge=1)
+    summary: str = ""
+    last_turn_at: datetime | None = None
+
+
+# --- activity contracts -----------------------------------------------------------------------------------------
+
+
+class EnsureUserInput(_Contract):
+    """Find or create the stored user for a channel user."""
+
+    user: ChatUser
+
+
+class UserRef(_Contract):
+    """The stored user a workflow speaks for."""
+
+    user_id: int
+    display_name: str
+    timezone: str
+
+
+class RecordMessageInput(_Contract):
+    """Store one message of the conversation (idempotent by message key)."""
+
+    user_id: int
+    message_key: MessageKey
+    role: Role
+    text: str
+    channel: Channel
+    sent_at: AwareDatetime
+    fallback: bool = False
+
+
+class RecordedMessage(_Contract):
+    """The stored message's id."""
+
+    message_id: int
+
+
+class BuildContextInput(_Contract):
+    """Gather a user's memory for the turn answering ``message_key``."""
+
+    user_id: int
+    message_key: MessageKey
+
+
+class ChatTurn(_Contract):
+    """One earlier message, as the LLM sees it."""
+
+    role: Role
+    content: str
+
+
+class TurnContext(_Contract):
+    """The prompt of a turn: the system prompt with the user's memory, and the recent conversation."""
+
+    system_prompt: str
+    history: list[ChatTurn]
+
+
+class GenerateReplyInput(_Contract):
+    """Ask the LLM for the reply to one message."""
+
+    user_id: int
+    message_key: MessageKey
+    context: TurnContext
+    text: str
+
+
+class GeneratedReply(_Contract):
+    """What the LLM answered."""
+
+    text: str
+    model: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class DeliverInput(_Contract):
+    """Send a reply to the user on their channel."""
+
+    channel: Channel
+    chat_id: int
+    reply_key: MessageKey
+    text: str

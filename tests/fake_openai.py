@@ -1,0 +1,149 @@
+"""A small OpenAI-compatible chat completions server for tests and benchmarks.
+
+It speaks the real wire format (bearer auth, the chat.completion object, the {"error": {...}} envelope with HTTP
+status codes, Retry-After on 429), so the real `openai` client talks to it unchanged. Replies follow a script when
+one is given, otherwise a default that echoes the user's last message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+                404: "invalid_request_error", 429: "rate_limit_error"}
+
+
+@dataclass
+class Reply:
+    """Answer with this text."""
+
+    text: str
+    delay_s: float = 0.0
+
+
+@dataclass
+class Fail:
+    """Answer with an HTTP error in OpenAI's error envelope."""
+
+    status: int
+    message: str = "scripted failure"
+    retry_after_s: float | None = None
+
+
+@dataclass
+class FakeOpenAI:
+    """The server; ``requests`` records every request body it received."""
+
+    default: Callable[[dict[str, Any]], str] = field(default=lambda body: "I hear you: " + _last_user(body))
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    _script: deque = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    def start(self) -> str:
+        """Serve on a free loopback port; returns the base URL to give the openai client."""
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                fake._handle(self)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def script(self, *steps: Reply | Fail) -> None:
+        """The next requests get these answers, in order; after them the default answers again."""
+        with self._lock:
+            self._script.extend(steps)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self.requests.clear()
+
+    def _next(self) -> Reply | Fail | None:
+        with self._lock:
+            return self._script.popleft() if self._script else None
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        length = int(request.headers.get("Content-Length", "0"))
+        try:
+            body = json.loads(request.rfile.read(length) or b"{}")
+        except json.JSONDecodeError:
+            return _send_error(request, 400, "We could not parse the JSON body of your request.")
+        if request.path != "/v1/chat/completions":
+            return _send_error(request, 404, f"Invalid URL (POST {request.path})")
+        if not request.headers.get("Authorization", "").startswith("Bearer "):
+            return _send_error(request, 401, "You didn't provide an API key.")
+        if not isinstance(body.get("messages"), list) or not body.get("model"):
+            return _send_error(request, 400, "'model' and 'messages' are required properties.")
+        self.requests.append(body)
+        step = self._next()
+        if isinstance(step, Fail):
+            headers = {"retry-after": str(step.retry_after_s)} if step.retry_after_s is not None else {}
+            return _send_error(request, step.status, step.message, headers)
+        if step is not None and step.delay_s:
+            time.sleep(step.delay_s)
+        text = step.text if step is not None else self.default(body)
+        _send_json(request, 200, _completion(body, text, next(self._ids)))
+
+
+def _last_user(body: dict[str, Any]) -> str:
+    return next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+
+
+def _completion(body: dict[str, Any], text: str, number: int) -> dict[str, Any]:
+    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+    completion_tokens = len(text.split())
+    return {
+        "id": f"chatcmpl-fake{number}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "system_fingerprint": None,
+    }
+
+
+def _send_error(request: BaseHTTPRequestHandler, status: int, message: str,
+                headers: dict[str, str] | None = None) -> None:
+    error_type = _ERROR_TYPES.get(status, "server_error")
+    _send_json(request, status, {"error": {"message": message, "type": error_type, "param": None,
+                                           "code": None}}, headers)
+
+
+def _send_json(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any],
+               headers: dict[str, str] | None = None) -> None:
+    data = json.dumps(payload).encode()
+    request.send_response(status)
+    request.send_header("Content-Type", "application/json")
+    request.send_header("Content-Length", str(len(data)))
+    for name, value in (headers or {}).items():
+        request.send_header(name, value)
+    request.end_headers()
+    request.wfile.write(data)

@@ -1,0 +1,179 @@
+"""The per-user workflow, end to end: real Temporal (time-skipping and dev server), real PostgreSQL, the real openai
+client against a scripted OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+from temporalio import activity
+from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from activities.turn import PERSONA, TurnActivities
+from schemas.memory import Role
+from schemas.turn import RecordedMessage, RecordMessageInput
+from tests.conftest import Stack, new_telegram_id
+from tests.fake_openai import Fail, Reply
+from workflows.companion import FALLBACK_REPLY, USER_ID_ATTRIBUTE
+
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], timeout_s: float = 20) -> T:
+    """Poll ``probe`` until ``check`` holds on its result (asserting at the deadline); a failed query is a "not yet"."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            value = await probe()
+        except RPCError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+        else:
+            if check(value):
+                return value
+            assert asyncio.get_running_loop().time() < deadline, value
+        await asyncio.sleep(0.05)
+
+
+async def transcript(stack: Stack, telegram_id: int) -> list[tuple[str, str]]:
+    user = await stack.repo.get_user_by_telegram_id(telegram_id)
+    return [(m.role.value, m.content) for m in await stack.repo.recent_messages(user.id, limit=1000)]
+
+
+async def replies_by_key(stack: Stack, telegram_id: int) -> dict[str, str]:
+    user = await stack.repo.get_user_by_telegram_id(telegram_id)
+    messages = await stack.repo.recent_messages(user.id, limit=1000)
+    assert len({m.message_key for m in messages}) == len(messages)
+    return {m.message_key.removesuffix(":reply"): m.content for m in messages if m.role == Role.ASSISTANT}
+
+
+async def test_a_turn_end_to_end(stack: Stack) -> None:
+    simon = new_telegram_id()
+    reply = await stack.say(simon, "Hi, I'm Simon")
+
+    assert reply.text == "I hear you: Hi, I'm Simon" and not reply.fallback
+    assert await transcript(stack, simon) == [("user", "Hi, I'm Simon"), ("assistant", "I hear you: Hi, I'm Simon")]
+    (request,) = stack.llm.requests
+    assert request["messages"][0]["role"] == "system" and request["messages"][0]["content"].startswith(PERSONA)
+    assert '"User' in request["messages"][0]["content"]  # the user's memory block names them
+    assert request["messages"][-1] == {"role": "user", "content": "Hi, I'm Simon"}
+
+    description = await stack.handle(simon).describe()
+    assert description.status == WorkflowExecutionStatus.RUNNING
+    assert description.typed_search_attributes.get(USER_ID_ATTRIBUTE) == simon
+    assert (await description.memo())["user_name"] == f"User{simon}"
+    state = await stack.state(simon)
+    assert state.turns == 1 and state.queue == [] and state.user_id is not None
+    assert state.transcript == [f"**User{simon}**: Hi, I'm Simon", "**companion**: I hear you: Hi, I'm Simon"]
+
+
+async def test_the_conversation_carries_into_the_next_prompt(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "I have a job interview tomorrow")
+    await stack.say(simon, "I'm nervous")
+    second = stack.llm.requests[1]["messages"]
+    assert [(m["role"], m["content"]) for m in second[1:]] == [
+        ("user", "I have a job interview tomorrow"), ("assistant", "I hear you: I have a job interview tomorrow"),
+        ("user", "I'm nervous")]
+
+
+async def test_the_same_message_sent_twice_gets_one_reply(stack: Stack) -> None:
+    simon = new_telegram_id()
+    first = await stack.say(simon, "hello", key="console:dup:1")
+    again = await stack.say(simon, "hello", key="console:dup:1")
+    assert again == first
+    message = stack.message(simon, "signalled twice", key="tg:dup:2")
+    await stack.signal(message)
+    await stack.signal(message)
+    await stack.say(simon, "and a new one")
+    await eventually(lambda: stack.state(simon), lambda s: s.turns == 3)
+    assert len(stack.llm.requests) == 3
+    user = await stack.repo.get_user_by_telegram_id(simon)
+    keys = sorted(m.message_key for m in await stack.repo.recent_messages(user.id, limit=100))
+    user_keys = [key for key in keys if not key.endswith(":reply")]
+    assert len(user_keys) == 3 and "tg:dup:2" in user_keys and "console:dup:1" in user_keys
+    assert keys == sorted([*user_keys, *(f"{key}:reply" for key in user_keys)])
+
+
+class FailingAfterWrite(TurnActivities):
+    """record_message writes its row, then fails its first two attempts, as a dropped connection would."""
+
+    @activity.defn(name="record_message")
+    async def record_message(self, data: RecordMessageInput) -> RecordedMessage:
+        stored = await super().record_message(data)
+        if activity.info().attempt <= 2:
+            raise RuntimeError("connection lost after the write")
+        return stored
+
+
+@pytest.mark.parametrize("turn_activities_class", [FailingAfterWrite])
+async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_message(stack: Stack) -> None:
+    simon = new_telegram_id()
+    stack.llm.script(Fail(500), Fail(503, retry_after_s=0.1))
+    reply = await stack.say(simon, "I got the job!")
+    assert reply.text == "I hear you: I got the job!" and not reply.fallback
+    assert len(stack.llm.requests) == 3
+    assert await transcript(stack, simon) == [("user", "I got the job!"), ("assistant", reply.text)]
+
+
+async def test_llm_down_gives_an_honest_fallback_that_is_recorded(stack: Stack) -> None:
+    simon = new_telegram_id()
+    stack.llm.script(Fail(500), Fail(502), Fail(500))
+    reply = await stack.say(simon, "are you there?")
+    assert reply.fallback and reply.text == FALLBACK_REPLY
+    assert len(stack.llm.requests) == 3  # capped: paid calls are not retried forever
+    assert await transcript(stack, simon) == [("user", "are you there?"), ("assistant", FALLBACK_REPLY)]
+    user = await stack.repo.get_user_by_telegram_id(simon)
+    assert (await stack.repo.recent_messages(user.id))[-1].meta == {"fallback": True}
+
+    stack.llm.script(Fail(401, "Incorrect API key provided"))
+    again = await stack.say(simon, "still there?")
+    assert again.fallback and len(stack.llm.requests) == 4  # an auth error is not retried at all
+    assert (await stack.say(simon, "and now?")).text == "I hear you: and now?"
+    assert (await stack.state(simon)).fallbacks == 2
+
+
+async def test_continue_as_new_keeps_state_and_loses_no_queued_message(stack: Stack) -> None:
+    stack.settings = stack.settings.model_copy(update={"workflow_turns_per_run": 2})
+    simon = new_telegram_id()
+    first_run = None
+    stack.llm.script(*(Reply(f"reply {n}", delay_s=0.05) for n in range(7)))
+    for n in range(7):
+        await stack.signal(stack.message(simon, f"message {n}", key=f"tg:can:{n}"))
+        if first_run is None:
+            first_run = (await stack.handle(simon).describe()).run_id
+    state = await eventually(lambda: stack.state(simon), lambda s: s.turns == 7)
+
+    assert (await stack.handle(simon).describe()).run_id != first_run
+    assert state.turns_this_run <= 2 and state.user_id is not None
+    # answered in the order sent, each message exactly once, each reply stored under its message's key
+    assert [request["messages"][-1]["content"] for request in stack.llm.requests] == [f"message {n}"
+                                                                                      for n in range(7)]
+    assert await replies_by_key(stack, simon) == {f"tg:can:{n}": f"reply {n}" for n in range(7)}
+    await stack.signal(stack.message(simon, "message 3", key="tg:can:3"))  # seen before the new runs began
+    assert (await stack.say(simon, "last")).text == "I hear you: last"
+    assert len(stack.llm.requests) == 8
+
+
+async def test_a_message_for_another_user_is_rejected(stack: Stack) -> None:
+    simon, eve = new_telegram_id(), new_telegram_id()
+    await stack.say(simon, "hi")
+    intruder = stack.message(eve, "let me in")
+    with pytest.raises(WorkflowUpdateFailedError):
+        await stack.handle(simon).execute_update("send", intruder)
+    assert (await stack.state(simon)).turns == 1
+
+
+async def test_workflow_state_stays_bounded(stack: Stack) -> None:
+    simon = new_telegram_id()
+    for n in range(24):
+        await stack.say(simon, f"message {n} " + "x" * 500)
+    state = await stack.state(simon)
+    assert state.turns == 24
+    assert len(state.replies) == 20 and len(state.transcript) == 8
+    assert all(len(line) < 250 for line in state.transcript)
+    assert len(state.model_dump_json()) < 20_000
+    assert [role for role, _ in await transcript(stack, simon)].count(Role.ASSISTANT.value) == 24

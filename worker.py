@@ -1,0 +1,71 @@
+"""The worker: runs users' workflows and the activities of their turns until asked to stop."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import Worker
+
+from activities.llm import ChatModel, LocalModelServer, create_chat_model
+from activities.turn import TurnActivities
+from core.logging import get_logger
+from core.settings import Settings
+from storage.database import create_engine, create_session_factory
+from storage.repository import MemoryRepository
+from workflows.client import connect
+from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow
+
+# In-flight activities get this long to finish when the worker is asked to stop.
+GRACEFUL_SHUTDOWN = timedelta(seconds=15)
+
+_log = get_logger(__name__)
+
+
+def build_worker(client: Client, task_queue: str, activities: TurnActivities,
+                 max_cached_workflows: int = 1000) -> Worker:
+    """A worker for the companion's workflow and activities on one task queue."""
+    return Worker(client, task_queue=task_queue, workflows=[CompanionWorkflow], activities=activities.all(),
+                  max_cached_workflows=max_cached_workflows, graceful_shutdown_timeout=GRACEFUL_SHUTDOWN)
+
+
+async def ensure_search_attributes(client: Client) -> None:
+    """Register the user-id search attribute operators filter by; a cluster that refuses is only warned about."""
+    name = USER_ID_ATTRIBUTE.name
+    try:
+        await client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+            namespace=client.namespace, search_attributes={name: IndexedValueType.INDEXED_VALUE_TYPE_INT}))
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.ALREADY_EXISTS:  # e.g. Temporal Cloud manages attributes elsewhere
+            _log.warning("temporal.search_attribute_unavailable", name=name, error=str(exc))
+
+
+def chat_model_for(settings: Settings) -> ChatModel:
+    """The configured chat model, starting the embedded local model when no endpoint is configured."""
+    local_url = LocalModelServer().start() if settings.uses_local_model else None
+    return create_chat_model(settings, local_url)
+
+
+async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
+                     chat_model: ChatModel | None = None) -> None:
+    """Run a worker until ``stop`` is set, then let in-flight activities finish and close every connection."""
+    engine = create_engine(database_url)
+    try:
+        client = await connect(settings)
+        await ensure_search_attributes(client)
+        activities = TurnActivities(MemoryRepository(create_session_factory(engine)),
+                                    chat_model or chat_model_for(settings))
+        worker = build_worker(client, settings.temporal_task_queue, activities,
+                              settings.worker_max_cached_workflows)
+        async with worker:
+            _log.info("worker.started", task_queue=settings.temporal_task_queue,
+                      namespace=settings.temporal_namespace, address=settings.temporal_address)
+            await stop.wait()
+            _log.info("worker.stopping")
+    finally:
+        await engine.dispose()
+    _log.info("worker.stopped")
