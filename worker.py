@@ -44,21 +44,18 @@ async def ensure_search_attributes(client: Client) -> None:
             _log.warning("temporal.search_attribute_unavailable", name=name, error=str(exc))
 
 
-def chat_model_for(settings: Settings) -> ChatModel:
-    """The configured chat model, starting the embedded local model when no endpoint is configured."""
-    local_url = LocalModelServer().start() if settings.uses_local_model else None
-    return create_chat_model(settings, local_url)
-
-
 async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
                      chat_model: ChatModel | None = None) -> None:
     """Run a worker until ``stop`` is set, then let in-flight activities finish and close every connection."""
     engine = create_engine(database_url)
+    # The embedded model's server stops when this object goes away: it must live as long as the worker.
+    local_model = LocalModelServer() if chat_model is None and settings.uses_local_model else None
     try:
         client = await connect(settings)
         await ensure_search_attributes(client)
-        activities = TurnActivities(MemoryRepository(create_session_factory(engine)),
-                                    chat_model or chat_model_for(settings))
+        if chat_model is None:
+            chat_model = create_chat_model(settings, local_model.start() if local_model else None)
+        activities = TurnActivities(MemoryRepository(create_session_factory(engine)), chat_model)
         worker = build_worker(client, settings.temporal_task_queue, activities,
                               settings.worker_max_cached_workflows)
         async with worker:

@@ -25,6 +25,8 @@ _RETRYABLE_STATUS = {408, 409, 429}
 LOCAL_MODEL_NAME = "SmolLM2-135M-Instruct"
 LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL_CONTEXT_TOKENS = 4096
+# A 135M model wanders off and repeats itself in long answers; short ones stay on topic.
+LOCAL_MAX_REPLY_TOKENS = 120
 
 _log = get_logger(__name__)
 
@@ -119,7 +121,7 @@ def create_chat_model(settings: Settings, local_base_url: str | None = None) -> 
                                      "model")
         client = AsyncOpenAI(base_url=local_base_url, api_key="local", max_retries=SDK_RETRIES,
                              timeout=REQUEST_TIMEOUT_S)
-        return ChatModel(client, LOCAL_MODEL_NAME)
+        return ChatModel(client, LOCAL_MODEL_NAME, max_tokens=LOCAL_MAX_REPLY_TOKENS)
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "unused"
     client = AsyncOpenAI(base_url=settings.openai_base_url, api_key=api_key, max_retries=SDK_RETRIES,
                          timeout=REQUEST_TIMEOUT_S)

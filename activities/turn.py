@@ -76,8 +76,10 @@ class TurnActivities:
     async def build_context(self, data: BuildContextInput) -> TurnContext:
         """The prompt of the turn: persona and quoted memory, then the recent conversation as chat turns."""
         context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        # Fallback replies are failure notices, not conversation: a model shown them tends to repeat them.
         history = [ChatTurn(role=message.role, content=message.content) for message in context.recent_messages
-                   if message.message_key != data.message_key and message.role != Role.SYSTEM]
+                   if message.message_key != data.message_key and message.role != Role.SYSTEM
+                   and not message.meta.get("fallback")]
         system_prompt = f"{PERSONA}\n\n{context.to_prompt_context(include_messages=False)}"
         return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
 

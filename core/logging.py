@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -14,7 +15,8 @@ from structlog.typing import EventDict, Processor
 APP_NAME = "companion"
 
 # Keys whose values are secrets wherever they appear in a log event.
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|password|passwd|secret|authorization|credential)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(api[_-]?key|password|passwd|secret|authorization|credential|(^|_)token$)",
+                         re.IGNORECASE)
 # Secrets that slip into free text: bot tokens, OpenAI-style keys, passwords inside URLs.
 _SECRET_TEXT = (
     (re.compile(r"(?<!\d)\d{5,}:[A-Za-z0-9_-]{30,}"), "[REDACTED-BOT-TOKEN]"),
@@ -24,7 +26,8 @@ _SECRET_TEXT = (
 REDACTED = "[REDACTED]"
 
 # Libraries that are chatty at INFO; their warnings still come through.
-_QUIET_LOGGERS = ("sqlalchemy.engine", "alembic.runtime.migration", "pgserver", "asyncio", "httpx", "httpcore")
+_QUIET_LOGGERS = ("sqlalchemy.engine", "alembic.runtime.migration", "pgserver", "asyncio", "httpx", "httpcore",
+                  "httpx2", "httpcore2")
 
 
 def redact_text(text: str) -> str:
@@ -66,24 +69,40 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
-def configure_logging(level: str = "INFO", fmt: str = "console", stream: TextIO | None = None) -> None:
-    """Route structlog and stdlib logging through one renderer: JSON lines or readable console."""
-    renderer: Processor
+def _formatter(fmt: str, colors: bool) -> logging.Formatter:
+    final: list[Processor]
     if fmt == "json":
-        final: list[Processor] = [structlog.processors.dict_tracebacks, redact_secrets,
-                                  structlog.processors.JSONRenderer()]
+        # Frames without their local variables: locals can hold keys, tokens and whole prompts.
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+        final = [tracebacks, redact_secrets, structlog.processors.JSONRenderer()]
     else:
-        final = [redact_secrets, structlog.dev.ConsoleRenderer(colors=stream is None and sys.stderr.isatty())]
-    renderer = final[-1]
-
-    formatter = structlog.stdlib.ProcessorFormatter(
+        final = [redact_secrets, structlog.dev.ConsoleRenderer(colors=colors)]
+    return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final[:-1], renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
     )
+
+
+def configure_logging(level: str = "INFO", fmt: str = "console", stream: TextIO | None = None,
+                      log_file: Path | None = None, console_level: str | None = None) -> None:
+    """Route structlog and stdlib logging through one renderer: JSON lines or readable console.
+
+    With ``log_file``, every record at ``level`` also goes to that file as JSON lines, and the console shows only
+    ``console_level`` and above (so an interactive chat is not drowned in logs).
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(formatter)
+    handler.setFormatter(_formatter(fmt, colors=stream is None and sys.stderr.isatty()))
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None:
+        handler.setLevel(console_level or level)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(_formatter("json", colors=False))
+        handlers.append(file_handler)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = handlers
     root.setLevel(level)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -38,7 +38,8 @@ def test_json_lines_carry_timestamp_level_app_event_and_context(json_lines: io.S
     assert datetime.fromisoformat(record["timestamp"]).tzinfo is not None
 
 
-def test_exceptions_are_logged_with_their_stack(json_lines: io.StringIO) -> None:
+def test_exceptions_are_logged_with_their_stack_but_not_their_locals(json_lines: io.StringIO) -> None:
+    api_key = "sk-local-variable-secret-123456"  # noqa: F841 - a local the traceback must not show
     try:
         raise ValueError("boom")
     except ValueError:
@@ -46,7 +47,9 @@ def test_exceptions_are_logged_with_their_stack(json_lines: io.StringIO) -> None
     (record,) = _records(json_lines)
     (exc,) = record["exception"]
     assert exc["exc_type"] == "ValueError" and exc["exc_value"] == "boom"
-    assert exc["frames"][-1]["name"] == "test_exceptions_are_logged_with_their_stack"
+    assert exc["frames"][-1]["name"] == "test_exceptions_are_logged_with_their_stack_but_not_their_locals"
+    assert "sk-local-variable-secret" not in json_lines.getvalue()
+    assert "locals" not in exc["frames"][-1]
 
 
 def test_stdlib_and_temporalio_loggers_go_through_structlog(json_lines: io.StringIO) -> None:
@@ -81,3 +84,9 @@ def test_console_format_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
         configure_logging("WARNING", "console")
     line = stream.getvalue()
     assert "hello" in line and "user_id=1" in line and not line.startswith("{")
+
+
+def test_token_counts_are_not_mistaken_for_secrets(json_lines: io.StringIO) -> None:
+    get_logger("companion.test").info("llm.reply", prompt_tokens=120, completion_tokens=30, bot_token="x:y")
+    (record,) = _records(json_lines)
+    assert (record["prompt_tokens"], record["completion_tokens"], record["bot_token"]) == (120, 30, "[REDACTED]")

@@ -1,0 +1,114 @@
+"""Talking to the companion from a terminal: `say`, `chat`, and reading a transcript with `history`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import uuid
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from temporalio.client import Client
+
+from core.errors import ExternalServiceError, UserNotFoundError
+from core.settings import Settings
+from schemas.memory import Channel, Role
+from schemas.turn import ChatUser, IncomingMessage, TurnReply
+from storage.database import create_engine, create_session_factory
+from storage.embedded import postgres_url
+from storage.repository import MemoryRepository
+from workflows.client import connect, send_message
+
+REPLY_TIMEOUT_S = 300.0
+
+
+def console_message(telegram_id: int, text: str) -> IncomingMessage:
+    """A terminal message from a user, keyed uniquely."""
+    return IncomingMessage(message_key=f"console:{telegram_id}:{uuid.uuid4().hex}",
+                           user=ChatUser(telegram_id=telegram_id), chat_id=telegram_id, channel=Channel.CONSOLE,
+                           text=text, sent_at=datetime.now(UTC))
+
+
+async def connect_or_explain(settings: Settings) -> Client:
+    """A client of the configured Temporal server, or an error saying how to start one."""
+    try:
+        return await connect(settings)
+    except RuntimeError as exc:
+        raise ExternalServiceError(f"nothing is running at {settings.temporal_address}: start the companion with "
+                                   "`uv run companion dev`", context={"address": settings.temporal_address},
+                                   cause=exc) from None
+
+
+async def ask(client: Client, settings: Settings, telegram_id: int, text: str,
+              timeout_s: float = REPLY_TIMEOUT_S) -> TurnReply:
+    """Send one message and wait for the companion's reply."""
+    try:
+        return await asyncio.wait_for(send_message(client, settings, console_message(telegram_id, text)), timeout_s)
+    except TimeoutError:
+        raise ExternalServiceError(f"no reply within {timeout_s:.0f} s: is a worker running on task queue "
+                                   f"{settings.temporal_task_queue}?", context={"user": telegram_id}) from None
+
+
+async def say(settings: Settings, telegram_id: int, text: str, timeout_s: float) -> int:
+    """`companion say`: print the reply to one message."""
+    client = await connect_or_explain(settings)
+    reply = await ask(client, settings, telegram_id, text, timeout_s)
+    print(reply.text)
+    return 0
+
+
+def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str | None]:
+    # A daemon thread reads stdin, so a blocked read never keeps the process alive at exit.
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    threading.Thread(target=read, daemon=True, name="stdin").start()
+    return lines
+
+
+async def chat_loop(client: Client, settings: Settings, telegram_id: int) -> None:
+    """An interactive chat as one user, until end of input or /quit."""
+    print(f"Chatting as user {telegram_id}. Type a message; /quit or Ctrl-D to leave.")
+    lines = _stdin_lines(asyncio.get_running_loop())
+    while True:
+        print("you> ", end="", flush=True)
+        line = await lines.get()
+        if line is None or line.strip() in ("/quit", "/exit"):
+            print()
+            return
+        if line.strip():
+            reply = await ask(client, settings, telegram_id, line.strip())
+            print(f"companion> {reply.text}", flush=True)
+
+
+async def chat(settings: Settings, telegram_id: int) -> int:
+    """`companion chat`: an interactive chat against a running companion."""
+    await chat_loop(await connect_or_explain(settings), settings, telegram_id)
+    return 0
+
+
+async def history(settings: Settings, telegram_id: int, limit: int) -> int:
+    """`companion history`: a user's transcript from PostgreSQL, in their local time."""
+    with postgres_url(settings) as url:
+        engine = create_engine(url, pool_size=2, max_overflow=0)
+        try:
+            repository = MemoryRepository(create_session_factory(engine))
+            try:
+                user = await repository.get_user_by_telegram_id(telegram_id)
+            except UserNotFoundError:
+                print(f"no conversation with user {telegram_id} yet")
+                return 1
+            messages = await repository.recent_messages(user.id, limit=limit)
+        finally:
+            await engine.dispose()
+    zone = ZoneInfo(user.timezone)
+    width = max(len(user.display_name), len("companion"))
+    for message in messages:
+        who = user.display_name if message.role == Role.USER else "companion"
+        print(f"{message.sent_at.astimezone(zone):%Y-%m-%d %H:%M}  {who:<{width}}  {message.content}")
+    return 0
