@@ -12,7 +12,7 @@ from openai import AsyncOpenAI
 from core.errors import ConfigurationError, OpenAIServiceError
 from core.logging import get_logger
 from core.settings import Settings
-from schemas.turn import GeneratedReply, TurnContext
+from schemas.turn import ComposedReply, TurnContext
 
 # Temporal retries the call; the SDK's own retries would multiply paid attempts.
 SDK_RETRIES = 0
@@ -39,7 +39,7 @@ class ChatModel:
         self.model = model
         self._max_tokens = max_tokens
 
-    async def reply(self, context: TurnContext, text: str) -> GeneratedReply:
+    async def reply(self, context: TurnContext, text: str) -> ComposedReply:
         """One chat completion; failures raise OpenAIServiceError, retryable or not by their cause."""
         messages = [{"role": "system", "content": context.system_prompt},
                     *({"role": turn.role.value, "content": turn.content} for turn in context.history),
@@ -60,7 +60,7 @@ class ChatModel:
         _log.info("llm.reply", model=self.model, duration_ms=round((time.perf_counter() - started) * 1000),
                   prompt_tokens=usage.prompt_tokens if usage else None,
                   completion_tokens=usage.completion_tokens if usage else None)
-        return GeneratedReply(text=content, model=response.model or self.model,
+        return ComposedReply(text=content, model=response.model or self.model,
                               prompt_tokens=usage.prompt_tokens if usage else None,
                               completion_tokens=usage.completion_tokens if usage else None)
 

@@ -5,7 +5,7 @@ Named timeouts and retry policies live here, next to the activities they govern;
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
 from temporalio.common import RetryPolicy
@@ -15,11 +15,10 @@ from activities.llm import ChatModel
 from core.logging import get_logger
 from schemas.memory import MessageCreate, Role, UserCreate
 from schemas.turn import (
-    BuildContextInput,
     ChatTurn,
+    ComposedReply,
+    ComposeReplyInput,
     EnsureUserInput,
-    GeneratedReply,
-    GenerateReplyInput,
     RecordedMessage,
     RecordMessageInput,
     TurnContext,
@@ -71,27 +70,38 @@ class TurnActivities:
             sent_at=data.sent_at, meta={"fallback": True} if data.fallback else {}))
         return RecordedMessage(message_id=stored.id)
 
-    @activity.defn(name="build_context")
-    @translate_errors
-    async def build_context(self, data: BuildContextInput) -> TurnContext:
+    async def build_context(self, user_id: int, message_key: str) -> TurnContext:
         """The prompt of the turn: persona and quoted memory, then the recent conversation as chat turns."""
-        context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        context = await self._repository.get_user_context(user_id, message_limit=HISTORY_TURNS + 1)
         # Fallback replies are failure notices, not conversation: a model shown them tends to repeat them.
         history = [ChatTurn(role=message.role, content=message.content) for message in context.recent_messages
-                   if message.message_key != data.message_key and message.role != Role.SYSTEM
+                   if message.message_key != message_key and message.role != Role.SYSTEM
                    and not message.meta.get("fallback")]
         system_prompt = f"{PERSONA}\n\n{context.to_prompt_context(include_messages=False)}"
         return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
 
-    @activity.defn(name="generate_reply")
+    @activity.defn(name="compose_reply")
     @translate_errors
-    async def generate_reply(self, data: GenerateReplyInput) -> GeneratedReply:
-        """The LLM's reply to the user's message."""
+    async def compose_reply(self, data: ComposeReplyInput) -> ComposedReply:
+        """Ask the LLM for the reply to the user's message and store it under the reply key.
+
+        An attempt that finds the reply already stored (an earlier attempt stored it, then its completion was
+        lost) returns that reply: the user gets one reply, and the paid call is not made twice. The context is
+        gathered here, not in a step of its own, which keeps the prompt out of the workflow history.
+        """
         info = activity.info()
+        if info.attempt > 1:  # only a retry can find its reply stored already
+            stored = await self._repository.get_message(data.user_id, data.reply_key)
+            if stored is not None:
+                return ComposedReply(text=stored.content)
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
-        return await self._chat_model.reply(data.context, data.text)
+        reply = await self._chat_model.reply(await self.build_context(data.user_id, data.message_key), data.text)
+        stored = await self._repository.add_message(data.user_id, MessageCreate(
+            message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
+            sent_at=datetime.now(UTC)))
+        return reply.model_copy(update={"text": stored.content})
 
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
-        return [self.ensure_user, self.record_message, self.build_context, self.generate_reply]
+        return [self.ensure_user, self.record_message, self.compose_reply]

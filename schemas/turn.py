@@ -118,13 +118,6 @@ class RecordedMessage(_Contract):
     message_id: int
 
 
-class BuildContextInput(_Contract):
-    """Gather a user's memory for the turn answering ``message_key``."""
-
-    user_id: int
-    message_key: MessageKey
-
-
 class ChatTurn(_Contract):
     """One earlier message, as the LLM sees it."""
 
@@ -139,20 +132,21 @@ class TurnContext(_Contract):
     history: list[ChatTurn]
 
 
-class GenerateReplyInput(_Contract):
-    """Ask the LLM for the reply to one message."""
+class ComposeReplyInput(_Contract):
+    """Compose and store the reply to one stored message; the activity gathers the user's memory itself."""
 
     user_id: int
     message_key: MessageKey
-    context: TurnContext
+    reply_key: MessageKey
     text: str
+    channel: Channel
 
 
-class GeneratedReply(_Contract):
-    """What the LLM answered."""
+class ComposedReply(_Contract):
+    """The stored reply, and what the LLM call cost (None when an earlier attempt had already stored it)."""
 
     text: str
-    model: str
+    model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 

@@ -53,6 +53,12 @@ class FakeOpenAI:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the real API
+            # One write per response and no Nagle delay: headers and body in separate segments would meet the
+            # client's delayed ACK and stall every keep-alive response by ~40 ms.
+            disable_nagle_algorithm = True
+            wbufsize = 64 * 1024
+
             def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
                 fake._handle(self)
 
@@ -147,3 +153,19 @@ def _send_json(request: BaseHTTPRequestHandler, status: int, payload: dict[str, 
         request.send_header(name, value)
     request.end_headers()
     request.wfile.write(data)
+
+
+def serve_in_subprocess() -> tuple[str, "subprocess.Popen[str]"]:
+    """Run the default-answering server in a process of its own (for benchmarks: no GIL shared with the worker)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "tests.fake_openai"], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return process.stdout.readline().strip(), process
+
+
+if __name__ == "__main__":
+    server = FakeOpenAI()
+    print(server.start(), flush=True)
+    threading.Event().wait()

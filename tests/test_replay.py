@@ -50,9 +50,9 @@ class ReorderedWorkflow(CompanionWorkflow):
     async def send(self, message: IncomingMessage) -> TurnReply:
         return await super().send(message)
 
-    async def _generate(self, user_id, message, context):  # type: ignore[no-untyped-def]
+    async def _compose(self, user_id, message):  # type: ignore[no-untyped-def]
         await workflow.sleep(1)
-        return await super()._generate(user_id, message, context)
+        return await super()._compose(user_id, message)
 
 
 async def test_a_changed_workflow_fails_replay_with_a_nondeterminism_error() -> None:

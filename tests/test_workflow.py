@@ -14,7 +14,7 @@ from temporalio.service import RPCError
 
 from activities.turn import PERSONA, TurnActivities
 from schemas.memory import Role
-from schemas.turn import RecordedMessage, RecordMessageInput
+from schemas.turn import ComposedReply, ComposeReplyInput, RecordedMessage, RecordMessageInput
 from tests.conftest import Stack, new_telegram_id
 from tests.fake_openai import Fail, Reply
 from workflows.companion import FALLBACK_REPLY, USER_ID_ATTRIBUTE
@@ -117,6 +117,27 @@ async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_mes
     assert reply.text == "I hear you: I got the job!" and not reply.fallback
     assert len(stack.llm.requests) == 3
     assert await transcript(stack, simon) == [("user", "I got the job!"), ("assistant", reply.text)]
+
+
+class LosingCompletion(TurnActivities):
+    """compose_reply stores its reply, then its first attempt fails as if the worker died before reporting."""
+
+    @activity.defn(name="compose_reply")
+    async def compose_reply(self, data: ComposeReplyInput) -> ComposedReply:
+        reply = await super().compose_reply(data)
+        if activity.info().attempt == 1:
+            raise RuntimeError("worker lost before completing")
+        return reply
+
+
+@pytest.mark.parametrize("turn_activities_class", [LosingCompletion])
+async def test_a_retried_reply_is_the_stored_one_and_the_llm_is_not_paid_twice(stack: Stack) -> None:
+    simon = new_telegram_id()
+    stack.llm.script(Reply("the first and only reply"))
+    reply = await stack.say(simon, "hello?")
+    assert reply.text == "the first and only reply"
+    assert len(stack.llm.requests) == 1
+    assert await transcript(stack, simon) == [("user", "hello?"), ("assistant", "the first and only reply")]
 
 
 async def test_llm_down_gives_an_honest_fallback_that_is_recorded(stack: Stack) -> None:

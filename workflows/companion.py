@@ -18,13 +18,11 @@ with workflow.unsafe.imports_passed_through():
         SEEN_KEYS_KEPT,
         TRANSCRIPT_LINE_CHARS,
         TRANSCRIPT_LINES_KEPT,
-        BuildContextInput,
         CompanionState,
+        ComposeReplyInput,
         EnsureUserInput,
-        GenerateReplyInput,
         IncomingMessage,
         RecordMessageInput,
-        TurnContext,
         TurnReply,
     )
 
@@ -116,11 +114,7 @@ class CompanionWorkflow:
     async def _turn(self, message: IncomingMessage) -> TurnReply:
         user_id = await self._user_id(message)
         await self._record(user_id, message.message_key, Role.USER, message.text, message)
-        context = await workflow.execute_local_activity_method(
-            TurnActivities.build_context, BuildContextInput(user_id=user_id, message_key=message.message_key),
-            start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
-        text, fallback = await self._generate(user_id, message, context)
-        await self._record(user_id, message.reply_key, Role.ASSISTANT, text, message, fallback=fallback)
+        text, fallback = await self._compose(user_id, message)
         self._after_turn(message, text, fallback)
         return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=fallback)
 
@@ -142,17 +136,18 @@ class CompanionWorkflow:
                                sent_at=sent_at, fallback=fallback),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
 
-    async def _generate(self, user_id: int, message: IncomingMessage, context: TurnContext) -> tuple[str, bool]:
+    async def _compose(self, user_id: int, message: IncomingMessage) -> tuple[str, bool]:
         try:
             reply = await workflow.execute_activity_method(
-                TurnActivities.generate_reply,
-                GenerateReplyInput(user_id=user_id, message_key=message.message_key, context=context,
-                                   text=message.text),
+                TurnActivities.compose_reply,
+                ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
+                                  text=message.text, channel=message.channel),
                 start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary="LLM reply")
         except ActivityError as err:
             workflow.logger.warning("LLM failed, sending the fallback reply",
                                     extra={"message_key": message.message_key, "error": str(err.cause)})
             self._state.fallbacks += 1
+            await self._record(user_id, message.reply_key, Role.ASSISTANT, FALLBACK_REPLY, message, fallback=True)
             return FALLBACK_REPLY, True
         return reply.text, False
 

@@ -1,0 +1,120 @@
+"""Turn latency: a message's way through Temporal to its delivered reply, against the same turn done in-process.
+
+    uv run python -m bench.turn [--turns 300]
+
+Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
+worker, and an OpenAI-compatible stub that answers at once (so the figures are the companion's own overhead).
+The Temporal path is what `companion say` does: update-with-start, returning when the reply is stored and handed
+back. The direct path runs the same activity code in order without Temporal. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from openai import AsyncOpenAI
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.llm import ChatModel
+from activities.turn import TurnActivities
+from cli.dev import dev_server_config_args
+from core.logging import configure_logging
+from core.settings import load_settings
+from schemas.memory import Channel, Role
+from schemas.turn import ChatUser, EnsureUserInput, IncomingMessage, RecordMessageInput
+from storage import migrate
+from storage.database import create_engine, create_session_factory
+from storage.embedded import EmbeddedPostgres
+from storage.repository import MemoryRepository
+from tests.fake_openai import serve_in_subprocess
+from worker import build_worker
+from workflows.client import send_message
+from workflows.companion import USER_ID_ATTRIBUTE
+
+WARMUP_TURNS = 20
+
+
+def _message(telegram_id: int, n: int) -> IncomingMessage:
+    return IncomingMessage(message_key=f"bench:{telegram_id}:{n}", user=ChatUser(telegram_id=telegram_id),
+                           chat_id=telegram_id, channel=Channel.CONSOLE, text=f"message number {n}",
+                           sent_at=datetime.now(UTC))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _timed(turns: int, turn: Callable[[int], Awaitable[object]]) -> list[float]:
+    for n in range(WARMUP_TURNS):
+        await turn(-n - 1)
+    latencies = []
+    for n in range(turns):
+        started = time.perf_counter()
+        await turn(n)
+        latencies.append((time.perf_counter() - started) * 1000)
+    return latencies
+
+
+async def direct_turn(activities: TurnActivities, chat: ChatModel, telegram_id: int, n: int) -> str:
+    """The turn without Temporal: the same activity code, called in order in this process."""
+    message = _message(telegram_id, n)
+    user = await activities.ensure_user(EnsureUserInput(user=message.user))
+    await activities.record_message(RecordMessageInput(user_id=user.user_id, message_key=message.message_key,
+                                                       role=Role.USER, text=message.text, channel=message.channel,
+                                                       sent_at=message.sent_at))
+    context = await activities.build_context(user.user_id, message.message_key)
+    reply = await chat.reply(context, message.text)
+    await activities.record_message(RecordMessageInput(user_id=user.user_id, message_key=message.reply_key,
+                                                       role=Role.ASSISTANT, text=reply.text,
+                                                       channel=message.channel, sent_at=datetime.now(UTC)))
+    return reply.text
+
+
+async def main(turns: int) -> dict[str, float]:
+    configure_logging("WARNING", "console")
+    folder = Path(tempfile.mkdtemp(prefix="companion-bench-"))
+    postgres = EmbeddedPostgres(folder / "pg")
+    llm_url, llm = serve_in_subprocess()  # its own process, as a real LLM server is
+    try:
+        engine = create_engine(postgres.start())
+        await migrate.upgrade(engine)
+        chat = ChatModel(AsyncOpenAI(base_url=llm_url, api_key="bench", max_retries=0), "stub")
+        activities = TurnActivities(MemoryRepository(create_session_factory(engine)), chat)
+        direct = await _timed(turns, lambda n: direct_turn(activities, chat, 1, n))
+        env = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
+            data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
+            dev_server_extra_args=dev_server_config_args())
+        async with env:
+            settings = load_settings(temporal_task_queue="bench-turn")
+            async with build_worker(env.client, settings.temporal_task_queue, activities):
+                temporal = await _timed(turns, lambda n: send_message(env.client, settings, _message(2, n)))
+        await engine.dispose()
+    finally:
+        llm.terminate()
+        postgres.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    p50, direct_p50 = statistics.median(temporal), statistics.median(direct)
+    print(f"temporal turn  p50 {p50:6.1f} ms  p95 {_percentile(temporal, 0.95):6.1f} ms  "
+          f"p99 {_percentile(temporal, 0.99):6.1f} ms  ({turns} sequential turns)")
+    print(f"direct turn    p50 {direct_p50:6.1f} ms  p95 {_percentile(direct, 0.95):6.1f} ms")
+    return {"turns": turns, "p50_ms": round(p50, 1), "p95_ms": round(_percentile(temporal, 0.95), 1),
+            "direct_p50_ms": round(direct_p50, 1), "ratio_p50": round(p50 / direct_p50, 1)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=300)
+    print(json.dumps(asyncio.run(main(parser.parse_args().turns))))
