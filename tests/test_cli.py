@@ -1,0 +1,129 @@
+"""The command line as a user runs it: `companion dev`, `say`, `history`, and what happens when nothing runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+from tests.test_embedded import _postgres_processes
+
+
+def _free_port_pair() -> int:
+    """A port P with P + 1000 free too (the dev server's UI goes there)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + 1000 < 65536:
+            with socket.socket() as ui:
+                try:
+                    ui.bind(("127.0.0.1", port + 1000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    env.update({"HOME": str(tmp_path), **extra})
+    return env
+
+
+def _companion(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_say_with_nothing_running_explains_and_fails(tmp_path: Path) -> None:
+    port = _free_port_pair()
+    done = _companion("say", "--user", "42", "hello", cwd=tmp_path,
+                      env=_env(tmp_path, TEMPORAL_ADDRESS=f"localhost:{port}"))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"companion: nothing is running at localhost:{port}: start the companion with "
+                                   "`uv run companion dev`")
+
+
+class DevProcess:
+    """`companion dev --no-chat` in the background, stopped with SIGTERM."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]):
+        self.cwd, self.env = cwd, env
+        self.output = cwd / "dev.out"
+        with self.output.open("w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "cli", "dev", "--no-chat"], cwd=cwd, env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while "Press Ctrl-C" not in self.output.read_text():
+            assert self.process.poll() is None, self.output.read_text()
+            assert time.monotonic() < deadline, self.output.read_text()
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+
+@pytest.fixture
+def dev_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    llm = FakeOpenAI()
+    llm.start()
+    yield _env(tmp_path, TEMPORAL_ADDRESS=f"localhost:{_free_port_pair()}", OPENAI_BASE_URL=llm.url,
+               OPENAI_API_KEY="test-key")
+    llm.stop()
+
+
+def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_path: Path,
+                                                                          dev_env: dict[str, str]) -> None:
+    dev = DevProcess(tmp_path, dev_env)
+    try:
+        banner = dev.output.read_text()
+        port = int(dev_env["TEMPORAL_ADDRESS"].rsplit(":", 1)[1])
+        assert f"Temporal UI  http://localhost:{port + 1000}" in banner
+        said = _companion("say", "--user", "42", "Hi, I'm Simon", cwd=tmp_path, env=dev_env)
+        assert (said.returncode, said.stdout) == (0, "I hear you: Hi, I'm Simon\n"), said.stderr
+        described = subprocess.run([str(Path(sys.executable).parent / "temporal"), "workflow", "describe", "-w",
+                                    "companion-user-42", "--address", dev_env["TEMPORAL_ADDRESS"], "--output", "json"],
+                                   capture_output=True, text=True, timeout=30)
+        info = json.loads(described.stdout)["workflowExecutionInfo"]
+        assert info["status"] == "WORKFLOW_EXECUTION_STATUS_RUNNING"
+        assert info["type"]["name"] == "CompanionWorkflow"
+    finally:
+        assert dev.stop() == 0
+    data_dir = tmp_path / ".companion"
+    assert _postgres_processes(data_dir) == []
+    assert not (data_dir / "postgres" / "postmaster.pid").exists()
+
+    history = _companion("history", "--user", "42", cwd=tmp_path, env=dev_env)
+    assert history.returncode == 0
+    lines = history.stdout.splitlines()
+    assert [line.split(None, 3)[2:] for line in lines] == [["user", "42    Hi, I'm Simon"],
+                                                          ["companion", "I hear you: Hi, I'm Simon"]]
+
+    dev = DevProcess(tmp_path, dev_env)  # a restart keeps the conversation and the workflow
+    try:
+        said = _companion("say", "--user", "42", "It's me again", cwd=tmp_path, env=dev_env)
+        assert said.stdout == "I hear you: It's me again\n", said.stderr
+    finally:
+        assert dev.stop() == 0
+    assert len(_companion("history", "--user", "42", cwd=tmp_path, env=dev_env).stdout.splitlines()) == 4
+
+
+def test_a_busy_port_gets_a_clear_message(tmp_path: Path, dev_env: dict[str, str]) -> None:
+    port = int(dev_env["TEMPORAL_ADDRESS"].rsplit(":", 1)[1])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = _companion("dev", "--no-chat", cwd=tmp_path, env=dev_env)
+    assert done.returncode == 1
+    assert f"port {port} (TEMPORAL_ADDRESS) is already in use" in done.stderr
