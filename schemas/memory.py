@@ -18,6 +18,12 @@ def _valid_timezone(name: str) -> str:
     return name
 
 
+def display_name(first_name: str | None, last_name: str | None, username: str | None, telegram_id: int) -> str:
+    """The name to call a user by: their full name, else their username, else their id."""
+    full = " ".join(part for part in (first_name, last_name) if part)
+    return full or username or f"user {telegram_id}"
+
+
 TelegramId = Annotated[int, Field(gt=0, lt=2**63)]
 TimeZoneName = Annotated[str, AfterValidator(_valid_timezone)]
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -145,8 +151,7 @@ class UserRead(_Read):
     @property
     def display_name(self) -> str:
         """The name to call the user by."""
-        full = " ".join(part for part in (self.first_name, self.last_name) if part)
-        return full or self.username or f"user {self.telegram_id}"
+        return display_name(self.first_name, self.last_name, self.username, self.telegram_id)
 
 
 # --- profile facts ----------------------------------------------------------------------------------------------

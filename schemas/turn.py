@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-from schemas.memory import Channel, MessageKey, Role, TelegramId
+from schemas.memory import Channel, MessageKey, Role, TelegramId, display_name
 
 # Bounds that keep the workflow state small whatever the length of the conversation.
 SEEN_KEYS_KEPT = 200
@@ -36,8 +36,7 @@ class ChatUser(_Contract):
     @property
     def display_name(self) -> str:
         """The name to show operators and to greet the user by."""
-        full = " ".join(part for part in (self.first_name, self.last_name) if part)
-        return full or self.username or f"user {self.telegram_id}"
+        return display_name(self.first_name, self.last_name, self.username, self.telegram_id)
 
 
 class IncomingMessage(_Contract):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -71,7 +70,7 @@ def is_transient(exc: BaseException) -> bool:
     code = sqlstate(exc)
     if code is not None:
         return code.startswith("08") or code in _TRANSIENT_SQLSTATES
-    return isinstance(exc, (OperationalError, InterfaceError, ConnectionError, asyncio.TimeoutError, OSError))
+    return isinstance(exc, (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError))
 
 
 def translate(exc: BaseException, operation: str, context: dict[str, Any]) -> CompanionError:
@@ -120,5 +119,5 @@ async def run_transaction(
                 async with sessions.begin() as session:
                     result = await work(session)
         return result
-    except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
         raise translate(exc, operation, context) from exc

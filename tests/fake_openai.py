@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -155,11 +157,8 @@ def _send_json(request: BaseHTTPRequestHandler, status: int, payload: dict[str, 
     request.wfile.write(data)
 
 
-def serve_in_subprocess() -> tuple[str, "subprocess.Popen[str]"]:
+def serve_in_subprocess() -> tuple[str, subprocess.Popen[str]]:
     """Run the default-answering server in a process of its own (for benchmarks: no GIL shared with the worker)."""
-    import subprocess
-    import sys
-
     process = subprocess.Popen([sys.executable, "-m", "tests.fake_openai"], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     return process.stdout.readline().strip(), process
