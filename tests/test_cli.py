@@ -74,6 +74,19 @@ class DevProcess:
         return self.process.wait(60)
 
 
+def _a_second_worker_stops_gracefully_on_sigterm(cwd: Path, env: dict[str, str]) -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=cwd, env={**env, "LOG_FORMAT": "json"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert worker.stderr is not None
+    for line in worker.stderr:  # wait until it polls, then ask it to stop
+        if '"worker.started"' in line:
+            break
+    worker.send_signal(signal.SIGTERM)
+    rest = worker.stderr.read()
+    assert worker.wait(30) == 0
+    assert '"worker.stopped"' in rest
+
+
 @pytest.fixture
 def dev_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     llm = FakeOpenAI()
@@ -98,6 +111,7 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
         info = json.loads(described.stdout)["workflowExecutionInfo"]
         assert info["status"] == "WORKFLOW_EXECUTION_STATUS_RUNNING"
         assert info["type"]["name"] == "CompanionWorkflow"
+        _a_second_worker_stops_gracefully_on_sigterm(tmp_path, dev_env)
     finally:
         assert dev.stop() == 0
     data_dir = tmp_path / ".companion"

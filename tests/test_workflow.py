@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import pytest
 from temporalio import activity
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
@@ -68,6 +69,9 @@ async def test_a_turn_end_to_end(stack: Stack) -> None:
     state = await stack.state(simon)
     assert state.turns == 1 and state.queue == [] and state.user_id is not None
     assert state.transcript == [f"**User{simon}**: Hi, I'm Simon", "**companion**: I hear you: Hi, I'm Simon"]
+    # what the Temporal UI shows as the workflow's current details
+    metadata = await stack.handle(simon).query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    assert metadata.current_details == "\n\n".join(state.transcript)
 
 
 async def test_the_conversation_carries_into_the_next_prompt(stack: Stack) -> None:
