@@ -12,7 +12,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities.llm import ChatModel, LocalModelServer, create_chat_model
-from activities.turn import TurnActivities
+from activities.nudges import CompanionActivities
 from core.logging import get_logger
 from core.settings import Settings
 from storage.database import create_engine, create_session_factory
@@ -26,7 +26,7 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=15)
 _log = get_logger(__name__)
 
 
-def build_worker(client: Client, task_queue: str, activities: TurnActivities,
+def build_worker(client: Client, task_queue: str, activities: CompanionActivities,
                  max_cached_workflows: int = 1000) -> Worker:
     """A worker for the companion's workflow and activities on one task queue."""
     return Worker(client, task_queue=task_queue, workflows=[CompanionWorkflow], activities=activities.all(),
@@ -55,7 +55,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
         await ensure_search_attributes(client)
         if chat_model is None:
             chat_model = create_chat_model(settings, local_model.start() if local_model else None)
-        activities = TurnActivities(MemoryRepository(create_session_factory(engine)), chat_model)
+        activities = CompanionActivities(MemoryRepository(create_session_factory(engine)), chat_model)
         worker = build_worker(client, settings.temporal_task_queue, activities,
                               settings.worker_max_cached_workflows)
         async with worker:

@@ -27,7 +27,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.llm import ChatModel
-from activities.turn import TurnActivities
+from activities.nudges import CompanionActivities
 from cli.dev import dev_server_config_args
 from core.logging import configure_logging
 from core.settings import load_settings
@@ -67,7 +67,7 @@ async def _timed(turns: int, turn: Callable[[int], Awaitable[object]]) -> list[f
     return latencies
 
 
-async def direct_turn(activities: TurnActivities, chat: ChatModel, telegram_id: int, n: int) -> str:
+async def direct_turn(activities: CompanionActivities, chat: ChatModel, telegram_id: int, n: int) -> str:
     """The turn without Temporal: the same activity code, called in order in this process."""
     message = _message(telegram_id, n)
     user = await activities.ensure_user(EnsureUserInput(user=message.user))
@@ -91,7 +91,7 @@ async def main(turns: int) -> dict[str, float]:
         engine = create_engine(postgres.start())
         await migrate.upgrade(engine)
         chat = ChatModel(AsyncOpenAI(base_url=llm_url, api_key="bench", max_retries=0), "stub")
-        activities = TurnActivities(MemoryRepository(create_session_factory(engine)), chat)
+        activities = CompanionActivities(MemoryRepository(create_session_factory(engine)), chat)
         direct = await _timed(turns, lambda n: direct_turn(activities, chat, 1, n))
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),

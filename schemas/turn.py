@@ -7,7 +7,16 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-from schemas.memory import Channel, MessageKey, Role, TelegramId, display_name
+from schemas.memory import (
+    Channel,
+    MessageKey,
+    NudgeCreator,
+    NudgeKind,
+    NudgeStatus,
+    Role,
+    TelegramId,
+    display_name,
+)
 
 # Bounds that keep the workflow state small whatever the length of the conversation.
 SEEN_KEYS_KEPT = 200
@@ -16,6 +25,7 @@ TRANSCRIPT_LINES_KEPT = 8
 TRANSCRIPT_LINE_CHARS = 200
 DEFAULT_TURNS_PER_RUN = 200
 MAX_MESSAGE_CHARS = 16_000
+MAX_PENDING_NUDGES = 50
 
 MessageText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS)]
 
@@ -64,6 +74,28 @@ class TurnReply(_Contract):
     fallback: bool = False
 
 
+class NudgeRequest(_Contract):
+    """Schedule a proactive message: its text as given, or a purpose the companion writes it from."""
+
+    nudge_id: MessageKey
+    at: AwareDatetime
+    text: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4_000)] | None = None
+    purpose: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1_000)] | None = None
+    kind: NudgeKind = NudgeKind.CUSTOM
+    created_by: NudgeCreator = NudgeCreator.OPERATOR
+
+
+class PendingNudge(_Contract):
+    """A nudge the workflow's timer waits for."""
+
+    nudge_id: str
+    at: datetime
+    text: str | None = None
+    purpose: str | None = None
+    kind: NudgeKind
+    created_by: NudgeCreator
+
+
 class CompanionState(_Contract):
     """Everything a user's workflow carries, across continue-as-new too. Bounded: text lives in PostgreSQL."""
 
@@ -80,6 +112,10 @@ class CompanionState(_Contract):
     turns_per_run: int = Field(default=DEFAULT_TURNS_PER_RUN, ge=1)
     summary: str = ""
     last_turn_at: datetime | None = None
+    nudges: list[PendingNudge] = Field(default_factory=list)
+    done_nudges: list[str] = Field(default_factory=list)
+    channel: Channel = Channel.CONSOLE
+    chat_id: int | None = None
 
 
 # --- activity contracts -----------------------------------------------------------------------------------------
@@ -156,4 +192,33 @@ class DeliverInput(_Contract):
     channel: Channel
     chat_id: int
     reply_key: MessageKey
+    text: str
+
+
+class RecordNudgeInput(_Contract):
+    """Write a nudge's audit record (idempotent by nudge id)."""
+
+    user_id: int
+    nudge: PendingNudge
+
+
+class SetNudgeStatusInput(_Contract):
+    """Mark a nudge cancelled or failed in its audit record."""
+
+    nudge_id: str
+    status: NudgeStatus
+    error: str | None = None
+
+
+class FireNudgeInput(_Contract):
+    """Write (or take) a nudge's text, store it as the companion's message, and mark the nudge sent."""
+
+    user_id: int
+    nudge: PendingNudge
+    channel: Channel
+
+
+class FiredNudge(_Contract):
+    """The text the user got."""
+
     text: str

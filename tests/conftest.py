@@ -24,7 +24,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.llm import ChatModel
-from activities.turn import TurnActivities
+from activities.nudges import CompanionActivities
 from cli.dev import dev_server_config_args
 from core.logging import configure_logging
 from core.settings import Settings, load_settings
@@ -210,6 +210,7 @@ class Stack:
     settings: Settings
     repo: MemoryRepository
     llm: FakeOpenAI
+    env: WorkflowEnvironment
     started: list[str] = field(default_factory=list)
 
     def message(self, telegram_id: int, text: str, key: str | None = None) -> IncomingMessage:
@@ -243,21 +244,21 @@ STACKS = {"time-skipping": ("time-skipping", 1000), "time-skipping-uncached": ("
 
 
 @pytest.fixture
-def turn_activities_class() -> type[TurnActivities]:
+def turn_activities_class() -> type[CompanionActivities]:
     """The activities the worker runs; a test parametrizes this to inject failures around the real ones."""
-    return TurnActivities
+    return CompanionActivities
 
 
 @pytest.fixture(params=list(STACKS))
 async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServers, repo: MemoryRepository,
-                fake_llm: FakeOpenAI, turn_activities_class: type[TurnActivities]) -> AsyncIterator[Stack]:
+                fake_llm: FakeOpenAI, turn_activities_class: type[CompanionActivities]) -> AsyncIterator[Stack]:
     """A running worker against each Temporal flavour; `-uncached` runs it with max_cached_workflows=0."""
     kind, cache = STACKS[request.param]
     env = await temporal_servers.get(kind)
     task_queue = f"test-{uuid.uuid4()}"
     settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200)
     chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
-    stack = Stack(env.client, settings, repo, fake_llm)
+    stack = Stack(env.client, settings, repo, fake_llm, env)
     async with build_worker(env.client, task_queue, turn_activities_class(repo, chat), max_cached_workflows=cache):
         yield stack
     for started in set(stack.started):

@@ -22,7 +22,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.llm import ChatModel
-from activities.turn import TurnActivities
+from activities.nudges import CompanionActivities
 from cli.dev import dev_server_config_args
 from core.settings import load_settings
 from schemas.memory import Channel
@@ -61,7 +61,7 @@ async def _scenarios(client: Client, repository: MemoryRepository, llm: FakeOpen
         await send_message(client, settings, _message(1002, 0, "Something went wrong yesterday"))
         await _save(client, 1002, "retried_activities")
 
-    async with build_worker(client, settings.temporal_task_queue, TurnActivities(repository, _chat(llm))):
+    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, _chat(llm))):
         for n, text in enumerate(plain):
             await send_message(client, settings, _message(1001, n, text))
         await _save(client, 1001, "plain_conversation")

@@ -13,7 +13,8 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
-from activities.turn import PERSONA, TurnActivities
+from activities.nudges import CompanionActivities
+from activities.turn import PERSONA
 from schemas.memory import Role
 from schemas.turn import ComposedReply, ComposeReplyInput, RecordedMessage, RecordMessageInput
 from tests.conftest import Stack, new_telegram_id
@@ -102,7 +103,7 @@ async def test_the_same_message_sent_twice_gets_one_reply(stack: Stack) -> None:
     assert keys == sorted([*user_keys, *(f"{key}:reply" for key in user_keys)])
 
 
-class FailingAfterWrite(TurnActivities):
+class FailingAfterWrite(CompanionActivities):
     """record_message writes its row, then fails its first two attempts, as a dropped connection would."""
 
     @activity.defn(name="record_message")
@@ -123,7 +124,7 @@ async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_mes
     assert await transcript(stack, simon) == [("user", "I got the job!"), ("assistant", reply.text)]
 
 
-class LosingCompletion(TurnActivities):
+class LosingCompletion(CompanionActivities):
     """compose_reply stores its reply, then its first attempt fails as if the worker died before reporting."""
 
     @activity.defn(name="compose_reply")

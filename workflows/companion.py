@@ -6,29 +6,40 @@ them in order. The state is small and bounded; the conversation's text lives in 
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.turn import DB_RETRY, DB_TIMEOUT, LLM_RETRY, LLM_TIMEOUT, TurnActivities
-    from schemas.memory import Role
+    from activities.nudges import FIRE_RETRY, FIRE_TIMEOUT, CompanionActivities
+    from activities.turn import DB_RETRY, DB_TIMEOUT, LLM_RETRY, LLM_TIMEOUT
+    from schemas.memory import NudgeStatus, Role
     from schemas.turn import (
+        MAX_PENDING_NUDGES,
         REPLIES_KEPT,
         SEEN_KEYS_KEPT,
         TRANSCRIPT_LINE_CHARS,
         TRANSCRIPT_LINES_KEPT,
         CompanionState,
         ComposeReplyInput,
+        ChatUser,
         EnsureUserInput,
+        FireNudgeInput,
         IncomingMessage,
+        NudgeRequest,
+        PendingNudge,
         RecordMessageInput,
+        RecordNudgeInput,
+        SetNudgeStatusInput,
         TurnReply,
     )
 
 WORKFLOW_ID_PREFIX = "companion-user-"
 USER_ID_ATTRIBUTE = SearchAttributeKey.for_int("CompanionUserId")
 MAX_QUEUED = 100
+DONE_NUDGES_KEPT = 100
 
 FALLBACK_REPLY = ("I'm sorry, I can't think straight right now: my language model isn't answering. I've kept your "
                   "message and I'll remember it. Could you try me again in a little while?")
@@ -47,16 +58,27 @@ class CompanionWorkflow:
     @workflow.init
     def __init__(self, state: CompanionState) -> None:
         self._state = state
+        self._nudges_changed = False
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
-        """Answer queued messages in order; between turns of a long run, continue as new carrying the queue."""
+        """Answer queued messages in order and fire nudges when due; continue as new between turns of a long run."""
         while True:
-            await workflow.wait_condition(lambda: bool(self._state.queue) or self._may_continue_as_new())
+            self._nudges_changed = False
+            try:
+                # The timer runs to the next nudge; a new or cancelled nudge wakes the loop to set it anew.
+                await workflow.wait_condition(
+                    lambda: bool(self._state.queue) or self._may_continue_as_new() or self._nudges_changed,
+                    timeout=self._until_next_nudge())
+            except TimeoutError:
+                pass
             if self._may_continue_as_new():
                 workflow.continue_as_new(self._state.model_copy(update={"turns_this_run": 0}))
-            await self._answer(self._state.queue[0])
-            self._state.queue.pop(0)
+            if self._state.queue:
+                await self._answer(self._state.queue[0])
+                self._state.queue.pop(0)
+            elif (nudge := self._due_nudge()) is not None:
+                await self._fire(nudge)
 
     @workflow.signal(name="message")
     def message(self, message: IncomingMessage) -> None:
@@ -93,6 +115,53 @@ class CompanionWorkflow:
         """The workflow's state: queue, counters, recent replies and transcript."""
         return self._state
 
+    @workflow.update(name="schedule_nudge")
+    async def schedule_nudge(self, request: NudgeRequest) -> PendingNudge:
+        """Schedule a proactive message; its audit record is written before the timer counts."""
+        nudge = PendingNudge(**request.model_dump())
+        user_id = await self._ensure_user(ChatUser(telegram_id=self._state.telegram_id))
+        await workflow.execute_local_activity_method(
+            CompanionActivities.record_nudge, RecordNudgeInput(user_id=user_id, nudge=nudge),
+            start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
+        self._state.nudges = sorted([*self._state.nudges, nudge], key=lambda pending: pending.at)
+        self._nudges_changed = True
+        return nudge
+
+    @schedule_nudge.validator
+    def _validate_schedule(self, request: NudgeRequest) -> None:
+        if request.at <= workflow.now():
+            raise ValueError(f"the time {request.at.isoformat()} is in the past")
+        if request.text is None and request.purpose is None:
+            raise ValueError("a nudge needs its text or a purpose")
+        if self._pending(request.nudge_id) or request.nudge_id in self._state.done_nudges:
+            raise ValueError(f"nudge {request.nudge_id} exists already")
+        if len(self._state.nudges) >= MAX_PENDING_NUDGES:
+            raise ValueError(f"this user has {MAX_PENDING_NUDGES} pending nudges; cancel some first")
+
+    @workflow.update(name="cancel_nudge")
+    async def cancel_nudge(self, nudge_id: str) -> PendingNudge:
+        """Cancel a pending nudge: its timer stops counting and its record says cancelled."""
+        nudge = self._pending(nudge_id)
+        assert nudge is not None  # the validator saw it pending, and nothing ran in between
+        self._state.nudges = [pending for pending in self._state.nudges if pending.nudge_id != nudge_id]
+        self._finish_nudge(nudge_id)
+        await workflow.execute_local_activity_method(
+            CompanionActivities.set_nudge_status, SetNudgeStatusInput(nudge_id=nudge_id, status=NudgeStatus.CANCELLED),
+            start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
+        return nudge
+
+    @cancel_nudge.validator
+    def _validate_cancel(self, nudge_id: str) -> None:
+        if nudge_id in self._state.done_nudges:
+            raise ValueError(f"nudge {nudge_id} is not pending any more: it was sent or cancelled already")
+        if self._pending(nudge_id) is None:
+            raise ValueError(f"this user has no nudge {nudge_id}")
+
+    @workflow.query(name="nudges")
+    def nudges(self) -> list[PendingNudge]:
+        """The pending nudges, soonest first."""
+        return self._state.nudges
+
     # --- the turn -----------------------------------------------------------------------------------------------
 
     def _accept(self, message: IncomingMessage) -> None:
@@ -112,16 +181,17 @@ class CompanionWorkflow:
         self._state.replies = [*self._state.replies, reply][-REPLIES_KEPT:]
 
     async def _turn(self, message: IncomingMessage) -> TurnReply:
-        user_id = await self._user_id(message)
+        self._state.channel, self._state.chat_id = message.channel, message.chat_id
+        user_id = await self._ensure_user(message.user)
         await self._record(user_id, message.message_key, Role.USER, message.text, message)
         text, fallback = await self._compose(user_id, message)
         self._after_turn(message, text, fallback)
         return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=fallback)
 
-    async def _user_id(self, message: IncomingMessage) -> int:
+    async def _ensure_user(self, user: ChatUser) -> int:
         if self._state.user_id is None:
             ref = await workflow.execute_local_activity_method(
-                TurnActivities.ensure_user, EnsureUserInput(user=message.user),
+                CompanionActivities.ensure_user, EnsureUserInput(user=user),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
             self._state.user_id, self._state.display_name = ref.user_id, ref.display_name
             workflow.upsert_memo({"user_name": ref.display_name, "telegram_id": self._state.telegram_id})
@@ -131,7 +201,7 @@ class CompanionWorkflow:
                       fallback: bool = False) -> None:
         sent_at = message.sent_at if role == Role.USER else workflow.now()
         await workflow.execute_local_activity_method(
-            TurnActivities.record_message,
+            CompanionActivities.record_message,
             RecordMessageInput(user_id=user_id, message_key=key, role=role, text=text, channel=message.channel,
                                sent_at=sent_at, fallback=fallback),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
@@ -139,7 +209,7 @@ class CompanionWorkflow:
     async def _compose(self, user_id: int, message: IncomingMessage) -> tuple[str, bool]:
         try:
             reply = await workflow.execute_activity_method(
-                TurnActivities.compose_reply,
+                CompanionActivities.compose_reply,
                 ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
                                   text=message.text, channel=message.channel),
                 start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary="LLM reply")
@@ -156,10 +226,45 @@ class CompanionWorkflow:
         self._state.turns_this_run += 1
         self._state.last_turn_at = workflow.now()
         name = self._state.display_name or "user"
-        lines = [f"**{name}**: {_clip(message.text)}", f"**companion**{' (fallback)' if fallback else ''}: "
-                 f"{_clip(reply)}"]
+        self._add_transcript([f"**{name}**: {_clip(message.text)}",
+                              f"**companion**{' (fallback)' if fallback else ''}: {_clip(reply)}"])
+
+    def _add_transcript(self, lines: list[str]) -> None:
         self._state.transcript = [*self._state.transcript, *lines][-TRANSCRIPT_LINES_KEPT:]
         workflow.set_current_details("\n\n".join(self._state.transcript))
+
+    async def _fire(self, nudge: PendingNudge) -> None:
+        # Out of the pending list first: from here on a cancel is refused rather than racing the delivery.
+        self._state.nudges = [pending for pending in self._state.nudges if pending.nudge_id != nudge.nudge_id]
+        self._finish_nudge(nudge.nudge_id)
+        user_id = await self._ensure_user(ChatUser(telegram_id=self._state.telegram_id))
+        try:
+            fired = await workflow.execute_activity_method(
+                CompanionActivities.fire_nudge, FireNudgeInput(user_id=user_id, nudge=nudge, channel=self._state.channel),
+                start_to_close_timeout=FIRE_TIMEOUT, retry_policy=FIRE_RETRY, summary=f"nudge {nudge.nudge_id}")
+        except ActivityError as err:
+            workflow.logger.warning("nudge failed", extra={"nudge_id": nudge.nudge_id, "error": str(err.cause)})
+            await workflow.execute_local_activity_method(
+                CompanionActivities.set_nudge_status,
+                SetNudgeStatusInput(nudge_id=nudge.nudge_id, status=NudgeStatus.FAILED, error=str(err.cause)),
+                start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
+            return
+        self._add_transcript([f"**companion** (nudge): {_clip(fired.text)}"])
+
+    def _pending(self, nudge_id: str) -> PendingNudge | None:
+        return next((nudge for nudge in self._state.nudges if nudge.nudge_id == nudge_id), None)
+
+    def _finish_nudge(self, nudge_id: str) -> None:
+        self._state.done_nudges = [*self._state.done_nudges, nudge_id][-DONE_NUDGES_KEPT:]
+
+    def _due_nudge(self) -> PendingNudge | None:
+        due = [nudge for nudge in self._state.nudges if nudge.at <= workflow.now()]
+        return due[0] if due else None
+
+    def _until_next_nudge(self) -> timedelta | None:
+        if not self._state.nudges:
+            return None
+        return max(self._state.nudges[0].at - workflow.now(), timedelta(0))
 
     def _may_continue_as_new(self) -> bool:
         # A waiting update (the terminal chat) must get its reply from this run, so wait for handlers to finish.

@@ -1,0 +1,129 @@
+"""Nudges: proactive messages scheduled as timers in the user's workflow, under operator control.
+
+Time-skipping server: days pass in moments, so "three days ahead" is tested as such.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+import pytest
+from openai import AsyncOpenAI
+from temporalio.client import WorkflowUpdateFailedError
+
+from activities.llm import ChatModel
+from activities.nudges import CompanionActivities
+from schemas.memory import NudgeStatus
+from schemas.turn import NudgeRequest, PendingNudge
+from tests.conftest import Stack, TemporalServers, new_telegram_id
+from tests.fake_openai import FakeOpenAI
+from tests.test_workflow import eventually, transcript
+from worker import build_worker
+from workflows.companion import CompanionWorkflow
+
+pytestmark = pytest.mark.parametrize("stack", ["time-skipping", "time-skipping-uncached"], indirect=True)
+
+
+async def schedule(stack: Stack, telegram_id: int, after: timedelta, **fields: object) -> PendingNudge:
+    now = await stack.env.get_current_time()
+    request = NudgeRequest(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=now + after, **{"text": "How did it go?",
+                                                                                     **fields})
+    return await stack.handle(telegram_id).execute_update(CompanionWorkflow.schedule_nudge, request)
+
+
+async def status(stack: Stack, nudge_id: str) -> NudgeStatus:
+    return (await stack.repo.get_scheduled_message(nudge_id)).status
+
+
+async def test_a_nudge_three_days_ahead_fires_exactly_once(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "I have a job interview on Thursday")
+    nudge = await schedule(stack, simon, timedelta(days=3), text="How did the interview go?")
+    assert await status(stack, nudge.nudge_id) == NudgeStatus.PENDING
+    assert [n.nudge_id for n in await stack.handle(simon).query(CompanionWorkflow.nudges)] == [nudge.nudge_id]
+
+    await stack.env.sleep(timedelta(days=2))
+    assert await status(stack, nudge.nudge_id) == NudgeStatus.PENDING
+    await stack.env.sleep(timedelta(days=1, minutes=1))
+    await eventually(lambda: status(stack, nudge.nudge_id), lambda s: s == NudgeStatus.SENT)
+    await stack.env.sleep(timedelta(days=3))
+
+    assert (await transcript(stack, simon))[-1] == ("assistant", "How did the interview go?")
+    assert [text for _, text in await transcript(stack, simon)].count("How did the interview go?") == 1
+    assert await stack.handle(simon).query(CompanionWorkflow.nudges) == []
+    assert (await stack.repo.get_scheduled_message(nudge.nudge_id)).sent_at is not None
+
+
+async def test_a_nudge_with_a_purpose_is_written_by_the_llm(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "hi")
+    nudge = await schedule(stack, simon, timedelta(hours=2), text=None, purpose="ask how the trip to Lisbon was")
+    await stack.env.sleep(timedelta(hours=3))
+    await eventually(lambda: status(stack, nudge.nudge_id), lambda s: s == NudgeStatus.SENT)
+    role, text = (await transcript(stack, simon))[-1]
+    assert role == "assistant" and "ask how the trip to Lisbon was" in text  # the stub echoes its instruction
+
+
+async def test_a_cancelled_nudge_is_never_sent(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "hi")
+    nudge = await schedule(stack, simon, timedelta(hours=1), text="drink water")
+    cancelled = await stack.handle(simon).execute_update(CompanionWorkflow.cancel_nudge, nudge.nudge_id)
+    assert cancelled.nudge_id == nudge.nudge_id
+    await stack.env.sleep(timedelta(hours=2))
+    assert await status(stack, nudge.nudge_id) == NudgeStatus.CANCELLED
+    assert "drink water" not in [text for _, text in await transcript(stack, simon)]
+    with pytest.raises(WorkflowUpdateFailedError) as twice:
+        await stack.handle(simon).execute_update(CompanionWorkflow.cancel_nudge, nudge.nudge_id)
+    assert "not pending any more" in str(twice.value.cause)
+
+
+async def test_bad_nudge_requests_get_clear_errors(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "hi")
+    with pytest.raises(WorkflowUpdateFailedError) as unknown:
+        await stack.handle(simon).execute_update(CompanionWorkflow.cancel_nudge, "no-such-nudge")
+    assert "this user has no nudge no-such-nudge" in str(unknown.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as past:
+        await schedule(stack, simon, -timedelta(minutes=5))
+    assert "is in the past" in str(past.value.cause)
+    nudge = await schedule(stack, simon, timedelta(hours=1))
+    with pytest.raises(WorkflowUpdateFailedError) as duplicate:
+        now = await stack.env.get_current_time()
+        await stack.handle(simon).execute_update(CompanionWorkflow.schedule_nudge, NudgeRequest(
+            nudge_id=nudge.nudge_id, at=now + timedelta(hours=2), text="again"))
+    assert "exists already" in str(duplicate.value.cause)
+    assert len(await stack.handle(simon).query(CompanionWorkflow.nudges)) == 1
+
+
+async def test_a_nudge_survives_continue_as_new(stack: Stack) -> None:
+    stack.settings = stack.settings.model_copy(update={"workflow_turns_per_run": 1})
+    simon = new_telegram_id()
+    await stack.say(simon, "first")
+    first_run = (await stack.handle(simon).describe()).run_id
+    nudge = await schedule(stack, simon, timedelta(days=1), text="checking in")
+    await stack.say(simon, "second")
+    await stack.say(simon, "third")
+    assert (await stack.handle(simon).describe()).run_id != first_run
+    await stack.env.sleep(timedelta(days=1, minutes=1))
+    await eventually(lambda: status(stack, nudge.nudge_id), lambda s: s == NudgeStatus.SENT)
+    assert [text for _, text in await transcript(stack, simon)].count("checking in") == 1
+
+
+async def test_a_nudge_fires_on_a_worker_that_replaced_the_one_that_scheduled_it(
+        stack: Stack, temporal_servers: TemporalServers, fake_llm: FakeOpenAI) -> None:
+    simon = new_telegram_id()
+    queue = f"replaced-{uuid.uuid4()}"
+    settings = stack.settings.model_copy(update={"temporal_task_queue": queue})
+    chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
+    replaced = Stack(stack.client, settings, stack.repo, fake_llm, stack.env, stack.started)
+    # No sticky cache on the first worker: on the time-skipping server a task left on a dead worker's sticky queue
+    # would hold the clock until its real-time timeout. The timer itself lives in Temporal either way.
+    async with build_worker(stack.client, queue, CompanionActivities(stack.repo, chat), max_cached_workflows=0):
+        await replaced.say(simon, "hi")
+        nudge = await schedule(replaced, simon, timedelta(hours=5), text="still there?")
+    async with build_worker(stack.client, queue, CompanionActivities(stack.repo, chat), max_cached_workflows=10):
+        await stack.env.sleep(timedelta(hours=6))
+        await eventually(lambda: status(stack, nudge.nudge_id), lambda s: s == NudgeStatus.SENT)
+    assert (await transcript(stack, simon))[-1] == ("assistant", "still there?")
