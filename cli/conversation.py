@@ -7,7 +7,6 @@ import sys
 import threading
 import uuid
 from datetime import UTC, datetime
-from zoneinfo import ZoneInfo
 
 from temporalio.client import Client
 
@@ -106,7 +105,7 @@ async def history(settings: Settings, telegram_id: int, limit: int) -> int:
             messages = await repository.recent_messages(user.id, limit=limit)
         finally:
             await engine.dispose()
-    zone = ZoneInfo(user.timezone)
+    zone = user.timezone_info
     width = max(len(user.display_name), len("companion"))
     for message in messages:
         who = user.display_name if message.role == Role.USER else "companion"

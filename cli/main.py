@@ -48,6 +48,23 @@ def _build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="replay recorded workflow histories against this code")
     replay.add_argument("files", nargs="+", type=Path, help="history JSON files (Temporal's export format)")
 
+    nudges = commands.add_parser("nudges", help="list, schedule and cancel proactive messages")
+    nudge_commands = nudges.add_subparsers(dest="nudge_command", required=True, metavar="ACTION")
+    listing = nudge_commands.add_parser("list", help="nudges, soonest first")
+    listing.add_argument("--user", type=int, help="only this user's")
+    listing.add_argument("--status", choices=["pending", "sent", "cancelled", "failed"], help="only in this state")
+    plan = nudge_commands.add_parser("schedule", help="schedule a nudge; prints its id")
+    plan.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    when = plan.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", help="when, ISO 8601 with a UTC offset (2026-11-25T09:00+01:00)")
+    when.add_argument("--in", dest="after", help="how soon: 3s, 90m, 2h, 1d12h")
+    what = plan.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="the message to send as is")
+    what.add_argument("--purpose", help="what the companion should write about")
+    stop = nudge_commands.add_parser("cancel", help="cancel a pending nudge")
+    stop.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    stop.add_argument("nudge_id", help="the id `schedule` printed")
+
     db = commands.add_parser("db", help="manage the database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     up = db_commands.add_parser("upgrade", help="apply migrations (to the newest by default)")
@@ -114,6 +131,17 @@ async def _replay(files: list[Path]) -> int:
     return EXIT_FAILURE if failed else 0
 
 
+def _nudges(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    from cli import nudges
+
+    match args.nudge_command:
+        case "list":
+            return nudges.list_nudges(settings, args.user, args.status)
+        case "schedule":
+            return nudges.schedule(settings, args.user, args.at, args.after, args.text, args.purpose)
+    return nudges.cancel(settings, args.user, args.nudge_id)
+
+
 def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     from cli import conversation, dev
 
@@ -132,6 +160,8 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
             return conversation.history(settings, args.user, args.limit)
         case "replay":
             return _replay(args.files)
+        case "nudges":
+            return _nudges(settings, args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -142,7 +172,7 @@ def _configure_logging(settings: Settings, command: str) -> None:
         # The terminal belongs to the chat: full logs go to a file, the console shows errors only.
         configure_logging(settings.log_level, settings.effective_log_format, log_file=dev_log_file(settings),
                           console_level="ERROR")
-    elif command in ("say", "chat", "history", "replay"):
+    elif command in ("say", "chat", "history", "replay", "nudges"):
         configure_logging("WARNING", settings.effective_log_format)
     else:
         configure_logging(settings.log_level, settings.effective_log_format)

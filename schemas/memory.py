@@ -153,6 +153,11 @@ class UserRead(_Read):
         """The name to call the user by."""
         return display_name(self.first_name, self.last_name, self.username, self.telegram_id)
 
+    @property
+    def timezone_info(self) -> ZoneInfo:
+        """The user's time zone, for showing them times."""
+        return ZoneInfo(self.timezone)
+
 
 # --- profile facts ----------------------------------------------------------------------------------------------
 

@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from cli.nudges import parse_when
+from core.errors import InvalidInputError
 from tests.fake_openai import FakeOpenAI
 from tests.test_embedded import _postgres_processes
 
@@ -141,3 +144,58 @@ def test_a_busy_port_gets_a_clear_message(tmp_path: Path, dev_env: dict[str, str
         done = _companion("dev", "--no-chat", cwd=tmp_path, env=dev_env)
     assert done.returncode == 1
     assert f"port {port} (TEMPORAL_ADDRESS) is already in use" in done.stderr
+
+
+def test_operators_schedule_list_and_cancel_nudges_against_companion_dev(tmp_path: Path,
+                                                                        dev_env: dict[str, str]) -> None:
+    dev = DevProcess(tmp_path, dev_env)
+    try:
+        scheduled = _companion("nudges", "schedule", "--user", "42", "--in", "3s", "--text", "drink water",
+                               cwd=tmp_path, env=dev_env)
+        assert scheduled.returncode == 0, scheduled.stderr
+        nudge_id = scheduled.stdout.strip()
+        deadline = time.monotonic() + 30
+        while "drink water" not in _companion("history", "--user", "42", cwd=tmp_path, env=dev_env).stdout:
+            assert time.monotonic() < deadline, "the nudge never arrived"
+            time.sleep(0.5)
+        listed = _companion("nudges", "list", "--user", "42", cwd=tmp_path, env=dev_env).stdout
+        assert listed.startswith(nudge_id) and " sent " in listed
+
+        later = _companion("nudges", "schedule", "--user", "42", "--in", "1h", "--text", "stretch", cwd=tmp_path,
+                           env=dev_env).stdout.strip()
+        assert _companion("nudges", "cancel", "--user", "42", later, cwd=tmp_path, env=dev_env).stdout == \
+            f"cancelled {later}\n"
+        again = _companion("nudges", "cancel", "--user", "42", later, cwd=tmp_path, env=dev_env)
+        assert again.returncode == 1 and "was sent or cancelled already" in again.stderr
+        unknown = _companion("nudges", "cancel", "--user", "42", "nope", cwd=tmp_path, env=dev_env)
+        assert unknown.returncode == 1 and "this user has no nudge nope" in unknown.stderr
+
+        # the same update from the Temporal CLI, as an operator without our CLI would do it
+        third = _companion("nudges", "schedule", "--user", "42", "--at", "2099-01-01T09:00+00:00", "--purpose",
+                           "ask about the new year", cwd=tmp_path, env=dev_env).stdout.strip()
+        via_temporal = subprocess.run(
+            [str(Path(sys.executable).parent / "temporal"), "workflow", "update", "execute", "--address",
+             dev_env["TEMPORAL_ADDRESS"], "--workflow-id", "companion-user-42", "--name", "cancel_nudge",
+             "--input", json.dumps(third)], capture_output=True, text=True, timeout=30)
+        assert via_temporal.returncode == 0, via_temporal.stderr
+        statuses = {line.split()[0]: line.split()[2] for line in
+                    _companion("nudges", "list", cwd=tmp_path, env=dev_env).stdout.splitlines()}
+        assert statuses == {nudge_id: "sent", later: "cancelled", third: "cancelled"}
+    finally:
+        assert dev.stop() == 0
+
+
+@pytest.mark.parametrize(("after", "expected"), [("3s", timedelta(seconds=3)), ("90m", timedelta(minutes=90)),
+                                                 ("1d12h", timedelta(days=1, hours=12))])
+def test_nudge_durations(after: str, expected: timedelta) -> None:
+    now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    assert parse_when(None, after, now) == now + expected
+
+
+@pytest.mark.parametrize(("at", "after", "message"), [(None, "soon", "expected a duration"),
+                                                      (None, "2x", "expected a duration"),
+                                                      ("tomorrow", None, "expected an ISO time"),
+                                                      ("2026-11-25T09:00", None, "give its UTC offset")])
+def test_bad_nudge_times_are_refused(at: str | None, after: str | None, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        parse_when(at, after, datetime(2026, 11, 24, tzinfo=UTC))

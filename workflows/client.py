@@ -7,7 +7,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from core.settings import Settings
-from schemas.turn import CompanionState, IncomingMessage, TurnReply
+from schemas.turn import ChatUser, CompanionState, IncomingMessage, NudgeRequest, PendingNudge, TurnReply
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
 
 
@@ -17,31 +17,46 @@ async def connect(settings: Settings) -> Client:
                                 data_converter=pydantic_data_converter)
 
 
-def _start_options(settings: Settings, message: IncomingMessage) -> dict:
-    telegram_id = message.user.telegram_id
+def _start_options(settings: Settings, user: ChatUser) -> dict:
     return {
-        "id": workflow_id(telegram_id),
+        "id": workflow_id(user.telegram_id),
         "task_queue": settings.temporal_task_queue,
-        "search_attributes": TypedSearchAttributes([SearchAttributePair(USER_ID_ATTRIBUTE, telegram_id)]),
-        "memo": {"user_name": message.user.display_name, "telegram_id": telegram_id},
+        "search_attributes": TypedSearchAttributes([SearchAttributePair(USER_ID_ATTRIBUTE, user.telegram_id)]),
+        "memo": {"user_name": user.display_name, "telegram_id": user.telegram_id},
     }
 
 
-def _initial_state(settings: Settings, message: IncomingMessage) -> CompanionState:
-    return CompanionState(telegram_id=message.user.telegram_id, turns_per_run=settings.workflow_turns_per_run)
+def _initial_state(settings: Settings, telegram_id: int) -> CompanionState:
+    return CompanionState(telegram_id=telegram_id, turns_per_run=settings.workflow_turns_per_run)
+
+
+def _start(settings: Settings, user: ChatUser) -> WithStartWorkflowOperation:
+    return WithStartWorkflowOperation(CompanionWorkflow.run, _initial_state(settings, user.telegram_id),
+                                      id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                                      **_start_options(settings, user))
 
 
 async def send_message(client: Client, settings: Settings, message: IncomingMessage) -> TurnReply:
     """Deliver a message to its user's workflow (starting it if need be) and return the reply, in one call."""
-    start = WithStartWorkflowOperation(CompanionWorkflow.run, _initial_state(settings, message),
-                                       id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                                       **_start_options(settings, message))
     return await client.execute_update_with_start_workflow(CompanionWorkflow.send, message,
-                                                           start_workflow_operation=start)
+                                                           start_workflow_operation=_start(settings, message.user))
 
 
 async def signal_message(client: Client, settings: Settings, message: IncomingMessage) -> None:
     """Signal-with-start: hand a message to its user's workflow without waiting for the reply."""
-    await client.start_workflow(CompanionWorkflow.run, _initial_state(settings, message),
+    await client.start_workflow(CompanionWorkflow.run, _initial_state(settings, message.user.telegram_id),
                                 start_signal="message", start_signal_args=[message],
-                                **_start_options(settings, message))
+                                **_start_options(settings, message.user))
+
+
+async def schedule_nudge(client: Client, settings: Settings, telegram_id: int, request: NudgeRequest) -> PendingNudge:
+    """Schedule a nudge in a user's workflow, starting the workflow for a user it has not met yet."""
+    return await client.execute_update_with_start_workflow(
+        CompanionWorkflow.schedule_nudge, request,
+        start_workflow_operation=_start(settings, ChatUser(telegram_id=telegram_id)))
+
+
+async def cancel_nudge(client: Client, telegram_id: int, nudge_id: str) -> PendingNudge:
+    """Cancel a pending nudge of a user."""
+    return await client.get_workflow_handle(workflow_id(telegram_id)).execute_update(CompanionWorkflow.cancel_nudge,
+                                                                                     nudge_id)

@@ -1,0 +1,93 @@
+"""`companion nudges`: operators list, schedule and cancel users' proactive messages."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from cli.conversation import connect_or_explain
+from core.errors import InvalidInputError, UserNotFoundError
+from core.settings import Settings
+from schemas.memory import NudgeStatus
+from schemas.turn import NudgeRequest
+from storage.database import create_engine, create_session_factory
+from storage.embedded import postgres_url
+from storage.repository import MemoryRepository
+from workflows.client import cancel_nudge, schedule_nudge
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_when(at: str | None, after: str | None, now: datetime) -> datetime:
+    """The instant of `--at ISO-with-offset` or `--in 2h` / `90m` / `1d12h` / `3s`."""
+    if after is not None:
+        parts = _DURATION.findall(after)
+        if not parts or "".join(n + unit for n, unit in parts) != after.replace(" ", ""):
+            raise InvalidInputError(f"--in {after!r}: expected a duration like 3s, 90m, 2h or 1d12h")
+        return now + sum((timedelta(**{_UNITS[unit]: int(n)}) for n, unit in parts), timedelta())
+    try:
+        moment = datetime.fromisoformat(at or "")
+    except ValueError:
+        raise InvalidInputError(f"--at {at!r}: expected an ISO time like 2026-11-25T09:00+01:00") from None
+    if moment.tzinfo is None:
+        raise InvalidInputError(f"--at {at!r}: give its UTC offset, e.g. {at}+00:00, so the time is unambiguous")
+    return moment
+
+
+async def schedule(settings: Settings, telegram_id: int, at: str | None, after: str | None, text: str | None,
+                   purpose: str | None) -> int:
+    """`companion nudges schedule`: prints the new nudge's id."""
+    request = NudgeRequest(nudge_id=f"op-{uuid.uuid4().hex[:10]}", at=parse_when(at, after, datetime.now(UTC)),
+                           text=text, purpose=purpose)
+    client = await connect_or_explain(settings)
+    try:
+        nudge = await schedule_nudge(client, settings, telegram_id, request)
+    except WorkflowUpdateFailedError as exc:
+        raise InvalidInputError(f"not scheduled: {exc.cause}") from None
+    print(nudge.nudge_id)
+    return 0
+
+
+async def cancel(settings: Settings, telegram_id: int, nudge_id: str) -> int:
+    """`companion nudges cancel`."""
+    client = await connect_or_explain(settings)
+    try:
+        await cancel_nudge(client, telegram_id, nudge_id)
+    except WorkflowUpdateFailedError as exc:
+        raise InvalidInputError(f"not cancelled: {exc.cause}") from None
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise InvalidInputError(f"not cancelled: user {telegram_id} has no conversation") from None
+        raise
+    print(f"cancelled {nudge_id}")
+    return 0
+
+
+async def list_nudges(settings: Settings, telegram_id: int | None, status: str | None) -> int:
+    """`companion nudges list`: the audit records, soonest first, times in each user's time zone."""
+    with postgres_url(settings) as url:
+        engine = create_engine(url, pool_size=2, max_overflow=0)
+        try:
+            repository = MemoryRepository(create_session_factory(engine))
+            try:
+                user_id = (await repository.get_user_by_telegram_id(telegram_id)).id if telegram_id else None
+            except UserNotFoundError:
+                print(f"no nudges: user {telegram_id} is unknown")
+                return 0
+            nudges = await repository.list_scheduled_messages(user_id, NudgeStatus(status) if status else None)
+            users = {uid: await repository.get_user(uid) for uid in {nudge.user_id for nudge in nudges}}
+        finally:
+            await engine.dispose()
+    for nudge in nudges:
+        user = users[nudge.user_id]
+        when = nudge.scheduled_for.astimezone(user.timezone_info)
+        print(f"{nudge.nudge_id:<16} {user.telegram_id:<12} {nudge.status.value:<9} {when:%Y-%m-%d %H:%M %Z}  "
+              f"{nudge.created_by.value:<9} {nudge.content or '(' + (nudge.purpose or '') + ')'}")
+    if not nudges:
+        print("no nudges")
+    return 0
