@@ -3,7 +3,8 @@
     uv run python -m tests.record_histories
 
 Runs the real worker against the Temporal dev server, an embedded PostgreSQL and the scripted OpenAI server, and
-saves: a plain conversation, one whose activities failed and were retried, and a run that continued as new.
+saves: a plain conversation, one whose activities failed and were retried, a run that continued as new, and one
+with a nudge that fired and one that was cancelled.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
 
@@ -13,7 +14,7 @@ import asyncio
 import shutil
 import sys
 import tempfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from openai import AsyncOpenAI
@@ -25,8 +26,8 @@ from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from cli.dev import dev_server_config_args
 from core.settings import load_settings
-from schemas.memory import Channel
-from schemas.turn import ChatUser, IncomingMessage
+from schemas.memory import Channel, NudgeStatus
+from schemas.turn import ChatUser, IncomingMessage, NudgeRequest
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
@@ -34,7 +35,7 @@ from storage.repository import MemoryRepository
 from tests.fake_openai import Fail, FakeOpenAI
 from tests.test_workflow import FailingAfterWrite
 from worker import build_worker
-from workflows.client import send_message, signal_message
+from workflows.client import cancel_nudge, schedule_nudge, send_message, signal_message
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -74,6 +75,16 @@ async def _scenarios(client: Client, repository: MemoryRepository, llm: FakeOpen
         while (await handle.query(CompanionWorkflow.state)).turns < 3:
             await asyncio.sleep(0.1)
         await _save(client, 1003, "continued_as_new", run_id=first_run)
+
+        await send_message(client, settings, _message(1004, 0, "Remind me to stretch"))
+        soon = NudgeRequest(nudge_id="stretch-1", at=datetime.now(UTC) + timedelta(seconds=2), text="Time to stretch!")
+        await schedule_nudge(client, settings, 1004, soon)
+        later = NudgeRequest(nudge_id="later-1", at=datetime.now(UTC) + timedelta(hours=1), text="never sent")
+        await schedule_nudge(client, settings, 1004, later)
+        await cancel_nudge(client, 1004, "later-1")
+        while (await repository.get_scheduled_message("stretch-1")).status != NudgeStatus.SENT:
+            await asyncio.sleep(0.2)
+        await _save(client, 1004, "nudges")
 
 
 def _chat(llm: FakeOpenAI) -> ChatModel:
