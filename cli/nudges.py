@@ -13,7 +13,7 @@ from cli.conversation import connect_or_explain
 from core.errors import InvalidInputError, UserNotFoundError
 from core.settings import Settings
 from schemas.memory import NudgeStatus
-from schemas.turn import NudgeRequest
+from schemas.turn import Nudge
 from storage.database import create_engine, create_session_factory
 from storage.embedded import postgres_url
 from storage.repository import MemoryRepository
@@ -42,7 +42,7 @@ def parse_when(at: str | None, after: str | None, now: datetime) -> datetime:
 async def schedule(settings: Settings, telegram_id: int, at: str | None, after: str | None, text: str | None,
                    purpose: str | None) -> int:
     """`companion nudges schedule`: prints the new nudge's id."""
-    request = NudgeRequest(nudge_id=f"op-{uuid.uuid4().hex[:10]}", at=parse_when(at, after, datetime.now(UTC)),
+    request = Nudge(nudge_id=f"op-{uuid.uuid4().hex[:10]}", at=parse_when(at, after, datetime.now(UTC)),
                            text=text, purpose=purpose)
     client = await connect_or_explain(settings)
     try:

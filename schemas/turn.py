@@ -74,8 +74,8 @@ class TurnReply(_Contract):
     fallback: bool = False
 
 
-class NudgeRequest(_Contract):
-    """Schedule a proactive message: its text as given, or a purpose the companion writes it from."""
+class Nudge(_Contract):
+    """A proactive message at a time: its text as given, or a purpose the companion writes it from."""
 
     nudge_id: MessageKey
     at: AwareDatetime
@@ -83,17 +83,6 @@ class NudgeRequest(_Contract):
     purpose: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1_000)] | None = None
     kind: NudgeKind = NudgeKind.CUSTOM
     created_by: NudgeCreator = NudgeCreator.OPERATOR
-
-
-class PendingNudge(_Contract):
-    """A nudge the workflow's timer waits for."""
-
-    nudge_id: str
-    at: datetime
-    text: str | None = None
-    purpose: str | None = None
-    kind: NudgeKind
-    created_by: NudgeCreator
 
 
 class CompanionState(_Contract):
@@ -112,7 +101,7 @@ class CompanionState(_Contract):
     turns_per_run: int = Field(default=DEFAULT_TURNS_PER_RUN, ge=1)
     summary: str = ""
     last_turn_at: datetime | None = None
-    nudges: list[PendingNudge] = Field(default_factory=list)
+    nudges: list[Nudge] = Field(default_factory=list)
     done_nudges: list[str] = Field(default_factory=list)
     channel: Channel = Channel.CONSOLE
     chat_id: int | None = None
@@ -199,7 +188,7 @@ class RecordNudgeInput(_Contract):
     """Write a nudge's audit record (idempotent by nudge id)."""
 
     user_id: int
-    nudge: PendingNudge
+    nudge: Nudge
 
 
 class SetNudgeStatusInput(_Contract):
@@ -214,7 +203,7 @@ class FireNudgeInput(_Contract):
     """Write (or take) a nudge's text, store it as the companion's message, and mark the nudge sent."""
 
     user_id: int
-    nudge: PendingNudge
+    nudge: Nudge
     channel: Channel
 
 

@@ -27,7 +27,7 @@ from activities.nudges import CompanionActivities
 from cli.dev import dev_server_config_args
 from core.settings import load_settings
 from schemas.memory import Channel, NudgeStatus
-from schemas.turn import ChatUser, IncomingMessage, NudgeRequest
+from schemas.turn import ChatUser, IncomingMessage, Nudge
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
@@ -77,9 +77,9 @@ async def _scenarios(client: Client, repository: MemoryRepository, llm: FakeOpen
         await _save(client, 1003, "continued_as_new", run_id=first_run)
 
         await send_message(client, settings, _message(1004, 0, "Remind me to stretch"))
-        soon = NudgeRequest(nudge_id="stretch-1", at=datetime.now(UTC) + timedelta(seconds=2), text="Time to stretch!")
+        soon = Nudge(nudge_id="stretch-1", at=datetime.now(UTC) + timedelta(seconds=2), text="Time to stretch!")
         await schedule_nudge(client, settings, 1004, soon)
-        later = NudgeRequest(nudge_id="later-1", at=datetime.now(UTC) + timedelta(hours=1), text="never sent")
+        later = Nudge(nudge_id="later-1", at=datetime.now(UTC) + timedelta(hours=1), text="never sent")
         await schedule_nudge(client, settings, 1004, later)
         await cancel_nudge(client, 1004, "later-1")
         while (await repository.get_scheduled_message("stretch-1")).status != NudgeStatus.SENT:

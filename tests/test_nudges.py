@@ -6,7 +6,7 @@ Time-skipping server: days pass in moments, so "three days ahead" is tested as s
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from openai import AsyncOpenAI
@@ -15,7 +15,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from schemas.memory import NudgeStatus
-from schemas.turn import NudgeRequest, PendingNudge
+from schemas.turn import Nudge
 from tests.conftest import Stack, TemporalServers, new_telegram_id
 from tests.fake_openai import FakeOpenAI
 from tests.test_workflow import eventually, transcript
@@ -25,9 +25,9 @@ from workflows.companion import CompanionWorkflow
 pytestmark = pytest.mark.parametrize("stack", ["time-skipping", "time-skipping-uncached"], indirect=True)
 
 
-async def schedule(stack: Stack, telegram_id: int, after: timedelta, **fields: object) -> PendingNudge:
+async def schedule(stack: Stack, telegram_id: int, after: timedelta, **fields: object) -> Nudge:
     now = await stack.env.get_current_time()
-    request = NudgeRequest(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=now + after, **{"text": "How did it go?",
+    request = Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=now + after, **{"text": "How did it go?",
                                                                                      **fields})
     return await stack.handle(telegram_id).execute_update(CompanionWorkflow.schedule_nudge, request)
 
@@ -91,7 +91,7 @@ async def test_bad_nudge_requests_get_clear_errors(stack: Stack) -> None:
     nudge = await schedule(stack, simon, timedelta(hours=1))
     with pytest.raises(WorkflowUpdateFailedError) as duplicate:
         now = await stack.env.get_current_time()
-        await stack.handle(simon).execute_update(CompanionWorkflow.schedule_nudge, NudgeRequest(
+        await stack.handle(simon).execute_update(CompanionWorkflow.schedule_nudge, Nudge(
             nudge_id=nudge.nudge_id, at=now + timedelta(hours=2), text="again"))
     assert "exists already" in str(duplicate.value.cause)
     assert len(await stack.handle(simon).query(CompanionWorkflow.nudges)) == 1

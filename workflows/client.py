@@ -7,7 +7,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from core.settings import Settings
-from schemas.turn import ChatUser, CompanionState, IncomingMessage, NudgeRequest, PendingNudge, TurnReply
+from schemas.turn import ChatUser, CompanionState, IncomingMessage, Nudge, TurnReply
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
 
 
@@ -49,14 +49,14 @@ async def signal_message(client: Client, settings: Settings, message: IncomingMe
                                 **_start_options(settings, message.user))
 
 
-async def schedule_nudge(client: Client, settings: Settings, telegram_id: int, request: NudgeRequest) -> PendingNudge:
+async def schedule_nudge(client: Client, settings: Settings, telegram_id: int, request: Nudge) -> Nudge:
     """Schedule a nudge in a user's workflow, starting the workflow for a user it has not met yet."""
     return await client.execute_update_with_start_workflow(
         CompanionWorkflow.schedule_nudge, request,
         start_workflow_operation=_start(settings, ChatUser(telegram_id=telegram_id)))
 
 
-async def cancel_nudge(client: Client, telegram_id: int, nudge_id: str) -> PendingNudge:
+async def cancel_nudge(client: Client, telegram_id: int, nudge_id: str) -> Nudge:
     """Cancel a pending nudge of a user."""
     return await client.get_workflow_handle(workflow_id(telegram_id)).execute_update(CompanionWorkflow.cancel_nudge,
                                                                                      nudge_id)

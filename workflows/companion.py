@@ -28,8 +28,7 @@ with workflow.unsafe.imports_passed_through():
         EnsureUserInput,
         FireNudgeInput,
         IncomingMessage,
-        NudgeRequest,
-        PendingNudge,
+        Nudge,
         RecordMessageInput,
         RecordNudgeInput,
         SetNudgeStatusInput,
@@ -116,9 +115,8 @@ class CompanionWorkflow:
         return self._state
 
     @workflow.update(name="schedule_nudge")
-    async def schedule_nudge(self, request: NudgeRequest) -> PendingNudge:
+    async def schedule_nudge(self, nudge: Nudge) -> Nudge:
         """Schedule a proactive message; its audit record is written before the timer counts."""
-        nudge = PendingNudge(**request.model_dump())
         user_id = await self._ensure_user(ChatUser(telegram_id=self._state.telegram_id))
         await workflow.execute_local_activity_method(
             CompanionActivities.record_nudge, RecordNudgeInput(user_id=user_id, nudge=nudge),
@@ -128,18 +126,18 @@ class CompanionWorkflow:
         return nudge
 
     @schedule_nudge.validator
-    def _validate_schedule(self, request: NudgeRequest) -> None:
-        if request.at <= workflow.now():
-            raise ValueError(f"the time {request.at.isoformat()} is in the past")
-        if request.text is None and request.purpose is None:
+    def _validate_schedule(self, nudge: Nudge) -> None:
+        if nudge.at <= workflow.now():
+            raise ValueError(f"the time {nudge.at.isoformat()} is in the past")
+        if nudge.text is None and nudge.purpose is None:
             raise ValueError("a nudge needs its text or a purpose")
-        if self._pending(request.nudge_id) or request.nudge_id in self._state.done_nudges:
-            raise ValueError(f"nudge {request.nudge_id} exists already")
+        if self._pending(nudge.nudge_id) or nudge.nudge_id in self._state.done_nudges:
+            raise ValueError(f"nudge {nudge.nudge_id} exists already")
         if len(self._state.nudges) >= MAX_PENDING_NUDGES:
             raise ValueError(f"this user has {MAX_PENDING_NUDGES} pending nudges; cancel some first")
 
     @workflow.update(name="cancel_nudge")
-    async def cancel_nudge(self, nudge_id: str) -> PendingNudge:
+    async def cancel_nudge(self, nudge_id: str) -> Nudge:
         """Cancel a pending nudge: its timer stops counting and its record says cancelled."""
         nudge = self._pending(nudge_id)
         assert nudge is not None  # the validator saw it pending, and nothing ran in between
@@ -158,7 +156,7 @@ class CompanionWorkflow:
             raise ValueError(f"this user has no nudge {nudge_id}")
 
     @workflow.query(name="nudges")
-    def nudges(self) -> list[PendingNudge]:
+    def nudges(self) -> list[Nudge]:
         """The pending nudges, soonest first."""
         return self._state.nudges
 
@@ -233,7 +231,7 @@ class CompanionWorkflow:
         self._state.transcript = [*self._state.transcript, *lines][-TRANSCRIPT_LINES_KEPT:]
         workflow.set_current_details("\n\n".join(self._state.transcript))
 
-    async def _fire(self, nudge: PendingNudge) -> None:
+    async def _fire(self, nudge: Nudge) -> None:
         # Out of the pending list first: from here on a cancel is refused rather than racing the delivery.
         self._state.nudges = [pending for pending in self._state.nudges if pending.nudge_id != nudge.nudge_id]
         self._finish_nudge(nudge.nudge_id)
@@ -251,13 +249,13 @@ class CompanionWorkflow:
             return
         self._add_transcript([f"**companion** (nudge): {_clip(fired.text)}"])
 
-    def _pending(self, nudge_id: str) -> PendingNudge | None:
+    def _pending(self, nudge_id: str) -> Nudge | None:
         return next((nudge for nudge in self._state.nudges if nudge.nudge_id == nudge_id), None)
 
     def _finish_nudge(self, nudge_id: str) -> None:
         self._state.done_nudges = [*self._state.done_nudges, nudge_id][-DONE_NUDGES_KEPT:]
 
-    def _due_nudge(self) -> PendingNudge | None:
+    def _due_nudge(self) -> Nudge | None:
         due = [nudge for nudge in self._state.nudges if nudge.at <= workflow.now()]
         return due[0] if due else None
 
