@@ -6,6 +6,8 @@ import asyncio
 import sys
 import threading
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 from temporalio.client import Client
@@ -91,20 +93,26 @@ async def chat(settings: Settings, telegram_id: int) -> int:
     return 0
 
 
-async def history(settings: Settings, telegram_id: int, limit: int) -> int:
-    """`companion history`: a user's transcript from PostgreSQL, in their local time."""
+@asynccontextmanager
+async def open_repository(settings: Settings) -> AsyncIterator[MemoryRepository]:
+    """The memory repository on the configured (or embedded) PostgreSQL, for a short command."""
     with postgres_url(settings) as url:
         engine = create_engine(url, pool_size=2, max_overflow=0)
         try:
-            repository = MemoryRepository(create_session_factory(engine))
-            try:
-                user = await repository.get_user_by_telegram_id(telegram_id)
-            except UserNotFoundError:
-                print(f"no conversation with user {telegram_id} yet")
-                return 1
-            messages = await repository.recent_messages(user.id, limit=limit)
+            yield MemoryRepository(create_session_factory(engine))
         finally:
             await engine.dispose()
+
+
+async def history(settings: Settings, telegram_id: int, limit: int) -> int:
+    """`companion history`: a user's transcript from PostgreSQL, in their local time."""
+    async with open_repository(settings) as repository:
+        try:
+            user = await repository.get_user_by_telegram_id(telegram_id)
+        except UserNotFoundError:
+            print(f"no conversation with user {telegram_id} yet")
+            return 1
+        messages = await repository.recent_messages(user.id, limit=limit)
     zone = user.timezone_info
     width = max(len(user.display_name), len("companion"))
     for message in messages:

@@ -9,14 +9,11 @@ from datetime import UTC, datetime, timedelta
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from cli.conversation import connect_or_explain
+from cli.conversation import connect_or_explain, open_repository
 from core.errors import InvalidInputError, UserNotFoundError
 from core.settings import Settings
 from schemas.memory import NudgeStatus
 from schemas.turn import Nudge
-from storage.database import create_engine, create_session_factory
-from storage.embedded import postgres_url
-from storage.repository import MemoryRepository
 from workflows.client import cancel_nudge, schedule_nudge
 
 _DURATION = re.compile(r"(\d+)([smhd])")
@@ -70,19 +67,14 @@ async def cancel(settings: Settings, telegram_id: int, nudge_id: str) -> int:
 
 async def list_nudges(settings: Settings, telegram_id: int | None, status: str | None) -> int:
     """`companion nudges list`: the audit records, soonest first, times in each user's time zone."""
-    with postgres_url(settings) as url:
-        engine = create_engine(url, pool_size=2, max_overflow=0)
+    async with open_repository(settings) as repository:
         try:
-            repository = MemoryRepository(create_session_factory(engine))
-            try:
-                user_id = (await repository.get_user_by_telegram_id(telegram_id)).id if telegram_id else None
-            except UserNotFoundError:
-                print(f"no nudges: user {telegram_id} is unknown")
-                return 0
-            nudges = await repository.list_scheduled_messages(user_id, NudgeStatus(status) if status else None)
-            users = {uid: await repository.get_user(uid) for uid in {nudge.user_id for nudge in nudges}}
-        finally:
-            await engine.dispose()
+            user_id = (await repository.get_user_by_telegram_id(telegram_id)).id if telegram_id else None
+        except UserNotFoundError:
+            print(f"no nudges: user {telegram_id} is unknown")
+            return 0
+        nudges = await repository.list_scheduled_messages(user_id, NudgeStatus(status) if status else None)
+        users = {uid: await repository.get_user(uid) for uid in {nudge.user_id for nudge in nudges}}
     for nudge in nudges:
         user = users[nudge.user_id]
         when = nudge.scheduled_for.astimezone(user.timezone_info)

@@ -82,11 +82,10 @@ class CompanionWorkflow:
     @workflow.signal(name="message")
     def message(self, message: IncomingMessage) -> None:
         """A message to answer; its reply is delivered on its channel."""
-        if message.user.telegram_id != self._state.telegram_id:
-            workflow.logger.error("message for another user dropped", extra={"message_key": message.message_key})
-            return
-        if len(self._state.queue) >= MAX_QUEUED:
-            workflow.logger.warning("queue full, message dropped", extra={"message_key": message.message_key})
+        refusal = self._refusal(message)
+        if refusal is not None:  # a signal cannot be refused to its sender: log and drop
+            workflow.logger.warning("message dropped", extra={"message_key": message.message_key,
+                                                              "reason": refusal})
             return
         self._accept(message)
 
@@ -104,10 +103,17 @@ class CompanionWorkflow:
 
     @send.validator
     def _validate_send(self, message: IncomingMessage) -> None:
+        refusal = self._refusal(message)
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    def _refusal(self, message: IncomingMessage) -> str | None:
+        """Why a message cannot be accepted, or None."""
         if message.user.telegram_id != self._state.telegram_id:
-            raise ValueError(f"this workflow belongs to user {self._state.telegram_id}")
+            return f"this workflow belongs to user {self._state.telegram_id}"
         if len(self._state.queue) >= MAX_QUEUED and not self._is_queued(message.message_key):
-            raise ValueError("too many messages are waiting; try again shortly")
+            return "too many messages are waiting; try again shortly"
+        return None
 
     @workflow.query(name="state")
     def state(self) -> CompanionState:
