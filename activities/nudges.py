@@ -5,10 +5,9 @@ The schedule itself is a timer in the user's workflow; these only record and del
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from temporalio import activity
-from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.turn import TurnActivities
@@ -16,10 +15,6 @@ from core.logging import get_logger
 from schemas.memory import MessageCreate, NudgeStatus, Role, ScheduledMessageCreate, ScheduledMessageUpdate
 from schemas.turn import FiredNudge, FireNudgeInput, RecordNudgeInput, SetNudgeStatusInput
 
-# Firing may call the LLM: a regular activity, capped like a turn's reply.
-FIRE_TIMEOUT = timedelta(seconds=90)
-FIRE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                         maximum_interval=timedelta(seconds=10), maximum_attempts=3)
 NUDGE_PROMPT = ("Write one short, warm message to start a conversation with the user. Its purpose: {purpose}. "
                 "Reply with the message only.")
 
@@ -32,7 +27,10 @@ def nudge_message_key(nudge_id: str) -> str:
 
 
 class CompanionActivities(TurnActivities):
-    """Every activity of the companion: a turn's and the nudges'."""
+    """Every activity of the companion: a turn's and the nudges'.
+
+    fire_nudge may call the LLM, so the workflow runs it with a turn's LLM timeout and capped retries.
+    """
 
     @activity.defn(name="record_nudge")
     @translate_errors

@@ -175,15 +175,6 @@ class ComposedReply(_Contract):
     completion_tokens: int | None = None
 
 
-class DeliverInput(_Contract):
-    """Send a reply to the user on their channel."""
-
-    channel: Channel
-    chat_id: int
-    reply_key: MessageKey
-    text: str
-
-
 class RecordNudgeInput(_Contract):
     """Write a nudge's audit record (idempotent by nudge id)."""
 

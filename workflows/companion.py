@@ -13,7 +13,7 @@ from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.nudges import FIRE_RETRY, FIRE_TIMEOUT, CompanionActivities
+    from activities.nudges import CompanionActivities
     from activities.turn import DB_RETRY, DB_TIMEOUT, LLM_RETRY, LLM_TIMEOUT
     from schemas.memory import NudgeStatus, Role
     from schemas.turn import (
@@ -245,7 +245,7 @@ class CompanionWorkflow:
         try:
             fired = await workflow.execute_activity_method(
                 CompanionActivities.fire_nudge, FireNudgeInput(user_id=user_id, nudge=nudge, channel=self._state.channel),
-                start_to_close_timeout=FIRE_TIMEOUT, retry_policy=FIRE_RETRY, summary=f"nudge {nudge.nudge_id}")
+                start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary=f"nudge {nudge.nudge_id}")
         except ActivityError as err:
             workflow.logger.warning("nudge failed", extra={"nudge_id": nudge.nudge_id, "error": str(err.cause)})
             await workflow.execute_local_activity_method(
