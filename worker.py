@@ -13,6 +13,7 @@ from temporalio.worker import Worker
 
 from activities.llm import ChatModel, LocalModelServer, create_chat_model
 from activities.nudges import CompanionActivities
+from activities.telegram import TelegramChannel
 from core.logging import get_logger
 from core.settings import Settings
 from storage.database import create_engine, create_session_factory
@@ -50,12 +51,13 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     engine = create_engine(database_url)
     # The embedded model's server stops when this object goes away: it must live as long as the worker.
     local_model = LocalModelServer() if chat_model is None and settings.uses_local_model else None
+    telegram = TelegramChannel.from_settings(settings)
     try:
         client = await connect(settings)
         await ensure_search_attributes(client)
         if chat_model is None:
             chat_model = create_chat_model(settings, local_model.start() if local_model else None)
-        activities = CompanionActivities(MemoryRepository(create_session_factory(engine)), chat_model)
+        activities = CompanionActivities(MemoryRepository(create_session_factory(engine)), chat_model, telegram)
         worker = build_worker(client, settings.temporal_task_queue, activities,
                               settings.worker_max_cached_workflows)
         async with worker:
@@ -64,5 +66,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
             await stop.wait()
             _log.info("worker.stopping")
     finally:
+        if telegram is not None:
+            await telegram.close()
         await engine.dispose()
     _log.info("worker.stopped")

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from temporalio import activity
 
 from activities.errors import translate_errors
-from activities.turn import TurnActivities
+from activities.delivery import DeliveryActivities
 from core.logging import get_logger
 from schemas.memory import MessageCreate, NudgeStatus, Role, ScheduledMessageCreate, ScheduledMessageUpdate
 from schemas.turn import FiredNudge, FireNudgeInput, RecordNudgeInput, SetNudgeStatusInput
@@ -26,8 +26,8 @@ def nudge_message_key(nudge_id: str) -> str:
     return f"nudge:{nudge_id}"
 
 
-class CompanionActivities(TurnActivities):
-    """Every activity of the companion: a turn's and the nudges'.
+class CompanionActivities(DeliveryActivities):
+    """Every activity of the companion: a turn's, delivery's and the nudges'.
 
     fire_nudge may call the LLM, so the workflow runs it with a turn's LLM timeout and capped retries.
     """

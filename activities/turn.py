@@ -5,6 +5,7 @@ Named timeouts and retry policies live here, next to the activities they govern;
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
@@ -12,8 +13,9 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.llm import ChatModel
+from activities.telegram import TelegramChannel
 from core.logging import get_logger
-from schemas.memory import MessageCreate, Role, UserCreate
+from schemas.memory import Channel, MessageCreate, Role, UserCreate
 from schemas.turn import (
     ChatTurn,
     ComposedReply,
@@ -50,9 +52,10 @@ _log = get_logger(__name__)
 class TurnActivities:
     """The side effects of a turn, over an injected repository and chat model."""
 
-    def __init__(self, repository: MemoryRepository, chat_model: ChatModel):
+    def __init__(self, repository: MemoryRepository, chat_model: ChatModel, telegram: TelegramChannel | None = None):
         self._repository = repository
         self._chat_model = chat_model
+        self._telegram = telegram
 
     @activity.defn(name="ensure_user")
     @translate_errors
@@ -96,11 +99,17 @@ class TurnActivities:
                 return ComposedReply(text=stored.content)
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
-        reply = await self._chat_model.reply(await self.build_context(data.user_id, data.message_key), data.text)
+        async with self._typing(data):
+            reply = await self._chat_model.reply(await self.build_context(data.user_id, data.message_key), data.text)
         stored = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
             sent_at=datetime.now(UTC)))
         return reply.model_copy(update={"text": stored.content})
+
+    def _typing(self, data: ComposeReplyInput) -> AbstractAsyncContextManager[None]:
+        if data.channel == Channel.TELEGRAM and data.chat_id is not None and self._telegram is not None:
+            return self._telegram.typing(data.chat_id)
+        return nullcontext()
 
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""

@@ -154,6 +154,13 @@ class TelegramServiceError(ExternalServiceError):
     code = "EXTERNAL_TELEGRAM_ERROR"
 
 
+class TelegramBlockedError(TelegramServiceError):
+    """The user blocked the bot (or left the chat): nothing can reach them until they write again."""
+
+    code = "EXTERNAL_TELEGRAM_BLOCKED"
+    retryable = False
+
+
 # --- validation -------------------------------------------------------------------------------------------------
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     telegram_webhook_secret: SecretStr | None = None
     telegram_webhook_listen: str = "0.0.0.0"
     telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
+    # Empty = everyone may talk to the bot; else only these Telegram user ids (comma-separated in the environment).
+    telegram_allowed_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
+    telegram_max_message_chars: int = Field(default=4_000, ge=1, le=16_000)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -111,6 +114,16 @@ class Settings(BaseSettings):
             parts = urlsplit(value)
             if parts.scheme != "https" or not parts.netloc:
                 raise ValueError("expected the public https URL Telegram posts updates to")
+        return value
+
+    @field_validator("telegram_allowed_user_ids", mode="before")
+    @classmethod
+    def _id_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            items = [item for item in re.split(r"[\s,]+", value.strip()) if item]
+            if not all(re.fullmatch(r"\d{1,19}", item) for item in items):
+                raise ValueError("expected Telegram user ids separated by commas, e.g. 12345,67890")
+            return frozenset(int(item) for item in items)
         return value
 
     @field_validator("telegram_bot_token")

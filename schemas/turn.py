@@ -105,6 +105,10 @@ class CompanionState(_Contract):
     done_nudges: list[str] = Field(default_factory=list)
     channel: Channel = Channel.CONSOLE
     chat_id: int | None = None
+    timezone: str = "UTC"
+    blocked: bool = False
+    checkins: bool = True
+    undelivered: int = 0
 
 
 # --- activity contracts -----------------------------------------------------------------------------------------
@@ -164,6 +168,7 @@ class ComposeReplyInput(_Contract):
     reply_key: MessageKey
     text: str
     channel: Channel
+    chat_id: int | None = None
 
 
 class ComposedReply(_Contract):
@@ -202,3 +207,38 @@ class FiredNudge(_Contract):
     """The text the user got."""
 
     text: str
+
+
+class DeliverInput(_Contract):
+    """Send a stored message to the user's Telegram chat; parts already sent are not sent again."""
+
+    user_id: int
+    chat_id: int
+    message_key: MessageKey
+
+
+class Delivery(_Contract):
+    """How many Telegram messages the stored message took."""
+
+    parts: int
+
+
+class SetUserActiveInput(_Contract):
+    """Mark the user reachable again, or out of reach (their pending nudges are then cancelled)."""
+
+    user_id: int
+    active: bool
+    reason: str | None = None
+
+
+class ForgetInput(_Contract):
+    """Erase everything the companion remembers of a user."""
+
+    telegram_id: TelegramId
+
+
+class Forgotten(_Contract):
+    """What /forget erased."""
+
+    had_memories: bool
+    nudges_cancelled: int = 0

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import cast, delete, func, select, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import InvalidMemoryDataError, RecordNotFoundError, UserNotFoundError
@@ -126,6 +126,30 @@ class MemoryRepository:
 
         return await self._tx("update_user", work, user_id=user_id)
 
+    async def set_user_active(self, user_id: int, active: bool, reason: str | None = None) -> int:
+        """Mark a user reachable or not; an unreachable user's pending nudges are cancelled. Returns how many."""
+
+        async def work(session: AsyncSession) -> int:
+            await session.execute(update(User).where(User.id == user_id).values(is_active=active))
+            if active:
+                return 0
+            cancelled = await session.execute(
+                update(ScheduledMessage)
+                .where(ScheduledMessage.user_id == user_id, ScheduledMessage.status == NudgeStatus.PENDING.value)
+                .values(status=NudgeStatus.CANCELLED.value, cancelled_at=_now(), error=reason))
+            return cancelled.rowcount
+
+        return await self._tx("set_user_active", work, user_id=user_id, active=active)
+
+    async def delete_user_by_telegram_id(self, telegram_id: int) -> bool:
+        """Erase a user and every memory of them (all tables cascade); False when there was no such user."""
+
+        async def work(session: AsyncSession) -> bool:
+            deleted = await session.execute(delete(User).where(User.telegram_id == telegram_id).returning(User.id))
+            return deleted.scalar_one_or_none() is not None
+
+        return await self._tx("delete_user", work, telegram_id=telegram_id)
+
     @staticmethod
     async def _user_row(session: AsyncSession, user_id: int, lock: bool = False) -> User:
         statement = select(User).where(User.id == user_id)
@@ -224,6 +248,16 @@ class MemoryRepository:
             return None if row is None else MessageRead.model_validate(row)
 
         return await self._tx("get_message", work, user_id=user_id, message_key=message_key)
+
+    async def update_message_meta(self, user_id: int, message_key: str, meta: dict[str, Any]) -> None:
+        """Merge ``meta`` into a stored message's meta (delivery progress, for one)."""
+
+        async def work(session: AsyncSession) -> None:
+            await session.execute(update(Conversation).where(
+                Conversation.user_id == user_id, Conversation.message_key == message_key)
+                .values(meta=Conversation.meta.op("||")(cast(meta, JSONB))))
+
+        await self._tx("update_message_meta", work, user_id=user_id, message_key=message_key)
 
     async def recent_messages(self, user_id: int, limit: int = CONTEXT_MESSAGES) -> list[MessageRead]:
         """The last ``limit`` messages, oldest first."""

@@ -7,7 +7,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from core.settings import Settings
-from schemas.turn import ChatUser, CompanionState, IncomingMessage, Nudge, TurnReply
+from schemas.turn import ChatUser, CompanionState, Forgotten, IncomingMessage, Nudge, TurnReply
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
 
 
@@ -60,3 +60,15 @@ async def cancel_nudge(client: Client, telegram_id: int, nudge_id: str) -> Nudge
     """Cancel a pending nudge of a user."""
     return await client.get_workflow_handle(workflow_id(telegram_id)).execute_update(CompanionWorkflow.cancel_nudge,
                                                                                      nudge_id)
+
+
+async def forget(client: Client, settings: Settings, user: ChatUser) -> Forgotten:
+    """Erase everything remembered of a user (their workflow is started if need be: rows may outlive it)."""
+    return await client.execute_update_with_start_workflow(CompanionWorkflow.forget,
+                                                           start_workflow_operation=_start(settings, user))
+
+
+async def set_checkins(client: Client, settings: Settings, user: ChatUser, enabled: bool) -> list[Nudge]:
+    """Turn a user's check-ins on or off; returns the check-ins this cancelled."""
+    return await client.execute_update_with_start_workflow(CompanionWorkflow.set_checkins, enabled,
+                                                           start_workflow_operation=_start(settings, user))

@@ -6,6 +6,7 @@ them in order. The state is small and bounded; the conversation's text lives in 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
@@ -13,9 +14,10 @@ from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.nudges import CompanionActivities
+    from activities.delivery import TELEGRAM_RETRY, TELEGRAM_TIMEOUT
+    from activities.nudges import CompanionActivities, nudge_message_key
     from activities.turn import DB_RETRY, DB_TIMEOUT, LLM_RETRY, LLM_TIMEOUT
-    from schemas.memory import NudgeStatus, Role
+    from schemas.memory import Channel, NudgeKind, NudgeStatus, Role
     from schemas.turn import (
         MAX_PENDING_NUDGES,
         REPLIES_KEPT,
@@ -25,13 +27,17 @@ with workflow.unsafe.imports_passed_through():
         CompanionState,
         ComposeReplyInput,
         ChatUser,
+        DeliverInput,
         EnsureUserInput,
         FireNudgeInput,
+        ForgetInput,
+        Forgotten,
         IncomingMessage,
         Nudge,
         RecordMessageInput,
         RecordNudgeInput,
         SetNudgeStatusInput,
+        SetUserActiveInput,
         TurnReply,
     )
 
@@ -43,6 +49,9 @@ DONE_NUDGES_KEPT = 100
 FALLBACK_REPLY = ("I'm sorry, I can't think straight right now: my language model isn't answering. I've kept your "
                   "message and I'll remember it. Could you try me again in a little while?")
 FAILED_REPLY = "I'm sorry, something went wrong on my side and I couldn't take in that message. Please send it again."
+# Patch ids (workflow.patched): histories recorded before a change replay without it.
+TELEGRAM_DELIVERY = "telegram-delivery"
+BLOCKED_REASON = "the user blocked the bot"
 
 
 def workflow_id(telegram_id: int) -> str:
@@ -58,6 +67,9 @@ class CompanionWorkflow:
     def __init__(self, state: CompanionState) -> None:
         self._state = state
         self._nudges_changed = False
+        self._fresh_run = False  # set by /forget: continue as new so the erased turns leave the open history
+        # A turn, a firing nudge and /forget each touch the user's rows; one at a time.
+        self._lock = asyncio.Lock()
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
@@ -73,11 +85,12 @@ class CompanionWorkflow:
                 pass
             if self._may_continue_as_new():
                 workflow.continue_as_new(self._state.model_copy(update={"turns_this_run": 0}))
-            if self._state.queue:
-                await self._answer(self._state.queue[0])
-                self._state.queue.pop(0)
-            elif (nudge := self._due_nudge()) is not None:
-                await self._fire(nudge)
+            async with self._lock:
+                if self._state.queue:
+                    await self._answer(self._state.queue[0])
+                    self._state.queue.pop(0)
+                elif (nudge := self._due_nudge()) is not None:
+                    await self._fire(nudge)
 
     @workflow.signal(name="message")
     def message(self, message: IncomingMessage) -> None:
@@ -141,6 +154,8 @@ class CompanionWorkflow:
             raise ValueError(f"nudge {nudge.nudge_id} exists already")
         if len(self._state.nudges) >= MAX_PENDING_NUDGES:
             raise ValueError(f"this user has {MAX_PENDING_NUDGES} pending nudges; cancel some first")
+        if self._state.blocked:
+            raise ValueError("this user has blocked the bot; nothing can reach them until they write again")
 
     @workflow.update(name="cancel_nudge")
     async def cancel_nudge(self, nudge_id: str) -> Nudge:
@@ -166,6 +181,34 @@ class CompanionWorkflow:
         """The pending nudges, soonest first."""
         return self._state.nudges
 
+    @workflow.update(name="set_checkins")
+    async def set_checkins(self, enabled: bool) -> list[Nudge]:
+        """Turn the companion's check-ins on or off (/quiet); turning them off cancels pending ones."""
+        self._state.checkins = enabled
+        cancelled = [nudge for nudge in self._state.nudges if nudge.kind == NudgeKind.CHECK_IN] if not enabled else []
+        for nudge in cancelled:
+            await self.cancel_nudge(nudge.nudge_id)
+        return cancelled
+
+    @workflow.update(name="forget")
+    async def forget(self) -> Forgotten:
+        """Erase everything remembered of the user (/forget): their rows, pending nudges, replies and transcript."""
+        async with self._lock:  # never in the middle of a turn that is writing the rows
+            forgotten = await workflow.execute_local_activity_method(
+                CompanionActivities.forget_user, ForgetInput(telegram_id=self._state.telegram_id),
+                start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
+            for nudge in self._state.nudges:
+                self._finish_nudge(nudge.nudge_id)
+            cancelled = len(self._state.nudges)
+            self._state = self._state.model_copy(update={
+                "user_id": None, "display_name": None, "replies": [], "transcript": [], "summary": "",
+                "nudges": [], "last_turn_at": None})
+            self._nudges_changed = True
+            self._fresh_run = True
+            workflow.set_current_details("")
+            workflow.upsert_memo({"user_name": None})
+        return forgotten.model_copy(update={"nudges_cancelled": cancelled})
+
     # --- the turn -----------------------------------------------------------------------------------------------
 
     def _accept(self, message: IncomingMessage) -> None:
@@ -187,10 +230,40 @@ class CompanionWorkflow:
     async def _turn(self, message: IncomingMessage) -> TurnReply:
         self._state.channel, self._state.chat_id = message.channel, message.chat_id
         user_id = await self._ensure_user(message.user)
+        if self._state.blocked:  # they wrote again, so they can be reached again
+            await self._set_active(user_id, True)
         await self._record(user_id, message.message_key, Role.USER, message.text, message)
         text, fallback = await self._compose(user_id, message)
         self._after_turn(message, text, fallback)
+        if message.channel == Channel.TELEGRAM and workflow.patched(TELEGRAM_DELIVERY):
+            await self._deliver(user_id, message.chat_id, message.reply_key)
         return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=fallback)
+
+    async def _deliver(self, user_id: int, chat_id: int, message_key: str) -> None:
+        try:
+            await workflow.execute_activity_method(
+                CompanionActivities.deliver, DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key),
+                start_to_close_timeout=TELEGRAM_TIMEOUT, retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
+        except ActivityError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.type == "TelegramBlockedError":
+                await self._set_active(user_id, False)
+                return
+            workflow.logger.error("delivery failed", extra={"message_key": message_key, "error": str(cause)})
+            self._state.undelivered += 1
+
+    async def _set_active(self, user_id: int, active: bool) -> None:
+        """Note that the user can (again) or cannot be reached; out of reach, their pending nudges are cancelled."""
+        self._state.blocked = not active
+        if not active:
+            for nudge in self._state.nudges:
+                self._finish_nudge(nudge.nudge_id)
+            self._state.nudges = []
+            self._nudges_changed = True
+        await workflow.execute_local_activity_method(
+            CompanionActivities.set_user_active,
+            SetUserActiveInput(user_id=user_id, active=active, reason=None if active else BLOCKED_REASON),
+            start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
 
     async def _ensure_user(self, user: ChatUser) -> int:
         if self._state.user_id is None:
@@ -198,6 +271,7 @@ class CompanionWorkflow:
                 CompanionActivities.ensure_user, EnsureUserInput(user=user),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
             self._state.user_id, self._state.display_name = ref.user_id, ref.display_name
+            self._state.timezone = ref.timezone
             workflow.upsert_memo({"user_name": ref.display_name, "telegram_id": self._state.telegram_id})
         return self._state.user_id
 
@@ -215,7 +289,7 @@ class CompanionWorkflow:
             reply = await workflow.execute_activity_method(
                 CompanionActivities.compose_reply,
                 ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
-                                  text=message.text, channel=message.channel),
+                                  text=message.text, channel=message.channel, chat_id=message.chat_id),
                 start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary="LLM reply")
         except ActivityError as err:
             workflow.logger.warning("LLM failed, sending the fallback reply",
@@ -254,6 +328,9 @@ class CompanionWorkflow:
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
             return
         self._add_transcript([f"**companion** (nudge): {_clip(fired.text)}"])
+        chat_id = self._state.chat_id
+        if self._state.channel == Channel.TELEGRAM and chat_id is not None and workflow.patched(TELEGRAM_DELIVERY):
+            await self._deliver(user_id, chat_id, nudge_message_key(nudge.nudge_id))
 
     def _pending(self, nudge_id: str) -> Nudge | None:
         return next((nudge for nudge in self._state.nudges if nudge.nudge_id == nudge_id), None)
@@ -272,7 +349,7 @@ class CompanionWorkflow:
 
     def _may_continue_as_new(self) -> bool:
         # A waiting update (the terminal chat) must get its reply from this run, so wait for handlers to finish.
-        long_run = (self._state.turns_this_run >= self._state.turns_per_run
+        long_run = (self._fresh_run or self._state.turns_this_run >= self._state.turns_per_run
                     or workflow.info().is_continue_as_new_suggested())
         return long_run and workflow.all_handlers_finished()
 

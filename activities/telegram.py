@@ -1,0 +1,194 @@
+"""Telegram as a channel: splitting long replies, formatting them for Telegram, sending, and the typing indicator.
+
+python-telegram-bot's errors become ours here, once: flood control (429) is retryable after the time Telegram asks
+for; a blocked bot (403) is final and tells the workflow the user is out of reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from datetime import timedelta
+from html import escape
+
+from telegram import Bot
+from telegram.constants import ChatAction, ParseMode
+from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, RetryAfter, TelegramError
+from telegram.warnings import PTBDeprecationWarning
+
+from core.errors import CompanionError, TelegramBlockedError, TelegramServiceError
+from core.logging import get_logger
+from core.settings import Settings
+
+# Telegram's limit on one message's text, counted in UTF-16 code units after entity parsing.
+MESSAGE_LIMIT = 4096
+# Telegram shows "typing…" for 5 s after each chat action; renew it a little sooner.
+TYPING_EVERY_S = 4.0
+# A part shorter than this share of the limit is not worth a nicer cut: cut at a word instead.
+_MIN_SHARE = 0.3
+
+_log = get_logger(__name__)
+# PTB warns on every RetryAfter that retry_after will become a timedelta; _translated takes either.
+warnings.filterwarnings("ignore", message=r".*`retry_after` will be of type", category=PTBDeprecationWarning)
+
+
+# --- text --------------------------------------------------------------------------------------------------------
+
+
+def utf16_len(text: str) -> int:
+    """The length Telegram counts: UTF-16 code units (an emoji outside the BMP counts two)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
+    """Cut a text into parts Telegram accepts, at a paragraph, line, sentence or word boundary when there is one."""
+    parts: list[str] = []
+    rest = text.strip()
+    while utf16_len(rest) > limit:
+        cut = _cut_point(rest, limit)
+        parts.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        parts.append(rest)
+    return parts
+
+
+def _cut_point(text: str, limit: int) -> int:
+    fits = _longest_prefix(text, limit)
+    head = text[:fits]
+    floor = int(fits * _MIN_SHARE)
+    for boundary in (r"\n\s*\n", r"\n", r"[.!?…][\"')\]»]*\s", r"\s"):
+        ends = [match.end() for match in re.finditer(boundary, head)]
+        if ends and ends[-1] > floor:
+            return ends[-1]
+    return fits
+
+
+def _longest_prefix(text: str, limit: int) -> int:
+    units = 0
+    for index, char in enumerate(text):
+        units += 2 if ord(char) > 0xFFFF else 1
+        if units > limit:
+            return index
+    return len(text)
+
+
+_CODE_BLOCK = re.compile(r"```(?:[\w+-]*\n)?(.*?)```", re.DOTALL)
+_INLINE_CODE = re.compile(r"`([^`\n]+)`")
+_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__", re.DOTALL)
+_ITALIC = re.compile(r"(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![\w*])|(?<![\w_])_(?=\S)([^_\n]+?)(?<=\S)_(?![\w_])")
+_LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^)\s]+)\)")
+
+
+def to_html(text: str) -> str:
+    """The Markdown a model writes (bold, italic, code, links) as Telegram HTML, everything else escaped."""
+    code: list[str] = []
+
+    def keep(html: str) -> str:
+        code.append(html)
+        return f"\x00{len(code) - 1}\x00"
+
+    text = _CODE_BLOCK.sub(lambda m: keep(f"<pre>{escape(m.group(1).strip(chr(10)), quote=False)}</pre>"), text)
+    text = _INLINE_CODE.sub(lambda m: keep(f"<code>{escape(m.group(1), quote=False)}</code>"), text)
+    text = escape(text, quote=False)
+    text = _LINK.sub(lambda m: f'<a href="{escape(m.group(2))}">{m.group(1)}</a>', text)
+    text = _BOLD.sub(lambda m: f"<b>{m.group(1) or m.group(2)}</b>", text)
+    text = _ITALIC.sub(lambda m: f"<i>{m.group(1) or m.group(2)}</i>", text)
+    return re.sub(r"\x00(\d+)\x00", lambda m: code[int(m.group(1))], text)
+
+
+# --- sending -----------------------------------------------------------------------------------------------------
+
+
+class TelegramChannel:
+    """Sends to Telegram chats through one python-telegram-bot Bot, raising our errors."""
+
+    def __init__(self, bot: Bot):
+        self._bot = bot
+        self._lock = asyncio.Lock()
+        self._ready = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TelegramChannel | None:
+        """The channel for TELEGRAM_BOT_TOKEN (at TELEGRAM_API_BASE_URL), or None when no token is set."""
+        if settings.telegram_bot_token is None:
+            return None
+        return cls(Bot(settings.telegram_bot_token.get_secret_value(), base_url=settings.telegram_api_base_url))
+
+    async def send(self, chat_id: int, text: str) -> int:
+        """Send one part (≤ MESSAGE_LIMIT) formatted as HTML, or as plain text when Telegram can't parse it."""
+        bot = await self._started()
+        with _translated(chat_id):
+            try:
+                message = await bot.send_message(chat_id, to_html(text), parse_mode=ParseMode.HTML)
+            except BadRequest as exc:
+                if "can't parse entities" not in exc.message.lower():
+                    raise
+                _log.warning("telegram.formatting_refused", chat_id=chat_id, error=exc.message)
+                message = await bot.send_message(chat_id, text)
+        return message.message_id
+
+    @asynccontextmanager
+    async def typing(self, chat_id: int) -> AsyncIterator[None]:
+        """Show "typing…" in the chat for as long as the block runs; a failing indicator never fails the block."""
+        task = asyncio.create_task(self._keep_typing(chat_id))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+
+    async def _keep_typing(self, chat_id: int) -> None:
+        while True:
+            try:
+                bot = await self._started()
+                with _translated(chat_id):
+                    await bot.send_chat_action(chat_id, ChatAction.TYPING)
+            except CompanionError as exc:
+                _log.info("telegram.typing_failed", chat_id=chat_id, error=exc.message)
+                return
+            await asyncio.sleep(TYPING_EVERY_S)
+
+    async def _started(self) -> Bot:
+        if not self._ready:
+            async with self._lock:
+                if not self._ready:
+                    with _translated(None):
+                        await self._bot.initialize()
+                    self._ready = True
+        return self._bot
+
+    async def close(self) -> None:
+        """Close the bot's HTTP connections."""
+        if self._ready:
+            await self._bot.shutdown()
+
+
+@contextmanager
+def _translated(chat_id: int | None) -> Iterator[None]:
+    context = {"chat_id": chat_id}
+    try:
+        yield
+    except RetryAfter as exc:
+        wait = exc.retry_after
+        seconds = wait.total_seconds() if isinstance(wait, timedelta) else float(wait)
+        raise TelegramServiceError(f"Telegram flood control: retry in {seconds:g} s",
+                                   context={**context, "retry_after_s": seconds}) from exc
+    except Forbidden as exc:
+        raise TelegramBlockedError(f"Telegram refused: {exc.message}", context=context) from exc
+    except InvalidToken:
+        # PTB's message quotes the token itself: never pass it on.
+        raise TelegramServiceError("Telegram rejected TELEGRAM_BOT_TOKEN", context=context,
+                                   retryable=False) from None
+    except ChatMigrated as exc:
+        raise TelegramServiceError("the group became a supergroup", retryable=False,
+                                   context={**context, "new_chat_id": exc.new_chat_id}) from exc
+    except BadRequest as exc:
+        raise TelegramServiceError(f"Telegram refused the request: {exc.message}", context=context,
+                                   retryable=False) from exc
+    except TelegramError as exc:  # timeouts and network errors: worth another try
+        raise TelegramServiceError(f"Telegram unreachable: {exc.message}", context=context) from exc

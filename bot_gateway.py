@@ -1,0 +1,322 @@
+"""The Telegram gateway: turns updates into messages for users' workflows, and answers commands.
+
+It is stateless and never writes to the database: a text message becomes an `IncomingMessage` keyed by
+(chat id, message id) and is signalled to the user's workflow (signal-with-start), which replies through its
+delivery activity. A redelivered update carries the same key, and the workflow ignores it. Commands that change
+memory (/forget, /quiet) are workflow updates. Long polling by default; a webhook when TELEGRAM_WEBHOOK_URL is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import datetime
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
+from telegram.constants import ChatType, MessageEntityType
+from telegram.ext import (
+    Application,
+    ApplicationBuilder,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from core.logging import get_logger
+from core.settings import Settings
+from schemas.memory import Channel
+from schemas.turn import ChatUser, CompanionState, IncomingMessage, Nudge
+from workflows.client import connect, forget, set_checkins, signal_message
+from workflows.companion import CompanionWorkflow, workflow_id
+
+GREETING = (
+    "Hi {name}! I'm your companion. Talk to me about anything: your day, your plans, what's on your mind. "
+    "I remember what you tell me, so you never have to start from zero, and I may check in on you now and then.\n\n"
+    "Ask me to remind you of things (\"remind me tomorrow at 9 to call mom\"). /help lists what else I can do."
+)
+HELP = (
+    "Just write to me. I can also:\n"
+    "/nudges: the messages I plan to send you\n"
+    "/quiet: no more check-ins from me (/quiet off brings them back; reminders you ask for still come)\n"
+    "/forget: erase everything I remember about you\n"
+    "/help: this list"
+)
+UNSUPPORTED = ("I can only read text for now: photos, voice notes, stickers and files pass me by. "
+               "Could you tell me in words?")
+EDITED = "I saw you edited a message. I keep what you first wrote; if something changed, just tell me again."
+NOT_ALLOWED = "Sorry, this companion is private: it only talks with the people it was set up for."
+TOO_LONG = ("That message is {length:,} characters long and I can take in {limit:,} at a time. "
+            "Could you send it in parts?")
+EMPTY = "That message had no text I could read."
+BUSY = "I couldn't take that in just now. Please send it again in a moment."
+FORGET_ASK = ("Do you want me to forget everything I know about you: our conversations, what you told me, "
+              "your reminders? This can't be undone.")
+FORGET_DONE = "Done. I've forgotten everything about you. If you write again, we start afresh."
+FORGET_KEPT = "Alright, I'll keep remembering."
+QUIET_ON = "Okay, no more check-ins from me. Reminders you ask for still come. /quiet off brings check-ins back."
+QUIET_OFF = "Check-ins are back on: I'll say hello now and then."
+NO_NUDGES = "I have no messages planned for you right now."
+
+COMMANDS = [BotCommand("help", "what I can do"), BotCommand("nudges", "messages I plan to send you"),
+            BotCommand("quiet", "no check-ins (/quiet off to undo)"), BotCommand("forget", "erase my memory of you")]
+ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
+# Keep newlines and tabs; every other control character is noise at best and a prompt trick at worst.
+_CONTROL_TABLE = dict.fromkeys(code for code in [*range(0x20), *range(0x7F, 0xA0)] if code not in (0x09, 0x0A))
+SIGNAL_ATTEMPTS = 4
+
+_log = get_logger(__name__)
+
+
+def clean_text(text: str) -> str:
+    """The text without control characters (newlines and tabs stay), line endings made plain."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL_TABLE).strip()
+
+
+def message_key(message: Message) -> str:
+    """The key of a Telegram message: unique per chat, the same on every redelivery."""
+    return f"tg:{message.chat_id}:{message.message_id}"
+
+
+def chat_user(user: User) -> ChatUser:
+    """Who wrote, as the workflow knows them."""
+    return ChatUser(telegram_id=user.id, username=user.username, first_name=user.first_name,
+                    last_name=user.last_name, language_code=user.language_code)
+
+
+class Gateway:
+    """The handlers of the bot, over a Temporal client."""
+
+    def __init__(self, settings: Settings, client: Client):
+        self._settings = settings
+        self._client = client
+
+    def install(self, application: Application) -> Application:
+        """Register every handler on the application; returns it."""
+        application.add_handler(CommandHandler("start", self.start))
+        application.add_handler(CommandHandler("help", self.help))
+        application.add_handler(CommandHandler("forget", self.forget))
+        application.add_handler(CommandHandler("nudges", self.nudges))
+        application.add_handler(CommandHandler("quiet", self.quiet))
+        application.add_handler(CallbackQueryHandler(self.forget_answer, pattern=r"^forget:(yes|no)$"))
+        application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self.edited))
+        application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND,
+                                               self.text))
+        application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.COMMAND, self.unsupported))
+        application.add_error_handler(self.error)
+        return application
+
+    # --- messages -----------------------------------------------------------------------------------------------
+
+    async def text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A text message: checked, cleaned and signalled to the user's workflow."""
+        message, user = update.effective_message, update.effective_user
+        if message is None or user is None or not self._addressed(message, context):
+            return
+        if not await self._admitted(message, user):
+            return
+        text = clean_text(_without_mention(message.text or "", context.bot.username))
+        if not text:
+            await message.reply_text(EMPTY)
+            return
+        limit = self._settings.telegram_max_message_chars
+        if len(text) > limit:
+            await message.reply_text(TOO_LONG.format(length=len(text), limit=limit))
+            return
+        incoming = IncomingMessage(message_key=message_key(message), user=chat_user(user), chat_id=message.chat_id,
+                                   channel=Channel.TELEGRAM, text=text, sent_at=message.date)
+        try:
+            await self._signal(incoming)
+        except RPCError as exc:
+            _log.error("gateway.signal_failed", message_key=incoming.message_key, error=str(exc))
+            await message.reply_text(BUSY)
+            return
+        _log.info("gateway.accepted", message_key=incoming.message_key, telegram_id=user.id)
+
+    async def _signal(self, incoming: IncomingMessage) -> None:
+        # Temporal may be restarting: a few quick tries before the user is asked to resend.
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(SIGNAL_ATTEMPTS), reraise=True,
+                                           wait=wait_exponential(multiplier=0.25, max=2),
+                                           retry=retry_if_exception_type(RPCError)):
+            with attempt:
+                await signal_message(self._client, self._settings, incoming)
+
+    async def unsupported(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Photos, voice, stickers, documents…: say what the companion understands today."""
+        message, user = update.effective_message, update.effective_user
+        if message is None or user is None or not self._addressed(message, context):
+            return
+        if await self._admitted(message, user):
+            await message.reply_text(UNSUPPORTED)
+
+    async def edited(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """An edit: the original stays what the companion answered."""
+        message, user = update.effective_message, update.effective_user
+        if message is None or user is None or message.chat.type != ChatType.PRIVATE:
+            return
+        if await self._admitted(message, user):
+            await message.reply_text(EDITED)
+
+    # --- commands -----------------------------------------------------------------------------------------------
+
+    async def start(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/start: the greeting."""
+        message, user = update.effective_message, update.effective_user
+        if message is not None and user is not None and await self._admitted(message, user):
+            await message.reply_text(GREETING.format(name=user.first_name))
+
+    async def help(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/help: what the companion can do."""
+        message, user = update.effective_message, update.effective_user
+        if message is not None and user is not None and await self._admitted(message, user):
+            await message.reply_text(HELP)
+
+    async def forget(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/forget: ask for confirmation first; the buttons answer in forget_answer."""
+        message, user = update.effective_message, update.effective_user
+        if message is None or user is None or not await self._admitted(message, user):
+            return
+        buttons = InlineKeyboardMarkup([[InlineKeyboardButton("Yes, forget everything", callback_data="forget:yes"),
+                                         InlineKeyboardButton("No, keep it", callback_data="forget:no")]])
+        await message.reply_text(FORGET_ASK, reply_markup=buttons)
+
+    async def forget_answer(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The answer to /forget's question."""
+        query, user = update.callback_query, update.effective_user
+        if query is None or user is None:
+            return
+        if not self._is_allowed(user):
+            await query.answer(NOT_ALLOWED)
+            return
+        await query.answer()
+        if query.data != "forget:yes":
+            await query.edit_message_text(FORGET_KEPT)
+            return
+        forgotten = await forget(self._client, self._settings, chat_user(user))
+        _log.info("gateway.forgotten", telegram_id=user.id, had_memories=forgotten.had_memories)
+        await query.edit_message_text(FORGET_DONE)
+
+    async def nudges(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/nudges: the pending nudges, in the user's time zone."""
+        message, user = update.effective_message, update.effective_user
+        if message is None or user is None or not await self._admitted(message, user):
+            return
+        try:
+            state = await self._client.get_workflow_handle(workflow_id(user.id)).query(CompanionWorkflow.state)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            state = None
+        await message.reply_text(describe_nudges(state) if state is not None and state.nudges else NO_NUDGES)
+
+    async def quiet(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/quiet turns check-ins off; /quiet off turns them back on."""
+        message, user = update.effective_message, update.effective_user
+        if message is None or user is None or not await self._admitted(message, user):
+            return
+        enable = [arg.lower() for arg in context.args or []] == ["off"]
+        await set_checkins(self._client, self._settings, chat_user(user), enable)
+        await message.reply_text(QUIET_OFF if enable else QUIET_ON)
+
+    async def error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Log a handler's failure; the gateway goes on with the next update."""
+        update_id = update.update_id if isinstance(update, Update) else None
+        _log.error("gateway.handler_failed", update_id=update_id, error_type=type(context.error).__name__,
+                   error=str(context.error))
+
+    # --- who may talk -------------------------------------------------------------------------------------------
+
+    def _is_allowed(self, user: User) -> bool:
+        allowed = self._settings.telegram_allowed_user_ids
+        return not allowed or user.id in allowed
+
+    async def _admitted(self, message: Message, user: User) -> bool:
+        if self._is_allowed(user):
+            return True
+        _log.info("gateway.refused", telegram_id=user.id, reason="not on the allow-list")
+        await message.reply_text(NOT_ALLOWED)
+        return False
+
+    @staticmethod
+    def _addressed(message: Message, context: ContextTypes.DEFAULT_TYPE) -> bool:
+        """In a private chat always; in a group only when the bot is mentioned or replied to."""
+        if message.chat.type == ChatType.PRIVATE:
+            return True
+        bot = context.bot
+        replied = message.reply_to_message
+        if replied is not None and replied.from_user is not None and replied.from_user.id == bot.id:
+            return True
+        mentions = message.parse_entities([MessageEntityType.MENTION, MessageEntityType.TEXT_MENTION])
+        mentions |= message.parse_caption_entities([MessageEntityType.MENTION, MessageEntityType.TEXT_MENTION])
+        return any(text.lower() == f"@{bot.username}".lower() or (entity.user is not None and entity.user.id == bot.id)
+                   for entity, text in mentions.items())
+
+
+def _without_mention(text: str, username: str) -> str:
+    return re.sub(rf"@{re.escape(username)}\b", "", text, flags=re.IGNORECASE)
+
+
+def describe_nudges(state: CompanionState) -> str:
+    """The pending nudges as the user reads them, in their own time zone."""
+    try:
+        zone = ZoneInfo(state.timezone)
+    except ZoneInfoNotFoundError:
+        zone = ZoneInfo("UTC")
+    lines = ["Here's what I plan to send you:"]
+    lines += [f"• {_when(nudge, zone)}: {nudge.text or nudge.purpose}" for nudge in state.nudges]
+    return "\n".join(lines)
+
+
+def _when(nudge: Nudge, zone: ZoneInfo) -> str:
+    local: datetime = nudge.at.astimezone(zone)
+    return f"{local:%a %d %b, %H:%M} ({local.tzname()})"
+
+
+def build_application(settings: Settings, client: Client) -> Application:
+    """The python-telegram-bot application of the gateway, pointed at TELEGRAM_API_BASE_URL."""
+    if settings.telegram_bot_token is None:
+        raise ValueError("the gateway needs TELEGRAM_BOT_TOKEN")
+    application = (ApplicationBuilder().token(settings.telegram_bot_token.get_secret_value())
+                   .base_url(settings.telegram_api_base_url).concurrent_updates(True).build())
+    return Gateway(settings, client).install(application)
+
+
+async def run_gateway(settings: Settings, stop: asyncio.Event, client: Client | None = None,
+                      started: asyncio.Event | None = None) -> None:
+    """Receive updates (long polling, or the webhook when TELEGRAM_WEBHOOK_URL is set) until ``stop`` is set.
+
+    ``started`` is set once updates are being received.
+    """
+    client = client or await connect(settings)
+    application = build_application(settings, client)
+    async with application:  # initialize (checks the token with getMe) and shut down
+        await application.bot.set_my_commands(COMMANDS)
+        await application.start()
+        updater = application.updater
+        assert updater is not None
+        if settings.telegram_webhook_url:
+            secret = settings.telegram_webhook_secret
+            assert secret is not None  # the settings refuse a webhook without one
+            await updater.start_webhook(
+                listen=settings.telegram_webhook_listen, port=settings.telegram_webhook_port,
+                url_path=urlsplit(settings.telegram_webhook_url).path.lstrip("/"),
+                webhook_url=settings.telegram_webhook_url, secret_token=secret.get_secret_value(),
+                allowed_updates=ALLOWED_UPDATES)
+            _log.info("gateway.started", mode="webhook", port=settings.telegram_webhook_port)
+        else:
+            await updater.start_polling(allowed_updates=ALLOWED_UPDATES)
+            _log.info("gateway.started", mode="polling")
+        if started is not None:
+            started.set()
+        try:
+            await stop.wait()
+        finally:
+            await updater.stop()
+            await application.stop()
+    _log.info("gateway.stopped")

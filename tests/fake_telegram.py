@@ -1,0 +1,409 @@
+"""A small Telegram Bot API server for tests: the real python-telegram-bot talks to it unchanged.
+
+Faithful where the companion relies on it: `/bot<token>/<method>` URLs; parameters as form fields
+(url-encoded or multipart) or JSON, so every value arrives as a string and structured ones as JSON text; the
+`{"ok": true, "result": ...}` envelope and `{"ok": false, "error_code", "description", "parameters"}` errors;
+`getUpdates` long polling with offsets, refused (409) while a webhook is set; HTML parse mode checked as Telegram
+checks it; the 4,096-character limit after entity parsing; 403 from a chat that blocked the bot; 429 with
+`parameters.retry_after`. Tests push updates, script failures and read what the bot sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import itertools
+import json
+import re
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+TOKEN = "123456:TEST-token-for-the-local-bot-api_0"
+BOT_ID = 123456
+BOT_USERNAME = "companion_test_bot"
+MAX_TEXT = 4096
+_ALLOWED_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "a", "code", "pre", "tg-spoiler",
+                 "span", "blockquote", "tg-emoji"}
+_TAG = re.compile(r"<(/?)([a-zA-Z][\w-]*)([^>]*)>")
+
+
+@dataclass
+class Fail:
+    """Answer the next call of a method with this Bot API error."""
+
+    error_code: int
+    description: str
+    retry_after: int | None = None
+
+
+@dataclass
+class Sent:
+    """A message the bot sent."""
+
+    chat_id: int
+    message_id: int
+    text: str
+    parse_mode: str | None
+    reply_markup: dict[str, Any] | None
+
+
+@dataclass
+class FakeBotAPI:
+    """The server; tests use push_*, fail_next, block, and read sent / actions / calls."""
+
+    token: str = TOKEN
+    sent: list[Sent] = field(default_factory=list)
+    actions: list[tuple[int, str]] = field(default_factory=list)
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    webhook: dict[str, Any] | None = None
+    blocked: set[int] = field(default_factory=set)
+    _updates: list[dict[str, Any]] = field(default_factory=list)
+    _failures: dict[str, deque[Fail | None]] = field(default_factory=lambda: defaultdict(deque))
+    _update_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _message_ids: itertools.count = field(default_factory=lambda: itertools.count(50_000))
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def start(self) -> str:
+        """Serve on a free loopback port; returns the base URL for python-telegram-bot (`.../bot`)."""
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+            wbufsize = 64 * 1024
+
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                fake._handle(self)
+
+            do_GET = do_POST  # noqa: N815 - the Bot API takes both
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        """The base URL python-telegram-bot takes (`base_url`): the token and method follow it."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/bot"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- what tests do ------------------------------------------------------------------------------------------
+
+    def push(self, update: dict[str, Any]) -> dict[str, Any]:
+        """Queue an update for getUpdates (its update_id is assigned here)."""
+        with self._cond:
+            update = {"update_id": next(self._update_ids), **update}
+            self._updates.append(update)
+            self._cond.notify_all()
+        return update
+
+    def fail_next(self, method: str, *failures: Fail | None) -> None:
+        """The next calls of ``method`` fail with these errors, in order (None: that call goes through)."""
+        with self._cond:
+            self._failures[method.lower()].extend(failures)
+
+    def block(self, chat_id: int) -> None:
+        """The user of this private chat blocks the bot."""
+        self.blocked.add(chat_id)
+
+    def messages(self, chat_id: int) -> list[Sent]:
+        with self._cond:
+            return [sent for sent in self.sent if sent.chat_id == chat_id]
+
+    async def wait_for(self, chat_id: int, count: int = 1, timeout: float = 20.0) -> list[Sent]:
+        """The first ``count`` messages sent to a chat, waiting for them to arrive."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages(chat_id)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"chat {chat_id} got {self.messages(chat_id)!r}, expected {count} messages")
+            await asyncio.sleep(0.02)
+        return self.messages(chat_id)[:count]
+
+    def pending_updates(self) -> int:
+        with self._cond:
+            return len(self._updates)
+
+    def reset(self) -> None:
+        """Forget what earlier tests sent, blocked or scripted."""
+        with self._cond:
+            self.sent.clear()
+            self.actions.clear()
+            self.calls.clear()
+            self.blocked.clear()
+            self._failures.clear()
+            self._updates.clear()
+            self.webhook = None
+
+    # --- the protocol -------------------------------------------------------------------------------------------
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        match = re.fullmatch(r"/bot([^/]+)/(\w+)", request.path.split("?")[0])
+        if match is None:
+            return _reply(request, 404, {"ok": False, "error_code": 404, "description": "Not Found"})
+        token, method = match.groups()
+        if token != self.token:
+            return _reply(request, 401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
+        try:
+            params = _parameters(request)
+        except ValueError as exc:
+            return _error(request, 400, f"Bad Request: {exc}")
+        with self._cond:
+            self.calls.append((method, params))
+            failure = self._failures[method.lower()].popleft() if self._failures[method.lower()] else None
+        if failure is not None:
+            extra = {"parameters": {"retry_after": failure.retry_after}} if failure.retry_after else {}
+            return _error(request, failure.error_code, failure.description, extra)
+        handler = getattr(self, f"_m_{method.lower()}", None)
+        if handler is None:
+            return _error(request, 404, "Not Found: method not found")
+        try:
+            result = handler(params)
+        except _APIError as exc:
+            return _error(request, exc.code, exc.description)
+        _reply(request, 200, {"ok": True, "result": result})
+
+    def _m_getme(self, _params: dict[str, Any]) -> dict[str, Any]:
+        return {"id": BOT_ID, "is_bot": True, "first_name": "Companion", "username": BOT_USERNAME,
+                "can_join_groups": True, "can_read_all_group_messages": False, "supports_inline_queries": False}
+
+    def _m_getupdates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.webhook is not None:
+            raise _APIError(409, "Conflict: can't use getUpdates method while webhook is active; use "
+                                 "deleteWebhook to delete the webhook first")
+        offset, limit = int(params.get("offset", 0)), int(params.get("limit", 100))
+        deadline = time.monotonic() + min(float(params.get("timeout", 0)), 50)
+        with self._cond:
+            if offset:  # Telegram forgets every update below the offset: they are confirmed
+                self._updates = [update for update in self._updates if update["update_id"] >= offset]
+            while not self._updates and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(min(remaining, 0.5))
+            return self._updates[:limit]
+
+    def _m_setwebhook(self, params: dict[str, Any]) -> bool:
+        url = params.get("url", "")
+        if url and not url.startswith("https://"):
+            raise _APIError(400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook")
+        secret = params.get("secret_token")
+        if secret is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
+            raise _APIError(400, "Bad Request: bad webhook: secret token contains unallowed characters")
+        self.webhook = {"url": url, "secret_token": secret} if url else None
+        return True
+
+    def _m_deletewebhook(self, params: dict[str, Any]) -> bool:
+        self.webhook = None
+        if _flag(params.get("drop_pending_updates")):
+            with self._cond:
+                self._updates.clear()
+        return True
+
+    def _m_setmycommands(self, params: dict[str, Any]) -> bool:
+        commands = _json(params, "commands")
+        if not isinstance(commands, list):
+            raise _APIError(400, "Bad Request: can't parse commands JSON object")
+        return True
+
+    def _m_sendchataction(self, params: dict[str, Any]) -> bool:
+        chat_id = self._chat(params)
+        if params.get("action") not in {"typing", "upload_photo", "record_video", "upload_video", "record_voice",
+                                        "upload_voice", "upload_document", "choose_sticker", "find_location",
+                                        "record_video_note", "upload_video_note"}:
+            raise _APIError(400, "Bad Request: wrong parameter action in request")
+        with self._cond:
+            self.actions.append((chat_id, params["action"]))
+        return True
+
+    def _m_sendmessage(self, params: dict[str, Any]) -> dict[str, Any]:
+        chat_id = self._chat(params)
+        text, parse_mode = params.get("text", ""), params.get("parse_mode")
+        plain = parse_html(text) if parse_mode and parse_mode.lower() == "html" else text
+        if parse_mode and parse_mode.lower() not in ("html", "markdownv2", "markdown"):
+            raise _APIError(400, "Bad Request: unsupported parse_mode")
+        if not plain.strip():
+            raise _APIError(400, "Bad Request: message text is empty")
+        if len(plain.encode("utf-16-le")) // 2 > MAX_TEXT:
+            raise _APIError(400, "Bad Request: message is too long")
+        sent = Sent(chat_id, next(self._message_ids), text, parse_mode, _json(params, "reply_markup"))
+        with self._cond:
+            self.sent.append(sent)
+        return self._message(sent.chat_id, sent.message_id, plain)
+
+    def _m_editmessagetext(self, params: dict[str, Any]) -> dict[str, Any]:
+        chat_id = self._chat(params)
+        message_id = int(params["message_id"])
+        with self._cond:
+            target = next((sent for sent in self.sent if sent.chat_id == chat_id and sent.message_id == message_id),
+                          None)
+            if target is None:
+                raise _APIError(400, "Bad Request: message to edit not found")
+            target.text, target.reply_markup = params.get("text", ""), _json(params, "reply_markup")
+        return self._message(chat_id, message_id, target.text)
+
+    def _m_answercallbackquery(self, params: dict[str, Any]) -> bool:
+        if not params.get("callback_query_id"):
+            raise _APIError(400, "Bad Request: query is too old and response timeout expired or query ID is invalid")
+        return True
+
+    def _chat(self, params: dict[str, Any]) -> int:
+        if "chat_id" not in params:
+            raise _APIError(400, "Bad Request: chat_id is empty")
+        chat_id = int(params["chat_id"])
+        if chat_id in self.blocked:
+            raise _APIError(403, "Forbidden: bot was blocked by the user")
+        return chat_id
+
+    @staticmethod
+    def _message(chat_id: int, message_id: int, text: str) -> dict[str, Any]:
+        return {"message_id": message_id, "date": int(time.time()), "text": text,
+                "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
+                "from": {"id": BOT_ID, "is_bot": True, "first_name": "Companion", "username": BOT_USERNAME}}
+
+
+# --- updates, as Telegram sends them -----------------------------------------------------------------------------
+
+_message_numbers = itertools.count(1)
+
+
+def user(user_id: int, first_name: str = "Ada") -> dict[str, Any]:
+    return {"id": user_id, "is_bot": False, "first_name": first_name, "language_code": "en"}
+
+
+def message_update(user_id: int, text: str | None = None, *, chat_id: int | None = None, chat_type: str = "private",
+                   message_id: int | None = None, entities: list[dict[str, Any]] | None = None,
+                   reply_to: dict[str, Any] | None = None, edited: bool = False,
+                   **content: Any) -> dict[str, Any]:
+    """An update carrying a message (or an edit) from a user; ``content`` adds e.g. photo=[...] or sticker={...}."""
+    chat_id = user_id if chat_id is None else chat_id
+    chat = ({"id": chat_id, "type": "private", "first_name": "Ada"} if chat_type == "private"
+            else {"id": chat_id, "type": chat_type, "title": "Friends"})
+    message: dict[str, Any] = {"message_id": message_id or next(_message_numbers), "date": int(time.time()),
+                               "chat": chat, "from": user(user_id), **content}
+    if text is not None:
+        message["text"] = text
+        if text.startswith("/"):
+            command = text.split()[0]
+            entities = [{"type": "bot_command", "offset": 0, "length": len(command)}, *(entities or [])]
+    if entities:
+        message["entities"] = entities
+    if reply_to is not None:
+        message["reply_to_message"] = reply_to
+    if edited:
+        message["edit_date"] = int(time.time())
+    return {"edited_message" if edited else "message": message}
+
+
+def callback_update(user_id: int, data: str, message: dict[str, Any]) -> dict[str, Any]:
+    """A press on an inline keyboard button under a message the bot sent."""
+    return {"callback_query": {"id": str(next(_message_numbers)), "from": user(user_id), "chat_instance": "1",
+                               "data": data, "message": message}}
+
+
+def bot_message(chat_id: int, message_id: int, text: str) -> dict[str, Any]:
+    """A message of the bot as it appears inside updates (reply_to_message, callback_query.message)."""
+    return FakeBotAPI._message(chat_id, message_id, text)
+
+
+# --- wire format -------------------------------------------------------------------------------------------------
+
+
+class _APIError(Exception):
+    def __init__(self, code: int, description: str):
+        super().__init__(description)
+        self.code, self.description = code, description
+
+
+def _parameters(request: BaseHTTPRequestHandler) -> dict[str, Any]:
+    """The request's parameters as Telegram reads them: query string, then the body in any accepted encoding."""
+    params = {key: values[-1] for key, values in parse_qs(request.path.partition("?")[2]).items()}
+    body = request.rfile.read(int(request.headers.get("Content-Length", "0")))
+    kind = request.headers.get("Content-Type", "")
+    if not body:
+        return params
+    if kind.startswith("application/json"):
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError:
+            raise ValueError("can't parse JSON body") from None
+        params.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in data.items()})
+    elif kind.startswith("application/x-www-form-urlencoded"):
+        params.update({key: values[-1] for key, values in parse_qs(body.decode(), keep_blank_values=True).items()})
+    elif kind.startswith("multipart/form-data"):
+        message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {kind}\r\n\r\n".encode() + body)
+        for part in message.iter_parts():
+            params[part.get_param("name", header="content-disposition")] = part.get_content()
+    return params
+
+
+def _json(params: dict[str, Any], name: str) -> Any:
+    if name not in params:
+        return None
+    try:
+        return json.loads(params[name])
+    except json.JSONDecodeError:
+        raise _APIError(400, f"Bad Request: can't parse {name} JSON object") from None
+
+
+def _flag(value: str | None) -> bool:
+    return value is not None and value.lower() in ("true", "1")
+
+
+def parse_html(text: str) -> str:
+    """The plain text of an HTML-formatted message, refusing what Telegram refuses."""
+    plain, stack, position = [], [], 0
+    for match in _TAG.finditer(text):
+        plain.append(_unescape(text[position:match.start()], match.start()))
+        closing, name = match.group(1), match.group(2).lower()
+        offset = len(text[:match.start()].encode())
+        if name not in _ALLOWED_TAGS:
+            raise _APIError(400, f'Bad Request: can\'t parse entities: Unsupported start tag "{name}" at byte '
+                                 f"offset {offset}")
+        if closing:
+            if not stack or stack[-1] != name:
+                raise _APIError(400, f'Bad Request: can\'t parse entities: Unexpected end tag at byte offset {offset}')
+            stack.pop()
+        else:
+            stack.append(name)
+        position = match.end()
+    plain.append(_unescape(text[position:], position))
+    if stack:
+        raise _APIError(400, f'Bad Request: can\'t parse entities: Can\'t find end tag corresponding to start tag '
+                             f'"{stack[-1]}"')
+    return "".join(plain)
+
+
+def _unescape(chunk: str, start: int) -> str:
+    if "<" in chunk or ">" in chunk:
+        raise _APIError(400, "Bad Request: can't parse entities: Unsupported start tag at byte offset "
+                             f"{start + chunk.find('<')}")
+    for entity in re.findall(r"&[^;\s]*;?", chunk):
+        if not re.fullmatch(r"&(lt|gt|amp|quot|#\d+|#x[0-9a-fA-F]+);", entity):
+            raise _APIError(400, f"Bad Request: can't parse entities: Unsupported entity {entity!r}")
+    return html.unescape(chunk)
+
+
+def _error(request: BaseHTTPRequestHandler, code: int, description: str,
+           extra: dict[str, Any] | None = None) -> None:
+    _reply(request, code, {"ok": False, "error_code": code, "description": description, **(extra or {})})
+
+
+def _reply(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    request.send_response(status)
+    request.send_header("Content-Type", "application/json")
+    request.send_header("Content-Length", str(len(data)))
+    request.end_headers()
+    request.wfile.write(data)

@@ -1,0 +1,444 @@
+"""The Telegram channel end to end: the real python-telegram-bot (gateway and delivery) against a local Bot API
+server, the worker, real Temporal (dev server) and real PostgreSQL, the LLM answered by the scripted stub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+from telegram import Bot
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+import bot_gateway
+from activities.llm import ChatModel
+from activities.nudges import CompanionActivities
+from activities.telegram import MESSAGE_LIMIT, TelegramChannel, split_message, to_html, utf16_len
+from core.errors import UserNotFoundError
+from core.settings import Settings, load_settings
+from schemas.memory import NudgeStatus
+from schemas.turn import Nudge
+from storage.repository import MemoryRepository
+from tests.conftest import QUERY_TIMEOUT, TemporalServers, new_telegram_id
+from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_telegram import (
+    BOT_USERNAME,
+    TOKEN,
+    Fail,
+    FakeBotAPI,
+    Sent,
+    bot_message,
+    callback_update,
+    message_update,
+    parse_html,
+)
+from tests.test_workflow import eventually, transcript
+from worker import build_worker
+from workflows.client import schedule_nudge
+from workflows.companion import CompanionWorkflow, workflow_id
+
+WEBHOOK_URL = "https://companion.example/telegram"
+WEBHOOK_SECRET = "s3cret-token_for-webhooks"
+
+
+@pytest.fixture(scope="session")
+def bot_api_server() -> AsyncIterator[FakeBotAPI]:
+    server = FakeBotAPI()
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class TelegramStack:
+    """Worker and gateway on a fresh task queue, the Bot API server they talk to, and the database behind them."""
+
+    settings: Settings
+    api: FakeBotAPI
+    llm: FakeOpenAI
+    repo: MemoryRepository
+    servers: TemporalServers
+
+    async def state(self, telegram_id: int):
+        client = (await self.servers.get("dev-server")).client
+        return await client.get_workflow_handle(workflow_id(telegram_id)).query(CompanionWorkflow.state,
+                                                                                rpc_timeout=QUERY_TIMEOUT)
+
+    async def workflow_exists(self, telegram_id: int) -> bool:
+        client = (await self.servers.get("dev-server")).client
+        try:
+            await client.get_workflow_handle(workflow_id(telegram_id)).describe()
+        except RPCError as exc:
+            assert exc.status == RPCStatusCode.NOT_FOUND
+            return False
+        return True
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings, servers: TemporalServers) -> AsyncIterator[None]:
+    stop, started = asyncio.Event(), asyncio.Event()
+    client = (await servers.get("dev-server")).client
+    task = asyncio.create_task(bot_gateway.run_gateway(settings, stop, client, started))
+    await asyncio.wait([task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # it failed to start: say why
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+@pytest.fixture
+def gateway_settings(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Settings a test adds (parametrized indirectly): an allow-list, a length limit, webhook mode."""
+    return dict(getattr(request, "param", {}))
+
+
+@pytest.fixture
+async def tg(bot_api_server: FakeBotAPI, temporal_servers: TemporalServers, repo: MemoryRepository,
+             fake_llm: FakeOpenAI, gateway_settings: dict[str, object]) -> AsyncIterator[TelegramStack]:
+    env = await temporal_servers.get("dev-server")
+    api = bot_api_server
+    api.reset()
+    task_queue = f"test-{uuid.uuid4()}"
+    settings = load_settings(temporal_task_queue=task_queue, telegram_bot_token=TOKEN,
+                             telegram_api_base_url=api.url, **gateway_settings)
+    chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
+    channel = TelegramChannel(Bot(TOKEN, base_url=settings.telegram_api_base_url))
+    activities = CompanionActivities(repo, chat, channel)
+    stack = TelegramStack(settings, api, fake_llm, repo, temporal_servers)
+    try:
+        async with build_worker(env.client, task_queue, activities), running_gateway(settings, temporal_servers):
+            yield stack
+    finally:
+        await channel.close()
+        async for execution in env.client.list_workflows(f'TaskQueue="{task_queue}"'):
+            if execution.status == WorkflowExecutionStatus.RUNNING:
+                await env.client.get_workflow_handle(execution.id).terminate("test finished")
+
+
+async def say(tg: TelegramStack, user_id: int, text: str, **fields: object) -> dict:
+    """The user writes to the bot; returns the update as Telegram sent it."""
+    return tg.api.push(message_update(user_id, text, **fields))
+
+
+async def settle(tg: TelegramStack, user_id: int) -> list[Sent]:
+    """Everything the chat got up to now: a marker message is answered after anything signalled before it."""
+    before = len(tg.api.messages(user_id))
+    await say(tg, user_id, "marker")
+    await eventually(lambda: _async(tg.api.messages(user_id)), lambda sent: any(
+        m.text.endswith("marker") for m in sent[before:]))
+    return [m for m in tg.api.messages(user_id) if not m.text.endswith("marker")]
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+# --- a turn, and what the user sees ----------------------------------------------------------------------------
+
+
+async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    update = await say(tg, ada, "Hi, I'm Ada and I love climbing")
+
+    [reply] = await tg.api.wait_for(ada)
+    assert reply.text == "I hear you: Hi, I'm Ada and I love climbing" and reply.parse_mode == "HTML"
+    assert (ada, "typing") in tg.api.actions
+    key = f"tg:{ada}:{update['message']['message_id']}"
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    stored = {m.message_key: m for m in await tg.repo.recent_messages(user.id)}
+    assert stored[key].content == "Hi, I'm Ada and I love climbing" and stored[key].channel.value == "telegram"
+    assert stored[f"{key}:reply"].meta["telegram_parts_sent"] == 1
+    assert user.first_name == "Ada"
+
+
+async def test_a_redelivered_update_gets_no_second_reply(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    first = message_update(ada, "Are you there?")
+    tg.api.push(first)
+    await tg.api.wait_for(ada)
+    tg.api.push(first)  # Telegram resends an update it thinks was lost: same chat, same message id
+
+    sent = await settle(tg, ada)
+    assert [m.text for m in sent] == ["I hear you: Are you there?"]
+    assert [text for _, text in await transcript(tg, ada)].count("Are you there?") == 1
+
+
+async def test_flood_control_is_waited_out_and_the_reply_sent_once(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    tg.api.fail_next("sendMessage", Fail(429, "Too Many Requests: retry after 1", retry_after=1))
+    await say(tg, ada, "hello")
+
+    [reply] = await tg.api.wait_for(ada, timeout=30)
+    assert reply.text == "I hear you: hello"
+    sends = [params for method, params in tg.api.calls if method == "sendMessage" and params["chat_id"] == str(ada)]
+    assert len(sends) == 2  # the refused one, then the one Telegram took
+    assert len(await settle(tg, ada)) == 1
+
+
+async def test_a_user_who_blocked_the_bot_is_marked_inactive_and_gets_no_nudges(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "hi")
+    await tg.api.wait_for(ada)
+    client = (await tg.servers.get("dev-server")).client
+    nudge = await schedule_nudge(client, tg.settings, ada, Nudge(
+        nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=datetime.now(UTC) + timedelta(hours=5), text="how was the climb?"))
+    tg.api.block(ada)
+
+    await say(tg, ada, "one more thing")
+    state = await eventually(lambda: tg.state(ada), lambda s: s.blocked)
+    assert state.nudges == []
+    assert (await tg.repo.get_scheduled_message(nudge.nudge_id)).status == NudgeStatus.CANCELLED
+    assert not (await tg.repo.get_user_by_telegram_id(ada)).is_active
+    sends = [params for method, params in tg.api.calls if method == "sendMessage" and params["chat_id"] == str(ada)]
+    assert len(sends) == 2  # the first reply, and one refused attempt: a 403 is not retried
+
+    tg.api.blocked.clear()  # they unblock the bot and write again
+    await say(tg, ada, "I'm back")
+    await eventually(lambda: _async(tg.api.messages(ada)), lambda sent: sent[-1].text == "I hear you: I'm back")
+    assert (await tg.repo.get_user_by_telegram_id(ada)).is_active
+    assert not (await tg.state(ada)).blocked
+
+
+async def test_a_long_reply_is_split_at_paragraphs_and_a_429_in_between_resends_nothing(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    paragraphs = [(f"Paragraph {n}. " + "All work and no play makes a dull day. " * 40).strip() for n in range(8)]
+    text = "\n\n".join(paragraphs)
+    assert len(text) > 2 * MESSAGE_LIMIT
+    tg.llm.script(Reply(text))
+    # The second part meets flood control: the retry must not send the first part again.
+    tg.api.fail_next("sendMessage", None, Fail(429, "Too Many Requests: retry after 1", retry_after=1))
+    await say(tg, ada, "tell me a long story")
+    await tg.api.wait_for(ada, count=4, timeout=30)
+
+    sent = await settle(tg, ada)
+    assert len(sent) == 4  # eight paragraphs of ~1,580 characters: two fit in a message
+    assert all(utf16_len(part.text) <= MESSAGE_LIMIT for part in sent)
+    assert all(part.text.startswith("Paragraph") for part in sent)  # cut between paragraphs, not inside one
+    assert "\n\n".join(part.text for part in sent) == text
+
+
+async def test_formatting_is_sent_as_html_and_falls_back_to_plain_text(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    tg.llm.script(Reply("That's **great** news & `x < y` <3"), Reply("**bold *both** italic*"))
+    await say(tg, ada, "I got the job")
+    [formatted] = await tg.api.wait_for(ada)
+    assert formatted.parse_mode == "HTML"
+    assert formatted.text == "That's <b>great</b> news &amp; <code>x &lt; y</code> &lt;3"
+
+    await say(tg, ada, "and a raise")  # the model's Markdown is mis-nested: Telegram can't parse the HTML
+    _, plain = await tg.api.wait_for(ada, count=2)
+    assert plain.parse_mode is None and plain.text == "**bold *both** italic*"
+
+
+# --- what the gateway lets through -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gateway_settings", [{"telegram_allowed_user_ids": "1001,1002"}], indirect=True)
+async def test_only_allowed_users_are_answered_and_others_leave_nothing_behind(tg: TelegramStack) -> None:
+    stranger = new_telegram_id()
+    await say(tg, stranger, "let me in")
+    [refusal] = await tg.api.wait_for(stranger)
+    assert refusal.text == bot_gateway.NOT_ALLOWED
+    with pytest.raises(UserNotFoundError):
+        await tg.repo.get_user_by_telegram_id(stranger)
+    assert not await tg.workflow_exists(stranger)
+
+    await say(tg, 1001, "it's me")
+    [reply] = await tg.api.wait_for(1001)
+    assert reply.text == "I hear you: it's me"
+
+
+async def test_photos_voice_stickers_and_edits_get_a_short_explanation(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    tg.api.push(message_update(ada, photo=[{"file_id": "p1", "file_unique_id": "u1", "width": 90, "height": 90}],
+                               caption="look at this view"))
+    tg.api.push(message_update(ada, voice={"file_id": "v1", "file_unique_id": "u2", "duration": 3}))
+    tg.api.push(message_update(ada, sticker={"file_id": "s1", "file_unique_id": "u3", "type": "regular",
+                                             "width": 512, "height": 512, "is_animated": False, "is_video": False}))
+    tg.api.push(message_update(ada, "I meant Tuesday", edited=True))
+
+    sent = await tg.api.wait_for(ada, count=4)
+    assert sorted(m.text for m in sent) == sorted([bot_gateway.UNSUPPORTED] * 3 + [bot_gateway.EDITED])
+    assert not await tg.workflow_exists(ada)  # nothing reached the companion
+
+
+@pytest.mark.parametrize("gateway_settings", [{"telegram_max_message_chars": 40}], indirect=True)
+async def test_overlong_text_is_refused_and_control_characters_are_stripped(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "x" * 41)
+    [refusal] = await tg.api.wait_for(ada)
+    assert refusal.text == bot_gateway.TOO_LONG.format(length=41, limit=40)
+    assert not await tg.workflow_exists(ada)
+
+    await say(tg, ada, "he\x00llo\x1b[31m\u0085 there")
+    _, reply = await tg.api.wait_for(ada, count=2)
+    assert reply.text == "I hear you: hello[31m there"
+    assert await transcript(tg, ada) == [("user", "hello[31m there"), ("assistant", "I hear you: hello[31m there")]
+
+
+async def test_in_a_group_the_bot_answers_only_when_mentioned_or_replied_to(tg: TelegramStack) -> None:
+    ada, group = new_telegram_id(), -new_telegram_id()
+    mention = f"@{BOT_USERNAME}"
+    tg.api.push(message_update(ada, "lunch at noon, everyone?", chat_id=group, chat_type="group"))
+    tg.api.push(message_update(ada, f"{mention} what do you think?", chat_id=group, chat_type="group",
+                               entities=[{"type": "mention", "offset": 0, "length": len(mention)}]))
+    [answer] = await tg.api.wait_for(group)
+    assert answer.text == "I hear you: what do you think?"
+
+    tg.api.push(message_update(ada, "and dessert?", chat_id=group, chat_type="group",
+                               reply_to=bot_message(group, answer.message_id, answer.text)))
+    _, second = await tg.api.wait_for(group, count=2)
+    assert second.text == "I hear you: and dessert?"
+    assert [text for role, text in await transcript(tg, ada) if role == "user"] == ["what do you think?",
+                                                                                  "and dessert?"]
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+
+
+async def test_start_and_help_explain_the_companion(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "/start")
+    await say(tg, ada, "/help")
+    greeting, help_text = await tg.api.wait_for(ada, count=2)
+    assert greeting.text.startswith("Hi Ada!") and "/help" in greeting.text
+    assert help_text.text == bot_gateway.HELP
+
+
+async def test_nudges_lists_pending_ones_and_quiet_turns_check_ins_off(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "/nudges")
+    [none] = await tg.api.wait_for(ada)
+    assert none.text == bot_gateway.NO_NUDGES
+
+    client = (await tg.servers.get("dev-server")).client
+    at = datetime(2031, 5, 6, 7, 30, tzinfo=UTC)
+    await schedule_nudge(client, tg.settings, ada, Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=at,
+                                                         text="call mom"))
+    await say(tg, ada, "/nudges")
+    _, listing = await tg.api.wait_for(ada, count=2)
+    assert listing.text.endswith("• Tue 06 May, 07:30 (UTC): call mom")
+
+    await say(tg, ada, "/quiet")
+    _, _, quiet = await tg.api.wait_for(ada, count=3)
+    assert quiet.text == bot_gateway.QUIET_ON and not (await tg.state(ada)).checkins
+    await say(tg, ada, "/quiet off")
+    *_, loud = await tg.api.wait_for(ada, count=4)
+    assert loud.text == bot_gateway.QUIET_OFF and (await tg.state(ada)).checkins
+
+
+async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "I love climbing")
+    await tg.api.wait_for(ada)
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    client = (await tg.servers.get("dev-server")).client
+    nudge = await schedule_nudge(client, tg.settings, ada, Nudge(
+        nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=datetime.now(UTC) + timedelta(days=1), text="climb today?"))
+
+    await say(tg, ada, "/forget")
+    _, question = await tg.api.wait_for(ada, count=2)
+    assert question.text == bot_gateway.FORGET_ASK
+    buttons = [button["callback_data"] for button in question.reply_markup["inline_keyboard"][0]]
+    assert buttons == ["forget:yes", "forget:no"]
+    assert await tg.repo.get_user_by_telegram_id(ada) == user  # nothing erased before the answer
+
+    tg.api.push(callback_update(ada, "forget:yes", bot_message(ada, question.message_id, question.text)))
+    await eventually(lambda: _async(question.text), lambda text: text == bot_gateway.FORGET_DONE)
+    with pytest.raises(UserNotFoundError):
+        await tg.repo.get_user_by_telegram_id(ada)
+    assert await tg.repo.list_scheduled_messages(user_id=user.id) == []
+    state = await eventually(lambda: tg.state(ada), lambda s: s.user_id is None)
+    assert state.nudges == [] and state.transcript == [] and nudge.nudge_id in state.done_nudges
+
+    await say(tg, ada, "hello again")
+    await eventually(lambda: _async(tg.api.messages(ada)), lambda sent: sent[-1].text == "I hear you: hello again")
+    prompt = tg.llm.requests[-1]["messages"]
+    assert not any("climbing" in str(m["content"]) for m in prompt)
+    assert await transcript(tg, ada) == [("user", "hello again"), ("assistant", "I hear you: hello again")]
+
+
+async def test_forget_can_be_declined(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "I love climbing")
+    await tg.api.wait_for(ada)
+    await say(tg, ada, "/forget")
+    _, question = await tg.api.wait_for(ada, count=2)
+    tg.api.push(callback_update(ada, "forget:no", bot_message(ada, question.message_id, question.text)))
+    await eventually(lambda: _async(question.text), lambda text: text == bot_gateway.FORGET_KEPT)
+    assert ("user", "I love climbing") in await transcript(tg, ada)
+
+
+# --- webhook mode ----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+WEBHOOK_PORT = _free_port()
+
+
+@pytest.mark.parametrize("gateway_settings", [{
+    "telegram_webhook_url": WEBHOOK_URL, "telegram_webhook_secret": WEBHOOK_SECRET,
+    "telegram_webhook_listen": "127.0.0.1", "telegram_webhook_port": WEBHOOK_PORT}], indirect=True)
+async def test_the_webhook_takes_updates_with_the_secret_only(tg: TelegramStack) -> None:
+    assert tg.api.webhook == {"url": WEBHOOK_URL, "secret_token": WEBHOOK_SECRET}
+    ada, eve = new_telegram_id(), new_telegram_id()
+    url = f"http://127.0.0.1:{WEBHOOK_PORT}/telegram"
+    header = "X-Telegram-Bot-Api-Secret-Token"
+    async with httpx.AsyncClient() as http:
+        missing = await http.post(url, json={"update_id": 1, **message_update(eve, "no secret")})
+        wrong = await http.post(url, json={"update_id": 2, **message_update(eve, "wrong secret")},
+                                headers={header: "guess"})
+        good = await http.post(url, json={"update_id": 3, **message_update(ada, "via webhook")},
+                               headers={header: WEBHOOK_SECRET})
+    assert (missing.status_code, wrong.status_code, good.status_code) == (403, 403, 200)
+
+    [reply] = await tg.api.wait_for(ada)
+    assert reply.text == "I hear you: via webhook"
+    assert tg.api.messages(eve) == [] and not await tg.workflow_exists(eve)
+
+
+# --- splitting and formatting, checked against the Bot API server's own parser ----------------------------------
+
+
+@pytest.mark.parametrize(("markdown", "shown"), [
+    ("plain words, nothing else", "plain words, nothing else"),
+    ("5 < 6 && 7 > 3, <b>not a tag</b> & &amp; literally", "5 < 6 && 7 > 3, <b>not a tag</b> & &amp; literally"),
+    ("**bold**, *italic*, _also_, __bold__, `code <x>` and [a link](https://example.com/?a=1&b=2)",
+     "bold, italic, also, bold, code <x> and a link"),
+    ("```python\nif a < b:\n    print('&')\n```\nthen text", "if a < b:\n    print('&')\nthen text"),
+    ("snake_case_names and 2*3*4 and a * star * alone", "snake_case_names and 2*3*4 and a * star * alone"),
+    ("emoji 🧗‍♀️ and unicode — fine", "emoji 🧗‍♀️ and unicode — fine"),
+])
+def test_formatted_text_is_accepted_by_telegram_and_reads_as_meant(markdown: str, shown: str) -> None:
+    assert parse_html(to_html(markdown)) == shown  # parse_html refuses what Telegram refuses
+
+
+def test_splitting_prefers_paragraphs_then_sentences_then_words() -> None:
+    sentence = "This sentence has exactly fifty characters in it. "
+    assert len(sentence) == 50
+    by_sentence = split_message(sentence * 100, limit=1000)
+    assert [len(part) for part in by_sentence] == [999] * 5  # twenty sentences, the space trimmed
+    assert all(part.endswith("it.") for part in by_sentence)
+
+    one_word = "a" * 2500
+    assert [len(part) for part in split_message(one_word, limit=1000)] == [1000, 1000, 500]
+
+    emoji = "🙂" * 3000  # two UTF-16 units each: Telegram counts 6,000
+    parts = split_message(emoji)
+    assert [utf16_len(part) for part in parts] == [4096, 1904] and "".join(parts) == emoji
