@@ -29,6 +29,8 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from activities.telegram import telegram_errors
+from core.errors import ConfigurationError
 from core.logging import get_logger
 from core.settings import Settings
 from schemas.memory import Channel
@@ -295,28 +297,43 @@ async def run_gateway(settings: Settings, stop: asyncio.Event, client: Client | 
     """
     client = client or await connect(settings)
     application = build_application(settings, client)
-    async with application:  # initialize (checks the token with getMe) and shut down
-        await application.bot.set_my_commands(COMMANDS)
+    try:
+        with telegram_errors():  # a wrong token or an unreachable Bot API: one clear error
+            await application.initialize()  # checks the token with getMe
+            await application.bot.set_my_commands(COMMANDS)
         await application.start()
-        updater = application.updater
-        assert updater is not None
-        if settings.telegram_webhook_url:
-            secret = settings.telegram_webhook_secret
-            assert secret is not None  # the settings refuse a webhook without one
+        try:
+            await _receive(settings, application)
+            if started is not None:
+                started.set()
+            await stop.wait()
+        finally:
+            if application.updater is not None and application.updater.running:
+                await application.updater.stop()
+            await application.stop()
+    finally:
+        await application.shutdown()
+    _log.info("gateway.stopped")
+
+
+async def _receive(settings: Settings, application: Application) -> None:
+    updater = application.updater
+    assert updater is not None
+    if not settings.telegram_webhook_url:
+        with telegram_errors():
+            await updater.start_polling(allowed_updates=ALLOWED_UPDATES)
+        _log.info("gateway.started", mode="polling")
+        return
+    secret = settings.telegram_webhook_secret
+    assert secret is not None  # the settings refuse a webhook without one
+    try:
+        with telegram_errors():
             await updater.start_webhook(
                 listen=settings.telegram_webhook_listen, port=settings.telegram_webhook_port,
                 url_path=urlsplit(settings.telegram_webhook_url).path.lstrip("/"),
                 webhook_url=settings.telegram_webhook_url, secret_token=secret.get_secret_value(),
                 allowed_updates=ALLOWED_UPDATES)
-            _log.info("gateway.started", mode="webhook", port=settings.telegram_webhook_port)
-        else:
-            await updater.start_polling(allowed_updates=ALLOWED_UPDATES)
-            _log.info("gateway.started", mode="polling")
-        if started is not None:
-            started.set()
-        try:
-            await stop.wait()
-        finally:
-            await updater.stop()
-            await application.stop()
-    _log.info("gateway.stopped")
+    except OSError as exc:
+        raise ConfigurationError(f"the webhook cannot listen on {settings.telegram_webhook_listen}:"
+                                 f"{settings.telegram_webhook_port}: {exc.strerror or exc}") from exc
+    _log.info("gateway.started", mode="webhook", port=settings.telegram_webhook_port)

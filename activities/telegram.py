@@ -31,7 +31,7 @@ TYPING_EVERY_S = 4.0
 _MIN_SHARE = 0.3
 
 _log = get_logger(__name__)
-# PTB warns on every RetryAfter that retry_after will become a timedelta; _translated takes either.
+# PTB warns on every RetryAfter that retry_after will become a timedelta; telegram_errors takes either.
 warnings.filterwarnings("ignore", message=r".*`retry_after` will be of type", category=PTBDeprecationWarning)
 
 
@@ -121,7 +121,7 @@ class TelegramChannel:
     async def send(self, chat_id: int, text: str) -> int:
         """Send one part (≤ MESSAGE_LIMIT) formatted as HTML, or as plain text when Telegram can't parse it."""
         bot = await self._started()
-        with _translated(chat_id):
+        with telegram_errors(chat_id):
             try:
                 message = await bot.send_message(chat_id, to_html(text), parse_mode=ParseMode.HTML)
             except BadRequest as exc:
@@ -146,7 +146,7 @@ class TelegramChannel:
         while True:
             try:
                 bot = await self._started()
-                with _translated(chat_id):
+                with telegram_errors(chat_id):
                     await bot.send_chat_action(chat_id, ChatAction.TYPING)
             except CompanionError as exc:
                 _log.info("telegram.typing_failed", chat_id=chat_id, error=exc.message)
@@ -157,7 +157,7 @@ class TelegramChannel:
         if not self._ready:
             async with self._lock:
                 if not self._ready:
-                    with _translated(None):
+                    with telegram_errors(None):
                         await self._bot.initialize()
                     self._ready = True
         return self._bot
@@ -169,7 +169,8 @@ class TelegramChannel:
 
 
 @contextmanager
-def _translated(chat_id: int | None) -> Iterator[None]:
+def telegram_errors(chat_id: int | None = None) -> Iterator[None]:
+    """python-telegram-bot's errors raised inside the block, as ours (never quoting the bot token)."""
     context = {"chat_id": chat_id}
     try:
         yield

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from temporalio.client import Client
 
+from bot_gateway import run_gateway
 from cli.conversation import chat_loop
 from core.errors import ConfigurationError, InvalidInputError
 from core.logging import get_logger
@@ -129,7 +130,8 @@ def _banner(settings: Settings, server: TemporalDevServer, user: int) -> str:
            if settings.uses_local_model else f"{settings.openai_chat_model} at "
            f"{settings.openai_base_url or 'OpenAI'}")
     database = (f"embedded, {settings.postgres_data_dir}" if settings.uses_embedded_postgres else "DATABASE_URL")
-    telegram = ("not started: the Telegram gateway is not part of this version" if settings.telegram_bot_token
+    mode = (f"webhook {settings.telegram_webhook_url}" if settings.telegram_webhook_url else "long polling")
+    telegram = (f"gateway on, {mode}" if settings.telegram_bot_token
                 else "off (set TELEGRAM_BOT_TOKEN to talk on Telegram)")
     return "\n".join([
         "companion is running",
@@ -158,17 +160,20 @@ async def run_dev(settings: Settings, user: int, chat: bool) -> int:
             finally:
                 await engine.dispose()
             stop = asyncio.Event()
-            worker = asyncio.create_task(run_worker(settings, database_url, stop))
+            services = [asyncio.create_task(run_worker(settings, database_url, stop))]
+            if settings.telegram_bot_token is not None:
+                services.append(asyncio.create_task(run_gateway(settings, stop, client)))
             print(_banner(settings, server, user), flush=True)
-            tasks = [worker, *([asyncio.create_task(chat_loop(client, settings, user))] if chat else [])]
+            tasks = [*services, *([asyncio.create_task(chat_loop(client, settings, user))] if chat else [])]
             try:
-                # Leaving the chat ends the session; a worker that fails ends it too, with its error.
+                # Leaving the chat ends the session; a worker or gateway that fails ends it too, with its error.
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in tasks[1:]:
+                for task in tasks[len(services):]:
                     task.cancel()
                 stop.set()
-                await worker
+                for service in services:
+                    await service
     finally:
         server.stop()
     return 0

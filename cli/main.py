@@ -35,6 +35,7 @@ def _build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--user", type=int, default=DEFAULT_USER, help="who you are in the chat (default 42)")
     dev.add_argument("--no-chat", action="store_true", help="do not open the chat prompt even on a terminal")
     commands.add_parser("worker", help="run a worker against the configured Temporal and PostgreSQL")
+    commands.add_parser("gateway", help="run the Telegram gateway (long polling, or the webhook if configured)")
 
     say = commands.add_parser("say", help="send one message and print the reply")
     say.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
@@ -110,6 +111,19 @@ async def _worker(settings: Settings) -> int:
     return 0
 
 
+async def _gateway(settings: Settings) -> int:
+    from bot_gateway import run_gateway
+
+    if settings.telegram_bot_token is None:
+        raise ConfigurationError("the gateway needs TELEGRAM_BOT_TOKEN (a token from @BotFather)")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)  # finish the updates in hand, then exit
+    await run_gateway(settings, stop)
+    return 0
+
+
 async def _replay(files: list[Path]) -> int:
     from temporalio.client import WorkflowHistory
     from temporalio.contrib.pydantic import pydantic_data_converter
@@ -152,6 +166,8 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
             return dev.run_dev(settings, args.user, chat=not args.no_chat and sys.stdin.isatty())
         case "worker":
             return _worker(settings)
+        case "gateway":
+            return _gateway(settings)
         case "say":
             return conversation.say(settings, args.user, " ".join(args.text), args.timeout)
         case "chat":

@@ -1,10 +1,11 @@
 """Record workflow histories from real runs into tests/histories/, for the replay tests.
 
-    uv run python -m tests.record_histories
+    uv run python -m tests.record_histories [SCENARIO ...]
 
-Runs the real worker against the Temporal dev server, an embedded PostgreSQL and the scripted OpenAI server, and
-saves: a plain conversation, one whose activities failed and were retried, a run that continued as new, and one
-with a nudge that fired and one that was cancelled.
+Runs the real worker against the Temporal dev server, an embedded PostgreSQL, the scripted OpenAI server and the
+local Bot API server, and saves: a plain conversation, one whose activities failed and were retried, a run that
+continued as new, one with a nudge that fired and one that was cancelled, and a Telegram conversation (delivery,
+flood control, a nudge delivered, the bot blocked, /forget). Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
 
@@ -18,12 +19,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from openai import AsyncOpenAI
+from telegram import Bot
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
+from activities.telegram import TelegramChannel
 from cli.dev import dev_server_config_args
 from core.settings import load_settings
 from schemas.memory import Channel, NudgeStatus
@@ -33,12 +36,15 @@ from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
 from storage.repository import MemoryRepository
 from tests.fake_openai import Fail, FakeOpenAI
+from tests.fake_telegram import TOKEN, FakeBotAPI
+from tests.fake_telegram import Fail as BotAPIFail
 from tests.test_workflow import FailingAfterWrite
 from worker import build_worker
-from workflows.client import cancel_nudge, schedule_nudge, send_message, signal_message
+from workflows.client import cancel_nudge, forget, schedule_nudge, send_message, signal_message
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
 
 HISTORIES = Path(__file__).parent / "histories"
+Fail429 = BotAPIFail(429, "Too Many Requests: retry after 1", retry_after=1)
 BIN = Path(sys.executable).parent
 
 
@@ -54,19 +60,30 @@ async def _save(client: Client, telegram_id: int, name: str, run_id: str | None 
     print(f"recorded {name}.json ({len(history.events)} events)")
 
 
-async def _scenarios(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
-    settings = load_settings(temporal_task_queue="record-histories")
-    plain = ["Hi, I'm Simon", "I have a job interview at Acme tomorrow", "Wish me luck!"]
+SETTINGS = load_settings(temporal_task_queue="record-histories")
+
+
+async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    settings = SETTINGS
     async with build_worker(client, settings.temporal_task_queue, FailingAfterWrite(repository, _chat(llm))):
         llm.script(Fail(500))  # the first LLM call fails once; record_message fails twice after writing
         await send_message(client, settings, _message(1002, 0, "Something went wrong yesterday"))
         await _save(client, 1002, "retried_activities")
 
+
+async def _console(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    settings = SETTINGS
+    plain = ["Hi, I'm Simon", "I have a job interview at Acme tomorrow", "Wish me luck!"]
     async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, _chat(llm))):
         for n, text in enumerate(plain):
             await send_message(client, settings, _message(1001, n, text))
         await _save(client, 1001, "plain_conversation")
 
+
+async def _more(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    """continued_as_new and nudges."""
+    settings = SETTINGS
+    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, _chat(llm))):
         short = settings.model_copy(update={"workflow_turns_per_run": 2})
         for n in range(3):
             await signal_message(client, short, _message(1003, n, f"message {n}"))
@@ -87,6 +104,54 @@ async def _scenarios(client: Client, repository: MemoryRepository, llm: FakeOpen
         await _save(client, 1004, "nudges")
 
 
+async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    api = FakeBotAPI()
+    api.start()
+    settings = SETTINGS.model_copy(update={"telegram_api_base_url": api.url})
+    channel = TelegramChannel(Bot(TOKEN, base_url=api.url))
+    user = ChatUser(telegram_id=1005, first_name="Ada")
+
+    def message(n: int, text: str) -> IncomingMessage:
+        return IncomingMessage(message_key=f"tg:1005:{n}", user=user, chat_id=1005, channel=Channel.TELEGRAM,
+                               text=text, sent_at=datetime.now(UTC))
+
+    async def delivered(count: int) -> None:
+        while len(api.messages(1005)) < count:
+            await asyncio.sleep(0.1)
+
+    try:
+        async with build_worker(client, settings.temporal_task_queue,
+                                CompanionActivities(repository, _chat(llm), channel)):
+            await signal_message(client, settings, message(1, "Hi, I'm Ada"))
+            await delivered(1)
+            api.fail_next("sendMessage", Fail429)
+            await signal_message(client, settings, message(2, "I climb on Sundays"))
+            await delivered(2)
+            await schedule_nudge(client, settings, 1005, Nudge(
+                nudge_id="climb-1", at=datetime.now(UTC) + timedelta(seconds=2), text="How was the climb?"))
+            await delivered(3)
+            api.block(1005)
+            await schedule_nudge(client, settings, 1005, Nudge(
+                nudge_id="later-2", at=datetime.now(UTC) + timedelta(hours=1), text="cancelled by the block"))
+            await signal_message(client, settings, message(3, "bye for now"))
+            handle = client.get_workflow_handle(workflow_id(1005))
+            while not (await handle.query(CompanionWorkflow.state)).blocked:
+                await asyncio.sleep(0.1)
+            api.blocked.clear()
+            await signal_message(client, settings, message(4, "I'm back"))
+            await delivered(4)
+            run_id = (await handle.describe()).run_id
+            await forget(client, settings, user)  # then continues as new: the erased turns leave the open run
+            await _save(client, 1005, "telegram", run_id=run_id)
+    finally:
+        await channel.close()
+        api.stop()
+
+
+SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
+             "telegram": _telegram}
+
+
 def _chat(llm: FakeOpenAI) -> ChatModel:
     return ChatModel(AsyncOpenAI(base_url=llm.url, api_key="test-key", max_retries=0), "stub-model")
 
@@ -104,7 +169,9 @@ async def main() -> None:
             search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args())
         async with env:
             HISTORIES.mkdir(exist_ok=True)
-            await _scenarios(env.client, MemoryRepository(create_session_factory(engine)), llm)
+            repository = MemoryRepository(create_session_factory(engine))
+            for name in sys.argv[1:] or SCENARIOS:
+                await SCENARIOS[name](env.client, repository, llm)
         await engine.dispose()
     finally:
         llm.stop()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -442,3 +445,25 @@ def test_splitting_prefers_paragraphs_then_sentences_then_words() -> None:
     emoji = "🙂" * 3000  # two UTF-16 units each: Telegram counts 6,000
     parts = split_message(emoji)
     assert [utf16_len(part) for part in parts] == [4096, 1904] and "".join(parts) == emoji
+
+
+# --- `companion gateway` ---------------------------------------------------------------------------------------
+
+
+def _gateway_command(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", "gateway"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+
+
+async def test_the_gateway_command_explains_a_missing_or_rejected_token(
+        bot_api_server: FakeBotAPI, temporal_servers: TemporalServers) -> None:
+    address = (await temporal_servers.get("dev-server")).client.service_client.config.target_host
+    missing = await asyncio.to_thread(_gateway_command, {"TEMPORAL_ADDRESS": address})
+    assert missing.returncode == 1 and "needs TELEGRAM_BOT_TOKEN" in missing.stderr
+
+    wrong = "987654:this-token-is-not-the-one-the-server-knows"
+    rejected = await asyncio.to_thread(_gateway_command, {
+        "TEMPORAL_ADDRESS": address, "TELEGRAM_BOT_TOKEN": wrong, "TELEGRAM_API_BASE_URL": bot_api_server.url})
+    assert rejected.returncode == 1
+    assert "Telegram rejected TELEGRAM_BOT_TOKEN" in rejected.stderr
+    assert wrong not in rejected.stderr + rejected.stdout and "Traceback" not in rejected.stderr
