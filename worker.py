@@ -57,7 +57,8 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
         await ensure_search_attributes(client)
         if chat_model is None:
             chat_model = create_chat_model(settings, local_model.start() if local_model else None)
-        activities = CompanionActivities(MemoryRepository(create_session_factory(engine)), chat_model, telegram)
+        activities = CompanionActivities(MemoryRepository(create_session_factory(engine)), chat_model, telegram,
+                                         settings.quiet_hours)
         worker = build_worker(client, settings.temporal_task_queue, activities,
                               settings.worker_max_cached_workflows)
         async with worker:

@@ -5,15 +5,19 @@ The schedule itself is a timer in the user's workflow; these only record and del
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 from temporalio import activity
 
 from activities.errors import translate_errors
+from activities.llm import ChatModel
+from activities.telegram import TelegramChannel
 from activities.delivery import DeliveryActivities
 from core.logging import get_logger
 from schemas.memory import MessageCreate, NudgeStatus, Role, ScheduledMessageCreate, ScheduledMessageUpdate
 from schemas.turn import FiredNudge, FireNudgeInput, RecordNudgeInput, SetNudgeStatusInput
+from storage.repository import MemoryRepository
 
 NUDGE_PROMPT = ("Write one short, warm message to start a conversation with the user. Its purpose: {purpose}. "
                 "Reply with the message only.")
@@ -26,11 +30,30 @@ def nudge_message_key(nudge_id: str) -> str:
     return f"nudge:{nudge_id}"
 
 
+def quiet_until(now: datetime, zone: ZoneInfo, hours: tuple[time, time]) -> datetime | None:
+    """When the quiet hours around ``now`` (local times in ``zone``) end; None when ``now`` is not in them."""
+    start, end = hours
+    local = now.astimezone(zone)
+    clock = local.time()
+    overnight = start > end  # e.g. 22:00-08:00
+    inside = (clock >= start or clock < end) if overnight else (start <= clock < end)
+    if not inside:
+        return None
+    day = local.date() + timedelta(days=1) if overnight and clock >= start else local.date()
+    # Built as a local wall time, then normalised: a DST gap or fold resolves the way ZoneInfo does.
+    return datetime.combine(day, end, tzinfo=zone).astimezone(UTC)
+
+
 class CompanionActivities(DeliveryActivities):
     """Every activity of the companion: a turn's, delivery's and the nudges'.
 
     fire_nudge may call the LLM, so the workflow runs it with a turn's LLM timeout and capped retries.
     """
+
+    def __init__(self, repository: MemoryRepository, chat_model: ChatModel, telegram: TelegramChannel | None = None,
+                 quiet_hours: tuple[time, time] | None = None):
+        super().__init__(repository, chat_model, telegram)
+        self._quiet_hours = quiet_hours
 
     @activity.defn(name="record_nudge")
     @translate_errors
@@ -51,7 +74,12 @@ class CompanionActivities(DeliveryActivities):
     @activity.defn(name="fire_nudge")
     @translate_errors
     async def fire_nudge(self, data: FireNudgeInput) -> FiredNudge:
-        """The nudge's text (given, or written by the LLM from its purpose), stored once and marked sent."""
+        """The nudge's text (given, or written by the LLM from its purpose), stored once and marked sent.
+
+        In the user's quiet hours nothing is written or sent: the record moves to their end, which is returned.
+        """
+        if (until := await self._postponed(data)) is not None:
+            return FiredNudge(text="", postponed_until=until)
         key = nudge_message_key(data.nudge.nudge_id)
         stored = await self._repository.get_message(data.user_id, key) if activity.info().attempt > 1 else None
         if stored is None:
@@ -63,6 +91,17 @@ class CompanionActivities(DeliveryActivities):
                                                         ScheduledMessageUpdate(status=NudgeStatus.SENT))
         _log.info("nudge.fired", user_id=data.user_id, nudge_id=data.nudge.nudge_id)
         return FiredNudge(text=stored.content)
+
+    async def _postponed(self, data: FireNudgeInput) -> datetime | None:
+        if self._quiet_hours is None or data.now is None:
+            return None
+        user = await self._repository.get_user(data.user_id)
+        until = quiet_until(data.now, user.timezone_info, self._quiet_hours)
+        if until is not None:
+            await self._repository.update_scheduled_message(data.nudge.nudge_id,
+                                                            ScheduledMessageUpdate(scheduled_for=until))
+            _log.info("nudge.postponed", user_id=data.user_id, nudge_id=data.nudge.nudge_id, until=until.isoformat())
+        return until
 
     async def _write(self, data: FireNudgeInput) -> str:
         context = await self.build_context(data.user_id, nudge_message_key(data.nudge.nudge_id))

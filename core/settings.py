@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -52,6 +53,9 @@ class Settings(BaseSettings):
 
     pinecone_api_key: SecretStr | None = None
     pinecone_index: str = "companion-memory"
+
+    # Nudges due in these hours of the user's local time wait until the end of them; "off" = no quiet hours.
+    nudge_quiet_hours: str | None = "22:00-08:00"
 
     telegram_bot_token: SecretStr | None = None
     telegram_api_base_url: str = "https://api.telegram.org/bot"
@@ -116,6 +120,15 @@ class Settings(BaseSettings):
                 raise ValueError("expected the public https URL Telegram posts updates to")
         return value
 
+    @field_validator("nudge_quiet_hours")
+    @classmethod
+    def _hours_range(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "off", "none"):
+            return None
+        if parse_hours(value) is None:
+            raise ValueError("expected a range of local times HH:MM-HH:MM, e.g. 22:00-08:00")
+        return value
+
     @field_validator("telegram_allowed_user_ids", mode="before")
     @classmethod
     def _id_list(cls, value: Any) -> Any:
@@ -172,9 +185,25 @@ class Settings(BaseSettings):
         return self.database_url is None
 
     @property
+    def quiet_hours(self) -> tuple[time, time] | None:
+        """NUDGE_QUIET_HOURS as (start, end) local times, or None."""
+        return None if self.nudge_quiet_hours is None else parse_hours(self.nudge_quiet_hours)
+
+    @property
     def postgres_data_dir(self) -> Path:
         """Where the embedded PostgreSQL keeps its files."""
         return self.companion_data_dir / "postgres"
+
+
+def parse_hours(value: str) -> tuple[time, time] | None:
+    """"22:00-08:00" as (22:00, 08:00); None when it is no such range."""
+    match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", value)
+    if match is None:
+        return None
+    hours = [int(part) for part in match.groups()]
+    if hours[0] > 23 or hours[2] > 23 or hours[1] > 59 or hours[3] > 59 or hours[:2] == hours[2:]:
+        return None
+    return time(hours[0], hours[1]), time(hours[2], hours[3])
 
 
 def _is_placeholder(name: str, value: SecretStr | None) -> bool:

@@ -201,12 +201,14 @@ class FireNudgeInput(_Contract):
     user_id: int
     nudge: Nudge
     channel: Channel
+    now: AwareDatetime | None = None  # the workflow's time, for quiet hours
 
 
 class FiredNudge(_Contract):
-    """The text the user got."""
+    """The text the user got; or, in the user's quiet hours, nothing yet and when to try again."""
 
     text: str
+    postponed_until: AwareDatetime | None = None
 
 
 class DeliverInput(_Contract):

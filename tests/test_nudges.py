@@ -6,7 +6,8 @@ Time-skipping server: days pass in moments, so "three days ahead" is tested as s
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from openai import AsyncOpenAI
@@ -14,7 +15,7 @@ from temporalio.client import WorkflowUpdateFailedError
 
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
-from schemas.memory import NudgeStatus
+from schemas.memory import NudgeStatus, UserUpdate
 from schemas.turn import Nudge
 from tests.conftest import Stack, TemporalServers, new_telegram_id
 from tests.fake_openai import FakeOpenAI
@@ -127,3 +128,38 @@ async def test_a_nudge_fires_on_a_worker_that_replaced_the_one_that_scheduled_it
         await stack.env.sleep(timedelta(hours=6))
         await eventually(lambda: status(stack, nudge.nudge_id), lambda s: s == NudgeStatus.SENT)
     assert (await transcript(stack, simon))[-1] == ("assistant", "still there?")
+
+
+class QuietNightActivities(CompanionActivities):
+    """The worker's activities with NUDGE_QUIET_HOURS=22:00-08:00."""
+
+    def __init__(self, repository, chat_model):  # type: ignore[no-untyped-def]
+        super().__init__(repository, chat_model, quiet_hours=(time(22), time(8)))
+
+
+@pytest.mark.parametrize("turn_activities_class", [QuietNightActivities])
+async def test_quiet_hours_in_the_users_time_zone_postpone_a_nudge_to_their_end(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "hi")
+    paris = ZoneInfo("Europe/Paris")
+    await stack.repo.update_user((await stack.repo.get_user_by_telegram_id(simon)).id,
+                                 UserUpdate(timezone="Europe/Paris"))
+    local_now = (await stack.env.get_current_time()).astimezone(paris)
+    late = datetime.combine(local_now.date() + timedelta(days=1), time(23, 30), tzinfo=paris)
+    morning = datetime.combine(late.date() + timedelta(days=1), time(8), tzinfo=paris)
+    nudge = Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=late, text="sleep well?")
+    await stack.handle(simon).execute_update(CompanionWorkflow.schedule_nudge, nudge)
+
+    await stack.env.sleep(late + timedelta(minutes=30) - await stack.env.get_current_time())
+    [pending] = await eventually(lambda: stack.handle(simon).query(CompanionWorkflow.nudges),
+                                 lambda nudges: len(nudges) == 1 and nudges[0].at == morning)
+    record = await stack.repo.get_scheduled_message(nudge.nudge_id)
+    assert record.status == NudgeStatus.PENDING and record.scheduled_for == morning
+    assert "sleep well?" not in [text for _, text in await transcript(stack, simon)]
+
+    await stack.env.sleep(morning + timedelta(minutes=1) - await stack.env.get_current_time())
+    await eventually(lambda: status(stack, nudge.nudge_id), lambda s: s == NudgeStatus.SENT)
+    sent = await stack.repo.get_message((await stack.repo.get_user_by_telegram_id(simon)).id,
+                                        f"nudge:{nudge.nudge_id}")
+    assert sent is not None and sent.content == "sleep well?"
+    assert sent.sent_at.astimezone(paris).time() >= time(8)

@@ -140,8 +140,7 @@ class CompanionWorkflow:
         await workflow.execute_local_activity_method(
             CompanionActivities.record_nudge, RecordNudgeInput(user_id=user_id, nudge=nudge),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
-        self._state.nudges = sorted([*self._state.nudges, nudge], key=lambda pending: pending.at)
-        self._nudges_changed = True
+        self._add_nudge(nudge)
         return nudge
 
     @schedule_nudge.validator
@@ -318,7 +317,8 @@ class CompanionWorkflow:
         user_id = await self._ensure_user(ChatUser(telegram_id=self._state.telegram_id))
         try:
             fired = await workflow.execute_activity_method(
-                CompanionActivities.fire_nudge, FireNudgeInput(user_id=user_id, nudge=nudge, channel=self._state.channel),
+                CompanionActivities.fire_nudge,
+                FireNudgeInput(user_id=user_id, nudge=nudge, channel=self._state.channel, now=workflow.now()),
                 start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary=f"nudge {nudge.nudge_id}")
         except ActivityError as err:
             workflow.logger.warning("nudge failed", extra={"nudge_id": nudge.nudge_id, "error": str(err.cause)})
@@ -327,10 +327,18 @@ class CompanionWorkflow:
                 SetNudgeStatusInput(nudge_id=nudge.nudge_id, status=NudgeStatus.FAILED, error=str(err.cause)),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
             return
+        if fired.postponed_until is not None:  # the user's quiet hours: pending again, until they end
+            self._state.done_nudges.remove(nudge.nudge_id)
+            self._add_nudge(nudge.model_copy(update={"at": fired.postponed_until}))
+            return
         self._add_transcript([f"**companion** (nudge): {_clip(fired.text)}"])
         chat_id = self._state.chat_id
         if self._state.channel == Channel.TELEGRAM and chat_id is not None and workflow.patched(TELEGRAM_DELIVERY):
             await self._deliver(user_id, chat_id, nudge_message_key(nudge.nudge_id))
+
+    def _add_nudge(self, nudge: Nudge) -> None:
+        self._state.nudges = sorted([*self._state.nudges, nudge], key=lambda pending: pending.at)
+        self._nudges_changed = True
 
     def _pending(self, nudge_id: str) -> Nudge | None:
         return next((nudge for nudge in self._state.nudges if nudge.nudge_id == nudge_id), None)
