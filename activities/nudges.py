@@ -16,7 +16,7 @@ from activities.telegram import TelegramChannel
 from activities.delivery import DeliveryActivities
 from core.logging import get_logger
 from schemas.memory import MessageCreate, NudgeStatus, Role, ScheduledMessageCreate, ScheduledMessageUpdate
-from schemas.turn import FiredNudge, FireNudgeInput, RecordNudgeInput, SetNudgeStatusInput
+from schemas.turn import FiredNudge, FireNudgeInput, PlanCheckinInput, RecordNudgeInput, SetNudgeStatusInput
 from storage.repository import MemoryRepository
 
 NUDGE_PROMPT = ("Write one short, warm message to start a conversation with the user. Its purpose: {purpose}. "
@@ -61,6 +61,15 @@ class CompanionActivities(DeliveryActivities):
         """Write the nudge's audit record as pending; a retry finds it written."""
         nudge = data.nudge
         await self._repository.create_scheduled_message(data.user_id, ScheduledMessageCreate(
+            nudge_id=nudge.nudge_id, scheduled_for=nudge.at, content=nudge.text, purpose=nudge.purpose,
+            kind=nudge.kind, created_by=nudge.created_by))
+
+    @activity.defn(name="plan_checkin")
+    @translate_errors
+    async def plan_checkin(self, data: PlanCheckinInput) -> None:
+        """Record the next check-in and cancel the one it replaces; a retry finds both done."""
+        nudge = data.nudge
+        await self._repository.replace_scheduled_message(data.user_id, data.replaces, ScheduledMessageCreate(
             nudge_id=nudge.nudge_id, scheduled_for=nudge.at, content=nudge.text, purpose=nudge.purpose,
             kind=nudge.kind, created_by=nudge.created_by))
 
@@ -110,4 +119,4 @@ class CompanionActivities(DeliveryActivities):
 
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
-        return [*super().all(), self.record_nudge, self.set_nudge_status, self.fire_nudge]
+        return [*super().all(), self.record_nudge, self.plan_checkin, self.set_nudge_status, self.fire_nudge]

@@ -29,6 +29,7 @@ _DAY = re.compile(r"\b(?:(?P<rel>today|tonight|tomorrow)|(?:on\s+)?(?P<weekday>"
 _CLOCK = re.compile(r"\bat\s+(?P<h>\d{1,2})(?:[:.](?P<m>\d{2}))?\s*(?P<ampm>[ap]\.?m\.?)?(?!\w)", re.IGNORECASE)
 _PART = re.compile(r"\b(?:in\s+the\s+|this\s+|tomorrow\s+)?(?P<part>morning|afternoon|evening|night)\b",
                    re.IGNORECASE)
+_POLITE = re.compile(r"^please\s+|[\s,]+please$", re.IGNORECASE)
 _LEAD = re.compile(r"^(?:\s|[,:;-])*(?:to|that|about|of)?\s+", re.IGNORECASE)
 
 
@@ -122,4 +123,5 @@ def _what(rest: str, spans: list[tuple[int, int]]) -> str:
     kept.append(rest[position:])
     what = " ".join(" ".join(kept).split())
     what = _LEAD.sub("", " " + what).strip(" ,.;:!?-")
+    what = _POLITE.sub("", what).strip(" ,.;:!?-")
     return re.sub(r"\s+([,.;:!?])", r"\1", what)

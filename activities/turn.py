@@ -5,22 +5,27 @@ Named timeouts and retry policies live here, next to the activities they govern;
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from temporalio import activity
 from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.llm import ChatModel
+from activities.reminders import parse_reminder
 from activities.telegram import TelegramChannel
 from core.logging import get_logger
-from schemas.memory import Channel, MessageCreate, Role, UserCreate
+from schemas.context import UserContextSchema, quote
+from schemas.memory import Channel, MessageCreate, NudgeCreator, NudgeKind, Role, UserCreate
 from schemas.turn import (
     ChatTurn,
     ComposedReply,
     ComposeReplyInput,
     EnsureUserInput,
+    Nudge,
     RecordedMessage,
     RecordMessageInput,
     TurnContext,
@@ -75,13 +80,7 @@ class TurnActivities:
 
     async def build_context(self, user_id: int, message_key: str) -> TurnContext:
         """The prompt of the turn: persona and quoted memory, then the recent conversation as chat turns."""
-        context = await self._repository.get_user_context(user_id, message_limit=HISTORY_TURNS + 1)
-        # Fallback replies are failure notices, not conversation: a model shown them tends to repeat them.
-        history = [ChatTurn(role=message.role, content=message.content) for message in context.recent_messages
-                   if message.message_key != message_key and message.role != Role.SYSTEM
-                   and not message.meta.get("fallback")]
-        system_prompt = f"{PERSONA}\n\n{context.to_prompt_context(include_messages=False)}"
-        return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
+        return _prompt(await self._repository.get_user_context(user_id, message_limit=HISTORY_TURNS + 1), message_key)
 
     @activity.defn(name="compose_reply")
     @translate_errors
@@ -90,21 +89,27 @@ class TurnActivities:
 
         An attempt that finds the reply already stored (an earlier attempt stored it, then its completion was
         lost) returns that reply: the user gets one reply, and the paid call is not made twice. The context is
-        gathered here, not in a step of its own, which keeps the prompt out of the workflow history.
+        gathered here, not in a step of its own, which keeps the prompt out of the workflow history. A reminder
+        the message asks for is read here too, so the reply can confirm it; the workflow schedules it.
         """
         info = activity.info()
         if info.attempt > 1:  # only a retry can find its reply stored already
             stored = await self._repository.get_message(data.user_id, data.reply_key)
             if stored is not None:
-                return ComposedReply(text=stored.content)
+                zone = (await self._repository.get_user(data.user_id)).timezone_info
+                return ComposedReply(text=stored.content, reminder=_reminder(data, zone))
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
+        context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        zone = context.user.timezone_info
+        reminder = _reminder(data, zone)
+        prompt = _prompt(context, data.message_key, _reminder_note(reminder, zone) if reminder else None)
         async with self._typing(data):
-            reply = await self._chat_model.reply(await self.build_context(data.user_id, data.message_key), data.text)
+            reply = await self._chat_model.reply(prompt, data.text)
         stored = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
             sent_at=datetime.now(UTC)))
-        return reply.model_copy(update={"text": stored.content})
+        return reply.model_copy(update={"text": stored.content, "reminder": reminder})
 
     def _typing(self, data: ComposeReplyInput) -> AbstractAsyncContextManager[None]:
         if data.channel == Channel.TELEGRAM and data.chat_id is not None and self._telegram is not None:
@@ -114,3 +119,36 @@ class TurnActivities:
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
         return [self.ensure_user, self.record_message, self.compose_reply]
+
+
+def _prompt(context: UserContextSchema, message_key: str, note: str | None = None) -> TurnContext:
+    # Fallback replies are failure notices, not conversation: a model shown them tends to repeat them.
+    history = [ChatTurn(role=message.role, content=message.content) for message in context.recent_messages
+               if message.message_key != message_key and message.role != Role.SYSTEM
+               and not message.meta.get("fallback")]
+    system_prompt = f"{PERSONA}\n\n{context.to_prompt_context(include_messages=False)}"
+    if note:
+        system_prompt += f"\n\n{note}"
+    return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
+
+
+def reminder_id(message_key: str) -> str:
+    """The id of the reminder a message asked for: one per message, whatever the retries."""
+    return "remind-" + hashlib.sha256(message_key.encode()).hexdigest()[:16]
+
+
+def _reminder(data: ComposeReplyInput, zone: ZoneInfo) -> Nudge | None:
+    if data.now is None:
+        return None
+    found = parse_reminder(data.text, data.now, zone)
+    if found is None or found.at <= data.now:
+        return None
+    return Nudge(nudge_id=reminder_id(data.message_key), at=found.at, text=f"⏰ Reminder: {found.what}",
+                 kind=NudgeKind.REMINDER, created_by=NudgeCreator.USER)
+
+
+def _reminder_note(reminder: Nudge, zone: ZoneInfo) -> str:
+    local = reminder.at.astimezone(zone)
+    what = (reminder.text or "").removeprefix("⏰ Reminder: ")
+    return (f"You have just set a reminder the user asked for: {quote(what)} on {local:%A %d %B at %H:%M} "
+            "(their time). Confirm it in one short sentence.")

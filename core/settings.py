@@ -56,6 +56,8 @@ class Settings(BaseSettings):
 
     # Nudges due in these hours of the user's local time wait until the end of them; "off" = no quiet hours.
     nudge_quiet_hours: str | None = "22:00-08:00"
+    # The companion checks in after this many days of silence from a user; 0 = never (users can say /quiet).
+    checkin_after_days: int = Field(default=3, ge=0, le=365)
 
     telegram_bot_token: SecretStr | None = None
     telegram_api_base_url: str = "https://api.telegram.org/bot"

@@ -108,6 +108,7 @@ class CompanionState(_Contract):
     timezone: str = "UTC"
     blocked: bool = False
     checkins: bool = True
+    checkin_after_days: int = Field(default=3, ge=0)
     undelivered: int = 0
 
 
@@ -169,6 +170,7 @@ class ComposeReplyInput(_Contract):
     text: str
     channel: Channel
     chat_id: int | None = None
+    now: AwareDatetime | None = None  # the workflow's time: reminders count from it
 
 
 class ComposedReply(_Contract):
@@ -178,12 +180,21 @@ class ComposedReply(_Contract):
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    reminder: Nudge | None = None  # a reminder the message asked for, for the workflow to schedule
 
 
 class RecordNudgeInput(_Contract):
     """Write a nudge's audit record (idempotent by nudge id)."""
 
     user_id: int
+    nudge: Nudge
+
+
+class PlanCheckinInput(_Contract):
+    """Record the next check-in, cancelling the one it replaces (one transaction)."""
+
+    user_id: int
+    replaces: str | None = None
     nudge: Nudge
 
 

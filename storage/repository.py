@@ -357,6 +357,23 @@ class MemoryRepository:
 
         return await self._tx("create_scheduled_message", work, user_id=user_id, nudge_id=data.nudge_id)
 
+    async def replace_scheduled_message(self, user_id: int, replaces: str | None,
+                                        data: ScheduledMessageCreate) -> ScheduledMessageRead:
+        """Cancel the pending nudge ``replaces`` (if still pending) and record ``data``, in one transaction."""
+
+        async def work(session: AsyncSession) -> ScheduledMessageRead:
+            if replaces is not None:
+                await session.execute(
+                    update(ScheduledMessage)
+                    .where(ScheduledMessage.nudge_id == replaces, ScheduledMessage.user_id == user_id,
+                           ScheduledMessage.status == NudgeStatus.PENDING.value)
+                    .values(status=NudgeStatus.CANCELLED.value, cancelled_at=_now(), error=f"replaced by {data.nudge_id}"))
+            await session.execute(insert(ScheduledMessage).values(user_id=user_id, **data.model_dump())
+                                  .on_conflict_do_nothing(index_elements=[ScheduledMessage.nudge_id]))
+            return ScheduledMessageRead.model_validate(await self._nudge_row(session, data.nudge_id))
+
+        return await self._tx("replace_scheduled_message", work, user_id=user_id, nudge_id=data.nudge_id)
+
     async def get_scheduled_message(self, nudge_id: str) -> ScheduledMessageRead:
         """The nudge with this id, or RecordNotFoundError."""
 

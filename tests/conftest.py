@@ -256,7 +256,8 @@ async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServer
     kind, cache = STACKS[request.param]
     env = await temporal_servers.get(kind)
     task_queue = f"test-{uuid.uuid4()}"
-    settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200)
+    # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one.
+    settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0)
     chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
     stack = Stack(env.client, settings, repo, fake_llm, env)
     async with build_worker(env.client, task_queue, turn_activities_class(repo, chat), max_cached_workflows=cache):

@@ -39,6 +39,7 @@ NOW = datetime(2026, 11, 24, 10, 0, tzinfo=PARIS).astimezone(UTC)
     ("remind me on Friday at 10am about the dentist", "2026-11-27T10:00", "the dentist"),
     ("remind me on tuesday to buy flowers", "2026-12-01T09:00", "buy flowers"),  # today is Tuesday
     ("remind me tonight to pack", "2026-11-24T20:00", "pack"),
+    ("please remind me tomorrow to book the train, please!", "2026-11-25T09:00", "book the train"),
     ("remind me tomorrow morning to send the form", "2026-11-25T09:00", "send the form"),
     ("remind me on 2026-12-24 at 4pm to wrap presents", "2026-12-24T16:00", "wrap presents"),
 ])

@@ -15,7 +15,7 @@ from temporalio.client import WorkflowUpdateFailedError
 
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
-from schemas.memory import NudgeStatus, UserUpdate
+from schemas.memory import NudgeCreator, NudgeKind, NudgeStatus, UserUpdate
 from schemas.turn import Nudge
 from tests.conftest import Stack, TemporalServers, new_telegram_id
 from tests.fake_openai import FakeOpenAI
@@ -163,3 +163,55 @@ async def test_quiet_hours_in_the_users_time_zone_postpone_a_nudge_to_their_end(
                                         f"nudge:{nudge.nudge_id}")
     assert sent is not None and sent.content == "sleep well?"
     assert sent.sent_at.astimezone(paris).time() >= time(8)
+
+
+async def test_a_reminder_the_user_asks_for_is_confirmed_and_fires_when_they_said(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "hi")
+    asked_at = await stack.env.get_current_time()
+    await stack.say(simon, "Remind me in 2 hours to stretch, please")
+
+    [reminder] = await stack.handle(simon).query(CompanionWorkflow.nudges)
+    assert reminder.kind == NudgeKind.REMINDER and reminder.created_by == NudgeCreator.USER
+    assert reminder.text == "⏰ Reminder: stretch"
+    assert timedelta(hours=2) <= reminder.at - asked_at < timedelta(hours=2, minutes=1)
+    system_prompt = stack.llm.requests[-1]["messages"][0]["content"]
+    assert 'You have just set a reminder the user asked for: "stretch"' in system_prompt
+
+    await stack.env.sleep(timedelta(hours=2, minutes=5))
+    await eventually(lambda: status(stack, reminder.nudge_id), lambda s: s == NudgeStatus.SENT)
+    assert (await transcript(stack, simon))[-1] == ("assistant", "⏰ Reminder: stretch")
+
+
+async def test_a_check_in_follows_days_of_silence_and_every_message_resets_it(stack: Stack) -> None:
+    stack.settings = stack.settings.model_copy(update={"checkin_after_days": 3})
+    simon = new_telegram_id()
+    await stack.say(simon, "I'm starting a new job on Monday")
+    [first] = await stack.handle(simon).query(CompanionWorkflow.nudges)
+    assert first.kind == NudgeKind.CHECK_IN and first.created_by == NudgeCreator.COMPANION
+
+    await stack.env.sleep(timedelta(days=2))
+    await stack.say(simon, "first day went fine")  # the silence starts again
+    [second] = await stack.handle(simon).query(CompanionWorkflow.nudges)
+    assert second.nudge_id != first.nudge_id and second.at > first.at
+    assert await status(stack, first.nudge_id) == NudgeStatus.CANCELLED
+
+    await stack.env.sleep(timedelta(days=2))  # three days after the first message: nothing
+    assert await status(stack, second.nudge_id) == NudgeStatus.PENDING
+    await stack.env.sleep(timedelta(days=1, hours=1))
+    await eventually(lambda: status(stack, second.nudge_id), lambda s: s == NudgeStatus.SENT)
+    role, text = (await transcript(stack, simon))[-1]
+    assert role == "assistant" and "check in with the user" in text  # the stub echoes the purpose it was given
+    assert await stack.handle(simon).query(CompanionWorkflow.nudges) == []  # one check-in per silence, no nagging
+
+
+async def test_turning_check_ins_off_cancels_the_pending_one_and_plans_no_more(stack: Stack) -> None:
+    stack.settings = stack.settings.model_copy(update={"checkin_after_days": 3})
+    simon = new_telegram_id()
+    await stack.say(simon, "hello")
+    [checkin] = await stack.handle(simon).query(CompanionWorkflow.nudges)
+    cancelled = await stack.handle(simon).execute_update(CompanionWorkflow.set_checkins, False)
+    assert [nudge.nudge_id for nudge in cancelled] == [checkin.nudge_id]
+    assert await status(stack, checkin.nudge_id) == NudgeStatus.CANCELLED
+    await stack.say(simon, "still here")
+    assert await stack.handle(simon).query(CompanionWorkflow.nudges) == []

@@ -25,7 +25,7 @@ def _history(path: Path) -> WorkflowHistory:
 
 
 def test_the_recorded_histories_are_committed() -> None:
-    assert [path.stem for path in HISTORIES] == ["continued_as_new", "nudges", "plain_conversation",
+    assert [path.stem for path in HISTORIES] == ["continued_as_new", "nudges", "own_nudges", "plain_conversation",
                                                  "retried_activities", "telegram"]
 
 

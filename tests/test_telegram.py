@@ -113,8 +113,8 @@ async def tg(bot_api_server: FakeBotAPI, temporal_servers: TemporalServers, repo
     api = bot_api_server
     api.reset()
     task_queue = f"test-{uuid.uuid4()}"
-    settings = load_settings(temporal_task_queue=task_queue, telegram_bot_token=TOKEN,
-                             telegram_api_base_url=api.url, **gateway_settings)
+    settings = load_settings(**{"temporal_task_queue": task_queue, "telegram_bot_token": TOKEN,
+                                "telegram_api_base_url": api.url, "checkin_after_days": 0, **gateway_settings})
     chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
     channel = TelegramChannel(Bot(TOKEN, base_url=settings.telegram_api_base_url))
     activities = CompanionActivities(repo, chat, channel)
@@ -152,6 +152,7 @@ async def _async(value: object) -> object:
 
 async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: TelegramStack) -> None:
     ada = new_telegram_id()
+    tg.llm.script(Reply("I hear you: Hi, I'm Ada and I love climbing", delay_s=0.5))  # a model taking its time
     update = await say(tg, ada, "Hi, I'm Ada and I love climbing")
 
     [reply] = await tg.api.wait_for(ada)

@@ -27,7 +27,8 @@ def _start_options(settings: Settings, user: ChatUser) -> dict:
 
 
 def _initial_state(settings: Settings, telegram_id: int) -> CompanionState:
-    return CompanionState(telegram_id=telegram_id, turns_per_run=settings.workflow_turns_per_run)
+    return CompanionState(telegram_id=telegram_id, turns_per_run=settings.workflow_turns_per_run,
+                          checkin_after_days=settings.checkin_after_days)
 
 
 def _start(settings: Settings, user: ChatUser) -> WithStartWorkflowOperation:

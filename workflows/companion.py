@@ -17,7 +17,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.delivery import TELEGRAM_RETRY, TELEGRAM_TIMEOUT
     from activities.nudges import CompanionActivities, nudge_message_key
     from activities.turn import DB_RETRY, DB_TIMEOUT, LLM_RETRY, LLM_TIMEOUT
-    from schemas.memory import Channel, NudgeKind, NudgeStatus, Role
+    from schemas.memory import Channel, NudgeCreator, NudgeKind, NudgeStatus, Role
     from schemas.turn import (
         MAX_PENDING_NUDGES,
         REPLIES_KEPT,
@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         Forgotten,
         IncomingMessage,
         Nudge,
+        PlanCheckinInput,
         RecordMessageInput,
         RecordNudgeInput,
         SetNudgeStatusInput,
@@ -51,6 +52,9 @@ FALLBACK_REPLY = ("I'm sorry, I can't think straight right now: my language mode
 FAILED_REPLY = "I'm sorry, something went wrong on my side and I couldn't take in that message. Please send it again."
 # Patch ids (workflow.patched): histories recorded before a change replay without it.
 TELEGRAM_DELIVERY = "telegram-delivery"
+OWN_NUDGES = "own-nudges"  # reminders users ask for, and check-ins after silence
+CHECKIN_PURPOSE = ("check in with the user, who has not written for a few days: ask how they are, picking up "
+                   "something they told you")
 BLOCKED_REASON = "the user blocked the bot"
 
 
@@ -232,8 +236,12 @@ class CompanionWorkflow:
         if self._state.blocked:  # they wrote again, so they can be reached again
             await self._set_active(user_id, True)
         await self._record(user_id, message.message_key, Role.USER, message.text, message)
-        text, fallback = await self._compose(user_id, message)
+        text, fallback, reminder = await self._compose(user_id, message)
         self._after_turn(message, text, fallback)
+        if workflow.patched(OWN_NUDGES):
+            if reminder is not None:
+                await self._schedule_own(user_id, reminder)
+            await self._plan_checkin(user_id)
         if message.channel == Channel.TELEGRAM and workflow.patched(TELEGRAM_DELIVERY):
             await self._deliver(user_id, message.chat_id, message.reply_key)
         return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=fallback)
@@ -283,20 +291,52 @@ class CompanionWorkflow:
                                sent_at=sent_at, fallback=fallback),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
 
-    async def _compose(self, user_id: int, message: IncomingMessage) -> tuple[str, bool]:
+    async def _compose(self, user_id: int, message: IncomingMessage) -> tuple[str, bool, Nudge | None]:
         try:
             reply = await workflow.execute_activity_method(
                 CompanionActivities.compose_reply,
                 ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
-                                  text=message.text, channel=message.channel, chat_id=message.chat_id),
+                                  text=message.text, channel=message.channel, chat_id=message.chat_id,
+                                  now=workflow.now()),
                 start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary="LLM reply")
         except ActivityError as err:
             workflow.logger.warning("LLM failed, sending the fallback reply",
                                     extra={"message_key": message.message_key, "error": str(err.cause)})
             self._state.fallbacks += 1
             await self._record(user_id, message.reply_key, Role.ASSISTANT, FALLBACK_REPLY, message, fallback=True)
-            return FALLBACK_REPLY, True
-        return reply.text, False
+            return FALLBACK_REPLY, True, None
+        return reply.text, False, reply.reminder
+
+    async def _schedule_own(self, user_id: int, nudge: Nudge) -> None:
+        """Schedule a nudge the companion decided on (a reminder asked for), unless the rules refuse it."""
+        try:
+            self._validate_schedule(nudge)
+        except ValueError as err:
+            workflow.logger.warning("nudge not scheduled", extra={"nudge_id": nudge.nudge_id, "reason": str(err)})
+            return
+        await workflow.execute_local_activity_method(
+            CompanionActivities.record_nudge, RecordNudgeInput(user_id=user_id, nudge=nudge),
+            start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
+        self._add_nudge(nudge)
+
+    async def _plan_checkin(self, user_id: int) -> None:
+        """Move the check-in to N days after this message: any message from the user resets the silence."""
+        days = self._state.checkin_after_days
+        if not self._state.checkins or self._state.blocked or days <= 0:
+            return
+        old = next((nudge for nudge in self._state.nudges if nudge.kind == NudgeKind.CHECK_IN), None)
+        if old is None and len(self._state.nudges) >= MAX_PENDING_NUDGES:
+            return
+        nudge = Nudge(nudge_id=f"checkin-{workflow.uuid4().hex[:16]}", at=workflow.now() + timedelta(days=days),
+                      purpose=CHECKIN_PURPOSE, kind=NudgeKind.CHECK_IN, created_by=NudgeCreator.COMPANION)
+        await workflow.execute_local_activity_method(
+            CompanionActivities.plan_checkin,
+            PlanCheckinInput(user_id=user_id, replaces=old.nudge_id if old else None, nudge=nudge),
+            start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
+        if old is not None:
+            self._state.nudges = [pending for pending in self._state.nudges if pending.nudge_id != old.nudge_id]
+            self._finish_nudge(old.nudge_id)
+        self._add_nudge(nudge)
 
     def _after_turn(self, message: IncomingMessage, reply: str, fallback: bool) -> None:
         self._state.turns += 1
