@@ -94,8 +94,9 @@ def _a_second_worker_stops_gracefully_on_sigterm(cwd: Path, env: dict[str, str])
 def dev_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     llm = FakeOpenAI()
     llm.start()
+    # No quiet hours: "in 3s" must arrive in 3 s whatever the hour the tests run at.
     yield _env(tmp_path, TEMPORAL_ADDRESS=f"localhost:{_free_port_pair()}", OPENAI_BASE_URL=llm.url,
-               OPENAI_API_KEY="test-key")
+               OPENAI_API_KEY="test-key", NUDGE_QUIET_HOURS="off")
     llm.stop()
 
 

@@ -190,6 +190,18 @@ async def test_flood_control_is_waited_out_and_the_reply_sent_once(tg: TelegramS
     assert len(await settle(tg, ada)) == 1
 
 
+async def test_a_fired_nudge_is_delivered_to_the_users_chat(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "hi")
+    await tg.api.wait_for(ada)
+    client = (await tg.servers.get("dev-server")).client
+    nudge = await schedule_nudge(client, tg.settings, ada, Nudge(
+        nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=datetime.now(UTC) + timedelta(seconds=1), text="**Water** time!"))
+    _, delivered = await tg.api.wait_for(ada, count=2)
+    assert (delivered.text, delivered.parse_mode) == ("<b>Water</b> time!", "HTML")
+    assert (await tg.repo.get_scheduled_message(nudge.nudge_id)).status == NudgeStatus.SENT
+
+
 async def test_a_user_who_blocked_the_bot_is_marked_inactive_and_gets_no_nudges(tg: TelegramStack) -> None:
     ada = new_telegram_id()
     await say(tg, ada, "hi")
