@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     temporal_task_queue: str = "companion"
     workflow_turns_per_run: int = Field(default=200, ge=1, le=10_000)
-    worker_max_cached_workflows: int = Field(default=1000, ge=0)
+    # ~100 KB of worker memory per cached workflow; users beyond it are replayed from history when they write.
+    worker_max_cached_workflows: int = Field(default=500, ge=0)
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
