@@ -1,9 +1,10 @@
-"""Reminders a user asks for in plain words, read without an LLM ("remind me tomorrow at 9 to call mom").
+"""Reminders and coming events a user mentions in plain words, read without an LLM.
 
-A small model can't be trusted to extract a time, so the common English phrasings are parsed here: a relative
-delay ("in 2 hours", "in half an hour"), or a day (today, tonight, tomorrow, a weekday, an ISO date) and/or a time
-("at 9", "at 18:30", "at 6pm", "in the evening"), before or after what to be reminded of. Times are the user's
-local wall time. Anything else is left to the remember step.
+"remind me tomorrow at 9 to call mom" is a reminder; "I have a job interview on Friday at 10" is an event the
+companion follows up on. A small model can't be trusted to extract a time, so the common English phrasings are
+parsed here: a relative delay ("in 2 hours", "in half an hour"), or a day (today, tonight, tomorrow, a weekday, an
+ISO date) and/or a time ("at 9", "at 18:30", "at 6pm", "in the evening"). Times are the user's local wall time.
+Anything else is left to the remember step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,42 @@ _PART = re.compile(r"\b(?:in\s+the\s+|this\s+|tomorrow\s+)?(?P<part>morning|afte
                    re.IGNORECASE)
 _POLITE = re.compile(r"^please\s+|[\s,]+please$", re.IGNORECASE)
 _LEAD = re.compile(r"^(?:\s|[,:;-])*(?:to|that|about|of)?\s+", re.IGNORECASE)
+
+
+_EVENT = re.compile(
+    r"\b(?:i\s+have|i've\s+got|i\s+have\s+got|i've|there's|there\s+is)\s+(?P<what>(?:a|an|my|the)\s+[\w' -]{2,60}?)"
+    r"\s+(?=(?:today|tonight|tomorrow|on\s+\w+|this\s+(?:morning|afternoon|evening))\b)"
+    r"|\bmy\s+(?P<own>[\w' -]{2,60}?)\s+is\s+(?=(?:today|tonight|tomorrow|on\s+\w+)\b)", re.IGNORECASE)
+FOLLOW_UP_TIME = time(10)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something coming up in the user's life, and when (UTC)."""
+
+    at: datetime
+    what: str
+
+
+def parse_event(text: str, now: datetime, zone: ZoneInfo) -> Event | None:
+    """A coming event the message mentions ("I have a job interview on Friday at 10"), or None."""
+    if _REMIND.search(text):
+        return None  # a reminder request, not news
+    found = _EVENT.search(text)
+    if found is None:
+        return None
+    local_now = now.astimezone(zone)
+    at = _calendar(text[found.end():], local_now, zone, [])
+    if at is None or at <= now:
+        return None
+    what = re.sub(r"^(?:a|an|my|the)\s+", "", (found.group("what") or found.group("own")).strip(), flags=re.I)
+    return Event(at=at, what=what)
+
+
+def follow_up_time(event_at: datetime, zone: ZoneInfo) -> datetime:
+    """When to ask how an event went: the next day at 10:00, the user's time."""
+    day = event_at.astimezone(zone).date() + timedelta(days=1)
+    return datetime.combine(day, FOLLOW_UP_TIME, tzinfo=zone).astimezone(ZoneInfo("UTC"))
 
 
 @dataclass(frozen=True)

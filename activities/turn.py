@@ -15,11 +15,11 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.llm import ChatModel
-from activities.reminders import parse_reminder
+from activities.reminders import follow_up_time, parse_event, parse_reminder
 from activities.telegram import TelegramChannel
 from core.logging import get_logger
 from schemas.context import UserContextSchema, quote
-from schemas.memory import Channel, MessageCreate, NudgeCreator, NudgeKind, Role, UserCreate
+from schemas.memory import Channel, MessageCreate, NudgeCreator, NudgeKind, Role, TimelineEventCreate, UserCreate
 from schemas.turn import (
     ChatTurn,
     ComposedReply,
@@ -97,19 +97,33 @@ class TurnActivities:
             stored = await self._repository.get_message(data.user_id, data.reply_key)
             if stored is not None:
                 zone = (await self._repository.get_user(data.user_id)).timezone_info
-                return ComposedReply(text=stored.content, reminder=_reminder(data, zone))
+                return ComposedReply(text=stored.content, reminder=_reminder(data, zone),
+                                     follow_up=await self._follow_up(data, zone))
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
         context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
         zone = context.user.timezone_info
-        reminder = _reminder(data, zone)
+        reminder, follow_up = _reminder(data, zone), await self._follow_up(data, zone)
         prompt = _prompt(context, data.message_key, _reminder_note(reminder, zone) if reminder else None)
         async with self._typing(data):
             reply = await self._chat_model.reply(prompt, data.text)
         stored = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
             sent_at=datetime.now(UTC)))
-        return reply.model_copy(update={"text": stored.content, "reminder": reminder})
+        return reply.model_copy(update={"text": stored.content, "reminder": reminder, "follow_up": follow_up})
+
+    async def _follow_up(self, data: ComposeReplyInput, zone: ZoneInfo) -> Nudge | None:
+        """A coming event the message mentions: stored on the timeline (once), and a nudge to ask how it went."""
+        event = parse_event(data.text, data.now, zone) if data.now is not None else None
+        if event is None:
+            return None
+        key = _derived_key("event", data.message_key)
+        await self._repository.add_timeline_event(data.user_id, TimelineEventCreate(
+            title=event.what, event_at=event.at, source_keys=[data.message_key], idempotency_key=key))
+        local = event.at.astimezone(zone)
+        return Nudge(nudge_id=_derived_key("follow", data.message_key), at=follow_up_time(event.at, zone),
+                     purpose=f"ask how the user's {event.what} on {local:%A %d %B} went",
+                     kind=NudgeKind.FOLLOW_UP, created_by=NudgeCreator.COMPANION)
 
     def _typing(self, data: ComposeReplyInput) -> AbstractAsyncContextManager[None]:
         if data.channel == Channel.TELEGRAM and data.chat_id is not None and self._telegram is not None:
@@ -132,9 +146,9 @@ def _prompt(context: UserContextSchema, message_key: str, note: str | None = Non
     return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
 
 
-def reminder_id(message_key: str) -> str:
-    """The id of the reminder a message asked for: one per message, whatever the retries."""
-    return "remind-" + hashlib.sha256(message_key.encode()).hexdigest()[:16]
+def _derived_key(kind: str, message_key: str) -> str:
+    """The key of something a message gave rise to: one per message and kind, whatever the retries."""
+    return f"{kind}-" + hashlib.sha256(message_key.encode()).hexdigest()[:16]
 
 
 def _reminder(data: ComposeReplyInput, zone: ZoneInfo) -> Nudge | None:
@@ -143,7 +157,7 @@ def _reminder(data: ComposeReplyInput, zone: ZoneInfo) -> Nudge | None:
     found = parse_reminder(data.text, data.now, zone)
     if found is None or found.at <= data.now:
         return None
-    return Nudge(nudge_id=reminder_id(data.message_key), at=found.at, text=f"⏰ Reminder: {found.what}",
+    return Nudge(nudge_id=_derived_key("remind", data.message_key), at=found.at, text=f"⏰ Reminder: {found.what}",
                  kind=NudgeKind.REMINDER, created_by=NudgeCreator.USER)
 
 

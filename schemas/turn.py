@@ -181,6 +181,7 @@ class ComposedReply(_Contract):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     reminder: Nudge | None = None  # a reminder the message asked for, for the workflow to schedule
+    follow_up: Nudge | None = None  # asking how an event the message mentioned went
 
 
 class RecordNudgeInput(_Contract):

@@ -6,7 +6,7 @@ Runs the real worker against the Temporal dev server, an embedded PostgreSQL, th
 local Bot API server, and saves: a plain conversation, one whose activities failed and were retried, a run that
 continued as new, one with a nudge that fired and one that was cancelled, a Telegram conversation (delivery,
 flood control, a nudge delivered, the bot blocked, /forget), and the companion's own nudges (a reminder asked for,
-check-ins, quiet hours). Name scenarios to record only those.
+a follow-up, check-ins, quiet hours). Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
 
@@ -150,7 +150,7 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
 
 
 async def _own_nudges(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
-    """A reminder the user asked for, check-ins planned and moved, and a nudge postponed by quiet hours."""
+    """A reminder asked for, a follow-up on an event, check-ins planned and moved, a nudge postponed by quiet hours."""
     settings = SETTINGS.model_copy(update={"checkin_after_days": 3})
     now = datetime.now(UTC)
     quiet = ((now - timedelta(hours=1)).time().replace(second=0, microsecond=0),
@@ -159,13 +159,14 @@ async def _own_nudges(client: Client, repository: MemoryRepository, llm: FakeOpe
                             CompanionActivities(repository, _chat(llm), quiet_hours=quiet)):
         await send_message(client, settings, _message(1006, 0, "Hi, I'm Simon"))
         await send_message(client, settings, _message(1006, 1, "Remind me in 2 hours to stretch"))
+        await send_message(client, settings, _message(1006, 2, "I have a dentist appointment tomorrow at 10"))
         await schedule_nudge(client, settings, 1006, Nudge(nudge_id="late-1", at=datetime.now(UTC) + timedelta(
             seconds=2), text="postponed by quiet hours"))
         handle = client.get_workflow_handle(workflow_id(1006))
         while (await repository.get_scheduled_message("late-1")).scheduled_for < now + timedelta(minutes=30):
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)  # the workflow task after the postponement
-        assert len(await handle.query(CompanionWorkflow.nudges)) == 3
+        assert len(await handle.query(CompanionWorkflow.nudges)) == 4  # reminder, follow-up, check-in, late-1
         await _save(client, 1006, "own_nudges")
 
 

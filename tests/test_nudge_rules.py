@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from activities.nudges import quiet_until
-from activities.reminders import parse_reminder
+from activities.reminders import follow_up_time, parse_event, parse_reminder
 
 
 @pytest.mark.parametrize(("local", "until"), [
@@ -58,3 +58,26 @@ def test_common_reminder_phrasings_are_read_in_local_time(message: str, local: s
 ])
 def test_messages_without_a_readable_reminder_give_none(message: str) -> None:
     assert parse_reminder(message, NOW, PARIS) is None
+
+
+@pytest.mark.parametrize(("message", "local", "what"), [
+    ("I have a job interview on Friday at 10", "2026-11-27T10:00", "job interview"),
+    ("i've got a dentist appointment tomorrow, ugh", "2026-11-25T09:00", "dentist appointment"),
+    ("My sister's wedding is on 2026-12-12!", "2026-12-12T09:00", "sister's wedding"),
+    ("I have my driving test tomorrow at 2pm", "2026-11-25T14:00", "driving test"),
+])
+def test_coming_events_are_read_with_their_day(message: str, local: str, what: str) -> None:
+    event = parse_event(message, NOW, PARIS)
+    assert event is not None
+    assert (event.at, event.what) == (datetime.fromisoformat(local).replace(tzinfo=PARIS), what)
+    follow_up = follow_up_time(event.at, PARIS).astimezone(PARIS)
+    assert (follow_up.date() - event.at.date()).days == 1 and follow_up.hour == 10
+
+
+@pytest.mark.parametrize("message", [
+    "I had a job interview yesterday",  # past
+    "remind me tomorrow at 9 to call mom",  # a reminder, not news
+    "I have a cat",  # no time
+])
+def test_messages_without_a_coming_event_give_none(message: str) -> None:
+    assert parse_event(message, NOW, PARIS) is None

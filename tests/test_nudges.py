@@ -6,7 +6,7 @@ Time-skipping server: days pass in moments, so "three days ahead" is tested as s
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -39,7 +39,7 @@ async def status(stack: Stack, nudge_id: str) -> NudgeStatus:
 
 async def test_a_nudge_three_days_ahead_fires_exactly_once(stack: Stack) -> None:
     simon = new_telegram_id()
-    await stack.say(simon, "I have a job interview on Thursday")
+    await stack.say(simon, "I am preparing for a job interview")
     nudge = await schedule(stack, simon, timedelta(days=3), text="How did the interview go?")
     assert await status(stack, nudge.nudge_id) == NudgeStatus.PENDING
     assert [n.nudge_id for n in await stack.handle(simon).query(CompanionWorkflow.nudges)] == [nudge.nudge_id]
@@ -215,3 +215,22 @@ async def test_turning_check_ins_off_cancels_the_pending_one_and_plans_no_more(s
     assert await status(stack, checkin.nudge_id) == NudgeStatus.CANCELLED
     await stack.say(simon, "still here")
     assert await stack.handle(simon).query(CompanionWorkflow.nudges) == []
+
+
+async def test_an_event_the_user_mentions_is_remembered_and_followed_up_the_day_after(stack: Stack) -> None:
+    simon = new_telegram_id()
+    reply = await stack.say(simon, "I have a job interview tomorrow at 10, wish me luck")
+    said_at = await stack.env.get_current_time()
+    interview = datetime.combine(said_at.date() + timedelta(days=1), time(10), tzinfo=UTC)
+    user = await stack.repo.get_user_by_telegram_id(simon)
+
+    [event] = await stack.repo.upcoming_events(user.id, now=said_at)
+    assert (event.title, event.event_at) == ("job interview", interview)
+    assert event.source_keys == [reply.message_key]  # provenance: the message it came from
+    [follow_up] = await stack.handle(simon).query(CompanionWorkflow.nudges)
+    assert follow_up.kind == NudgeKind.FOLLOW_UP and follow_up.at == interview + timedelta(days=1)
+
+    await stack.env.sleep(follow_up.at + timedelta(minutes=1) - await stack.env.get_current_time())
+    await eventually(lambda: status(stack, follow_up.nudge_id), lambda s: s == NudgeStatus.SENT)
+    role, text = (await transcript(stack, simon))[-1]
+    assert role == "assistant" and "ask how the user's job interview on" in text  # the stub echoes its purpose

@@ -52,7 +52,7 @@ FALLBACK_REPLY = ("I'm sorry, I can't think straight right now: my language mode
 FAILED_REPLY = "I'm sorry, something went wrong on my side and I couldn't take in that message. Please send it again."
 # Patch ids (workflow.patched): histories recorded before a change replay without it.
 TELEGRAM_DELIVERY = "telegram-delivery"
-OWN_NUDGES = "own-nudges"  # reminders users ask for, and check-ins after silence
+OWN_NUDGES = "own-nudges"  # reminders users ask for, follow-ups on events they mention, check-ins after silence
 CHECKIN_PURPOSE = ("check in with the user, who has not written for a few days: ask how they are, picking up "
                    "something they told you")
 BLOCKED_REASON = "the user blocked the bot"
@@ -236,11 +236,11 @@ class CompanionWorkflow:
         if self._state.blocked:  # they wrote again, so they can be reached again
             await self._set_active(user_id, True)
         await self._record(user_id, message.message_key, Role.USER, message.text, message)
-        text, fallback, reminder = await self._compose(user_id, message)
+        text, fallback, own_nudges = await self._compose(user_id, message)
         self._after_turn(message, text, fallback)
         if workflow.patched(OWN_NUDGES):
-            if reminder is not None:
-                await self._schedule_own(user_id, reminder)
+            for nudge in own_nudges:
+                await self._schedule_own(user_id, nudge)
             await self._plan_checkin(user_id)
         if message.channel == Channel.TELEGRAM and workflow.patched(TELEGRAM_DELIVERY):
             await self._deliver(user_id, message.chat_id, message.reply_key)
@@ -291,7 +291,8 @@ class CompanionWorkflow:
                                sent_at=sent_at, fallback=fallback),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
 
-    async def _compose(self, user_id: int, message: IncomingMessage) -> tuple[str, bool, Nudge | None]:
+    async def _compose(self, user_id: int, message: IncomingMessage) -> tuple[str, bool, list[Nudge]]:
+        """The reply's text, whether it is the fallback, and the nudges the message gave rise to."""
         try:
             reply = await workflow.execute_activity_method(
                 CompanionActivities.compose_reply,
@@ -304,8 +305,8 @@ class CompanionWorkflow:
                                     extra={"message_key": message.message_key, "error": str(err.cause)})
             self._state.fallbacks += 1
             await self._record(user_id, message.reply_key, Role.ASSISTANT, FALLBACK_REPLY, message, fallback=True)
-            return FALLBACK_REPLY, True, None
-        return reply.text, False, reply.reminder
+            return FALLBACK_REPLY, True, []
+        return reply.text, False, [nudge for nudge in (reply.reminder, reply.follow_up) if nudge is not None]
 
     async def _schedule_own(self, user_id: int, nudge: Nudge) -> None:
         """Schedule a nudge the companion decided on (a reminder asked for), unless the rules refuse it."""
