@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 from cli.nudges import parse_when
 from core.errors import InvalidInputError
 from tests.fake_openai import FakeOpenAI
+from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
 from tests.test_embedded import _postgres_processes
 
 
@@ -200,3 +202,21 @@ def test_nudge_durations(after: str, expected: timedelta) -> None:
 def test_bad_nudge_times_are_refused(at: str | None, after: str | None, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         parse_when(at, after, datetime(2026, 11, 24, tzinfo=UTC))
+
+
+async def test_companion_dev_with_a_bot_token_talks_on_telegram(tmp_path: Path, dev_env: dict[str, str]) -> None:
+    api = FakeBotAPI()
+    api.start()
+    env = {**dev_env, "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": api.url}
+    dev = await asyncio.to_thread(DevProcess, tmp_path, env)
+    try:
+        assert "Telegram     gateway on, long polling" in dev.output.read_text()
+        api.push(message_update(777, "hello from Telegram"))
+        [reply] = await api.wait_for(777, timeout=60)
+        assert reply.text == "I hear you: hello from Telegram"
+    finally:
+        assert await asyncio.to_thread(dev.stop) == 0
+        api.stop()
+    history = _companion("history", "--user", "777", cwd=tmp_path, env=env).stdout.splitlines()
+    assert [line.split(None, 3)[2:] for line in history] == [["Ada", "hello from Telegram"],
+                                                            ["companion", "I hear you: hello from Telegram"]]
