@@ -53,6 +53,7 @@ FAILED_REPLY = "I'm sorry, something went wrong on my side and I couldn't take i
 # Patch ids (workflow.patched): histories recorded before a change replay without it.
 TELEGRAM_DELIVERY = "telegram-delivery"
 OWN_NUDGES = "own-nudges"  # reminders users ask for, follow-ups on events they mention, check-ins after silence
+CHECKIN_SLACK = timedelta(hours=1)
 CHECKIN_PURPOSE = ("check in with the user, who has not written for a few days: ask how they are, picking up "
                    "something they told you")
 BLOCKED_REASON = "the user blocked the bot"
@@ -326,9 +327,12 @@ class CompanionWorkflow:
         if not self._state.checkins or self._state.blocked or days <= 0:
             return
         old = next((nudge for nudge in self._state.nudges if nudge.kind == NudgeKind.CHECK_IN), None)
+        at = workflow.now() + timedelta(days=days)
+        if old is not None and at - old.at < CHECKIN_SLACK:
+            return  # a chat in full flow moves its check-in once an hour, not at every message
         if old is None and len(self._state.nudges) >= MAX_PENDING_NUDGES:
             return
-        nudge = Nudge(nudge_id=f"checkin-{workflow.uuid4().hex[:16]}", at=workflow.now() + timedelta(days=days),
+        nudge = Nudge(nudge_id=f"checkin-{workflow.uuid4().hex[:16]}", at=at,
                       purpose=CHECKIN_PURPOSE, kind=NudgeKind.CHECK_IN, created_by=NudgeCreator.COMPANION)
         await workflow.execute_local_activity_method(
             CompanionActivities.plan_checkin,
