@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable
 from datetime import datetime
+from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,6 +21,7 @@ from telegram.constants import ChatType, MessageEntityType
 from telegram.ext import (
     Application,
     ApplicationBuilder,
+    BaseUpdateProcessor,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
@@ -72,6 +75,7 @@ ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 # Keep newlines and tabs; every other control character is noise at best and a prompt trick at worst.
 _CONTROL_TABLE = dict.fromkeys(code for code in [*range(0x20), *range(0x7F, 0xA0)] if code not in (0x09, 0x0A))
 SIGNAL_ATTEMPTS = 4
+MAX_CONCURRENT_UPDATES = 64
 
 _log = get_logger(__name__)
 
@@ -280,12 +284,46 @@ def _when(nudge: Nudge, zone: ZoneInfo) -> str:
     return f"{local:%a %d %b, %H:%M} ({local.tzname()})"
 
 
+class PerChatOrder(BaseUpdateProcessor):
+    """Updates of different chats are handled concurrently; one chat's updates in the order Telegram sent them.
+
+    Two messages of one user signalled out of order would be answered out of order.
+    """
+
+    def __init__(self, max_concurrent_updates: int = MAX_CONCURRENT_UPDATES):
+        super().__init__(max_concurrent_updates)
+        self._chats: dict[int, tuple[asyncio.Lock, int]] = {}
+
+    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        chat = update.effective_chat if isinstance(update, Update) else None
+        if chat is None:
+            await coroutine
+            return
+        lock, users = self._chats.get(chat.id, (asyncio.Lock(), 0))
+        self._chats[chat.id] = (lock, users + 1)
+        try:
+            async with lock:  # FIFO: tasks are created, and reach the lock, in the order updates arrive
+                await coroutine
+        finally:
+            lock, users = self._chats[chat.id]
+            if users == 1:
+                del self._chats[chat.id]
+            else:
+                self._chats[chat.id] = (lock, users - 1)
+
+    async def initialize(self) -> None:
+        """Nothing to set up."""
+
+    async def shutdown(self) -> None:
+        """Nothing to tear down."""
+
+
 def build_application(settings: Settings, client: Client) -> Application:
     """The python-telegram-bot application of the gateway, pointed at TELEGRAM_API_BASE_URL."""
     if settings.telegram_bot_token is None:
         raise ValueError("the gateway needs TELEGRAM_BOT_TOKEN")
     application = (ApplicationBuilder().token(settings.telegram_bot_token.get_secret_value())
-                   .base_url(settings.telegram_api_base_url).concurrent_updates(True).build())
+                   .base_url(settings.telegram_api_base_url).concurrent_updates(PerChatOrder()).build())
     return Gateway(settings, client).install(application)
 
 

@@ -19,7 +19,7 @@ from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.warnings import PTBDeprecationWarning
 
-from core.errors import CompanionError, TelegramBlockedError, TelegramServiceError
+from core.errors import TelegramBlockedError, TelegramServiceError
 from core.logging import get_logger
 from core.settings import Settings
 
@@ -148,8 +148,8 @@ class TelegramChannel:
                 bot = await self._started()
                 with telegram_errors(chat_id):
                     await bot.send_chat_action(chat_id, ChatAction.TYPING)
-            except CompanionError as exc:
-                _log.info("telegram.typing_failed", chat_id=chat_id, error=exc.message)
+            except Exception as exc:  # noqa: BLE001 - an indicator must never fail the reply it decorates
+                _log.info("telegram.typing_failed", chat_id=chat_id, error=str(exc))
                 return
             await asyncio.sleep(TYPING_EVERY_S)
 

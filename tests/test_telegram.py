@@ -319,6 +319,20 @@ async def test_in_a_group_the_bot_answers_only_when_mentioned_or_replied_to(tg: 
     assert [text for role, text in await transcript(tg, ada) if role == "user"] == ["what do you think?",
                                                                                   "and dessert?"]
 
+    client = (await tg.servers.get("dev-server")).client  # a nudge is personal: the private chat, not the group
+    await schedule_nudge(client, tg.settings, ada, Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}",
+                                                         at=datetime.now(UTC) + timedelta(seconds=1), text="psst"))
+    [private] = await tg.api.wait_for(ada)
+    assert private.text == "psst" and len(tg.api.messages(group)) == 2
+
+
+async def test_a_burst_of_messages_is_answered_in_order(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    for n in range(8):
+        tg.api.push(message_update(ada, f"message {n}"))
+    sent = await tg.api.wait_for(ada, count=8)
+    assert [m.text for m in sent] == [f"I hear you: message {n}" for n in range(8)]
+
 
 # --- commands --------------------------------------------------------------------------------------------------
 

@@ -377,9 +377,9 @@ class CompanionWorkflow:
             self._add_nudge(nudge.model_copy(update={"at": fired.postponed_until}))
             return
         self._add_transcript([f"**companion** (nudge): {_clip(fired.text)}"])
-        chat_id = self._state.chat_id
-        if self._state.channel == Channel.TELEGRAM and chat_id is not None and workflow.patched(TELEGRAM_DELIVERY):
-            await self._deliver(user_id, chat_id, nudge_message_key(nudge.nudge_id))
+        if self._state.channel == Channel.TELEGRAM and workflow.patched(TELEGRAM_DELIVERY):
+            # A nudge is personal: to the user's private chat (its id is theirs), never the group they wrote in last.
+            await self._deliver(user_id, self._state.telegram_id, nudge_message_key(nudge.nudge_id))
 
     def _add_nudge(self, nudge: Nudge) -> None:
         self._state.nudges = sorted([*self._state.nudges, nudge], key=lambda pending: pending.at)
