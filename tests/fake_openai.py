@@ -16,8 +16,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.local_http import serve
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
                 404: "invalid_request_error", 429: "rate_limit_error"}
@@ -52,24 +54,7 @@ class FakeOpenAI:
 
     def start(self) -> str:
         """Serve on a free loopback port; returns the base URL to give the openai client."""
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as the real API
-            # One write per response and no Nagle delay: headers and body in separate segments would meet the
-            # client's delayed ACK and stall every keep-alive response by ~40 ms.
-            disable_nagle_algorithm = True
-            wbufsize = 64 * 1024
-
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-                fake._handle(self)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve(self._handle)
         return self.url
 
     @property

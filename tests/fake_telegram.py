@@ -21,9 +21,11 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs
+
+from tests.local_http import serve
 
 TOKEN = "123456:TEST-token-for-the-local-bot-api_0"
 BOT_ID = 123456
@@ -72,24 +74,7 @@ class FakeBotAPI:
 
     def start(self) -> str:
         """Serve on a free loopback port; returns the base URL for python-telegram-bot (`.../bot`)."""
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-            wbufsize = 64 * 1024
-
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-                fake._handle(self)
-
-            do_GET = do_POST  # noqa: N815 - the Bot API takes both
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve(self._handle, get=True)
         return self.url
 
     @property

@@ -75,6 +75,13 @@ class TelegramStack:
         return await client.get_workflow_handle(workflow_id(telegram_id)).query(CompanionWorkflow.state,
                                                                                 rpc_timeout=QUERY_TIMEOUT)
 
+    async def nudge(self, telegram_id: int, at: datetime | timedelta, text: str) -> Nudge:
+        """An operator schedules a nudge for the user, at a time or this long from now."""
+        client = (await self.servers.get("dev-server")).client
+        when = datetime.now(UTC) + at if isinstance(at, timedelta) else at
+        return await schedule_nudge(client, self.settings, telegram_id,
+                                    Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=when, text=text))
+
     async def workflow_exists(self, telegram_id: int) -> bool:
         client = (await self.servers.get("dev-server")).client
         try:
@@ -194,9 +201,7 @@ async def test_a_fired_nudge_is_delivered_to_the_users_chat(tg: TelegramStack) -
     ada = new_telegram_id()
     await say(tg, ada, "hi")
     await tg.api.wait_for(ada)
-    client = (await tg.servers.get("dev-server")).client
-    nudge = await schedule_nudge(client, tg.settings, ada, Nudge(
-        nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=datetime.now(UTC) + timedelta(seconds=1), text="**Water** time!"))
+    nudge = await tg.nudge(ada, timedelta(seconds=1), "**Water** time!")
     _, delivered = await tg.api.wait_for(ada, count=2)
     assert (delivered.text, delivered.parse_mode) == ("<b>Water</b> time!", "HTML")
     assert (await tg.repo.get_scheduled_message(nudge.nudge_id)).status == NudgeStatus.SENT
@@ -206,9 +211,7 @@ async def test_a_user_who_blocked_the_bot_is_marked_inactive_and_gets_no_nudges(
     ada = new_telegram_id()
     await say(tg, ada, "hi")
     await tg.api.wait_for(ada)
-    client = (await tg.servers.get("dev-server")).client
-    nudge = await schedule_nudge(client, tg.settings, ada, Nudge(
-        nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=datetime.now(UTC) + timedelta(hours=5), text="how was the climb?"))
+    nudge = await tg.nudge(ada, timedelta(hours=5), "how was the climb?")
     tg.api.block(ada)
 
     await say(tg, ada, "one more thing")
@@ -319,9 +322,7 @@ async def test_in_a_group_the_bot_answers_only_when_mentioned_or_replied_to(tg: 
     assert [text for role, text in await transcript(tg, ada) if role == "user"] == ["what do you think?",
                                                                                   "and dessert?"]
 
-    client = (await tg.servers.get("dev-server")).client  # a nudge is personal: the private chat, not the group
-    await schedule_nudge(client, tg.settings, ada, Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}",
-                                                         at=datetime.now(UTC) + timedelta(seconds=1), text="psst"))
+    await tg.nudge(ada, timedelta(seconds=1), "psst")  # a nudge is personal: the private chat, not the group
     [private] = await tg.api.wait_for(ada)
     assert private.text == "psst" and len(tg.api.messages(group)) == 2
 
@@ -352,10 +353,7 @@ async def test_nudges_lists_pending_ones_and_quiet_turns_check_ins_off(tg: Teleg
     [none] = await tg.api.wait_for(ada)
     assert none.text == bot_gateway.NO_NUDGES
 
-    client = (await tg.servers.get("dev-server")).client
-    at = datetime(2031, 5, 6, 7, 30, tzinfo=UTC)
-    await schedule_nudge(client, tg.settings, ada, Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=at,
-                                                         text="call mom"))
+    await tg.nudge(ada, datetime(2031, 5, 6, 7, 30, tzinfo=UTC), "call mom")
     await say(tg, ada, "/nudges")
     _, listing = await tg.api.wait_for(ada, count=2)
     assert listing.text.endswith("• Tue 06 May, 07:30 (UTC): call mom")
@@ -373,9 +371,7 @@ async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> 
     await say(tg, ada, "I love climbing")
     await tg.api.wait_for(ada)
     user = await tg.repo.get_user_by_telegram_id(ada)
-    client = (await tg.servers.get("dev-server")).client
-    nudge = await schedule_nudge(client, tg.settings, ada, Nudge(
-        nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=datetime.now(UTC) + timedelta(days=1), text="climb today?"))
+    nudge = await tg.nudge(ada, timedelta(days=1), "climb today?")
 
     await say(tg, ada, "/forget")
     _, question = await tg.api.wait_for(ada, count=2)
