@@ -15,7 +15,7 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.llm import ChatModel
-from activities.reminders import follow_up_time, parse_event, parse_reminder
+from activities.reminders import Reminder, follow_up_time, parse_event, parse_reminder
 from activities.telegram import TelegramChannel
 from core.logging import get_logger
 from schemas.context import UserContextSchema, quote
@@ -90,21 +90,24 @@ class TurnActivities:
         An attempt that finds the reply already stored (an earlier attempt stored it, then its completion was
         lost) returns that reply: the user gets one reply, and the paid call is not made twice. The context is
         gathered here, not in a step of its own, which keeps the prompt out of the workflow history. A reminder
-        the message asks for is read here too, so the reply can confirm it; the workflow schedules it.
+        the message asks for, or a coming event it mentions, is read here too (the reply can confirm a reminder);
+        the workflow schedules the nudges they give rise to.
         """
         info = activity.info()
         if info.attempt > 1:  # only a retry can find its reply stored already
             stored = await self._repository.get_message(data.user_id, data.reply_key)
             if stored is not None:
                 zone = (await self._repository.get_user(data.user_id)).timezone_info
-                return ComposedReply(text=stored.content, reminder=_reminder(data, zone),
+                found = _read_reminder(data, zone)
+                return ComposedReply(text=stored.content, reminder=_reminder(found, data.message_key) if found else None,
                                      follow_up=await self._follow_up(data, zone))
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
         context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
         zone = context.user.timezone_info
-        reminder, follow_up = _reminder(data, zone), await self._follow_up(data, zone)
-        prompt = _prompt(context, data.message_key, _reminder_note(reminder, zone) if reminder else None)
+        found, follow_up = _read_reminder(data, zone), await self._follow_up(data, zone)
+        reminder = _reminder(found, data.message_key) if found else None
+        prompt = _prompt(context, data.message_key, _reminder_note(found, zone) if found else None)
         async with self._typing(data):
             reply = await self._chat_model.reply(prompt, data.text)
         stored = await self._repository.add_message(data.user_id, MessageCreate(
@@ -151,18 +154,17 @@ def _derived_key(kind: str, message_key: str) -> str:
     return f"{kind}-" + hashlib.sha256(message_key.encode()).hexdigest()[:16]
 
 
-def _reminder(data: ComposeReplyInput, zone: ZoneInfo) -> Nudge | None:
-    if data.now is None:
-        return None
-    found = parse_reminder(data.text, data.now, zone)
-    if found is None or found.at <= data.now:
-        return None
-    return Nudge(nudge_id=_derived_key("remind", data.message_key), at=found.at, text=f"⏰ Reminder: {found.what}",
+def _read_reminder(data: ComposeReplyInput, zone: ZoneInfo) -> Reminder | None:
+    found = parse_reminder(data.text, data.now, zone) if data.now is not None else None
+    return found if found is not None and found.at > data.now else None
+
+
+def _reminder(found: Reminder, message_key: str) -> Nudge:
+    return Nudge(nudge_id=_derived_key("remind", message_key), at=found.at, text=f"⏰ Reminder: {found.what}",
                  kind=NudgeKind.REMINDER, created_by=NudgeCreator.USER)
 
 
-def _reminder_note(reminder: Nudge, zone: ZoneInfo) -> str:
-    local = reminder.at.astimezone(zone)
-    what = (reminder.text or "").removeprefix("⏰ Reminder: ")
-    return (f"You have just set a reminder the user asked for: {quote(what)} on {local:%A %d %B at %H:%M} "
+def _reminder_note(found: Reminder, zone: ZoneInfo) -> str:
+    local = found.at.astimezone(zone)
+    return (f"You have just set a reminder the user asked for: {quote(found.what)} on {local:%A %d %B at %H:%M} "
             "(their time). Confirm it in one short sentence.")

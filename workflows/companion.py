@@ -166,8 +166,7 @@ class CompanionWorkflow:
         """Cancel a pending nudge: its timer stops counting and its record says cancelled."""
         nudge = self._pending(nudge_id)
         assert nudge is not None  # the validator saw it pending, and nothing ran in between
-        self._state.nudges = [pending for pending in self._state.nudges if pending.nudge_id != nudge_id]
-        self._finish_nudge(nudge_id)
+        self._drop_nudge(nudge_id)
         await workflow.execute_local_activity_method(
             CompanionActivities.set_nudge_status, SetNudgeStatusInput(nudge_id=nudge_id, status=NudgeStatus.CANCELLED),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
@@ -201,13 +200,10 @@ class CompanionWorkflow:
             forgotten = await workflow.execute_local_activity_method(
                 CompanionActivities.forget_user, ForgetInput(telegram_id=self._state.telegram_id),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
-            for nudge in self._state.nudges:
-                self._finish_nudge(nudge.nudge_id)
-            cancelled = len(self._state.nudges)
+            cancelled = self._drop_all_nudges()
             self._state = self._state.model_copy(update={
                 "user_id": None, "display_name": None, "replies": [], "transcript": [], "summary": "",
-                "nudges": [], "last_turn_at": None})
-            self._nudges_changed = True
+                "last_turn_at": None})
             self._fresh_run = True
             workflow.set_current_details("")
             workflow.upsert_memo({"user_name": None})
@@ -264,10 +260,7 @@ class CompanionWorkflow:
         """Note that the user can (again) or cannot be reached; out of reach, their pending nudges are cancelled."""
         self._state.blocked = not active
         if not active:
-            for nudge in self._state.nudges:
-                self._finish_nudge(nudge.nudge_id)
-            self._state.nudges = []
-            self._nudges_changed = True
+            self._drop_all_nudges()
         await workflow.execute_local_activity_method(
             CompanionActivities.set_user_active,
             SetUserActiveInput(user_id=user_id, active=active, reason=None if active else BLOCKED_REASON),
@@ -339,8 +332,7 @@ class CompanionWorkflow:
             PlanCheckinInput(user_id=user_id, replaces=old.nudge_id if old else None, nudge=nudge),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
         if old is not None:
-            self._state.nudges = [pending for pending in self._state.nudges if pending.nudge_id != old.nudge_id]
-            self._finish_nudge(old.nudge_id)
+            self._drop_nudge(old.nudge_id)
         self._add_nudge(nudge)
 
     def _after_turn(self, message: IncomingMessage, reply: str, fallback: bool) -> None:
@@ -357,8 +349,7 @@ class CompanionWorkflow:
 
     async def _fire(self, nudge: Nudge) -> None:
         # Out of the pending list first: from here on a cancel is refused rather than racing the delivery.
-        self._state.nudges = [pending for pending in self._state.nudges if pending.nudge_id != nudge.nudge_id]
-        self._finish_nudge(nudge.nudge_id)
+        self._drop_nudge(nudge.nudge_id)
         user_id = await self._ensure_user(ChatUser(telegram_id=self._state.telegram_id))
         try:
             fired = await workflow.execute_activity_method(
@@ -388,8 +379,18 @@ class CompanionWorkflow:
     def _pending(self, nudge_id: str) -> Nudge | None:
         return next((nudge for nudge in self._state.nudges if nudge.nudge_id == nudge_id), None)
 
-    def _finish_nudge(self, nudge_id: str) -> None:
+    def _drop_nudge(self, nudge_id: str) -> None:
+        """Out of the pending list and into the done ones (sent, cancelled or failed: never again)."""
+        self._state.nudges = [pending for pending in self._state.nudges if pending.nudge_id != nudge_id]
         self._state.done_nudges = [*self._state.done_nudges, nudge_id][-DONE_NUDGES_KEPT:]
+
+    def _drop_all_nudges(self) -> int:
+        """Drop every pending nudge (the user is out of reach, or forgotten) and wake the loop; returns how many."""
+        dropped = [nudge.nudge_id for nudge in self._state.nudges]
+        for nudge_id in dropped:
+            self._drop_nudge(nudge_id)
+        self._nudges_changed = True
+        return len(dropped)
 
     def _due_nudge(self) -> Nudge | None:
         due = [nudge for nudge in self._state.nudges if nudge.at <= workflow.now()]
