@@ -99,7 +99,8 @@ class TurnActivities:
             if stored is not None:
                 zone = (await self._repository.get_user(data.user_id)).timezone_info
                 found = _read_reminder(data, zone)
-                return ComposedReply(text=stored.content, reminder=_reminder(found, data.message_key) if found else None,
+                return ComposedReply(text=stored.content,
+                                     reminder=_reminder(found, data.message_key) if found else None,
                                      follow_up=await self._follow_up(data, zone))
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
