@@ -36,6 +36,7 @@ def _build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-chat", action="store_true", help="do not open the chat prompt even on a terminal")
     commands.add_parser("worker", help="run a worker against the configured Temporal and PostgreSQL")
     commands.add_parser("gateway", help="run the Telegram gateway (long polling, or the webhook if configured)")
+    commands.add_parser("doctor", help="check every configured dependency and say how to fix what fails")
 
     say = commands.add_parser("say", help="send one message and print the reply")
     say.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
@@ -168,6 +169,10 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
             return _worker(settings)
         case "gateway":
             return _gateway(settings)
+        case "doctor":
+            from cli.doctor import run_doctor
+
+            return run_doctor(settings)
         case "say":
             return conversation.say(settings, args.user, " ".join(args.text), args.timeout)
         case "chat":
@@ -188,7 +193,7 @@ def _configure_logging(settings: Settings, command: str) -> None:
         # The terminal belongs to the chat: full logs go to a file, the console shows errors only.
         configure_logging(settings.log_level, settings.effective_log_format, log_file=dev_log_file(settings),
                           console_level="ERROR")
-    elif command in ("say", "chat", "history", "replay", "nudges"):
+    elif command in ("say", "chat", "history", "replay", "nudges", "doctor"):
         configure_logging("WARNING", settings.effective_log_format)
     else:
         configure_logging(settings.log_level, settings.effective_log_format)

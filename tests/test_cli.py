@@ -220,3 +220,28 @@ async def test_companion_dev_with_a_bot_token_talks_on_telegram(tmp_path: Path, 
     history = _companion("history", "--user", "777", cwd=tmp_path, env=env).stdout.splitlines()
     assert [line.split(None, 3)[2:] for line in history] == [["Ada", "hello from Telegram"],
                                                             ["companion", "I hear you: hello from Telegram"]]
+
+
+def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gone(
+        tmp_path: Path, dev_env: dict[str, str]) -> None:
+    dev = DevProcess(tmp_path, dev_env)
+    try:
+        healthy = _companion("doctor", cwd=tmp_path, env=dev_env)
+    finally:
+        assert dev.stop() == 0
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    checks = {line.split()[0]: line.split()[1] for line in healthy.stdout.splitlines()[:-1]}
+    assert checks == {"Temporal": "ok", "PostgreSQL": "ok", "schema": "ok", "pgvector": "ok", "LLM": "ok"}
+
+    stopped = _companion("doctor", cwd=tmp_path, env=dev_env)  # PostgreSQL and Temporal are gone with `dev`
+    assert stopped.returncode == 1
+    lines = stopped.stdout.splitlines()
+    assert any(line.startswith("PostgreSQL  FAIL  the embedded server is not running") for line in lines)
+    assert "fix: start `uv run companion dev` (it runs the embedded PostgreSQL), or set DATABASE_URL" in stopped.stdout
+    assert "Temporal    FAIL  nothing answers at" in stopped.stdout
+    assert lines[-1] == "1 ok, 2 failed"  # the LLM stub still answers
+
+    unreachable = _companion("doctor", cwd=tmp_path, env={
+        **dev_env, "DATABASE_URL": "postgresql://companion:pw@127.0.0.1:9/companion"})  # nothing listens on 9
+    assert unreachable.returncode == 1
+    assert "PostgreSQL  FAIL  cannot connect (DATABASE_URL)" in unreachable.stdout
