@@ -8,6 +8,7 @@ from datetime import timedelta
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -41,6 +42,14 @@ def build_worker(client: Client, task_queue: str, activities: CompanionActivitie
                   workflow_runner=WORKFLOW_RUNNER)
 
 
+def metrics_runtime(address: str | None) -> Runtime | None:
+    """A Temporal runtime serving Prometheus metrics at ``address`` (SDK metrics and the companion's own)."""
+    if address is None:
+        return None
+    _log.info("worker.metrics", address=address)
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+
+
 async def ensure_search_attributes(client: Client) -> None:
     """Register the user-id search attribute operators filter by; a cluster that refuses is only warned about."""
     name = USER_ID_ATTRIBUTE.name
@@ -60,7 +69,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     local_model = LocalModelServer() if chat_model is None and settings.uses_local_model else None
     telegram = TelegramChannel.from_settings(settings)
     try:
-        client = await connect(settings)
+        client = await connect(settings, metrics_runtime(settings.metrics_address))
         await ensure_search_attributes(client)
         if chat_model is None:
             chat_model = create_chat_model(settings, local_model.start() if local_model else None)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import openai
 from openai import AsyncOpenAI
+from openai.types import CompletionUsage
+from temporalio import activity
 
 from core.errors import ConfigurationError, OpenAIServiceError
 from core.logging import get_logger
@@ -49,20 +51,36 @@ class ChatModel:
             response = await self._client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=self._max_tokens, temperature=TEMPERATURE)
         except openai.APIStatusError as exc:
+            _count_call(self.model, "error", time.perf_counter() - started)
             raise _status_error(exc) from exc
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            _count_call(self.model, "error", time.perf_counter() - started)
             raise OpenAIServiceError(f"the LLM endpoint could not be reached ({type(exc).__name__})",
                                      context={"model": self.model}, cause=exc) from exc
         content = (response.choices[0].message.content or "").strip() if response.choices else ""
         if not content:
             raise OpenAIServiceError("the LLM returned an empty reply", context={"model": self.model})
         usage = response.usage
+        _count_call(self.model, "ok", time.perf_counter() - started, usage)
         _log.info("llm.reply", model=self.model, duration_ms=round((time.perf_counter() - started) * 1000),
                   prompt_tokens=usage.prompt_tokens if usage else None,
                   completion_tokens=usage.completion_tokens if usage else None)
         return ComposedReply(text=content, model=response.model or self.model,
                               prompt_tokens=usage.prompt_tokens if usage else None,
                               completion_tokens=usage.completion_tokens if usage else None)
+
+
+def _count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage | None = None) -> None:
+    """LLM calls, their latency and tokens, as metrics of the worker (when called inside an activity)."""
+    if not activity.in_activity():
+        return
+    meter = activity.metric_meter().with_additional_attributes({"model": model})
+    meter.create_counter("companion_llm_calls", "LLM calls, by outcome").add(1, {"outcome": outcome})
+    meter.create_histogram_float("companion_llm_latency", "LLM call latency", "s").record(seconds)
+    if usage is not None:
+        tokens = meter.create_counter("companion_llm_tokens", "LLM tokens, prompt and completion")
+        tokens.add(usage.prompt_tokens, {"kind": "prompt"})
+        tokens.add(usage.completion_tokens, {"kind": "completion"})
 
 
 def _status_error(exc: openai.APIStatusError) -> OpenAIServiceError:

@@ -57,6 +57,23 @@ def _add_app(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+def _temporal_ids(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """Inside an activity, the ids that lead from a log line to its workflow history in the Temporal UI.
+
+    (Workflow code logs through temporalio's workflow.logger, which adds its own `temporal_workflow` context.)
+    """
+    from temporalio import activity
+
+    if activity.in_activity():
+        info = activity.info()
+        event_dict.setdefault("workflow_id", info.workflow_id)
+        event_dict.setdefault("run_id", info.workflow_run_id)
+        event_dict.setdefault("activity", info.activity_type)
+        event_dict.setdefault("activity_id", info.activity_id)
+        event_dict.setdefault("attempt", info.attempt)
+    return event_dict
+
+
 def _shared_processors() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -65,6 +82,7 @@ def _shared_processors() -> list[Processor]:
         structlog.stdlib.ExtraAdder(),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_app,
+        _temporal_ids,
         structlog.processors.StackInfoRenderer(),
     ]
 

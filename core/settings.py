@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     workflow_turns_per_run: int = Field(default=200, ge=1, le=10_000)
     # ~100 KB of worker memory per cached workflow; users beyond it are replayed from history when they write.
     worker_max_cached_workflows: int = Field(default=500, ge=0)
+    # host:port where the worker serves Prometheus metrics (Temporal SDK's and the companion's); unset = none.
+    metrics_address: str | None = None
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
@@ -97,9 +99,11 @@ class Settings(BaseSettings):
             raise ValueError(f"expected a host, or ?host=/socket/dir ({_DATABASE_URL_FORMS})")
         return value
 
-    @field_validator("temporal_address")
+    @field_validator("temporal_address", "metrics_address")
     @classmethod
-    def _host_port(cls, value: str) -> str:
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("expected host:port, e.g. localhost:7233")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -245,3 +246,36 @@ def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gon
         **dev_env, "DATABASE_URL": "postgresql://companion:pw@127.0.0.1:9/companion"})  # nothing listens on 9
     assert unreachable.returncode == 1
     assert "PostgreSQL  FAIL  cannot connect (DATABASE_URL)" in unreachable.stdout
+
+
+def test_the_worker_serves_metrics_and_its_log_lines_lead_to_the_workflow(tmp_path: Path,
+                                                                        dev_env: dict[str, str]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    env = {**dev_env, "METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
+    dev = DevProcess(tmp_path, env)
+    try:
+        for text in ("hello", "remind me in 2 hours to stretch"):
+            said = _companion("say", "--user", "42", text, cwd=tmp_path, env=env)
+            assert said.returncode == 0, said.stderr
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        assert dev.stop() == 0
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line and not line.startswith("#")}
+
+    def total(name: str, **labels: str) -> float:
+        return sum(value for key, value in samples.items() if key.split("{")[0] == name
+                   and all(f'{label}="{wanted}"' in key for label, wanted in labels.items()))
+
+    assert total("companion_turns", channel="console") == 2
+    assert total("companion_llm_calls", outcome="ok") == 2
+    assert total("companion_llm_tokens", kind="completion") > 0
+    assert total("companion_llm_latency_count") == 2
+    assert total("temporal_activity_execution_latency_count", activity_type="compose_reply") == 2  # the SDK's own
+
+    log = [json.loads(line) for line in (tmp_path / ".companion" / "companion.log").read_text().splitlines()]
+    request = next(line for line in log if line["event"] == "llm.request")
+    assert request["workflow_id"] == "companion-user-42" and request["activity"] == "compose_reply"
+    assert request["run_id"] and request["activity_id"] and request["attempt"] == 1

@@ -167,6 +167,7 @@ class CompanionWorkflow:
         nudge = self._pending(nudge_id)
         assert nudge is not None  # the validator saw it pending, and nothing ran in between
         self._drop_nudge(nudge_id)
+        _count_nudges("cancelled")
         await workflow.execute_local_activity_method(
             CompanionActivities.set_nudge_status, SetNudgeStatusInput(nudge_id=nudge_id, status=NudgeStatus.CANCELLED),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
@@ -333,9 +334,13 @@ class CompanionWorkflow:
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
         if old is not None:
             self._drop_nudge(old.nudge_id)
+            _count_nudges("replaced")
         self._add_nudge(nudge)
 
     def _after_turn(self, message: IncomingMessage, reply: str, fallback: bool) -> None:
+        _count("companion_turns", "conversation turns answered", channel=message.channel.value)
+        if fallback:
+            _count("companion_fallback_replies", "turns answered with the fallback reply")
         self._state.turns += 1
         self._state.turns_this_run += 1
         self._state.last_turn_at = workflow.now()
@@ -358,6 +363,7 @@ class CompanionWorkflow:
                 start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary=f"nudge {nudge.nudge_id}")
         except ActivityError as err:
             workflow.logger.warning("nudge failed", extra={"nudge_id": nudge.nudge_id, "error": str(err.cause)})
+            _count_nudges("failed")
             await workflow.execute_local_activity_method(
                 CompanionActivities.set_nudge_status,
                 SetNudgeStatusInput(nudge_id=nudge.nudge_id, status=NudgeStatus.FAILED, error=str(err.cause)),
@@ -366,7 +372,9 @@ class CompanionWorkflow:
         if fired.postponed_until is not None:  # the user's quiet hours: pending again, until they end
             self._state.done_nudges.remove(nudge.nudge_id)
             self._add_nudge(nudge.model_copy(update={"at": fired.postponed_until}))
+            _count_nudges("postponed")
             return
+        _count_nudges("sent")
         self._add_transcript([f"**companion** (nudge): {_clip(fired.text)}"])
         if self._state.channel == Channel.TELEGRAM and workflow.patched(TELEGRAM_DELIVERY):
             # A nudge is personal: to the user's private chat (its id is theirs), never the group they wrote in last.
@@ -389,6 +397,7 @@ class CompanionWorkflow:
         dropped = [nudge.nudge_id for nudge in self._state.nudges]
         for nudge_id in dropped:
             self._drop_nudge(nudge_id)
+        _count_nudges("cancelled", len(dropped))
         self._nudges_changed = True
         return len(dropped)
 
@@ -418,3 +427,12 @@ def _clip(text: str) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= TRANSCRIPT_LINE_CHARS else flat[:TRANSCRIPT_LINE_CHARS - 1] + "…"
 
+
+def _count(name: str, description: str, value: int = 1, **attributes: str) -> None:
+    # Workflow metrics are not emitted again when a history is replayed.
+    workflow.metric_meter().create_counter(name, description).add(value, attributes)
+
+
+def _count_nudges(outcome: str, value: int = 1) -> None:
+    _count("companion_nudges", "nudges leaving the pending list (sent, cancelled, failed, replaced) or postponed",
+           value, outcome=outcome)
