@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
@@ -50,6 +56,17 @@ def metrics_runtime(address: str | None) -> Runtime | None:
     return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
 
 
+def tracer_provider(endpoint: str | None) -> TracerProvider | None:
+    """Traces of workflows and activities sent to an OTLP/HTTP collector, or None without an endpoint."""
+    if endpoint is None:
+        return None
+    provider = TracerProvider(resource=Resource.create({"service.name": "companion-worker"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces")))
+    trace.set_tracer_provider(provider)
+    _log.info("worker.tracing", endpoint=endpoint)
+    return provider
+
+
 async def ensure_search_attributes(client: Client) -> None:
     """Register the user-id search attribute operators filter by; a cluster that refuses is only warned about."""
     name = USER_ID_ATTRIBUTE.name
@@ -68,8 +85,10 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     # The embedded model's server stops when this object goes away: it must live as long as the worker.
     local_model = LocalModelServer() if chat_model is None and settings.uses_local_model else None
     telegram = TelegramChannel.from_settings(settings)
+    tracer = tracer_provider(settings.otel_exporter_otlp_endpoint)
     try:
-        client = await connect(settings, metrics_runtime(settings.metrics_address))
+        client = await connect(settings, metrics_runtime(settings.metrics_address),
+                               [TracingInterceptor()] if tracer is not None else [])
         await ensure_search_attributes(client)
         if chat_model is None:
             chat_model = create_chat_model(settings, local_model.start() if local_model else None)
@@ -85,5 +104,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     finally:
         if telegram is not None:
             await telegram.close()
+        if tracer is not None:
+            tracer.shutdown()  # sends the spans still queued
         await engine.dispose()
     _log.info("worker.stopped")

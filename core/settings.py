@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     worker_max_cached_workflows: int = Field(default=500, ge=0)
     # host:port where the worker serves Prometheus metrics (Temporal SDK's and the companion's); unset = none.
     metrics_address: str | None = None
+    # OTLP/HTTP collector (e.g. http://otel-collector:4318): the worker sends traces of workflows and activities.
+    otel_exporter_otlp_endpoint: str | None = None
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
@@ -109,7 +111,7 @@ class Settings(BaseSettings):
             raise ValueError("expected host:port, e.g. localhost:7233")
         return value
 
-    @field_validator("openai_base_url", "telegram_api_base_url")
+    @field_validator("openai_base_url", "telegram_api_base_url", "otel_exporter_otlp_endpoint")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None:

@@ -12,15 +12,18 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from cli.nudges import parse_when
 from core.errors import InvalidInputError
 from tests.fake_openai import FakeOpenAI
 from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
+from tests.local_http import serve
 from tests.test_embedded import _postgres_processes
 
 
@@ -279,3 +282,29 @@ def test_the_worker_serves_metrics_and_its_log_lines_lead_to_the_workflow(tmp_pa
     request = next(line for line in log if line["event"] == "llm.request")
     assert request["workflow_id"] == "companion-user-42" and request["activity"] == "compose_reply"
     assert request["run_id"] and request["activity_id"] and request["attempt"] == 1
+
+
+def test_the_worker_sends_traces_of_turns_to_an_otlp_collector(tmp_path: Path, dev_env: dict[str, str]) -> None:
+    spans: list[str] = []
+
+    def collect(request: BaseHTTPRequestHandler) -> None:  # an OTLP/HTTP collector: protobuf in, empty 200 out
+        body = request.rfile.read(int(request.headers["Content-Length"]))
+        export = ExportTraceServiceRequest.FromString(body)
+        spans.extend(span.name for resource in export.resource_spans for scope in resource.scope_spans
+                     for span in scope.spans)
+        request.send_response(200)
+        request.send_header("Content-Type", "application/x-protobuf")
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+    collector = serve(collect)
+    host, port = collector.server_address[:2]
+    env = {**dev_env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{host}:{port}"}
+    dev = DevProcess(tmp_path, env)
+    try:
+        said = _companion("say", "--user", "42", "trace me", cwd=tmp_path, env=env)
+        assert said.returncode == 0, said.stderr
+    finally:
+        assert dev.stop() == 0  # the worker flushes its spans on the way out
+        collector.shutdown()
+    assert {"RunActivity:ensure_user", "RunActivity:record_message", "RunActivity:compose_reply"} <= set(spans)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from temporalio.client import Client, WithStartWorkflowOperation
+from collections.abc import Sequence
+
+from temporalio.client import Client, Interceptor, WithStartWorkflowOperation
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
@@ -12,10 +14,12 @@ from schemas.turn import ChatUser, CompanionState, Forgotten, IncomingMessage, N
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
 
 
-async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
+async def connect(settings: Settings, runtime: Runtime | None = None,
+                  interceptors: Sequence[Interceptor] = ()) -> Client:
     """A Temporal client that reads and writes payloads as JSON (pydantic), so the UI shows them readably."""
     return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
-                                data_converter=pydantic_data_converter, runtime=runtime)
+                                data_converter=pydantic_data_converter, runtime=runtime,
+                                interceptors=interceptors)
 
 
 def _start_options(settings: Settings, user: ChatUser) -> dict:
