@@ -23,7 +23,7 @@ LogFormat = Literal["json", "console"]
 _PLACEHOLDER = re.compile(r"^(|changeme|change[-_ ]?me.*|placeholder|secret|password|xxx+|todo|dummy|test|example.*|your[-_ ].*|<.*>|\.\.\.)$",
                           re.IGNORECASE)
 _SECRET_FIELDS = ("openai_api_key", "pinecone_api_key", "telegram_bot_token", "telegram_webhook_secret",
-                  "database_url")
+                  "temporal_api_key", "database_url")
 _POSTGRES_SCHEMES = {"postgres", "postgresql", "postgresql+asyncpg", "postgresql+psycopg", "postgresql+psycopg2"}
 _DATABASE_URL_FORMS = ("postgresql://user:pass@host:5432/db or postgresql://user@/db?host=/socket/dir")
 
@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     temporal_task_queue: str = "companion"
+    # Temporal Cloud or a TLS cluster: an API key, or a client certificate and key (mTLS). Either turns TLS on.
+    temporal_api_key: SecretStr | None = None
+    temporal_tls_client_cert_path: Path | None = None
+    temporal_tls_client_key_path: Path | None = None
     workflow_turns_per_run: int = Field(default=200, ge=1, le=10_000)
     # ~100 KB of worker memory per cached workflow; users beyond it are replayed from history when they write.
     worker_max_cached_workflows: int = Field(default=500, ge=0)
@@ -163,8 +167,18 @@ class Settings(BaseSettings):
             raise ValueError("expected 1-256 characters of A-Z, a-z, 0-9, _ and -")
         return value
 
+    @field_validator("temporal_tls_client_cert_path", "temporal_tls_client_key_path")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError("expected the path of a PEM file that exists")
+        return value.expanduser() if value is not None else None
+
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
+        if (self.temporal_tls_client_cert_path is None) != (self.temporal_tls_client_key_path is None):
+            raise ValueError("TEMPORAL_TLS_CLIENT_CERT_PATH and TEMPORAL_TLS_CLIENT_KEY_PATH: expected both "
+                             "(a client certificate and its key) or neither")
         if self.telegram_webhook_url and not self.telegram_webhook_secret:
             raise ValueError("TELEGRAM_WEBHOOK_SECRET: expected a secret token whenever TELEGRAM_WEBHOOK_URL is set")
         if self.environment != "development":

@@ -10,6 +10,7 @@ import pytest
 
 from core.errors import ConfigurationError
 from core.settings import Settings, load_settings, to_async_url
+from workflows.client import connect_options
 
 BOT_TOKEN = "123456789:AAH9xYzQ1w2e3r4t5y6u7i8o9p0asdfghjk"
 
@@ -157,3 +158,24 @@ def test_env_example_lists_every_setting_and_loads_as_is(tmp_path: Path) -> None
         assert above.startswith("# "), name
     (tmp_path / ".env").write_text(example)
     assert load_settings().uses_embedded_postgres
+
+
+def test_temporal_cloud_api_key_and_mtls_reach_the_client_options(tmp_path: Path) -> None:
+    assert connect_options(load_settings()) == {"target_host": "localhost:7233", "namespace": "default"}
+
+    cloud = connect_options(load_settings(temporal_address="ns.acct.tmprl.cloud:7233", temporal_namespace="ns.acct",
+                                          temporal_api_key="tcld-key-123"))
+    assert cloud == {"target_host": "ns.acct.tmprl.cloud:7233", "namespace": "ns.acct", "api_key": "tcld-key-123",
+                     "tls": True}
+
+    (tmp_path / "client.pem").write_text("CERT")
+    (tmp_path / "client.key").write_text("KEY")
+    mtls = connect_options(load_settings(temporal_tls_client_cert_path=tmp_path / "client.pem",
+                                         temporal_tls_client_key_path=tmp_path / "client.key"))
+    assert (mtls["tls"].client_cert, mtls["tls"].client_private_key) == (b"CERT", b"KEY")
+
+    with pytest.raises(ConfigurationError, match="expected both"):
+        load_settings(temporal_tls_client_cert_path=tmp_path / "client.pem")
+    with pytest.raises(ConfigurationError, match="TEMPORAL_TLS_CLIENT_KEY_PATH: expected the path of a PEM file"):
+        load_settings(temporal_tls_client_cert_path=tmp_path / "client.pem",
+                      temporal_tls_client_key_path=tmp_path / "missing.key")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from temporalio.client import Client, Interceptor, WithStartWorkflowOperation
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConfigProfile
 from temporalio.runtime import Runtime
 
 from core.settings import Settings
@@ -14,12 +16,23 @@ from schemas.turn import ChatUser, CompanionState, Forgotten, IncomingMessage, N
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
 
 
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """Client.connect's address, namespace, API key and TLS, through Temporal's envconfig (as its CLI reads them)."""
+    names = {"TEMPORAL_ADDRESS": settings.temporal_address, "TEMPORAL_NAMESPACE": settings.temporal_namespace}
+    if settings.temporal_api_key is not None:
+        names["TEMPORAL_API_KEY"] = settings.temporal_api_key.get_secret_value()
+    if settings.temporal_tls_client_cert_path is not None and settings.temporal_tls_client_key_path is not None:
+        names["TEMPORAL_TLS_CLIENT_CERT_PATH"] = str(settings.temporal_tls_client_cert_path)
+        names["TEMPORAL_TLS_CLIENT_KEY_PATH"] = str(settings.temporal_tls_client_key_path)
+    # Settings are the one source: no other environment variable or config file joins in.
+    return dict(ClientConfigProfile.load(override_env_vars=names, disable_file=True).to_client_connect_config())
+
+
 async def connect(settings: Settings, runtime: Runtime | None = None,
                   interceptors: Sequence[Interceptor] = ()) -> Client:
     """A Temporal client that reads and writes payloads as JSON (pydantic), so the UI shows them readably."""
-    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
-                                data_converter=pydantic_data_converter, runtime=runtime,
-                                interceptors=interceptors)
+    return await Client.connect(**connect_options(settings), data_converter=pydantic_data_converter,
+                                runtime=runtime, interceptors=interceptors)
 
 
 def _start_options(settings: Settings, user: ChatUser) -> dict:
