@@ -54,6 +54,7 @@ class Sent:
     text: str
     parse_mode: str | None
     reply_markup: dict[str, Any] | None
+    received_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass

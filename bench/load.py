@@ -1,0 +1,185 @@
+"""Load: many users talking at once over the Telegram path, and nothing lost or duplicated.
+
+    uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60]
+
+Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
+worker as its own process (`companion worker`) delivering to the local Bot API server of the tests, and an
+OpenAI-compatible stub answering at once in its own process. Messages are signalled as the gateway signals them
+(signal-with-start, Telegram channel); a reply counts when the Bot API server receives it.
+
+(a) capacity: every user sends --messages messages, each as soon as the reply to the previous one arrived: turns/s.
+(b) latency under a steady load: --rate messages a second, spread over the users, for --seconds: p50/p95/p99 from
+    the signal to the delivered reply.
+Both check that every message got exactly one reply, and that PostgreSQL holds each message and each reply once.
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from bench.nudges import _start_worker
+from bench.turn import _percentile
+from cli.dev import dev_server_config_args
+from core.logging import configure_logging
+from core.settings import Settings, load_settings
+from schemas.memory import Channel
+from schemas.turn import ChatUser, IncomingMessage
+from storage import migrate
+from storage.database import create_engine
+from storage.embedded import EmbeddedPostgres
+from tests.fake_openai import serve_in_subprocess
+from tests.fake_telegram import TOKEN, FakeBotAPI
+from workflows.client import signal_message
+from workflows.companion import USER_ID_ATTRIBUTE
+
+TASK_QUEUE = "bench-load"
+FIRST_USER = 20_000_000
+
+
+class Load:
+    """Sends messages as users and notes when each one's reply reaches the Bot API server."""
+
+    def __init__(self, client: Client, settings: Settings, api: FakeBotAPI):
+        self.client, self.settings, self.api = client, settings, api
+        self.sent: dict[int, list[float]] = {}  # user -> send times, in order
+
+    async def send(self, user: int, n: int) -> None:
+        self.sent.setdefault(user, []).append(time.perf_counter())
+        await signal_message(self.client, self.settings, IncomingMessage(
+            message_key=f"tg:{user}:{n}", user=ChatUser(telegram_id=user, first_name="Load"), chat_id=user,
+            channel=Channel.TELEGRAM, text=f"message {n} from {user}", sent_at=datetime.now(UTC)))
+
+    async def replies(self, user: int, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.api.messages(user)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"user {user} got {len(self.api.messages(user))} of {count} replies")
+            await asyncio.sleep(0.005)
+
+
+def _arrivals(api: FakeBotAPI, load: Load) -> list[float]:
+    """Signal-to-delivery latency of every message, in ms, pairing each user's replies with its messages in order."""
+    latencies = []
+    for user, sends in load.sent.items():
+        for sent_at, reply in zip(sends, api.messages(user), strict=False):
+            latencies.append((reply.received_at - sent_at) * 1000)
+    return latencies
+
+
+async def _counts(database_url: str, users: range) -> tuple[int, int]:
+    """(messages missing a row or a reply, rows beyond one per key) in PostgreSQL."""
+    connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        rows = await connection.fetch(
+            "SELECT c.message_key, count(*) AS n FROM conversations c JOIN users u ON u.id = c.user_id "
+            "WHERE u.telegram_id >= $1 AND u.telegram_id < $2 GROUP BY c.message_key", users.start, users.stop)
+    finally:
+        await connection.close()
+    keys = {row["message_key"]: row["n"] for row in rows}
+    asked = [key for key in keys if not key.endswith(":reply")]
+    lost = sum(f"{key}:reply" not in keys for key in asked)
+    return lost, sum(n - 1 for n in keys.values())
+
+
+async def main(users: int, messages: int, rate: float, seconds: float) -> dict[str, float]:
+    configure_logging("WARNING", "console")
+    folder = Path(tempfile.mkdtemp(prefix="companion-bench-load-"))
+    postgres = EmbeddedPostgres(folder / "pg")
+    llm_url, llm = serve_in_subprocess()
+    api = FakeBotAPI()
+    api.start()
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        database_url = postgres.start()
+        engine = create_engine(database_url)
+        await migrate.upgrade(engine)
+        await engine.dispose()
+        env = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
+            data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
+            dev_server_extra_args=dev_server_config_args())
+        async with env:
+            address = env.client.service_client.config.target_host
+            settings = load_settings(temporal_task_queue=TASK_QUEUE, temporal_address=address)
+            worker = _start_worker(folder, {
+                "DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": TASK_QUEUE,
+                "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench", "TELEGRAM_BOT_TOKEN": TOKEN,
+                "TELEGRAM_API_BASE_URL": api.url, "NUDGE_QUIET_HOURS": "off", "LOG_FORMAT": "json",
+                "LOG_LEVEL": "INFO"})
+            load = Load(env.client, settings, api)
+
+            # (a) capacity: each user's next message when the previous reply has arrived
+            capacity_users = range(FIRST_USER, FIRST_USER + users)
+
+            async def conversation(user: int) -> None:
+                for n in range(messages):
+                    await load.send(user, n)
+                    await load.replies(user, n + 1)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(conversation(user) for user in capacity_users))
+            capacity_s = time.perf_counter() - started
+            turns = users * messages
+            lost_a, duplicated_a = await _counts(database_url, capacity_users)
+
+            # (b) latency at a steady rate over other users (first turns included, as in real life)
+            steady_users = range(FIRST_USER + users, FIRST_USER + 2 * users)
+            steady = Load(env.client, settings, api)
+            total = int(rate * seconds)
+            begin = time.perf_counter()
+            sends = []
+            for i in range(total):
+                await asyncio.sleep(max(0.0, begin + i / rate - time.perf_counter()))
+                user = steady_users[i % users]
+                sends.append(asyncio.create_task(steady.send(user, i // users)))
+            await asyncio.gather(*sends)
+            for user in steady_users:
+                await steady.replies(user, len(steady.sent.get(user, [])))
+            latencies = _arrivals(api, steady)
+            lost_b, duplicated_b = await _counts(database_url, steady_users)
+            await asyncio.sleep(1)  # a duplicate delivery would arrive after the reply it repeats
+            extra = (sum(len(api.messages(user)) - messages for user in capacity_users)
+                     + sum(len(api.messages(user)) - len(steady.sent.get(user, [])) for user in steady_users))
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(60)
+        api.stop()
+        llm.terminate()
+        postgres.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    p50, p95, p99 = (statistics.median(latencies), _percentile(latencies, 0.95), _percentile(latencies, 0.99))
+    print(f"(a) capacity: {turns} turns by {users} users in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
+          f"lost {lost_a}, duplicated rows {duplicated_a}")
+    print(f"(b) {rate:g} messages/s for {seconds:g} s ({total} messages): signal to delivered reply p50 {p50:.1f} ms, "
+          f"p95 {p95:.1f} ms, p99 {p99:.1f} ms; lost {lost_b}, duplicated rows {duplicated_b}, "
+          f"extra Telegram messages {extra}")
+    return {"users": users, "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
+            "p95_ms": round(p95, 1), "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
+            "duplicated": duplicated_a + duplicated_b + extra}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--messages", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.users, args.messages, args.rate, args.seconds))))
