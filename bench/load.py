@@ -19,34 +19,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import asyncpg
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
-from bench.nudges import _start_worker
+from bench.stack import embedded_stack
 from bench.turn import _percentile
-from cli.dev import dev_server_config_args
 from core.logging import configure_logging
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from schemas.memory import Channel
 from schemas.turn import ChatUser, IncomingMessage
-from storage import migrate
-from storage.database import create_engine
-from storage.embedded import EmbeddedPostgres
-from tests.fake_openai import serve_in_subprocess
 from tests.fake_telegram import TOKEN, FakeBotAPI
 from workflows.client import signal_message
-from workflows.companion import USER_ID_ATTRIBUTE
 
 TASK_QUEUE = "bench-load"
 FIRST_USER = 20_000_000
@@ -99,32 +86,13 @@ async def _counts(database_url: str, users: range) -> tuple[int, int]:
 
 async def main(users: int, messages: int, rate: float, seconds: float) -> dict[str, float]:
     configure_logging("WARNING", "console")
-    folder = Path(tempfile.mkdtemp(prefix="companion-bench-load-"))
-    postgres = EmbeddedPostgres(folder / "pg")
-    llm_url, llm = serve_in_subprocess()
     api = FakeBotAPI()
     api.start()
-    worker: subprocess.Popen[bytes] | None = None
     try:
-        database_url = postgres.start()
-        engine = create_engine(database_url)
-        await migrate.upgrade(engine)
-        await engine.dispose()
-        env = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-            data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
-            dev_server_extra_args=dev_server_config_args())
-        async with env:
-            address = env.client.service_client.config.target_host
-            settings = load_settings(temporal_task_queue=TASK_QUEUE, temporal_address=address)
-            worker = _start_worker(folder, {
-                "DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": TASK_QUEUE,
-                "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench", "TELEGRAM_BOT_TOKEN": TOKEN,
-                "TELEGRAM_API_BASE_URL": api.url, "NUDGE_QUIET_HOURS": "off", "LOG_FORMAT": "json",
-                "LOG_LEVEL": "INFO"})
-            load = Load(env.client, settings, api)
-
+        async with embedded_stack(TASK_QUEUE, {"TELEGRAM_BOT_TOKEN": TOKEN,
+                                               "TELEGRAM_API_BASE_URL": api.url}) as stack:
             # (a) capacity: each user's next message when the previous reply has arrived
+            load = Load(stack.client, stack.settings, api)
             capacity_users = range(FIRST_USER, FIRST_USER + users)
 
             async def conversation(user: int) -> None:
@@ -136,34 +104,27 @@ async def main(users: int, messages: int, rate: float, seconds: float) -> dict[s
             await asyncio.gather(*(conversation(user) for user in capacity_users))
             capacity_s = time.perf_counter() - started
             turns = users * messages
-            lost_a, duplicated_a = await _counts(database_url, capacity_users)
+            lost_a, duplicated_a = await _counts(stack.database_url, capacity_users)
 
             # (b) latency at a steady rate over other users (first turns included, as in real life)
             steady_users = range(FIRST_USER + users, FIRST_USER + 2 * users)
-            steady = Load(env.client, settings, api)
+            steady = Load(stack.client, stack.settings, api)
             total = int(rate * seconds)
             begin = time.perf_counter()
             sends = []
             for i in range(total):
                 await asyncio.sleep(max(0.0, begin + i / rate - time.perf_counter()))
-                user = steady_users[i % users]
-                sends.append(asyncio.create_task(steady.send(user, i // users)))
+                sends.append(asyncio.create_task(steady.send(steady_users[i % users], i // users)))
             await asyncio.gather(*sends)
             for user in steady_users:
                 await steady.replies(user, len(steady.sent.get(user, [])))
             latencies = _arrivals(api, steady)
-            lost_b, duplicated_b = await _counts(database_url, steady_users)
+            lost_b, duplicated_b = await _counts(stack.database_url, steady_users)
             await asyncio.sleep(1)  # a duplicate delivery would arrive after the reply it repeats
             extra = (sum(len(api.messages(user)) - messages for user in capacity_users)
                      + sum(len(api.messages(user)) - len(steady.sent.get(user, [])) for user in steady_users))
     finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(60)
         api.stop()
-        llm.terminate()
-        postgres.stop()
-        shutil.rmtree(folder, ignore_errors=True)
     p50, p95, p99 = (statistics.median(latencies), _percentile(latencies, 0.95), _percentile(latencies, 0.99))
     print(f"(a) capacity: {turns} turns by {users} users in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
           f"lost {lost_a}, duplicated rows {duplicated_a}")

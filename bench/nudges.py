@@ -23,31 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
-
+from bench.stack import embedded_stack
 from bench.turn import _percentile
-from cli.dev import dev_server_config_args
 from core.logging import configure_logging
-from core.settings import load_settings
 from schemas.memory import Channel
 from schemas.turn import ChatUser, IncomingMessage, Nudge
-from storage import migrate
-from storage.database import create_engine
-from storage.embedded import EmbeddedPostgres
-from tests.fake_openai import serve_in_subprocess
 from workflows.client import schedule_nudge, send_message
-from workflows.companion import USER_ID_ATTRIBUTE
 
 TASK_QUEUE = "bench-nudges"
 CONCURRENCY = 50
@@ -74,18 +60,6 @@ def _nudge(telegram_id: int) -> Nudge:
                  text="a week later: how are you?")
 
 
-def _start_worker(folder: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    log = folder / "worker.log"
-    process = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env={**os.environ, **env},
-                               stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    deadline = time.monotonic() + 120
-    while '"worker.started"' not in log.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-    return process
-
-
 async def _settle(pid: int) -> float:
     """The worker's RSS once its memory stops moving (the last tasks done, the allocator quiet)."""
     previous = rss_mb(pid)
@@ -100,56 +74,31 @@ async def _settle(pid: int) -> float:
 
 async def main(users: int, evicted: int) -> dict[str, float]:
     configure_logging("WARNING", "console")
-    folder = Path(tempfile.mkdtemp(prefix="companion-bench-nudges-"))
-    postgres = EmbeddedPostgres(folder / "pg")
-    llm_url, llm = serve_in_subprocess()
-    worker = None
-    try:
-        database_url = postgres.start()
-        engine = create_engine(database_url)
-        await migrate.upgrade(engine)
-        await engine.dispose()
-        env = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-            data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
-            dev_server_extra_args=dev_server_config_args())
-        async with env:
-            address = env.client.service_client.config.target_host
-            settings = load_settings(temporal_task_queue=TASK_QUEUE, temporal_address=address)
-            worker = _start_worker(folder, {
-                "DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": TASK_QUEUE,
-                "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench", "NUDGE_QUIET_HOURS": "off",
-                "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"})
-            cache = settings.worker_max_cached_workflows
-            for n in range(WARMUP_USERS):
-                await send_message(env.client, settings, _message(n + 1, "warming up"))
-                await schedule_nudge(env.client, settings, n + 1, _nudge(n + 1))
-            before = await _settle(worker.pid)
+    async with embedded_stack(TASK_QUEUE) as stack:
+        client, settings, worker = stack.client, stack.settings, stack.worker
+        cache = settings.worker_max_cached_workflows
+        for n in range(WARMUP_USERS):
+            await send_message(client, settings, _message(n + 1, "warming up"))
+            await schedule_nudge(client, settings, n + 1, _nudge(n + 1))
+        before = await _settle(worker.pid)
 
-            started = time.perf_counter()
-            gate = asyncio.Semaphore(CONCURRENCY)
+        started = time.perf_counter()
+        gate = asyncio.Semaphore(CONCURRENCY)
 
-            async def one(telegram_id: int) -> None:
-                async with gate:
-                    await schedule_nudge(env.client, settings, telegram_id, _nudge(telegram_id))
+        async def one(telegram_id: int) -> None:
+            async with gate:
+                await schedule_nudge(client, settings, telegram_id, _nudge(telegram_id))
 
-            await asyncio.gather(*(one(FIRST_USER + n) for n in range(users)))
-            schedule_s = time.perf_counter() - started
-            after = await _settle(worker.pid)
+        await asyncio.gather(*(one(FIRST_USER + n) for n in range(users)))
+        schedule_s = time.perf_counter() - started
+        after = await _settle(worker.pid)
 
-            latencies = []
-            for n in range(evicted):
-                began = time.perf_counter()
-                await send_message(env.client, settings, _message(FIRST_USER + n, "hello, it's been a while"))
-                latencies.append((time.perf_counter() - began) * 1000)
-            after_turns = rss_mb(worker.pid)
-    finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(60)
-        llm.terminate()
-        postgres.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+        latencies = []
+        for n in range(evicted):
+            began = time.perf_counter()
+            await send_message(client, settings, _message(FIRST_USER + n, "hello, it's been a while"))
+            latencies.append((time.perf_counter() - began) * 1000)
+        after_turns = rss_mb(worker.pid)
     p95 = _percentile(latencies, 0.95)
     print(f"scheduled {users} users' nudges in {schedule_s:.1f} s ({users / schedule_s:.0f}/s, {CONCURRENCY} at a "
           f"time); worker cache {cache} workflows")
