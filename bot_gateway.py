@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -122,11 +122,9 @@ class Gateway:
 
     async def text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A text message: checked, cleaned and signalled to the user's workflow."""
-        message, user = update.effective_message, update.effective_user
-        if message is None or user is None or not self._addressed(message, context):
+        if (sender := await self._sender(update, lambda message: self._addressed(message, context))) is None:
             return
-        if not await self._admitted(message, user):
-            return
+        message, user = sender
         text = clean_text(_without_mention(message.text or "", context.bot.username))
         if not text:
             await message.reply_text(EMPTY)
@@ -155,39 +153,32 @@ class Gateway:
 
     async def unsupported(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Photos, voice, stickers, documents…: say what the companion understands today."""
-        message, user = update.effective_message, update.effective_user
-        if message is None or user is None or not self._addressed(message, context):
-            return
-        if await self._admitted(message, user):
-            await message.reply_text(UNSUPPORTED)
+        if (sender := await self._sender(update, lambda message: self._addressed(message, context))) is not None:
+            await sender[0].reply_text(UNSUPPORTED)
 
     async def edited(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """An edit: the original stays what the companion answered."""
-        message, user = update.effective_message, update.effective_user
-        if message is None or user is None or message.chat.type != ChatType.PRIVATE:
-            return
-        if await self._admitted(message, user):
-            await message.reply_text(EDITED)
+        if (sender := await self._sender(update, lambda message: message.chat.type == ChatType.PRIVATE)) is not None:
+            await sender[0].reply_text(EDITED)
 
     # --- commands -----------------------------------------------------------------------------------------------
 
     async def start(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """/start: the greeting."""
-        message, user = update.effective_message, update.effective_user
-        if message is not None and user is not None and await self._admitted(message, user):
+        if (sender := await self._sender(update)) is not None:
+            message, user = sender
             await message.reply_text(GREETING.format(name=user.first_name))
 
     async def help(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """/help: what the companion can do."""
-        message, user = update.effective_message, update.effective_user
-        if message is not None and user is not None and await self._admitted(message, user):
-            await message.reply_text(HELP)
+        if (sender := await self._sender(update)) is not None:
+            await sender[0].reply_text(HELP)
 
     async def forget(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """/forget: ask for confirmation first; the buttons answer in forget_answer."""
-        message, user = update.effective_message, update.effective_user
-        if message is None or user is None or not await self._admitted(message, user):
+        if (sender := await self._sender(update)) is None:
             return
+        message, _ = sender
         buttons = InlineKeyboardMarkup([[InlineKeyboardButton("Yes, forget everything", callback_data="forget:yes"),
                                          InlineKeyboardButton("No, keep it", callback_data="forget:no")]])
         await message.reply_text(FORGET_ASK, reply_markup=buttons)
@@ -210,9 +201,9 @@ class Gateway:
 
     async def nudges(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """/nudges: the pending nudges, in the user's time zone."""
-        message, user = update.effective_message, update.effective_user
-        if message is None or user is None or not await self._admitted(message, user):
+        if (sender := await self._sender(update)) is None:
             return
+        message, user = sender
         try:
             state = await self._client.get_workflow_handle(workflow_id(user.id)).query(CompanionWorkflow.state)
         except RPCError as exc:
@@ -223,9 +214,9 @@ class Gateway:
 
     async def quiet(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/quiet turns check-ins off; /quiet off turns them back on."""
-        message, user = update.effective_message, update.effective_user
-        if message is None or user is None or not await self._admitted(message, user):
+        if (sender := await self._sender(update)) is None:
             return
+        message, user = sender
         enable = [arg.lower() for arg in context.args or []] == ["off"]
         await set_checkins(self._client, self._settings, chat_user(user), enable)
         await message.reply_text(QUIET_OFF if enable else QUIET_ON)
@@ -242,12 +233,20 @@ class Gateway:
         allowed = self._settings.telegram_allowed_user_ids
         return not allowed or user.id in allowed
 
-    async def _admitted(self, message: Message, user: User) -> bool:
+    async def _sender(self, update: Update,
+                      concerns_us: Callable[[Message], bool] = lambda _message: True) -> tuple[Message, User] | None:
+        """The message and its author when the companion should answer: it concerns us and the author is allowed.
+
+        Someone not on the allow-list gets the polite refusal here.
+        """
+        message, user = update.effective_message, update.effective_user
+        if message is None or user is None or not concerns_us(message):
+            return None
         if self._is_allowed(user):
-            return True
+            return message, user
         _log.info("gateway.refused", telegram_id=user.id, reason="not on the allow-list")
         await message.reply_text(NOT_ALLOWED)
-        return False
+        return None
 
     @staticmethod
     def _addressed(message: Message, context: ContextTypes.DEFAULT_TYPE) -> bool:

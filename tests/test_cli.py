@@ -23,7 +23,7 @@ from cli.nudges import parse_when
 from core.errors import InvalidInputError
 from tests.fake_openai import FakeOpenAI
 from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
-from tests.local_http import serve
+from tests.local_http import free_port, serve
 from tests.test_embedded import _postgres_processes
 
 
@@ -253,9 +253,7 @@ def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gon
 
 def test_the_worker_serves_metrics_and_its_log_lines_lead_to_the_workflow(tmp_path: Path,
                                                                         dev_env: dict[str, str]) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = free_port()
     env = {**dev_env, "METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
     dev = DevProcess(tmp_path, env)
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -43,6 +42,7 @@ from tests.fake_telegram import (
     message_update,
     parse_html,
 )
+from tests.local_http import free_port
 from tests.test_workflow import eventually, transcript
 from worker import build_worker
 from workflows.client import schedule_nudge
@@ -409,13 +409,7 @@ async def test_forget_can_be_declined(tg: TelegramStack) -> None:
 # --- webhook mode ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-WEBHOOK_PORT = _free_port()
+WEBHOOK_PORT = free_port()
 
 
 @pytest.mark.parametrize("gateway_settings", [{
