@@ -26,6 +26,7 @@ from core.logging import get_logger
 from core.settings import Settings
 from storage.database import create_engine, create_session_factory
 from storage.repository import MemoryRepository
+from storage.semantic import create_memory_index
 from workflows.client import connect
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow
 
@@ -86,14 +87,18 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     local_model = LocalModelServer() if chat_model is None and settings.uses_local_model else None
     telegram = TelegramChannel.from_settings(settings)
     tracer = tracer_provider(settings.otel_exporter_otlp_endpoint)
+    memory = None
     try:
         client = await connect(settings, metrics_runtime(settings.metrics_address),
                                [TracingInterceptor()] if tracer is not None else [])
         await ensure_search_attributes(client)
         if chat_model is None:
             chat_model = create_chat_model(settings, local_model.start() if local_model else None)
-        activities = CompanionActivities(MemoryRepository(create_session_factory(engine)), chat_model, telegram,
-                                         settings.quiet_hours)
+        sessions = create_session_factory(engine)
+        memory = create_memory_index(settings, sessions)
+        await memory.store.check(memory.embedder.dimension)
+        activities = CompanionActivities(MemoryRepository(sessions), chat_model, telegram, settings.quiet_hours,
+                                         memory=memory, extract=settings.extracts_memories)
         worker = build_worker(client, settings.temporal_task_queue, activities,
                               settings.worker_max_cached_workflows)
         async with worker:
@@ -104,6 +109,8 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     finally:
         if telegram is not None:
             await telegram.close()
+        if memory is not None:
+            await memory.store.close()
         if tracer is not None:
             tracer.shutdown()  # sends the spans still queued
         await engine.dispose()

@@ -14,7 +14,7 @@ from temporalio.common import RetryPolicy
 from activities.errors import translate_errors
 from activities.telegram import TelegramChannel, split_message
 from activities.turn import TurnActivities
-from core.errors import ConfigurationError, InvalidMemoryDataError
+from core.errors import ConfigurationError, InvalidMemoryDataError, UserNotFoundError
 from core.logging import get_logger
 from schemas.turn import DeliverInput, Delivery, ForgetInput, Forgotten, SetUserActiveInput
 
@@ -62,7 +62,17 @@ class DeliveryActivities(TurnActivities):
     @activity.defn(name="forget_user")
     @translate_errors
     async def forget_user(self, data: ForgetInput) -> Forgotten:
-        """Erase the user's row and, by cascade, every memory and nudge record of them."""
+        """Erase the user's vectors, then their row and, by cascade, every memory and nudge record of them.
+
+        Vectors go first: if the store fails, the activity is retried with the rows still there to find them by.
+        """
+        if self._memory is not None:
+            try:
+                user = await self._repository.get_user_by_telegram_id(data.telegram_id)
+            except UserNotFoundError:
+                user = None
+            if user is not None:
+                await self._memory.forget_user(user.id)
         had_memories = await self._repository.delete_user_by_telegram_id(data.telegram_id)
         _log.info("user.forgotten", telegram_id=data.telegram_id, had_memories=had_memories)
         return Forgotten(had_memories=had_memories)

@@ -70,11 +70,36 @@ class ChatModel:
                               completion_tokens=usage.completion_tokens if usage else None)
 
 
-def _count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage | None = None) -> None:
+    async def complete_json(self, system: str, user: str, name: str, schema: dict, max_tokens: int) -> str:
+        """A completion constrained to a JSON schema (OpenAI structured outputs; llama.cpp turns the schema into a
+        grammar). Returns the raw JSON text; failures raise OpenAIServiceError like ``reply``."""
+        started = time.perf_counter()
+        try:
+            response = await self._client.chat.completions.create(
+                model=self.model, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                max_tokens=max_tokens, temperature=0,
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": name, "schema": schema, "strict": True}})
+        except openai.APIStatusError as exc:
+            _count_call(self.model, "error", time.perf_counter() - started, purpose=name)
+            raise _status_error(exc) from exc
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            _count_call(self.model, "error", time.perf_counter() - started, purpose=name)
+            raise OpenAIServiceError(f"the LLM endpoint could not be reached ({type(exc).__name__})",
+                                     context={"model": self.model}, cause=exc) from exc
+        _count_call(self.model, "ok", time.perf_counter() - started, response.usage, purpose=name)
+        content = (response.choices[0].message.content or "").strip() if response.choices else ""
+        if not content:
+            raise OpenAIServiceError("the LLM returned an empty structured answer", context={"model": self.model})
+        return content
+
+
+def _count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage | None = None,
+                purpose: str = "reply") -> None:
     """LLM calls, their latency and tokens, as metrics of the worker (when called inside an activity)."""
     if not activity.in_activity():
         return
-    meter = activity.metric_meter().with_additional_attributes({"model": model})
+    meter = activity.metric_meter().with_additional_attributes({"model": model, "purpose": purpose})
     meter.create_counter("companion_llm_calls", "LLM calls, by outcome").add(1, {"outcome": outcome})
     meter.create_histogram_float("companion_llm_latency", "LLM call latency", "s").record(seconds)
     if usage is not None:

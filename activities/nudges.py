@@ -17,6 +17,7 @@ from activities.delivery import DeliveryActivities
 from core.logging import get_logger
 from schemas.memory import MessageCreate, NudgeStatus, Role, ScheduledMessageCreate, ScheduledMessageUpdate
 from schemas.turn import FiredNudge, FireNudgeInput, PlanCheckinInput, RecordNudgeInput, SetNudgeStatusInput
+from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 
 NUDGE_PROMPT = ("Write one short, warm message to start a conversation with the user. Its purpose: {purpose}. "
@@ -51,8 +52,9 @@ class CompanionActivities(DeliveryActivities):
     """
 
     def __init__(self, repository: MemoryRepository, chat_model: ChatModel, telegram: TelegramChannel | None = None,
-                 quiet_hours: tuple[time, time] | None = None):
-        super().__init__(repository, chat_model, telegram)
+                 quiet_hours: tuple[time, time] | None = None, memory: MemoryIndex | None = None,
+                 extract: bool = False):
+        super().__init__(repository, chat_model, telegram, memory=memory, extract=extract)
         self._quiet_hours = quiet_hours
 
     @activity.defn(name="record_nudge")

@@ -5,6 +5,7 @@ Named timeouts and retry policies live here, next to the activities they govern;
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
@@ -15,10 +16,12 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.llm import ChatModel
+from activities.remember import Rememberer
 from activities.reminders import Reminder, follow_up_time, parse_event, parse_reminder
 from activities.telegram import TelegramChannel
+from core.errors import CompanionError, OpenAIServiceError
 from core.logging import get_logger
-from schemas.context import UserContextSchema, quote
+from schemas.context import RecalledMemory, UserContextSchema, quote
 from schemas.memory import Channel, MessageCreate, NudgeCreator, NudgeKind, Role, TimelineEventCreate, UserCreate
 from schemas.turn import (
     ChatTurn,
@@ -28,9 +31,12 @@ from schemas.turn import (
     Nudge,
     RecordedMessage,
     RecordMessageInput,
+    Remembered,
+    RememberInput,
     TurnContext,
     UserRef,
 )
+from storage.recall import MemoryHit, MemoryIndex
 from storage.repository import MemoryRepository
 
 # PostgreSQL steps run as local activities: short, retried until the database is back (writes are idempotent).
@@ -43,6 +49,17 @@ DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coe
 LLM_TIMEOUT = timedelta(seconds=90)
 LLM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                         maximum_interval=timedelta(seconds=10), maximum_attempts=3)
+
+# The remember step: storing and embedding is retried until it lands; the extraction call inside it is paid, so
+# after this many attempts the step finishes without it.
+REMEMBER_TIMEOUT = timedelta(seconds=120)
+REMEMBER_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
+                             maximum_interval=timedelta(minutes=1), maximum_attempts=10,
+                             non_retryable_error_types=["InvalidMemoryDataError", "UserNotFoundError",
+                                                        "ConstraintViolationError"])
+REMEMBER_EXTRACT_ATTEMPTS = 3
+RECALL_K = 8
+RECALL_BUDGET_CHARS = 2_400  # ~600 tokens of recalled memories in the prompt
 
 HISTORY_TURNS = 12
 PERSONA = (
@@ -57,10 +74,13 @@ _log = get_logger(__name__)
 class TurnActivities:
     """The side effects of a turn, over an injected repository and chat model."""
 
-    def __init__(self, repository: MemoryRepository, chat_model: ChatModel, telegram: TelegramChannel | None = None):
+    def __init__(self, repository: MemoryRepository, chat_model: ChatModel, telegram: TelegramChannel | None = None,
+                 memory: MemoryIndex | None = None, extract: bool = False):
         self._repository = repository
         self._chat_model = chat_model
         self._telegram = telegram
+        self._memory = memory
+        self._rememberer = Rememberer(repository, memory, chat_model if extract else None) if memory else None
 
     @activity.defn(name="ensure_user")
     @translate_errors
@@ -104,7 +124,11 @@ class TurnActivities:
                                      follow_up=await self._follow_up(data, zone))
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
-        context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        # Recall runs beside gathering the context; memories of the recent turns are dropped once both are in.
+        context, found = await asyncio.gather(
+            self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1), self._recall(data))
+        context.summary = data.summary
+        context.recalled = _within_budget(found, {m.message_key for m in context.recent_messages})
         zone = context.user.timezone_info
         found, follow_up = _read_reminder(data, zone), await self._follow_up(data, zone)
         reminder = _reminder(found, data.message_key) if found else None
@@ -115,6 +139,55 @@ class TurnActivities:
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
             sent_at=datetime.now(UTC)))
         return reply.model_copy(update={"text": stored.content, "reminder": reminder, "follow_up": follow_up})
+
+    async def _recall(self, data: ComposeReplyInput) -> list[MemoryHit]:
+        """Memories that bear on the message, best first; none when memory search fails (the turn goes on)."""
+        if self._memory is None:
+            return []
+        try:
+            # Enough candidates that dropping those made of the recent turns still leaves RECALL_K.
+            found = await self._memory.search(data.user_id, data.text, k=RECALL_K + HISTORY_TURNS + 1)
+        except CompanionError as exc:
+            _log.warning("memory.recall_failed", user_id=data.user_id, error=exc.code, detail=exc.message)
+            return []
+        _log.info("memory.recalled", user_id=data.user_id, candidates=len(found.hits), degraded=found.degraded,
+                  duration_ms=round(found.elapsed_ms, 1))
+        return found.hits
+
+    @activity.defn(name="remember")
+    @translate_errors
+    async def remember(self, data: RememberInput) -> Remembered:
+        """Keep what the turn said: its messages as searchable memories, then (when on) the LLM's extraction.
+
+        Off the reply's critical path: the workflow runs it after the reply is out. An extraction that fails leaves
+        the indexed messages in place; the turn is remembered either way.
+        """
+        if self._rememberer is None:
+            return Remembered()
+        user = await self._repository.get_user(data.user_id)
+        message = await self._repository.get_message(data.user_id, data.message_key)
+        stored = [found for found in (message, await self._repository.get_message(data.user_id, data.reply_key))
+                  if found is not None]
+        keys = [found.message_key for found in stored]
+        indexed = await self._rememberer.index_messages(user, keys)
+        if not self._rememberer.extracts or not keys:
+            return Remembered(memories=indexed)
+        try:
+            found = await self._rememberer.extract(user, keys, data.now, data.summary)
+        except OpenAIServiceError as exc:
+            if exc.retryable and activity.info().attempt < REMEMBER_EXTRACT_ATTEMPTS:
+                raise
+            _log.warning("memory.extraction_failed", user_id=data.user_id, message_key=data.message_key,
+                         error=exc.code, detail=exc.message)
+            return Remembered(memories=indexed)
+        remembered = await self._rememberer.apply(user, data.message_key, found, data.now)
+        _log.info("memory.remembered", user_id=data.user_id, message_key=data.message_key, memories=indexed,
+                  facts=remembered.facts, events=remembered.events, milestones=remembered.milestones,
+                  reminders=len(remembered.reminders))
+        # A reminder the plain parser already set for this message (compose_reply) is not set twice.
+        parsed = parse_reminder(message.content, data.now, user.timezone_info) if message is not None else None
+        reminders = [] if parsed is not None else remembered.reminders
+        return remembered.model_copy(update={"memories": indexed, "reminders": reminders, "extracted": True})
 
     async def _follow_up(self, data: ComposeReplyInput, zone: ZoneInfo) -> Nudge | None:
         """A coming event the message mentions: stored on the timeline (once), and a nudge to ask how it went."""
@@ -136,7 +209,7 @@ class TurnActivities:
 
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
-        return [self.ensure_user, self.record_message, self.compose_reply]
+        return [self.ensure_user, self.record_message, self.compose_reply, self.remember]
 
 
 def _prompt(context: UserContextSchema, message_key: str, note: str | None = None) -> TurnContext:
@@ -148,6 +221,19 @@ def _prompt(context: UserContextSchema, message_key: str, note: str | None = Non
     if note:
         system_prompt += f"\n\n{note}"
     return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
+
+
+def _within_budget(hits: list[MemoryHit], shown: set[str]) -> list[RecalledMemory]:
+    """The best hits not made only of messages the prompt already shows, up to RECALL_K and the prompt budget."""
+    recalled, used = [], 0
+    for hit in hits:
+        if hit.source_keys and set(hit.source_keys) <= shown:
+            continue
+        if used + len(hit.content) > RECALL_BUDGET_CHARS or len(recalled) == RECALL_K:
+            break
+        used += len(hit.content)
+        recalled.append(RecalledMemory(kind=hit.kind.value, content=hit.content, occurred_at=hit.occurred_at))
+    return recalled
 
 
 def _derived_key(kind: str, message_key: str) -> str:

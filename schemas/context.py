@@ -34,6 +34,14 @@ def quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
 
 
+class RecalledMemory(BaseModel):
+    """A memory retrieved for the turn: what kind it is, its text and when it was said or happened."""
+
+    kind: str
+    content: str
+    occurred_at: datetime
+
+
 class UserContextSchema(BaseModel):
     """A user's profile, memories, plans and recent conversation, gathered for one turn."""
 
@@ -43,6 +51,8 @@ class UserContextSchema(BaseModel):
     diary_entries: list[DiaryEntryRead] = Field(default_factory=list)
     pending_nudges: list[ScheduledMessageRead] = Field(default_factory=list)
     recent_messages: list[MessageRead] = Field(default_factory=list)
+    recalled: list[RecalledMemory] = Field(default_factory=list)
+    summary: str = ""
 
     def _local(self, moment: datetime) -> str:
         return moment.astimezone(ZoneInfo(self.user.timezone)).strftime("%Y-%m-%d %H:%M")
@@ -68,6 +78,12 @@ class UserContextSchema(BaseModel):
             lines.append("things you plan to bring up (user's local time):")
             lines += [f"- {self._local(nudge.scheduled_for)} {quote(nudge.content or nudge.purpose or '')}"
                       for nudge in self.pending_nudges]
+        if self.summary:
+            lines.append(f"summary of earlier conversation: {quote(self.summary)}")
+        if self.recalled:
+            lines.append("memories that may matter now (when they were said or happen, user's local time):")
+            lines += [f"- {self._local(memory.occurred_at)} {memory.kind}: {quote(memory.content)}"
+                      for memory in self.recalled]
         if include_messages and self.recent_messages:
             lines.append("recent conversation (user's local time):")
             lines += [f"- {self._local(msg.sent_at)} {msg.role.value}: {quote(msg.content)}"

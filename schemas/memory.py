@@ -72,6 +72,16 @@ class DiaryKind(StrEnum):
     NOTE = "note"
 
 
+class MemoryKind(StrEnum):
+    """What a unit of semantic memory was made from."""
+
+    CONVERSATION = "conversation"
+    FACT = "fact"
+    EVENT = "event"
+    DIARY = "diary"
+    SUMMARY = "summary"
+
+
 class NudgeKind(StrEnum):
     """Why a proactive message exists."""
 

@@ -171,6 +171,29 @@ class ComposeReplyInput(_Contract):
     channel: Channel
     chat_id: int | None = None
     now: AwareDatetime | None = None  # the workflow's time: reminders count from it
+    summary: str = ""  # the running summary of older conversation, carried by the workflow
+
+
+class RememberInput(_Contract):
+    """Remember one turn: index its two messages, and extract structured memories when the worker does that."""
+
+    user_id: int
+    message_key: MessageKey
+    reply_key: MessageKey
+    now: AwareDatetime
+    summary: str = ""
+
+
+class Remembered(_Contract):
+    """What the remember step kept of a turn, and what it hands back to the workflow."""
+
+    memories: int = 0
+    facts: int = 0
+    events: int = 0
+    milestones: int = 0
+    reminders: list[Nudge] = Field(default_factory=list)  # reminders the user asked for, for the workflow to set
+    summary: str | None = None  # the updated running summary, when extraction ran
+    extracted: bool = False
 
 
 class ComposedReply(_Contract):

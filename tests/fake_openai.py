@@ -7,8 +7,12 @@ one is given, otherwise a default that echoes the user's last message.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
+import math
+import struct
 import subprocess
 import sys
 import threading
@@ -49,6 +53,7 @@ class FakeOpenAI:
     default: Callable[[dict[str, Any]], str] = field(default=lambda body: "I hear you: " + _last_user(body))
     requests: list[dict[str, Any]] = field(default_factory=list)
     _script: deque = field(default_factory=deque)
+    _json_script: deque = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -71,14 +76,35 @@ class FakeOpenAI:
         with self._lock:
             self._script.extend(steps)
 
+    def script_json(self, *steps: Reply | Fail | dict[str, Any]) -> None:
+        """Answers for structured requests (response_format json_schema), which otherwise get the smallest
+        document their schema allows; a dict is sent as its JSON text."""
+        with self._lock:
+            self._json_script.extend(Reply(json.dumps(step)) if isinstance(step, dict) else step for step in steps)
+
     def reset(self) -> None:
         with self._lock:
             self._script.clear()
+            self._json_script.clear()
             self.requests.clear()
 
-    def _next(self) -> Reply | Fail | None:
+    def _next(self, structured: bool) -> Reply | Fail | None:
         with self._lock:
-            return self._script.popleft() if self._script else None
+            script = self._json_script if structured else self._script
+            return script.popleft() if script else None
+
+    def _embeddings(self, request: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        if not body.get("model") or body.get("input") in (None, "", []):
+            return _send_error(request, 400, "'model' and 'input' are required properties.")
+        dimension = body.get("dimensions") or EMBEDDING_DIMENSIONS.get(body["model"])
+        if dimension is None:
+            return _send_error(request, 404, f"The model `{body['model']}` does not exist or you do not have access "
+                                             "to it.")
+        self.requests.append(body)
+        step = self._next(False) if self._script and isinstance(self._script[0], Fail) else None
+        if isinstance(step, Fail):
+            return _send_error(request, step.status, step.message)
+        _send_json(request, 200, _embedding_response(body, int(dimension)))
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         length = int(request.headers.get("Content-Length", "0"))
@@ -86,21 +112,78 @@ class FakeOpenAI:
             body = json.loads(request.rfile.read(length) or b"{}")
         except json.JSONDecodeError:
             return _send_error(request, 400, "We could not parse the JSON body of your request.")
-        if request.path != "/v1/chat/completions":
+        if request.path not in ("/v1/chat/completions", "/v1/embeddings"):
             return _send_error(request, 404, f"Invalid URL (POST {request.path})")
         if not request.headers.get("Authorization", "").startswith("Bearer "):
             return _send_error(request, 401, "You didn't provide an API key.")
+        if request.path == "/v1/embeddings":
+            return self._embeddings(request, body)
         if not isinstance(body.get("messages"), list) or not body.get("model"):
             return _send_error(request, 400, "'model' and 'messages' are required properties.")
         self.requests.append(body)
-        step = self._next()
+        schema = _json_schema(body)
+        step = self._next(schema is not None)
         if isinstance(step, Fail):
             headers = {"retry-after": str(step.retry_after_s)} if step.retry_after_s is not None else {}
             return _send_error(request, step.status, step.message, headers)
         if step is not None and step.delay_s:
             time.sleep(step.delay_s)
-        text = step.text if step is not None else self.default(body)
+        if step is not None:
+            text = step.text
+        else:
+            text = json.dumps(_smallest(schema)) if schema is not None else self.default(body)
         _send_json(request, 200, _completion(body, text, next(self._ids)))
+
+
+EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072}
+
+
+def _embedding(text: str, dimension: int) -> list[float]:
+    """A deterministic unit vector: each word hashed into a bucket, so texts sharing words come out close."""
+    vector = [0.0] * dimension
+    for word in text.lower().split():
+        vector[int(hashlib.sha256(word.encode()).hexdigest(), 16) % dimension] += 1.0
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema of a structured-output request, as OpenAI's API takes it."""
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        return (response_format.get("json_schema") or {}).get("schema") or {}
+    return None
+
+
+def _smallest(schema: dict[str, Any]) -> Any:
+    """The smallest value a JSON schema accepts: empty arrays and strings, minimum numbers, required keys only."""
+    kind = schema.get("type")
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        return {name: _smallest(properties.get(name) or {}) for name in schema.get("required") or []}
+    if kind == "array":
+        return []
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    if kind == "boolean":
+        return False
+    if "enum" in schema:
+        return schema["enum"][0]
+    return ""
+
+
+def _embedding_response(body: dict[str, Any], dimension: int) -> dict[str, Any]:
+    texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    tokens = sum(len(str(t).split()) for t in texts)
+    as_base64 = body.get("encoding_format") == "base64"  # the SDK asks for base64 unless told otherwise
+
+    def encode(vector: list[float]) -> list[float] | str:
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+
+    return {"object": "list", "model": body["model"],
+            "data": [{"object": "embedding", "index": n, "embedding": encode(_embedding(str(t), dimension))}
+                     for n, t in enumerate(texts)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def _last_user(body: dict[str, Any]) -> str:

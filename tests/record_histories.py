@@ -6,7 +6,8 @@ Runs the real worker against the Temporal dev server, an embedded PostgreSQL, th
 local Bot API server, and saves: a plain conversation, one whose activities failed and were retried, a run that
 continued as new, one with a nudge that fired and one that was cancelled, a Telegram conversation (delivery,
 flood control, a nudge delivered, the bot blocked, /forget), and the companion's own nudges (a reminder asked for,
-a follow-up, check-ins, quiet hours). Name scenarios to record only those.
+a follow-up, check-ins, quiet hours), and the remember step (memories, an extraction, the summary carried over
+continue-as-new). Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
 
@@ -35,7 +36,10 @@ from schemas.turn import ChatUser, IncomingMessage, Nudge
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
+from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
+from storage.semantic import local_embedder
+from storage.vectors import PgVectorStore
 from tests.fake_openai import Fail, FakeOpenAI
 from tests.fake_telegram import TOKEN, FakeBotAPI
 from tests.fake_telegram import Fail as BotAPIFail
@@ -170,8 +174,30 @@ async def _own_nudges(client: Client, repository: MemoryRepository, llm: FakeOpe
         await _save(client, 1006, "own_nudges")
 
 
+async def _remember(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    """The remember step after each turn: memories indexed, an extraction with a reminder and a summary, and the
+    summary carried over continue-as-new (which waits for the step in flight)."""
+    settings = SETTINGS.model_copy(update={"workflow_turns_per_run": 2})
+    memory = MemoryIndex(repository.sessions, local_embedder(), PgVectorStore(repository.sessions))
+    soon = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0, tzinfo=None)
+    llm.script_json({"facts": [{"category": "work", "key": "employer", "value": "Acme"}],
+                     "events": [], "milestones": [], "reminders": [{"what": "call the bank", "when": soon.isoformat()}],
+                     "summary": "Simon works at Acme."})
+    async with build_worker(client, settings.temporal_task_queue,
+                            CompanionActivities(repository, _chat(llm), memory=memory, extract=True)):
+        handle = client.get_workflow_handle(workflow_id(1007))
+        await send_message(client, settings, _message(1007, 0, "I work at Acme, please don't let me forget the bank"))
+        first_run = (await handle.describe()).run_id
+        await send_message(client, settings, _message(1007, 1, "What do you remember about me?"))
+        await send_message(client, settings, _message(1007, 2, "Thanks!"))  # in the next run
+        while (await handle.describe()).run_id == first_run:
+            await asyncio.sleep(0.1)
+        assert (await handle.query(CompanionWorkflow.state)).summary
+        await _save(client, 1007, "remember", run_id=first_run)
+
+
 SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
-             "telegram": _telegram, "own_nudges": _own_nudges}
+             "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember}
 
 
 def _chat(llm: FakeOpenAI) -> ChatModel:

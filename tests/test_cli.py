@@ -235,7 +235,8 @@ def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gon
         assert dev.stop() == 0
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     checks = {line.split()[0]: line.split()[1] for line in healthy.stdout.splitlines()[:-1]}
-    assert checks == {"Temporal": "ok", "PostgreSQL": "ok", "schema": "ok", "pgvector": "ok", "LLM": "ok"}
+    assert checks == {"Temporal": "ok", "PostgreSQL": "ok", "schema": "ok", "pgvector": "ok", "LLM": "ok",
+                      "Embedder": "ok"}
 
     stopped = _companion("doctor", cwd=tmp_path, env=dev_env)  # PostgreSQL and Temporal are gone with `dev`
     assert stopped.returncode == 1
@@ -243,7 +244,7 @@ def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gon
     assert any(line.startswith("PostgreSQL  FAIL  the embedded server is not running") for line in lines)
     assert "fix: start `uv run companion dev` (it runs the embedded PostgreSQL), or set DATABASE_URL" in stopped.stdout
     assert "Temporal    FAIL  nothing answers at" in stopped.stdout
-    assert lines[-1] == "1 ok, 2 failed"  # the LLM stub still answers
+    assert lines[-1] == "2 ok, 2 failed"  # the LLM stub still answers, embeddings too
 
     unreachable = _companion("doctor", cwd=tmp_path, env={
         **dev_env, "DATABASE_URL": "postgresql://companion:pw@127.0.0.1:9/companion"})  # nothing listens on 9
@@ -271,9 +272,9 @@ def test_the_worker_serves_metrics_and_its_log_lines_lead_to_the_workflow(tmp_pa
                    and all(f'{label}="{wanted}"' in key for label, wanted in labels.items()))
 
     assert total("companion_turns", channel="console") == 2
-    assert total("companion_llm_calls", outcome="ok") == 2
+    assert total("companion_llm_calls", outcome="ok", purpose="reply") == 2
     assert total("companion_llm_tokens", kind="completion") > 0
-    assert total("companion_llm_latency_count") == 2
+    assert total("companion_llm_latency_count", purpose="reply") == 2
     assert total("temporal_activity_execution_latency_count", activity_type="compose_reply") == 2  # the SDK's own
 
     log = [json.loads(line) for line in (tmp_path / ".companion" / "companion.log").read_text().splitlines()]

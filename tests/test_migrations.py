@@ -16,7 +16,8 @@ from storage import migrate
 from storage.database import create_engine
 from storage.models import Base
 
-TABLES = {"users", "profile_facts", "conversations", "timeline_events", "diary_entries", "scheduled_messages"}
+TABLES = {"users", "profile_facts", "conversations", "timeline_events", "diary_entries", "scheduled_messages",
+          "memories"}
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:
@@ -24,7 +25,7 @@ async def _tables(engine: AsyncEngine) -> set[str]:
         return set(await connection.run_sync(lambda sync: inspect(sync).get_table_names())) - {"alembic_version"}
 
 
-async def test_upgrade_creates_the_six_tables_and_downgrade_removes_them(empty_database_url: str) -> None:
+async def test_upgrade_creates_the_tables_and_downgrade_removes_them(empty_database_url: str) -> None:
     engine = create_engine(empty_database_url)
     try:
         assert await migrate.current_revision(engine) is None
@@ -81,7 +82,8 @@ async def test_indexes_serve_the_repository_queries(engine: AsyncEngine) -> None
         names = {row[0] for row in rows}
     assert {"ix_conversations_user_id_sent_at", "uq_conversations_user_id_message_key", "ux_profile_facts_current",
             "ix_timeline_events_user_id_event_at", "ix_diary_entries_user_id_occurred_at",
-            "ix_scheduled_messages_status_scheduled_for", "uq_users_telegram_id"} <= names
+            "ix_scheduled_messages_status_scheduled_for", "uq_users_telegram_id", "ix_memories_search",
+            "ix_memories_embedding", "uq_memories_user_id_memory_key"} <= names
 
 
 async def test_telegram_ids_are_bigint_and_timestamps_timezone_aware(engine: AsyncEngine) -> None:

@@ -26,7 +26,7 @@ def _history(path: Path) -> WorkflowHistory:
 
 def test_the_recorded_histories_are_committed() -> None:
     assert [path.stem for path in HISTORIES] == ["continued_as_new", "nudges", "own_nudges", "plain_conversation",
-                                                 "retried_activities", "telegram"]
+                                                 "remember", "retried_activities", "telegram"]
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
@@ -66,7 +66,7 @@ def test_companion_replay_reports_each_file(tmp_path: Path) -> None:
     history = json.loads((Path(__file__).parent / "histories" / "plain_conversation.json").read_text())
     scheduled = next(event for event in history["events"]
                      if event["eventType"] == "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED")
-    scheduled["activityTaskScheduledEventAttributes"]["activityType"]["name"] = "remember"  # not what the code does
+    scheduled["activityTaskScheduledEventAttributes"]["activityType"]["name"] = "no_such_step"  # not what the code does
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(history))
     done = subprocess.run([sys.executable, "-m", "cli", "replay", *map(str, HISTORIES)], capture_output=True,

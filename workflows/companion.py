@@ -16,7 +16,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.delivery import TELEGRAM_RETRY, TELEGRAM_TIMEOUT
     from activities.nudges import CompanionActivities, nudge_message_key
-    from activities.turn import DB_RETRY, DB_TIMEOUT, LLM_RETRY, LLM_TIMEOUT
+    from activities.turn import DB_RETRY, DB_TIMEOUT, LLM_RETRY, LLM_TIMEOUT, REMEMBER_RETRY, REMEMBER_TIMEOUT
     from schemas.memory import Channel, NudgeCreator, NudgeKind, NudgeStatus, Role
     from schemas.turn import (
         MAX_PENDING_NUDGES,
@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         PlanCheckinInput,
         RecordMessageInput,
         RecordNudgeInput,
+        RememberInput,
         SetNudgeStatusInput,
         SetUserActiveInput,
         TurnReply,
@@ -53,6 +54,7 @@ FAILED_REPLY = "I'm sorry, something went wrong on my side and I couldn't take i
 # Patch ids (workflow.patched): histories recorded before a change replay without it.
 TELEGRAM_DELIVERY = "telegram-delivery"
 OWN_NUDGES = "own-nudges"  # reminders users ask for, follow-ups on events they mention, check-ins after silence
+REMEMBER = "remember-step"  # after each turn: index its messages, extract facts, events, milestones, reminders
 CHECKIN_SLACK = timedelta(hours=1)
 CHECKIN_PURPOSE = ("check in with the user, who has not written for a few days: ask how they are, picking up "
                    "something they told you")
@@ -75,6 +77,8 @@ class CompanionWorkflow:
         self._fresh_run = False  # set by /forget: continue as new so the erased turns leave the open history
         # A turn, a firing nudge and /forget each touch the user's rows; one at a time.
         self._lock = asyncio.Lock()
+        # Remember steps in flight: they run beside the next turn, and /forget or continue-as-new wait for them.
+        self._remembering = 0
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
@@ -88,7 +92,10 @@ class CompanionWorkflow:
                     timeout=self._until_next_nudge())
             except TimeoutError:
                 pass
-            if self._may_continue_as_new():
+            if self._may_continue_as_new() and self._remembering:
+                # The remember steps in flight bring the summary the next run carries: let them land first.
+                await workflow.wait_condition(lambda: self._remembering == 0)
+            if self._may_continue_as_new():  # again: an update may have come in meanwhile
                 workflow.continue_as_new(self._state.model_copy(update={"turns_this_run": 0}))
             async with self._lock:
                 if self._state.queue:
@@ -198,6 +205,7 @@ class CompanionWorkflow:
     async def forget(self) -> Forgotten:
         """Erase everything remembered of the user (/forget): their rows, pending nudges, replies and transcript."""
         async with self._lock:  # never in the middle of a turn that is writing the rows
+            await workflow.wait_condition(lambda: self._remembering == 0)
             forgotten = await workflow.execute_local_activity_method(
                 CompanionActivities.forget_user, ForgetInput(telegram_id=self._state.telegram_id),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
@@ -227,6 +235,28 @@ class CompanionWorkflow:
             reply = TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=FAILED_REPLY,
                               fallback=True)
         self._state.replies = [*self._state.replies, reply][-REPLIES_KEPT:]
+        if self._state.user_id is not None and reply.text != FAILED_REPLY and workflow.patched(REMEMBER):
+            self._remembering += 1
+            asyncio.create_task(self._remember(self._state.user_id, message))  # noqa: RUF006 (counted above)
+
+    async def _remember(self, user_id: int, message: IncomingMessage) -> None:
+        """The remember step of a turn, after its reply: memories from it, and the reminders and summary it found."""
+        try:
+            remembered = await workflow.execute_activity_method(
+                CompanionActivities.remember,
+                RememberInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
+                              now=workflow.now(), summary=self._state.summary),
+                start_to_close_timeout=REMEMBER_TIMEOUT, retry_policy=REMEMBER_RETRY, summary="remember")
+            if remembered.summary:
+                self._state.summary = remembered.summary
+            for nudge in remembered.reminders:
+                if self._state.user_id == user_id:  # not forgotten meanwhile
+                    await self._schedule_own(user_id, nudge)
+        except ActivityError as err:
+            workflow.logger.error("remember step failed", extra={"message_key": message.message_key,
+                                                                  "error": str(err.cause)})
+        finally:
+            self._remembering -= 1
 
     async def _turn(self, message: IncomingMessage) -> TurnReply:
         self._state.channel, self._state.chat_id = message.channel, message.chat_id
@@ -293,7 +323,7 @@ class CompanionWorkflow:
                 CompanionActivities.compose_reply,
                 ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
                                   text=message.text, channel=message.channel, chat_id=message.chat_id,
-                                  now=workflow.now()),
+                                  now=workflow.now(), summary=self._state.summary),
                 start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary="LLM reply")
         except ActivityError as err:
             workflow.logger.warning("LLM failed, sending the fallback reply",

@@ -1,0 +1,419 @@
+"""Long-term memory: the remember step, hybrid recall in the prompt, isolation, Pinecone and pgvector, degradation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from openai import AsyncOpenAI
+from pydantic import SecretStr
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from activities.llm import ChatModel
+from activities.nudges import CompanionActivities
+from activities.remember import Extraction, Rememberer
+from cli.doctor import check_memory
+from cli.locomo import load_conversation, new_results, score, summary
+from core.errors import ConfigurationError, VectorStoreConnectionError
+from core.settings import load_settings
+from schemas.memory import Channel, MemoryKind, MessageCreate, NudgeKind, Role, UserCreate
+from schemas.turn import ChatUser
+from storage.database import create_session_factory
+from storage.models import Memory
+from storage.recall import MemoryIndex
+from storage.repository import MemoryRepository
+from storage.semantic import create_embedder, local_embedder
+from storage.vectors import PgVectorStore, PineconeStore, namespace_of
+from tests.conftest import Stack, libpq_url, new_telegram_id
+from tests.fake_openai import FakeOpenAI
+from tests.fake_pinecone import FakePinecone
+from tests.test_workflow import eventually
+from worker import build_worker
+from workflows.client import forget
+
+LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo" / "locomo_dev.json"
+ONE_STACK = pytest.mark.parametrize("stack", ["dev-server"], indirect=True)
+
+
+@pytest.fixture
+def pinecone() -> Iterator[FakePinecone]:
+    server = FakePinecone(dimension=384)
+    server.url = server.start()  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def pinecone_memory(engine: AsyncEngine, pinecone: FakePinecone) -> AsyncIterator[MemoryIndex]:
+    store = PineconeStore.connect(pinecone.api_key, pinecone.url)  # type: ignore[attr-defined]
+    yield MemoryIndex(create_session_factory(engine), local_embedder(), store)
+    await store.close()
+
+
+def chat_model(llm: FakeOpenAI) -> ChatModel:
+    return ChatModel(AsyncOpenAI(base_url=llm.url, api_key="test-key", max_retries=0), "stub-model")
+
+
+async def user_with_messages(repo: MemoryRepository, lines: list[str], start: datetime | None = None) -> int:
+    user = await repo.get_or_create_user(UserCreate(telegram_id=new_telegram_id(), first_name="Mia"))
+    at = start or datetime(2026, 5, 1, 18, 0, tzinfo=UTC)
+    for number, line in enumerate(lines):
+        await repo.add_message(user.id, MessageCreate(
+            message_key=f"m{user.id}-{number}", role=Role.USER if number % 2 == 0 else Role.ASSISTANT,
+            content=line, channel=Channel.CONSOLE, sent_at=at + timedelta(minutes=number)))
+    return user.id
+
+
+async def memory_count(engine: AsyncEngine, user_id: int, kind: MemoryKind | None = None) -> int:
+    async with engine.connect() as connection:
+        statement = select(func.count()).select_from(Memory).where(Memory.user_id == user_id)
+        if kind is not None:
+            statement = statement.where(Memory.kind == kind.value)
+        return (await connection.execute(statement)).scalar_one()
+
+
+# --- recall in the turn ------------------------------------------------------------------------------------------
+
+
+@ONE_STACK
+async def test_the_prompt_recalls_what_the_user_said_long_before_the_recent_turns(
+        stack: Stack, engine: AsyncEngine) -> None:
+    mia = new_telegram_id()
+    await stack.say(mia, "My sister Ana moved to Lisbon last spring, she teaches piano there.")
+    for number in range(14):
+        await stack.say(mia, f"Filler message {number} about the weather and traffic today.")
+    user = await stack.repo.get_user_by_telegram_id(mia)
+    # The remember step runs after each reply: wait for all 15 turns (30 messages) to be memories.
+    await eventually(lambda: memory_count(engine, user.id, MemoryKind.CONVERSATION), lambda n: n == 30)
+
+    await stack.say(mia, "Which city does my sister live in again?")
+    request = stack.llm.requests[-1]["messages"]
+    system, history = request[0]["content"], [turn["content"] for turn in request[1:]]
+    assert not any("Lisbon" in turn for turn in history)  # long gone from the recent turns...
+    memories = system.split("memories that may matter now")[1]
+    assert "Lisbon" in memories and "piano" in memories  # ...but recalled, quoted inside the memory block
+    assert system.index("Lisbon") < system.index("</user_memory>")
+
+
+# --- the remember step: extraction with update semantics and provenance -----------------------------------------
+
+
+@ONE_STACK
+async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_reminders(
+        stack: Stack, engine: AsyncEngine, memory: MemoryIndex) -> None:
+    queue = f"remember-{uuid.uuid4()}"
+    extracting = Stack(stack.client, stack.settings.model_copy(update={"temporal_task_queue": queue}), stack.repo,
+                       stack.llm, stack.env, memory, stack.started)
+    mia = new_telegram_id()
+    soon = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0, tzinfo=None)
+    stack.llm.script_json(
+        {"facts": [{"category": "work", "key": "employer", "value": "Acme"},
+                   {"category": "hobbies", "key": "sport", "value": "climbing"}],
+         "events": [{"title": "first day at Acme", "when": soon.isoformat()}],
+         "milestones": [{"title": "New job", "content": "Mia started as a designer at Acme", "importance": 4}],
+         "reminders": [{"what": "call the bank", "when": soon.isoformat()}],
+         "summary": "Mia just joined Acme as a designer and climbs on weekends."},
+        {"facts": [{"category": "work", "key": "Employer", "value": "Globex"},
+                   {"category": "hobbies", "key": "sport", "value": "Climbing"}],
+         "events": [], "milestones": [], "reminders": [],
+         "summary": "Mia left Acme for Globex; still climbs on weekends."})
+    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
+    async with build_worker(stack.client, queue, activities):
+        first = await extracting.say(mia, "Big news: I started at Acme as a designer! Also, I climb on weekends.")
+        user = await stack.repo.get_user_by_telegram_id(mia)
+        await eventually(lambda: extracting.state(mia), lambda state: bool(state.summary))
+        second = await extracting.say(mia, "Update: I left Acme, I'm at Globex now.")
+        await eventually(lambda: extracting.state(mia), lambda state: "Globex" in state.summary)
+        await extracting.say(mia, "What do you think?")
+        state = await extracting.state(mia)
+
+    structured = [r for r in stack.llm.requests if r.get("response_format")]
+    assert structured[0]["response_format"]["json_schema"]["strict"] is True
+    assert "NEW" in structured[0]["messages"][1]["content"]  # the turn's messages are marked new
+
+    facts = await stack.repo.list_profile_facts(user.id, include_history=True)
+    employer = [(f.value, f.valid_to is None, f.source_keys) for f in facts if f.key == "employer"]
+    assert employer == [("Acme", False, [first.message_key]), ("Globex", True, [second.message_key])]
+    sport = [f for f in facts if f.key == "sport"]  # the same value again is no new fact: provenance grows
+    assert len(sport) == 1 and sport[0].source_keys == [first.message_key, second.message_key]
+
+    async with engine.connect() as connection:
+        fact_memory = (await connection.execute(select(Memory.content, Memory.source_keys).where(
+            Memory.user_id == user.id, Memory.memory_key == "fact:work:employer"))).one()
+    assert "Globex" in fact_memory.content and "Acme" not in fact_memory.content
+    assert fact_memory.source_keys == [second.message_key]
+
+    (event,) = await stack.repo.events_between(user.id, datetime.now(UTC), datetime.now(UTC) + timedelta(days=3))
+    assert event.title == "first day at Acme" and event.source_keys == [first.message_key]
+    (entry,) = await stack.repo.recent_diary_entries(user.id)
+    assert entry.title == "New job" and entry.source_keys == [first.message_key]
+    reminders = [n for n in state.nudges if n.kind == NudgeKind.REMINDER]
+    assert [n.text for n in reminders] == ["⏰ Reminder: call the bank"]
+    assert reminders[0].at.replace(tzinfo=None) == soon  # the user's zone is UTC
+
+    # The running summary is carried in the workflow and rendered into the next prompt.
+    last_prompt = [r for r in stack.llm.requests if not r.get("response_format")][-1]["messages"][0]["content"]
+    assert "Mia left Acme for Globex" in last_prompt
+
+
+async def test_applying_an_extraction_twice_stores_nothing_twice(
+        repo: MemoryRepository, memory: MemoryIndex, engine: AsyncEngine) -> None:
+    user_id = await user_with_messages(repo, ["I got engaged to Sam!", "Congratulations!"])
+    user = await repo.get_user(user_id)
+    found = Extraction.parse(json.dumps({
+        "facts": [{"category": "relationships", "key": "partner", "value": "Sam"}, {"category": "nonsense"}],
+        "events": [{"title": "engagement party", "when": "2026-06-01"}, {"title": "bad", "when": "someday"}],
+        "milestones": [{"title": "Engaged", "content": "Mia got engaged to Sam", "importance": 5}],
+        "reminders": [], "summary": "Mia is engaged."}))
+    assert len(found.facts) == 1  # the malformed item is dropped, the rest kept
+    rememberer = Rememberer(repo, memory, None)
+    now = datetime(2026, 5, 1, 18, 5, tzinfo=UTC)
+    first = await rememberer.apply(user, f"m{user_id}-0", found, now)
+    again = await rememberer.apply(user, f"m{user_id}-0", found, now)  # a retried activity
+
+    assert (first.facts, first.events, first.milestones) == (1, 1, 1) == (again.facts, again.events, again.milestones)
+    assert len(await repo.list_profile_facts(user_id, include_history=True)) == 1
+    events = await repo.events_between(user_id, now - timedelta(days=365), now + timedelta(days=365))
+    assert [(e.title, e.event_at.hour) for e in events] == [("engagement party", 9)]  # a bare date: 09:00 local
+    assert len(await repo.recent_diary_entries(user_id)) == 1
+    assert await memory_count(engine, user_id) == 3  # fact, event, diary: one memory each
+
+
+# --- isolation ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["pgvector", "pinecone"])
+async def test_no_search_returns_another_users_memories(
+        store: str, repo: MemoryRepository, memory: MemoryIndex, pinecone_memory: MemoryIndex) -> None:
+    index = memory if store == "pgvector" else pinecone_memory
+    secret = ["My bank PIN hint is blue giraffe", "Noted, I will keep that safe.", "And my doctor is Dr Okafor."]
+    alice = await user_with_messages(repo, secret)
+    bob = await user_with_messages(repo, ["I love hiking in the Alps", "That sounds lovely!"])
+    for user_id, count in ((alice, 3), (bob, 2)):
+        await index.remember_messages(user_id, [f"m{user_id}-{n}" for n in range(count)], "someone")
+
+    for query in ("blue giraffe PIN hint", "who is my doctor?", "hiking", "Okafor"):
+        found = await index.search(bob, query, k=20)
+        assert found.hits and not found.degraded
+        assert all(key.startswith(f"m{bob}-") for hit in found.hits for key in hit.source_keys), query
+        assert not any("giraffe" in hit.content or "Okafor" in hit.content for hit in found.hits)
+    assert any("giraffe" in hit.content for hit in (await index.search(alice, "blue giraffe", k=3)).hits)
+
+
+# --- Pinecone ----------------------------------------------------------------------------------------------------
+
+
+async def test_pinecone_store_keeps_each_user_in_a_namespace_with_provenance(
+        repo: MemoryRepository, pinecone_memory: MemoryIndex, pinecone: FakePinecone) -> None:
+    mia = await user_with_messages(repo, ["We adopted a cat called Miso", "What a lovely name!",
+                                          "She loves the windowsill", "Cats always do."])
+    await pinecone_memory.remember_messages(mia, [f"m{mia}-{n}" for n in range(4)], "Mia")
+    await pinecone_memory.store.check(384)
+
+    space = pinecone.namespaces[namespace_of(mia)]
+    assert len(space) == 4 and pinecone.count(namespace_of(mia) + "x") == 0
+    first = min(space.values(), key=lambda vector: len(vector["metadata"]["source_keys"]))
+    assert first["metadata"]["source_keys"] == [f"m{mia}-0"] and first["metadata"]["kind"] == "conversation"
+    found = await pinecone_memory.search(mia, "what is the cat called?", k=2)
+    assert "Miso" in found.hits[0].content and "vector" in found.hits[0].via
+    path, body = pinecone.requests[-1]
+    assert path == "/query" and body["namespace"] == namespace_of(mia)
+
+    await pinecone_memory.forget(mia, [f"msg:m{mia}-3"])
+    assert len(space) == 3
+    await pinecone_memory.forget_user(mia)
+    assert pinecone.count(namespace_of(mia)) == 0
+
+
+async def test_pinecone_with_a_wrong_key_or_dimension_is_a_clear_error(engine: AsyncEngine,
+                                                                        pinecone: FakePinecone) -> None:
+    wrong = PineconeStore.connect("pc-wrong-key", pinecone.url)  # type: ignore[attr-defined]
+    with pytest.raises(VectorStoreConnectionError, match="query failed"):
+        await wrong.query(1, [0.1] * 384, 3)
+    await wrong.close()
+    right = PineconeStore.connect(pinecone.api_key, pinecone.url)  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="holds 384-dimensional vectors but the embedder makes 1536"):
+        await right.check(1536)
+    await right.close()
+
+
+# --- degradation and forgetting ----------------------------------------------------------------------------------
+
+
+@ONE_STACK
+async def test_with_the_vector_store_down_the_turn_completes_and_keywords_still_recall(
+        stack: Stack, engine: AsyncEngine, pinecone: FakePinecone) -> None:
+    pinecone.down = True
+    store = PineconeStore.connect(pinecone.api_key, pinecone.url)  # type: ignore[attr-defined]
+    index = MemoryIndex(create_session_factory(engine), local_embedder(), store)
+    queue = f"down-{uuid.uuid4()}"
+    down = Stack(stack.client, stack.settings.model_copy(update={"temporal_task_queue": queue}), stack.repo,
+                 stack.llm, stack.env, index, stack.started)
+    mia = new_telegram_id()
+    async with build_worker(stack.client, queue, CompanionActivities(stack.repo, chat_model(stack.llm),
+                                                                     memory=index)):
+        reply = await down.say(mia, "My grandmother's recipe uses saffron and quince.")
+        assert not reply.fallback and reply.text.startswith("I hear you")
+        user = await stack.repo.get_user_by_telegram_id(mia)
+        await eventually(lambda: memory_count(engine, user.id), lambda n: n == 2)  # rows kept without vectors
+        second = await down.say(mia, "What was in the recipe?")
+        assert not second.fallback
+    found = await index.search(user.id, "saffron recipe")
+    assert found.degraded and "saffron" in found.hits[0].content and found.hits[0].via == ("keyword",)
+    assert pinecone.count(namespace_of(user.id)) == 0
+
+    pinecone.down = False  # back up: reindexing fills in what was missed
+    assert await index.reindex(user.id, everything=False) == 4
+    assert pinecone.count(namespace_of(user.id)) == 4
+    await store.close()
+
+
+@ONE_STACK
+async def test_forget_removes_the_users_rows_and_vectors(
+        stack: Stack, engine: AsyncEngine, pinecone_memory: MemoryIndex, pinecone: FakePinecone) -> None:
+    queue = f"forget-{uuid.uuid4()}"
+    settings = stack.settings.model_copy(update={"temporal_task_queue": queue})
+    with_pinecone = Stack(stack.client, settings, stack.repo, stack.llm, stack.env, pinecone_memory, stack.started)
+    mia, other = new_telegram_id(), new_telegram_id()
+    async with build_worker(stack.client, queue, CompanionActivities(stack.repo, chat_model(stack.llm),
+                                                                     memory=pinecone_memory)):
+        for who in (mia, other):
+            await with_pinecone.say(who, "I keep bees on my balcony")
+            await with_pinecone.say(who, "The queen is called Beatrix")
+        user = await stack.repo.get_user_by_telegram_id(mia)
+        kept = await stack.repo.get_user_by_telegram_id(other)
+        await eventually(lambda: _vectors(pinecone, user.id), lambda n: n == 4)
+        await eventually(lambda: _vectors(pinecone, kept.id), lambda n: n == 4)
+        forgotten = await forget(stack.client, settings, ChatUser(telegram_id=mia))
+    assert forgotten.had_memories
+    assert pinecone.count(namespace_of(user.id)) == 0 and await memory_count(engine, user.id) == 0
+    assert pinecone.count(namespace_of(kept.id)) == 4 and await memory_count(engine, kept.id) == 4
+
+
+async def _vectors(pinecone: FakePinecone, user_id: int) -> int:
+    return pinecone.count(namespace_of(user_id))
+
+
+# --- embedders and reindexing ------------------------------------------------------------------------------------
+
+
+class TinyEmbedder:
+    """An 8-dimensional embedder: the letters a text uses, hashed into buckets (enough to rank word overlap)."""
+
+    name = "tiny-8"
+    dimension = 8
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        out = []
+        for item in texts:
+            vector = np.zeros(8)
+            for word in item.lower().split():
+                vector[sum(map(ord, word)) % 8] += 1
+            out.append((vector / (np.linalg.norm(vector) or 1)).tolist())
+        return out
+
+
+async def test_reindex_moves_pgvector_to_another_embedders_dimension(
+        repo: MemoryRepository, engine: AsyncEngine, memory: MemoryIndex) -> None:
+    mia = await user_with_messages(repo, ["I am learning Portuguese", "Boa sorte!"])
+    await memory.remember_messages(mia, [f"m{mia}-0", f"m{mia}-1"], "Mia")
+    sessions = create_session_factory(engine)
+    tiny = MemoryIndex(sessions, TinyEmbedder(), PgVectorStore(sessions))
+    with pytest.raises(Exception, match="run `companion memory reindex`"):
+        await tiny.store.check(8)
+
+    assert await tiny.reindex() == 2
+    await tiny.store.check(8)
+    async with engine.connect() as connection:
+        dims = (await connection.execute(text("SELECT DISTINCT vector_dims(embedding), embedder FROM memories"))).all()
+        assert dims == [(8, "tiny-8")]
+    found = await tiny.search(mia, "learning Portuguese")
+    assert found.hits and not found.degraded and "vector" in found.hits[0].via
+    assert await memory.reindex() == 2  # and back to MiniLM's 384
+
+
+def test_the_offline_embedder_ranks_meaning_and_is_normalised() -> None:
+    embedder = local_embedder()
+    vectors = embedder.embed_sync(["I adore my puppy", "I love dogs", "The quarterly tax filing is due"])
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert vectors[0] @ vectors[1] > 0.5 > vectors[0] @ vectors[2]
+    assert np.allclose(embedder.embed_sync(["I love dogs"])[0], vectors[1], atol=1e-5)  # batching changes nothing
+
+
+# --- the LoCoMo benchmark ----------------------------------------------------------------------------------------
+
+
+def _locomo_slice(sessions: int) -> dict:
+    """The first conversation cut to its first sessions, with the questions whose evidence lies in them."""
+    sample = json.loads(LOCOMO.read_text())[0]
+    conversation = {key: value for key, value in sample["conversation"].items()
+                    if not key.startswith("session_") or int(key.split("_")[1]) <= sessions}
+    keep = {turn["dia_id"] for n in range(1, sessions + 1) for turn in conversation[f"session_{n}"]}
+    questions = [q for q in sample["qa"] if q.get("evidence") and set(q["evidence"]) <= keep]
+    return {"sample_id": sample["sample_id"], "conversation": conversation, "qa": questions}
+
+
+async def test_locomo_recall_is_scored_through_provenance(repo: MemoryRepository, memory: MemoryIndex) -> None:
+    sample = _locomo_slice(3)
+    user_id, dia_of = await load_conversation(repo, memory, sample, new_telegram_id())
+    assert len(dia_of) == sum(len(sample["conversation"][f"session_{n}"]) for n in (1, 2, 3))
+    results = new_results()
+    await score(memory, user_id, dia_of, sample["qa"], results)
+    figures = summary(results)
+    assert figures["questions"] == len([q for q in sample["qa"] if q["category"] in (1, 2, 3, 4)]) > 10
+    assert figures["recall@5"] <= figures["recall@10"] <= figures["recall@20"]
+    assert figures["recall@10"] >= 0.7  # 0.82 on the whole development file
+
+
+def test_companion_bench_locomo_prints_its_figures_as_json(database_url: str, tmp_path: Path) -> None:
+    data = tmp_path / "locomo.json"
+    data.write_text(json.dumps([_locomo_slice(2)]))
+    env = {**os.environ, "DATABASE_URL": libpq_url(database_url), "LOG_LEVEL": "WARNING"}
+    done = subprocess.run([sys.executable, "-m", "cli", "bench", "locomo", "--data", str(data), "--k", "7"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"recall@5", "recall@7", "recall@10", "recall@20", "recall@7_temporal", "questions", "p50_ms",
+            "p95_ms"} <= set(figures)
+    assert figures["questions"] > 5 and 0 < figures["recall@7"] <= 1 and figures["conversations"] == 1
+
+    bad = subprocess.run([sys.executable, "-m", "cli", "bench", "locomo", "--data", str(tmp_path / "none.json")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1 and "cannot read LoCoMo data" in bad.stderr
+
+
+async def test_openai_embeddings_are_used_when_configured(repo: MemoryRepository, engine: AsyncEngine,
+                                                          fake_llm: FakeOpenAI) -> None:
+    settings = load_settings(openai_api_key="sk-test-key", openai_base_url=fake_llm.url)
+    embedder = create_embedder(settings)
+    assert (embedder.name, embedder.dimension) == ("text-embedding-3-small", 1536)
+    sessions = create_session_factory(engine)
+    index = MemoryIndex(sessions, embedder, PgVectorStore(sessions))
+    await index.store.check(embedder.dimension)  # an empty column is fitted to the embedder, no reindex needed
+    mia = await user_with_messages(repo, ["My favourite tea is genmaicha", "Toasty and nutty!"])
+    await index.remember_messages(mia, [f"m{mia}-0", f"m{mia}-1"], "Mia")
+    found = await index.search(mia, "favourite tea")
+    assert "genmaicha" in found.hits[0].content and "vector" in found.hits[0].via
+    embedded = [r for r in fake_llm.requests if r.get("input")]
+    assert embedded[0]["model"] == "text-embedding-3-small" and len(embedded[0]["input"]) == 2
+
+
+async def test_doctor_checks_the_embedder_and_the_pinecone_index(pinecone: FakePinecone) -> None:
+    settings = load_settings(pinecone_api_key=pinecone.api_key, pinecone_host=pinecone.url)  # type: ignore[attr-defined]
+    embedder, index = await check_memory(settings)
+    assert (embedder.ok, embedder.detail) == (True, "all-MiniLM-L6-v2-int8, 384 dimensions")
+    assert index.ok and index.detail.endswith("384 dimensions")
+
+    wrong = settings.model_copy(update={"pinecone_api_key": SecretStr("pc-wrong")})
+    _, refused = await check_memory(wrong)
+    assert not refused.ok and "384 dimensions, cosine" in refused.fix
