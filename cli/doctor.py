@@ -142,6 +142,34 @@ async def check_telegram(settings: Settings) -> Result | None:
     return Result("Telegram", True, f"bot @{me.username}, {mode}")
 
 
+async def check_memory(settings: Settings) -> list[Result]:
+    """The embedder makes vectors, and a configured Pinecone index holds vectors of that size."""
+    from storage.semantic import create_embedder, pinecone_host
+    from storage.vectors import PineconeStore
+
+    embedder = create_embedder(settings)
+    try:
+        (vector,) = await embedder.embed(["companion doctor"])
+    except CompanionError as exc:
+        return [Result("Embedder", False, exc.message, "check OPENAI_API_KEY / OPENAI_BASE_URL / "
+                                                       "OPENAI_EMBEDDING_MODEL, or set EMBEDDING_PROVIDER=local")]
+    results = [Result("Embedder", True, f"{embedder.name}, {len(vector)} dimensions")]
+    if settings.pinecone_api_key is None:
+        return results  # pgvector: the PostgreSQL check covers it
+    fix = ("check PINECONE_API_KEY and PINECONE_HOST / PINECONE_INDEX; the index needs "
+           f"{embedder.dimension} dimensions, cosine")
+    try:
+        host = await asyncio.to_thread(pinecone_host, settings, embedder.dimension, False)
+        store = PineconeStore.connect(settings.pinecone_api_key.get_secret_value(), host)
+        try:
+            await store.check(embedder.dimension)
+        finally:
+            await store.close()
+    except CompanionError as exc:
+        return [*results, Result("Pinecone", False, exc.message, fix)]
+    return [*results, Result("Pinecone", True, f"{host}, {embedder.dimension} dimensions")]
+
+
 async def _guarded(name: str, check: Callable[[], Awaitable[Result | list[Result] | None]]) -> list[Result]:
     try:
         found = await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
@@ -160,6 +188,7 @@ async def run_doctor(settings: Settings) -> int:
         *await _guarded("Temporal", lambda: check_temporal(settings)),
         *await _guarded("PostgreSQL", lambda: check_postgres(settings)),
         *await _guarded("LLM", lambda: check_llm(settings)),
+        *await _guarded("Memory", lambda: check_memory(settings)),
         *await _guarded("Telegram", lambda: check_telegram(settings)),
     ]
     width = max(len(result.name) for result in results)

@@ -67,6 +67,24 @@ def _build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
     stop.add_argument("nudge_id", help="the id `schedule` printed")
 
+    bench = commands.add_parser("bench", help="measure the companion")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    locomo = bench_commands.add_parser("locomo", help="memory retrieval recall on LoCoMo conversations")
+    locomo.add_argument("--data", type=Path, required=True, help="a LoCoMo JSON file (e.g. locomo10.json)")
+    locomo.add_argument("--k", type=int, default=10, help="memories retrieved per question to report (default 10)")
+    locomo.add_argument("--extract", action="store_true", help="also run the LLM extraction of the remember step")
+
+    memory = commands.add_parser("memory", help="manage semantic memory")
+    memory_commands = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
+    reindex = memory_commands.add_parser("reindex", help="embed memories again with the configured embedder")
+    reindex.add_argument("--user", type=int, help="only this user's (a Telegram user id)")
+    reindex.add_argument("--missing", action="store_true",
+                         help="only memories without a vector from the current embedder")
+    search = memory_commands.add_parser("search", help="what the companion recalls for a query")
+    search.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    search.add_argument("--k", type=int, default=10, help="how many memories (default 10)")
+    search.add_argument("query", nargs="+", help="the query")
+
     db = commands.add_parser("db", help="manage the database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     up = db_commands.add_parser("upgrade", help="apply migrations (to the newest by default)")
@@ -183,6 +201,18 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
             return _replay(args.files)
         case "nudges":
             return _nudges(settings, args)
+        case "bench":
+            from cli.locomo import run_locomo
+
+            if args.k < 1:
+                raise InvalidInputError("--k: expected a positive number of memories")
+            return run_locomo(settings, args.data, args.k, args.extract)
+        case "memory":
+            from cli import memory
+
+            if args.memory_command == "reindex":
+                return memory.reindex(settings, args.user, args.missing)
+            return memory.search(settings, args.user, " ".join(args.query), args.k)
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -193,7 +223,7 @@ def _configure_logging(settings: Settings, command: str) -> None:
         # The terminal belongs to the chat: full logs go to a file, the console shows errors only.
         configure_logging(settings.log_level, settings.effective_log_format, log_file=dev_log_file(settings),
                           console_level="ERROR")
-    elif command in ("say", "chat", "history", "replay", "nudges", "doctor"):
+    elif command in ("say", "chat", "history", "replay", "nudges", "doctor", "bench", "memory"):
         configure_logging("WARNING", settings.effective_log_format)
     else:
         configure_logging(settings.log_level, settings.effective_log_format)

@@ -1,0 +1,51 @@
+"""`companion memory`: rebuild vectors after an embedder change, and see what the companion recalls for a query."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from core.settings import Settings
+from storage.database import create_engine, create_session_factory
+from storage.embedded import postgres_url
+from storage.recall import MemoryIndex
+from storage.repository import MemoryRepository
+from storage.semantic import create_memory_index
+
+
+@asynccontextmanager
+async def _memory(settings: Settings) -> AsyncIterator[tuple[MemoryRepository, MemoryIndex]]:
+    with postgres_url(settings) as url:
+        engine = create_engine(url)
+        index = None
+        try:
+            sessions = create_session_factory(engine)
+            index = create_memory_index(settings, sessions)
+            yield MemoryRepository(sessions), index
+        finally:
+            if index is not None:
+                await index.store.close()
+            await engine.dispose()
+
+
+async def reindex(settings: Settings, telegram_id: int | None, missing_only: bool) -> int:
+    async with _memory(settings) as (repo, index):
+        user_id = None if telegram_id is None else (await repo.get_user_by_telegram_id(telegram_id)).id
+        done = await index.reindex(user_id, everything=not missing_only)
+        print(f"embedded {done} memories with {index.embedder.name} ({index.embedder.dimension} dimensions) "
+              f"into {index.store.name}")
+    return 0
+
+
+async def search(settings: Settings, telegram_id: int, query: str, k: int) -> int:
+    async with _memory(settings) as (repo, index):
+        user = await repo.get_user_by_telegram_id(telegram_id)
+        found = await index.search(user.id, query, k=k)
+        zone = user.timezone_info
+        for hit in found.hits:
+            when = hit.occurred_at.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+            print(f"{hit.score:.4f} {hit.kind.value:<12} {when} [{'+'.join(hit.via)}] "
+                  + hit.content.replace("\n", " / "))
+        note = " (vector store unavailable: keywords only)" if found.degraded else ""
+        print(f"{len(found.hits)} memories in {found.elapsed_ms:.1f} ms{note}")
+    return 0
