@@ -36,7 +36,10 @@ from schemas.turn import ChatUser, EnsureUserInput, IncomingMessage, RecordMessa
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
+from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
+from storage.semantic import local_embedder
+from storage.vectors import PgVectorStore
 from tests.fake_openai import serve_in_subprocess
 from worker import build_worker
 from workflows.client import send_message
@@ -91,7 +94,10 @@ async def main(turns: int) -> dict[str, float]:
         engine = create_engine(postgres.start())
         await migrate.upgrade(engine)
         chat = ChatModel(AsyncOpenAI(base_url=llm_url, api_key="bench", max_retries=0), "stub")
-        activities = CompanionActivities(MemoryRepository(create_session_factory(engine)), chat)
+        sessions = create_session_factory(engine)
+        # As the worker runs with an LLM server configured: recall in the prompt, the remember step with extraction.
+        memory = MemoryIndex(sessions, local_embedder(), PgVectorStore(sessions))
+        activities = CompanionActivities(MemoryRepository(sessions), chat, memory=memory, extract=True)
         direct = await _timed(turns, lambda n: direct_turn(activities, chat, 1, n))
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
