@@ -120,8 +120,8 @@ async def score(index: MemoryIndex, user_id: int, dia_of: dict[str, str], questi
 def summary(results: dict[str, Any], ks: tuple[int, ...] = KS, headline: int = 10) -> dict[str, Any]:
     latency = sorted(results["latency_ms"])
 
-    def mean(values: list[float]) -> float:
-        return round(statistics.fmean(values), 4) if values else 0.0
+    def mean(values: list[float]) -> float | None:  # None: no question of that kind
+        return round(statistics.fmean(values), 4) if values else None
 
     out: dict[str, Any] = {f"recall@{k}": mean(results["recall"][k]) for k in ks}
     out.update({f"recall@{headline}_{name}": mean(results["by_category"][c]) for c, name in CATEGORIES.items()})
