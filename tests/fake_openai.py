@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.local_http import serve
+from tests.local_http import send_json, serve
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
                 404: "invalid_request_error", 429: "rate_limit_error"}
@@ -104,7 +104,7 @@ class FakeOpenAI:
         step = self._next(False) if self._script and isinstance(self._script[0], Fail) else None
         if isinstance(step, Fail):
             return _send_error(request, step.status, step.message)
-        _send_json(request, 200, _embedding_response(body, int(dimension)))
+        send_json(request, 200, _embedding_response(body, int(dimension)))
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         length = int(request.headers.get("Content-Length", "0"))
@@ -132,7 +132,7 @@ class FakeOpenAI:
             text = step.text
         else:
             text = json.dumps(_smallest(schema)) if schema is not None else self.default(body)
-        _send_json(request, 200, _completion(body, text, next(self._ids)))
+        send_json(request, 200, _completion(body, text, next(self._ids)))
 
 
 EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072}
@@ -209,20 +209,8 @@ def _completion(body: dict[str, Any], text: str, number: int) -> dict[str, Any]:
 def _send_error(request: BaseHTTPRequestHandler, status: int, message: str,
                 headers: dict[str, str] | None = None) -> None:
     error_type = _ERROR_TYPES.get(status, "server_error")
-    _send_json(request, status, {"error": {"message": message, "type": error_type, "param": None,
+    send_json(request, status, {"error": {"message": message, "type": error_type, "param": None,
                                            "code": None}}, headers)
-
-
-def _send_json(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any],
-               headers: dict[str, str] | None = None) -> None:
-    data = json.dumps(payload).encode()
-    request.send_response(status)
-    request.send_header("Content-Type", "application/json")
-    request.send_header("Content-Length", str(len(data)))
-    for name, value in (headers or {}).items():
-        request.send_header(name, value)
-    request.end_headers()
-    request.wfile.write(data)
 
 
 def serve_in_subprocess() -> tuple[str, subprocess.Popen[str]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.local_http import serve
+from tests.local_http import send_json, serve
 
 
 @dataclass
@@ -43,21 +43,21 @@ class FakePinecone:
         length = int(request.headers.get("Content-Length", "0"))
         raw = request.rfile.read(length) if length else b"{}"
         if self.down:
-            return _send(request, 503, {"code": 14, "message": "Service unavailable", "details": []})
+            return send_json(request, 503, {"code": 14, "message": "Service unavailable", "details": []})
         if request.headers.get("Api-Key") != self.api_key:
-            return _send(request, 401, {"code": 16, "message": "Invalid API Key", "details": []})
+            return send_json(request, 401, {"code": 16, "message": "Invalid API Key", "details": []})
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
-            return _send(request, 400, {"code": 3, "message": "Invalid JSON", "details": []})
+            return send_json(request, 400, {"code": 3, "message": "Invalid JSON", "details": []})
         route = {"/vectors/upsert": self._upsert, "/query": self._query, "/vectors/delete": self._delete,
                  "/describe_index_stats": self._stats}.get(request.path)
         if route is None:
-            return _send(request, 404, {"code": 5, "message": f"Not found: {request.path}", "details": []})
+            return send_json(request, 404, {"code": 5, "message": f"Not found: {request.path}", "details": []})
         with self._lock:
             self.requests.append((request.path, body))
             status, payload = route(body)
-        _send(request, status, payload)
+        send_json(request, status, payload)
 
     def _bad_dimension(self, values: list[float]) -> tuple[int, dict[str, Any]] | None:
         if len(values) != self.dimension:
@@ -116,12 +116,3 @@ def _cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm else 0.0
-
-
-def _send(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
-    data = json.dumps(payload).encode()
-    request.send_response(status)
-    request.send_header("Content-Type", "application/json")
-    request.send_header("Content-Length", str(len(data)))
-    request.end_headers()
-    request.wfile.write(data)

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.local_http import serve
+from tests.local_http import send_json, serve
 
 TOKEN = "123456:TEST-token-for-the-local-bot-api_0"
 BOT_ID = 123456
@@ -387,9 +387,4 @@ def _error(request: BaseHTTPRequestHandler, code: int, description: str,
 
 
 def _reply(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
-    data = json.dumps(payload).encode()
-    request.send_response(status)
-    request.send_header("Content-Type", "application/json")
-    request.send_header("Content-Length", str(len(data)))
-    request.end_headers()
-    request.wfile.write(data)
+    send_json(request, status, payload)

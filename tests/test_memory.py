@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai import AsyncOpenAI
 from pydantic import SecretStr
 from sqlalchemy import func, select, text
@@ -64,7 +66,8 @@ def chat_model(llm: FakeOpenAI) -> ChatModel:
 
 
 async def user_with_messages(repo: MemoryRepository, lines: list[str], start: datetime | None = None) -> int:
-    user = await repo.get_or_create_user(UserCreate(telegram_id=new_telegram_id(), first_name="Mia"))
+    # uuid, not random: hypothesis seeds `random` the same way for every example.
+    user = await repo.get_or_create_user(UserCreate(telegram_id=uuid.uuid4().int % 10**15 + 1, first_name="Mia"))
     at = start or datetime(2026, 5, 1, 18, 0, tzinfo=UTC)
     for number, line in enumerate(lines):
         await repo.add_message(user.id, MessageCreate(
@@ -417,3 +420,22 @@ async def test_doctor_checks_the_embedder_and_the_pinecone_index(pinecone: FakeP
     wrong = settings.model_copy(update={"pinecone_api_key": SecretStr("pc-wrong")})
     _, refused = await check_memory(wrong)
     assert not refused.ok and "384 dimensions, cosine" in refused.fix
+
+
+_WORDS = st.sampled_from(["pin", "bank", "giraffe", "blue", "doctor", "sister", "Lisbon", "piano", "cat", "Miso",
+                          "bees", "queen", "tea", "hike", "Alps", "job", "Acme", "Globex", "secret", "birthday"])
+_LINE = st.lists(_WORDS, min_size=1, max_size=8).map(" ".join)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mine=st.lists(_LINE, min_size=1, max_size=4), theirs=st.lists(_LINE, min_size=1, max_size=4),
+       query=_LINE)
+async def test_property_a_users_recall_holds_only_their_own_memories(
+        repo: MemoryRepository, memory: MemoryIndex, mine: list[str], theirs: list[str], query: str) -> None:
+    me = await user_with_messages(repo, mine)
+    other = await user_with_messages(repo, theirs)
+    await memory.remember_messages(me, [f"m{me}-{n}" for n in range(len(mine))], "me")
+    await memory.remember_messages(other, [f"m{other}-{n}" for n in range(len(theirs))], "them")
+    found = await memory.search(me, query, k=50)
+    assert all(key.startswith(f"m{me}-") for hit in found.hits for key in hit.source_keys)
+    assert len(found.hits) <= len(mine)
