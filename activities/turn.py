@@ -170,8 +170,8 @@ class TurnActivities:
                   if found is not None]
         keys = [found.message_key for found in stored]
         indexed = await self._rememberer.index_messages(user, keys)
-        if not self._rememberer.extracts or not keys:
-            return Remembered(memories=indexed)
+        if not self._rememberer.extracts or not keys or activity.info().attempt > REMEMBER_EXTRACT_ATTEMPTS:
+            return Remembered(memories=indexed)  # past its attempts, the paid call is not made again
         try:
             found = await self._rememberer.extract(user, keys, data.now, data.summary)
         except OpenAIServiceError as exc:
