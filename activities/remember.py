@@ -34,7 +34,7 @@ from schemas.memory import (
     UserRead,
 )
 from schemas.turn import Nudge, Remembered
-from storage.recall import MemoryIndex, NewMemory
+from storage.recall import MemoryIndex, NewMemory, speaker_of
 from storage.repository import MemoryRepository
 
 EXTRACTION_TURNS = 6  # messages of context the extraction reads, the turn's two included
@@ -151,10 +151,11 @@ def parse_when(text: str, zone: ZoneInfo) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=zone)
 
 
-def _key(kind: str, message_key: str, label: str) -> str:
-    """An idempotency key for something a message gave rise to, stable across retries that extract it again."""
-    digest = hashlib.sha256(f"{message_key}\n{' '.join(label.casefold().split())}".encode()).hexdigest()
-    return f"{kind}-{digest[:16]}"
+def derived_key(kind: str, message_key: str, label: str | None = None) -> str:
+    """The key of something a message gave rise to: one per message, kind and (case- and space-blind) label,
+    whatever the retries, even those that extract it again."""
+    text = message_key if label is None else f"{message_key}\n{' '.join(label.casefold().split())}"
+    return f"{kind}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _fact_key(key: str) -> str:
@@ -188,7 +189,7 @@ class Rememberer:
         for message in recent:
             if message.role == Role.SYSTEM or message.meta.get("fallback"):
                 continue
-            who = message.meta.get("speaker") or (user.display_name if message.role == Role.USER else "Companion")
+            who = speaker_of(message, user.display_name)
             mark = "NEW " if message.message_key in keys else ""
             lines.append(f"{mark}[{message.sent_at.astimezone(zone):%Y-%m-%d %H:%M}] {who}: {quote(message.content)}")
         system = EXTRACTION_PROMPT.format(name=user.display_name, now=f"{now.astimezone(zone):%A %Y-%m-%d %H:%M}",
@@ -215,7 +216,7 @@ class Rememberer:
             at = parse_when(event.when, zone)
             if at is None:
                 continue
-            key = _key("xevent", source_key, event.title)
+            key = derived_key("xevent", source_key, event.title)
             stored_event = await self._repository.add_timeline_event(user.id, TimelineEventCreate(
                 title=event.title[:200], event_at=at, source_keys=[source_key], idempotency_key=key))
             events += 1
@@ -225,7 +226,7 @@ class Rememberer:
                                       occurred_at=at, source_keys=stored_event.source_keys))
         milestones = 0
         for milestone in found.milestones:
-            key = _key("diary", source_key, milestone.title)
+            key = derived_key("diary", source_key, milestone.title)
             entry = await self._repository.add_diary_entry(user.id, DiaryEntryCreate(
                 title=milestone.title[:200], content=milestone.content, kind=DiaryKind.MILESTONE,
                 importance=milestone.importance, occurred_at=now, source_keys=[source_key], idempotency_key=key))
@@ -238,7 +239,7 @@ class Rememberer:
             at = parse_when(reminder.when, zone)
             if at is None or at <= now:
                 continue
-            reminders.append(Nudge(nudge_id=_key("remind", source_key, reminder.what), at=at,
+            reminders.append(Nudge(nudge_id=derived_key("remind", source_key, reminder.what), at=at,
                                    text=f"⏰ Reminder: {reminder.what}", kind=NudgeKind.REMINDER,
                                    created_by=NudgeCreator.USER))
         await self._index.add(user.id, memories)

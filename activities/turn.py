@@ -6,7 +6,6 @@ Named timeouts and retry policies live here, next to the activities they govern;
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -16,7 +15,7 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.llm import ChatModel
-from activities.remember import Rememberer
+from activities.remember import Rememberer, derived_key
 from activities.reminders import Reminder, follow_up_time, parse_event, parse_reminder
 from activities.telegram import TelegramChannel
 from core.errors import CompanionError, OpenAIServiceError
@@ -166,11 +165,9 @@ class TurnActivities:
             return Remembered()
         user = await self._repository.get_user(data.user_id)
         message = await self._repository.get_message(data.user_id, data.message_key)
-        stored = [found for found in (message, await self._repository.get_message(data.user_id, data.reply_key))
-                  if found is not None]
-        keys = [found.message_key for found in stored]
+        keys = [data.message_key, data.reply_key]  # a key with no stored message is passed over
         indexed = await self._rememberer.index_messages(user, keys)
-        if not self._rememberer.extracts or not keys or activity.info().attempt > REMEMBER_EXTRACT_ATTEMPTS:
+        if not self._rememberer.extracts or message is None or activity.info().attempt > REMEMBER_EXTRACT_ATTEMPTS:
             return Remembered(memories=indexed)  # past its attempts, the paid call is not made again
         try:
             found = await self._rememberer.extract(user, keys, data.now, data.summary)
@@ -185,7 +182,7 @@ class TurnActivities:
                   facts=remembered.facts, events=remembered.events, milestones=remembered.milestones,
                   reminders=len(remembered.reminders))
         # A reminder the plain parser already set for this message (compose_reply) is not set twice.
-        parsed = parse_reminder(message.content, data.now, user.timezone_info) if message is not None else None
+        parsed = parse_reminder(message.content, data.now, user.timezone_info)
         reminders = [] if parsed is not None else remembered.reminders
         return remembered.model_copy(update={"memories": indexed, "reminders": reminders, "extracted": True})
 
@@ -194,11 +191,11 @@ class TurnActivities:
         event = parse_event(data.text, data.now, zone) if data.now is not None else None
         if event is None:
             return None
-        key = _derived_key("event", data.message_key)
+        key = derived_key("event", data.message_key)
         await self._repository.add_timeline_event(data.user_id, TimelineEventCreate(
             title=event.what, event_at=event.at, source_keys=[data.message_key], idempotency_key=key))
         local = event.at.astimezone(zone)
-        return Nudge(nudge_id=_derived_key("follow", data.message_key), at=follow_up_time(event.at, zone),
+        return Nudge(nudge_id=derived_key("follow", data.message_key), at=follow_up_time(event.at, zone),
                      purpose=f"ask how the user's {event.what} on {local:%A %d %B} went",
                      kind=NudgeKind.FOLLOW_UP, created_by=NudgeCreator.COMPANION)
 
@@ -236,18 +233,13 @@ def _within_budget(hits: list[MemoryHit], shown: set[str]) -> list[RecalledMemor
     return recalled
 
 
-def _derived_key(kind: str, message_key: str) -> str:
-    """The key of something a message gave rise to: one per message and kind, whatever the retries."""
-    return f"{kind}-" + hashlib.sha256(message_key.encode()).hexdigest()[:16]
-
-
 def _read_reminder(data: ComposeReplyInput, zone: ZoneInfo) -> Reminder | None:
     found = parse_reminder(data.text, data.now, zone) if data.now is not None else None
     return found if found is not None and found.at > data.now else None
 
 
 def _reminder(found: Reminder, message_key: str) -> Nudge:
-    return Nudge(nudge_id=_derived_key("remind", message_key), at=found.at, text=f"⏰ Reminder: {found.what}",
+    return Nudge(nudge_id=derived_key("remind", message_key), at=found.at, text=f"⏰ Reminder: {found.what}",
                  kind=NudgeKind.REMINDER, created_by=NudgeCreator.USER)
 
 
