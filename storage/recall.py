@@ -41,6 +41,7 @@ RRF_K = 30
 DENSE_WEIGHT = 1.0
 KEYWORD_WEIGHT = 1.5
 CANDIDATES = 100
+STALE_SLACK = 10
 BM25_K1 = 1.2
 BM25_B = 0.75
 
@@ -253,12 +254,8 @@ class MemoryIndex:
 
     # --- reading ------------------------------------------------------------------------------------------------
 
-    async def search(self, user_id: int, query: str, k: int = 10,
-                     exclude_sources: set[str] | None = None) -> SearchResult:
-        """The k memories of this user that best answer ``query``, best first.
-
-        ``exclude_sources`` drops memories made only of messages the caller already shows (the recent turns).
-        """
+    async def search(self, user_id: int, query: str, k: int = 10) -> SearchResult:
+        """The k memories of this user that best answer ``query``, best first."""
         started = time.perf_counter()
         if not query.strip():
             return SearchResult(hits=[], degraded=False, elapsed_ms=0.0)
@@ -290,12 +287,11 @@ class MemoryIndex:
         ranked = sorted(scores, key=lambda memory_id: -scores[memory_id])
         hits: list[MemoryHit] = []
         if ranked:
-            rows = await self._rows(user_id, ranked[:CANDIDATES])
-            for memory_id in ranked:
+            # A few more than k: a vector store may still know a vector whose row is gone.
+            rows = await self._rows(user_id, ranked[:k + STALE_SLACK])
+            for memory_id in ranked[:k + STALE_SLACK]:
                 row = rows.get(memory_id)
-                if row is None:  # the store knows a vector whose row is gone (or another user's): never shown
-                    continue
-                if exclude_sources and row.source_keys and set(row.source_keys) <= exclude_sources:
+                if row is None:  # a vector whose row is gone (or another user's): never shown
                     continue
                 hits.append(MemoryHit(memory_id=row.id, kind=MemoryKind(row.kind), content=row.content,
                                       occurred_at=row.occurred_at, source_keys=list(row.source_keys),
