@@ -192,7 +192,7 @@ class MemoryIndex:
             await self.store.upsert(user_id, [
                 VectorItem(memory_id=row[0], vector=vector, kind=row[2], occurred_at=row[3], source_keys=row[4])
                 for row, vector in zip(rows, vectors, strict=True)], embedder=self.embedder.name)
-            if self.store.name != "pgvector":  # mark the rows embedded elsewhere, for reindexing to find the rest
+            if not isinstance(self.store, PgVectorStore):  # rows embedded elsewhere: mark them for reindexing
                 await self._mark_embedded(user_id, [row[0] for row in rows])
             return True
         except VectorStoreError as exc:
