@@ -55,6 +55,9 @@ FAILED_REPLY = "I'm sorry, something went wrong on my side and I couldn't take i
 TELEGRAM_DELIVERY = "telegram-delivery"
 OWN_NUDGES = "own-nudges"  # reminders users ask for, follow-ups on events they mention, check-ins after silence
 REMEMBER = "remember-step"  # after each turn: index its messages, extract facts, events, milestones, reminders
+# What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
+# arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
+FAILED_STEP = (ActivityError, ApplicationError)
 CHECKIN_SLACK = timedelta(hours=1)
 CHECKIN_PURPOSE = ("check in with the user, who has not written for a few days: ask how they are, picking up "
                    "something they told you")
@@ -229,9 +232,10 @@ class CompanionWorkflow:
     async def _answer(self, message: IncomingMessage) -> None:
         try:
             reply = await self._turn(message)
-        except ActivityError as err:
+        except FAILED_STEP as err:
             # Only a non-retryable storage failure gets here; the workflow must outlive one bad message.
-            workflow.logger.error("turn failed", extra={"message_key": message.message_key, "error": str(err.cause)})
+            workflow.logger.error("turn failed", extra={"message_key": message.message_key,
+                                                       "error": str(_cause(err))})
             reply = TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=FAILED_REPLY,
                               fallback=True)
         self._state.replies = [*self._state.replies, reply][-REPLIES_KEPT:]
@@ -279,8 +283,8 @@ class CompanionWorkflow:
             await workflow.execute_activity_method(
                 CompanionActivities.deliver, DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key),
                 start_to_close_timeout=TELEGRAM_TIMEOUT, retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
-        except ActivityError as err:
-            cause = err.cause
+        except FAILED_STEP as err:
+            cause = _cause(err)
             if isinstance(cause, ApplicationError) and cause.type == "TelegramBlockedError":
                 await self._set_active(user_id, False)
                 return
@@ -451,6 +455,11 @@ class CompanionWorkflow:
 
     def _is_queued(self, key: str) -> bool:
         return any(queued.message_key == key for queued in self._state.queue)
+
+
+def _cause(err: ActivityError | ApplicationError) -> BaseException | None:
+    """The error a failed step raised: a regular activity's is wrapped in an ActivityError, a local one's is not."""
+    return err.cause if isinstance(err, ActivityError) else err
 
 
 def _clip(text: str) -> str:
