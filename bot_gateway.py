@@ -37,7 +37,7 @@ from core.errors import ConfigurationError
 from core.logging import get_logger
 from core.settings import Settings
 from schemas.memory import Channel
-from schemas.turn import ChatUser, CompanionState, IncomingMessage, Nudge
+from schemas.turn import ChatUser, CompanionState, IncomingMessage, Nudge, clean_text
 from workflows.client import connect, forget, set_checkins, signal_message
 from workflows.companion import CompanionWorkflow, workflow_id
 
@@ -72,17 +72,10 @@ NO_NUDGES = "I have no messages planned for you right now."
 COMMANDS = [BotCommand("help", "what I can do"), BotCommand("nudges", "messages I plan to send you"),
             BotCommand("quiet", "no check-ins (/quiet off to undo)"), BotCommand("forget", "erase my memory of you")]
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
-# Keep newlines and tabs; every other control character is noise at best and a prompt trick at worst.
-_CONTROL_TABLE = dict.fromkeys(code for code in [*range(0x20), *range(0x7F, 0xA0)] if code not in (0x09, 0x0A))
 SIGNAL_ATTEMPTS = 4
 MAX_CONCURRENT_UPDATES = 64
 
 _log = get_logger(__name__)
-
-
-def clean_text(text: str) -> str:
-    """The text without control characters (newlines and tabs stay), line endings made plain."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL_TABLE).strip()
 
 
 def message_key(message: Message) -> str:

@@ -6,7 +6,8 @@ Named timeouts and retry policies live here, next to the activities they govern;
 from __future__ import annotations
 
 import asyncio
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -48,6 +49,10 @@ DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coe
 LLM_TIMEOUT = timedelta(seconds=90)
 LLM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                         maximum_interval=timedelta(seconds=10), maximum_attempts=3)
+# The reply step heartbeats while the LLM thinks: a worker that dies mid-call is noticed within LLM_HEARTBEAT and
+# the step retried on another worker, instead of after the whole LLM_TIMEOUT.
+LLM_HEARTBEAT = timedelta(seconds=10)
+HEARTBEAT_EVERY_S = 2.0
 
 # The remember step: storing and embedding is retried until it lands; the extraction call inside it is paid, so
 # after this many attempts the step finishes without it.
@@ -132,7 +137,7 @@ class TurnActivities:
         found, follow_up = _read_reminder(data, zone), await self._follow_up(data, zone)
         reminder = _reminder(found, data.message_key) if found else None
         prompt = _prompt(context, data.message_key, _reminder_note(found, zone) if found else None)
-        async with self._typing(data):
+        async with self._typing(data), _heartbeating():
             reply = await self._chat_model.reply(prompt, data.text)
         stored = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
@@ -207,6 +212,24 @@ class TurnActivities:
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
         return [self.ensure_user, self.record_message, self.compose_reply, self.remember]
+
+
+@asynccontextmanager
+async def _heartbeating() -> AsyncIterator[None]:
+    """Heartbeat every HEARTBEAT_EVERY_S while the block runs (the worker is alive and the step in hand)."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
 
 
 def _prompt(context: UserContextSchema, message_key: str, note: str | None = None) -> TurnContext:

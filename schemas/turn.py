@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from schemas.memory import (
     Channel,
@@ -27,7 +27,24 @@ DEFAULT_TURNS_PER_RUN = 200
 MAX_MESSAGE_CHARS = 16_000
 MAX_PENDING_NUDGES = 50
 
-MessageText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS)]
+# Keep newlines and tabs; every other control character is noise at best and a prompt trick at worst (and PostgreSQL
+# refuses a NUL in text).
+_CONTROL_TABLE = dict.fromkeys(code for code in [*range(0x20), *range(0x7F, 0xA0)] if code not in (0x09, 0x0A))
+
+
+def clean_text(text: object) -> object:
+    """The text without control characters (newlines and tabs stay), line endings made plain, and lone surrogates
+    (which no UTF-8 store takes) replaced; whatever is not a string is left to the type check."""
+    if not isinstance(text, str):
+        return text
+    text = text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
+    return text.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL_TABLE).strip()
+
+
+# A user's message, cleaned wherever it comes from (Telegram, the terminal, a client of the workflow): what is left
+# must be 1 to MAX_MESSAGE_CHARS characters.
+MessageText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS),
+                        BeforeValidator(clean_text)]
 
 
 class _Contract(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
 from openai import AsyncOpenAI
 from telegram import Bot
 from temporalio.client import WorkflowExecutionStatus
@@ -27,9 +29,9 @@ from activities.telegram import MESSAGE_LIMIT, TelegramChannel, split_message, t
 from core.errors import UserNotFoundError
 from core.settings import Settings, load_settings
 from schemas.memory import NudgeStatus
-from schemas.turn import Nudge
+from schemas.turn import Nudge, clean_text
 from storage.repository import MemoryRepository
-from tests.conftest import QUERY_TIMEOUT, TemporalServers, new_telegram_id
+from tests.conftest import QUERY_TIMEOUT, TemporalServers, fresh_telegram_id, new_telegram_id
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import (
     BOT_USERNAME,
@@ -43,6 +45,7 @@ from tests.fake_telegram import (
     parse_html,
 )
 from tests.local_http import free_port
+from tests.test_bad_input import TEXTS
 from tests.test_workflow import eventually, transcript
 from worker import build_worker
 from workflows.client import schedule_nudge
@@ -484,3 +487,51 @@ async def test_the_gateway_command_explains_a_missing_or_rejected_token(
     assert rejected.returncode == 1
     assert "Telegram rejected TELEGRAM_BOT_TOKEN" in rejected.stderr
     assert wrong not in rejected.stderr + rejected.stdout and "Traceback" not in rejected.stderr
+
+
+# --- bad input through the webhook ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gateway_settings", [{
+    "telegram_webhook_url": WEBHOOK_URL, "telegram_webhook_secret": WEBHOOK_SECRET,
+    "telegram_webhook_listen": "127.0.0.1", "telegram_webhook_port": WEBHOOK_PORT}], indirect=True)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXTS.filter(lambda text: not text.lstrip().startswith("/")))
+async def test_property_any_text_through_the_webhook_gets_one_answer(tg: TelegramStack, text: str) -> None:
+    ada = fresh_telegram_id()
+    async with httpx.AsyncClient() as http:
+        # ASCII JSON, escapes and all, as Telegram sends it: a lone surrogate can only arrive escaped.
+        response = await http.post(f"http://127.0.0.1:{WEBHOOK_PORT}/telegram",
+                                   content=json.dumps({"update_id": ada % 10**9, **message_update(ada, text)}),
+                                   headers={"X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET,
+                                            "Content-Type": "application/json"})
+    assert response.status_code == 200
+    [answer] = await tg.api.wait_for(ada)
+    cleaned, limit = clean_text(text), tg.settings.telegram_max_message_chars
+    if not text:  # Telegram sends no empty text; a message without any is one the companion cannot read
+        assert answer.text == bot_gateway.UNSUPPORTED
+    elif not cleaned:
+        assert answer.text == bot_gateway.EMPTY
+    elif len(cleaned) > limit:
+        assert answer.text == bot_gateway.TOO_LONG.format(length=len(cleaned), limit=limit)
+    else:  # accepted: stored as cleaned, answered once
+        assert await transcript(tg, ada) == [("user", cleaned), ("assistant", f"I hear you: {cleaned}")]
+    assert len(tg.api.messages(ada)) == 1
+
+
+@pytest.mark.parametrize("gateway_settings", [{
+    "telegram_webhook_url": WEBHOOK_URL, "telegram_webhook_secret": WEBHOOK_SECRET,
+    "telegram_webhook_listen": "127.0.0.1", "telegram_webhook_port": WEBHOOK_PORT}], indirect=True)
+async def test_malformed_webhook_bodies_are_refused_and_the_next_update_is_answered(tg: TelegramStack) -> None:
+    url, header = f"http://127.0.0.1:{WEBHOOK_PORT}/telegram", {"X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET}
+    ada = fresh_telegram_id()
+    async with httpx.AsyncClient() as http:
+        statuses = [(await http.post(url, content=body, headers={**header, "Content-Type": "application/json"}))
+                    .status_code for body in (b"", b"{not json", b"\x00\xff\xfe", b"[1, 2]", b'"text"')]
+        good = await http.post(url, json={"update_id": 7, **message_update(ada, "still here?")}, headers=header)
+    # JSON that is no update is a 400. A body that is no JSON at all gets python-telegram-bot's 500 (its handler
+    # decodes before it validates); Telegram never sends one, and nothing is taken in either way.
+    assert statuses[3:] == [400, 400] and 200 not in statuses, statuses
+    assert good.status_code == 200
+    [reply] = await tg.api.wait_for(ada)
+    assert reply.text == "I hear you: still here?"

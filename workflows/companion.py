@@ -16,7 +16,15 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.delivery import TELEGRAM_RETRY, TELEGRAM_TIMEOUT
     from activities.nudges import CompanionActivities, nudge_message_key
-    from activities.turn import DB_RETRY, DB_TIMEOUT, LLM_RETRY, LLM_TIMEOUT, REMEMBER_RETRY, REMEMBER_TIMEOUT
+    from activities.turn import (
+        DB_RETRY,
+        DB_TIMEOUT,
+        LLM_HEARTBEAT,
+        LLM_RETRY,
+        LLM_TIMEOUT,
+        REMEMBER_RETRY,
+        REMEMBER_TIMEOUT,
+    )
     from schemas.memory import Channel, NudgeCreator, NudgeKind, NudgeStatus, Role
     from schemas.turn import (
         MAX_PENDING_NUDGES,
@@ -328,7 +336,8 @@ class CompanionWorkflow:
                 ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
                                   text=message.text, channel=message.channel, chat_id=message.chat_id,
                                   now=workflow.now(), summary=self._state.summary),
-                start_to_close_timeout=LLM_TIMEOUT, retry_policy=LLM_RETRY, summary="LLM reply")
+                start_to_close_timeout=LLM_TIMEOUT, heartbeat_timeout=LLM_HEARTBEAT, retry_policy=LLM_RETRY,
+                summary="LLM reply")
         except ActivityError as err:
             workflow.logger.warning("LLM failed, sending the fallback reply",
                                     extra={"message_key": message.message_key, "error": str(err.cause)})

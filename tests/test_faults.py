@@ -1,0 +1,167 @@
+"""Faults with real processes: the worker (`companion worker`) killed with SIGKILL in the middle of a turn, and the
+Temporal dev server killed and restarted in the middle of a conversation. Nothing accepted is lost, nothing is
+answered or stored twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from cli.dev import TemporalDevServer
+from core.settings import Settings, load_settings
+from schemas.memory import Channel
+from schemas.turn import ChatUser, CompanionState, IncomingMessage
+from storage.repository import MemoryRepository
+from tests.conftest import TemporalServers, fresh_telegram_id
+from tests.fake_openai import FakeOpenAI, Reply
+from tests.local_http import free_port
+from tests.test_workflow import eventually
+from workflows.client import signal_message
+from workflows.companion import CompanionWorkflow, workflow_id
+
+WORKER_START_S = 90
+SECRET_KEY = "sk-proj-faults-0123456789abcdefSECRET"  # a key shaped like OpenAI's, to look for where it must not be
+
+
+def start_worker(log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`companion worker` as a process of its own, once it polls its task queue."""
+    started_before = log.read_text(errors="replace").count('"worker.started"') if log.exists() else 0
+    process = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env={**os.environ, **env},
+                               stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    deadline = time.monotonic() + WORKER_START_S
+    while log.read_text(errors="replace").count('"worker.started"') == started_before:
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
+    return process
+
+
+def worker_env(database_url: str, address: str, task_queue: str, llm: FakeOpenAI) -> dict[str, str]:
+    return {"DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": task_queue,
+            "OPENAI_BASE_URL": llm.url, "OPENAI_API_KEY": SECRET_KEY, "NUDGE_QUIET_HOURS": "off",
+            "CHECKIN_AFTER_DAYS": "0", "MEMORY_EXTRACTION": "off", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+
+
+def message(telegram_id: int, n: int, text: str) -> IncomingMessage:
+    return IncomingMessage(message_key=f"console:{telegram_id}:{n}", user=ChatUser(telegram_id=telegram_id),
+                           chat_id=telegram_id, channel=Channel.CONSOLE, text=text, sent_at=datetime.now(UTC))
+
+
+async def state(client: Client, telegram_id: int) -> CompanionState:
+    return await client.get_workflow_handle(workflow_id(telegram_id)).query(CompanionWorkflow.state)
+
+
+async def rows(repo: MemoryRepository, telegram_id: int) -> list[tuple[str, str]]:
+    user = await repo.get_user_by_telegram_id(telegram_id)
+    return [(m.message_key, m.content) for m in await repo.recent_messages(user.id, limit=100)]
+
+
+async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
+        tmp_path: Path, temporal_servers: TemporalServers, database_url: str, repo: MemoryRepository,
+        fake_llm: FakeOpenAI) -> None:
+    client = (await temporal_servers.get("dev-server")).client
+    address, task_queue = client.service_client.config.target_host, f"test-{uuid.uuid4()}"
+    settings = load_settings(temporal_task_queue=task_queue, temporal_address=address)
+    env, log = worker_env(database_url, address, task_queue, fake_llm), tmp_path / "worker.log"
+    ada = fresh_telegram_id()
+    first = start_worker(log, env)
+    try:
+        fake_llm.script(Reply("an answer the killed worker never gets", delay_s=20))
+        asked = _chat_requests(fake_llm)
+        await signal_message(client, settings, message(ada, 1, "are you there?"))
+        await eventually(lambda: _value(_chat_requests(fake_llm)), lambda n: n > asked)  # the LLM is thinking
+        first.send_signal(signal.SIGKILL)  # the worker dies mid-call, its reply not yet stored
+        first.wait(10)
+        second = start_worker(log, env)
+        try:
+            # The reply step stops heartbeating; within LLM_HEARTBEAT it runs again on the new worker.
+            done = await eventually(lambda: state(client, ada), lambda s: len(s.replies) == 1, timeout_s=60)
+            assert done.replies[0].text == "I hear you: are you there?" and not done.replies[0].fallback
+            assert await rows(repo, ada) == [(f"console:{ada}:1", "are you there?"),
+                                             (f"console:{ada}:1:reply", "I hear you: are you there?")]
+            await signal_message(client, settings, message(ada, 2, "good"))  # the new worker carries on
+            await eventually(lambda: state(client, ada), lambda s: len(s.replies) == 2)
+            assert len(await rows(repo, ada)) == 4
+            # Neither the workers' logs nor anything Temporal keeps (inputs, results, failures) holds the key.
+            history = await client.get_workflow_handle(workflow_id(ada)).fetch_history()
+            assert "llm.request" in log.read_text() and len(history.events) > 10
+            assert SECRET_KEY not in log.read_text() and SECRET_KEY not in history.to_json()
+        finally:
+            second.terminate()
+            second.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        await _terminate(client, ada)
+
+
+async def test_the_temporal_server_killed_and_restarted_mid_conversation_loses_no_message(
+        tmp_path: Path, database_url: str, repo: MemoryRepository, fake_llm: FakeOpenAI) -> None:
+    settings = load_settings(temporal_address=f"localhost:{free_port()}", companion_data_dir=tmp_path,
+                             temporal_task_queue=f"test-{uuid.uuid4()}")
+    server = TemporalDevServer(settings)
+    server.start()
+    worker = None
+    try:
+        client = await server.wait_ready(settings)
+        env = worker_env(database_url, settings.temporal_address, settings.temporal_task_queue, fake_llm)
+        worker = start_worker(tmp_path / "worker.log", env)
+        ada = fresh_telegram_id()
+        await signal_message(client, settings, message(ada, 1, "first"))
+        await eventually(lambda: state(client, ada), lambda s: len(s.replies) == 1, timeout_s=30)
+
+        server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
+        server._process.wait()  # type: ignore[union-attr]
+        # While it is down, the user writes twice; the sender retries as the gateway does, until it is back.
+        sending = asyncio.gather(_send_until_taken(client, settings, message(ada, 2, "second")),
+                                 _send_until_taken(client, settings, message(ada, 3, "third")))
+        await asyncio.sleep(1)
+        server.start()
+        await sending
+
+        done = await eventually(lambda: state(client, ada), lambda s: len(s.replies) == 3, timeout_s=60)
+        assert [reply.text for reply in done.replies] == ["I hear you: first", "I hear you: second",
+                                                          "I hear you: third"]
+        stored = await rows(repo, ada)
+        assert len(stored) == len({key for key, _ in stored}) == 6
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        server.stop()
+
+
+async def _send_until_taken(client: Client, settings: Settings, incoming: IncomingMessage,
+                            timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await signal_message(client, settings, incoming)
+            return
+        except RPCError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.5)
+
+
+async def _terminate(client: Client, telegram_id: int) -> None:
+    try:
+        await client.get_workflow_handle(workflow_id(telegram_id)).terminate("test finished")
+    except RPCError:
+        pass
+
+
+def _chat_requests(llm: FakeOpenAI) -> int:
+    return sum("messages" in body for body in llm.requests)  # embeddings requests are recorded too
+
+
+async def _value(value: object) -> object:
+    return value
