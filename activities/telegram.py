@@ -10,7 +10,7 @@ import asyncio
 import re
 import warnings
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 from html import escape
 
@@ -19,6 +19,7 @@ from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.warnings import PTBDeprecationWarning
 
+from core.concurrency import alongside
 from core.errors import TelegramBlockedError, TelegramServiceError
 from core.logging import get_logger
 from core.settings import Settings
@@ -134,13 +135,8 @@ class TelegramChannel:
     @asynccontextmanager
     async def typing(self, chat_id: int) -> AsyncIterator[None]:
         """Show "typing…" in the chat for as long as the block runs; a failing indicator never fails the block."""
-        task = asyncio.create_task(self._keep_typing(chat_id))
-        try:
+        async with alongside(self._keep_typing(chat_id)):
             yield
-        finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
 
     async def _keep_typing(self, chat_id: int) -> None:
         while True:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -19,6 +19,7 @@ from activities.llm import ChatModel
 from activities.remember import Rememberer, derived_key
 from activities.reminders import Reminder, follow_up_time, parse_event, parse_reminder
 from activities.telegram import TelegramChannel
+from core.concurrency import alongside
 from core.errors import CompanionError, OpenAIServiceError
 from core.logging import get_logger
 from schemas.context import RecalledMemory, UserContextSchema, quote
@@ -223,13 +224,8 @@ async def _heartbeating() -> AsyncIterator[None]:
             activity.heartbeat()
             await asyncio.sleep(HEARTBEAT_EVERY_S)
 
-    task = asyncio.create_task(beat())
-    try:
+    async with alongside(beat()):
         yield
-    finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
 
 
 def _prompt(context: UserContextSchema, message_key: str, note: str | None = None) -> TurnContext:
