@@ -121,9 +121,13 @@ async def test_the_temporal_server_killed_and_restarted_mid_conversation_loses_n
 
         server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
         server._process.wait()  # type: ignore[union-attr]
-        # While it is down, the user writes twice; the sender retries as the gateway does, until it is back.
-        sending = asyncio.gather(_send_until_taken(client, settings, message(ada, 2, "second")),
-                                 _send_until_taken(client, settings, message(ada, 3, "third")))
+        # While it is down, the user writes twice; the sender retries each in turn, as the gateway does for one
+        # chat, until the server is back.
+        async def send_both() -> None:
+            await _send_until_taken(client, settings, message(ada, 2, "second"))
+            await _send_until_taken(client, settings, message(ada, 3, "third"))
+
+        sending = asyncio.create_task(send_both())
         await asyncio.sleep(1)
         server.start()
         await sending
