@@ -129,21 +129,27 @@ class TurnActivities:
                                      follow_up=await self._follow_up(data, zone))
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
-        # Recall runs beside gathering the context; memories of the recent turns are dropped once both are in.
-        context, found = await asyncio.gather(
-            self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1), self._recall(data))
-        context.summary = data.summary
-        context.recalled = _within_budget(found, {m.message_key for m in context.recent_messages})
-        zone = context.user.timezone_info
-        found, follow_up = _read_reminder(data, zone), await self._follow_up(data, zone)
+        prompt, zone, found = await self.prompt_for(data)
+        follow_up = await self._follow_up(data, zone)
         reminder = _reminder(found, data.message_key) if found else None
-        prompt = _prompt(context, data.message_key, _reminder_note(found, zone) if found else None)
         async with self._typing(data), _heartbeating():
             reply = await self._chat_model.reply(prompt, data.text)
         stored = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
             sent_at=datetime.now(UTC)))
         return reply.model_copy(update={"text": stored.content, "reminder": reminder, "follow_up": follow_up})
+
+    async def prompt_for(self, data: ComposeReplyInput) -> tuple[TurnContext, ZoneInfo, Reminder | None]:
+        """The prompt the LLM gets for the message (persona, the user's quoted memory and what recall found for the
+        message, the recent conversation), the user's time zone, and the reminder the message asks for, if any."""
+        # Recall runs beside gathering the context; memories of the recent turns are dropped once both are in.
+        context, found = await asyncio.gather(
+            self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1), self._recall(data))
+        context.summary = data.summary
+        context.recalled = _within_budget(found, {m.message_key for m in context.recent_messages})
+        zone = context.user.timezone_info
+        reminder = _read_reminder(data, zone)
+        return _prompt(context, data.message_key, _reminder_note(reminder, zone) if reminder else None), zone, reminder
 
     async def _recall(self, data: ComposeReplyInput) -> list[MemoryHit]:
         """Memories that bear on the message, best first; none when memory search fails (the turn goes on)."""

@@ -23,15 +23,27 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from activities.remember import Extraction, Rememberer
+from activities.turn import TurnActivities
 from cli.doctor import check_memory
 from cli.locomo import load_conversation, new_results, score, summary
 from core.errors import ConfigurationError, VectorStoreConnectionError
 from core.settings import load_settings
-from schemas.memory import Channel, MemoryKind, MessageCreate, NudgeKind, Role, UserCreate
-from schemas.turn import ChatUser
+from schemas.memory import (
+    Channel,
+    DiaryEntryCreate,
+    FactCategory,
+    MemoryKind,
+    MessageCreate,
+    NudgeKind,
+    ProfileFactCreate,
+    Role,
+    TimelineEventCreate,
+    UserCreate,
+)
+from schemas.turn import ChatUser, ComposeReplyInput
 from storage.database import create_session_factory
 from storage.models import Memory
-from storage.recall import MemoryIndex
+from storage.recall import MemoryIndex, NewMemory
 from storage.repository import MemoryRepository
 from storage.semantic import create_embedder, local_embedder
 from storage.vectors import PgVectorStore, PineconeStore, namespace_of
@@ -439,3 +451,41 @@ async def test_property_a_users_recall_holds_only_their_own_memories(
     found = await memory.search(me, query, k=50)
     assert all(key.startswith(f"m{me}-") for hit in found.hits for key in hit.source_keys)
     assert len(found.hits) <= len(mine)
+
+
+# Two vocabularies no prompt scaffolding uses: one user's words, and another's, which must never reach the first's.
+_OWN_WORDS = ["zaphira", "quellmoor", "brindlewick", "tovaskar", "mirelune", "gastrolith", "pellucid", "orrin"]
+_OTHER_WORDS = ["vexdrall", "kroomba", "sibberish", "thrandolin", "wuzzlepod", "yarrowmere", "plinketh", "jorvath"]
+_OWN_LINE = st.lists(st.sampled_from(_OWN_WORDS), min_size=1, max_size=6).map(" ".join)
+_OTHER_LINE = st.lists(st.sampled_from(_OTHER_WORDS), min_size=1, max_size=6).map(" ".join)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mine=st.lists(_OWN_LINE, min_size=1, max_size=4), theirs=st.lists(_OTHER_LINE, min_size=1, max_size=4),
+       their_fact=_OTHER_LINE, query=st.lists(st.sampled_from(_OWN_WORDS + _OTHER_WORDS), min_size=1,
+                                               max_size=6).map(" ".join))
+async def test_property_a_users_prompt_holds_nothing_of_another_user(
+        repo: MemoryRepository, memory: MemoryIndex, fake_llm: FakeOpenAI, mine: list[str], theirs: list[str],
+        their_fact: str, query: str) -> None:
+    me = await user_with_messages(repo, mine)
+    other = await user_with_messages(repo, theirs)
+    await memory.remember_messages(me, [f"m{me}-{n}" for n in range(len(mine))], "me")
+    await memory.remember_messages(other, [f"m{other}-{n}" for n in range(len(theirs))], "them")
+    # Everything the prompt can draw on, for the other user: a fact, an event, a milestone, recallable memories.
+    when = datetime.now(UTC) + timedelta(days=2)
+    await repo.upsert_profile_fact(other, ProfileFactCreate(category=FactCategory.HOBBIES, key="hobby",
+                                                            value=their_fact, source_keys=[f"m{other}-0"]))
+    await repo.add_timeline_event(other, TimelineEventCreate(title=their_fact, event_at=when,
+                                                             source_keys=[f"m{other}-0"]))
+    await repo.add_diary_entry(other, DiaryEntryCreate(title=their_fact, content=their_fact, occurred_at=when,
+                                                       source_keys=[f"m{other}-0"]))
+    await memory.add(other, [NewMemory(key=f"fact-{other}", kind=MemoryKind.FACT, content=their_fact,
+                                       occurred_at=when, source_keys=[f"m{other}-0"])])
+
+    activities = TurnActivities(repo, chat_model(fake_llm), memory=memory)
+    prompt, _, _ = await activities.prompt_for(ComposeReplyInput(
+        user_id=me, message_key=f"m{me}-q", reply_key=f"m{me}-q:reply", text=query, channel=Channel.CONSOLE,
+        now=datetime.now(UTC)))
+    shown = "\n".join([prompt.system_prompt, *(turn.content for turn in prompt.history)])
+    assert not [word for word in _OTHER_WORDS if word in shown]
+    assert mine[-1] in shown  # the user's own conversation is there
