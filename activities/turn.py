@@ -176,10 +176,10 @@ class TurnActivities:
         if self._rememberer is None:
             return Remembered()
         user = await self._repository.get_user(data.user_id)
-        message = await self._repository.get_message(data.user_id, data.message_key)
-        keys = [data.message_key, data.reply_key]  # a key with no stored message is passed over
+        keys = [key for turn in data.turns for key in turn]  # a key with no stored message is passed over
+        messages = await self._repository.get_messages(data.user_id, [message for message, _ in data.turns])
         indexed = await self._rememberer.index_messages(user, keys)
-        if not self._rememberer.extracts or message is None or activity.info().attempt > REMEMBER_EXTRACT_ATTEMPTS:
+        if not self._rememberer.extracts or not messages or activity.info().attempt > REMEMBER_EXTRACT_ATTEMPTS:
             return Remembered(memories=indexed)  # past its attempts, the paid call is not made again
         try:
             found = await self._rememberer.extract(user, keys, data.now, data.summary)
@@ -190,12 +190,13 @@ class TurnActivities:
                          error=exc.code, detail=exc.message)
             return Remembered(memories=indexed)
         remembered = await self._rememberer.apply(user, data.message_key, found, data.now)
-        _log.info("memory.remembered", user_id=data.user_id, message_key=data.message_key, memories=indexed,
+        _log.info("memory.remembered", user_id=data.user_id, message_key=data.message_key, turns=len(data.turns),
+                  memories=indexed,
                   facts=remembered.facts, events=remembered.events, milestones=remembered.milestones,
                   reminders=len(remembered.reminders))
-        # A reminder the plain parser already set for this message (compose_reply) is not set twice.
-        parsed = parse_reminder(message.content, data.now, user.timezone_info)
-        reminders = [] if parsed is not None else remembered.reminders
+        # A reminder the plain parser already set for one of these messages (compose_reply) is not set twice.
+        parsed = any(parse_reminder(message.content, data.now, user.timezone_info) for message in messages)
+        reminders = [] if parsed else remembered.reminders
         return remembered.model_copy(update={"memories": indexed, "reminders": reminders, "extracted": True})
 
     async def _follow_up(self, data: ComposeReplyInput, zone: ZoneInfo) -> Nudge | None:

@@ -66,6 +66,11 @@ class ChatUser(_Contract):
         return display_name(self.first_name, self.last_name, self.username, self.telegram_id)
 
 
+def reply_key_of(message_key: str) -> str:
+    """The message key of the companion's reply to the message with this key."""
+    return f"{message_key}:reply"
+
+
 class IncomingMessage(_Contract):
     """One message from a user, as the gateway or the terminal hands it to the user's workflow."""
 
@@ -79,7 +84,7 @@ class IncomingMessage(_Contract):
     @property
     def reply_key(self) -> str:
         """The message key of the companion's reply to this message."""
-        return f"{self.message_key}:reply"
+        return reply_key_of(self.message_key)
 
 
 class TurnReply(_Contract):
@@ -192,13 +197,20 @@ class ComposeReplyInput(_Contract):
 
 
 class RememberInput(_Contract):
-    """Remember one turn: index its two messages, and extract structured memories when the worker does that."""
+    """Remember a turn (and the turns answered while the previous remember step ran): index their messages, and
+    extract structured memories from them when the worker does that. What is extracted is credited to the latest."""
 
     user_id: int
     message_key: MessageKey
     reply_key: MessageKey
     now: AwareDatetime
     summary: str = ""
+    earlier: list[MessageKey] = Field(default_factory=list)  # message keys of earlier turns in the batch, oldest first
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        """(message key, reply key) of every turn to remember, oldest first."""
+        return [*((key, reply_key_of(key)) for key in self.earlier), (self.message_key, self.reply_key)]
 
 
 class Remembered(_Contract):

@@ -6,14 +6,16 @@ Runs the real worker against the Temporal dev server, an embedded PostgreSQL, th
 local Bot API server, and saves: a plain conversation, one whose activities failed and were retried, a run that
 continued as new, one with a nudge that fired and one that was cancelled, a Telegram conversation (delivery,
 flood control, a nudge delivered, the bot blocked, /forget), and the companion's own nudges (a reminder asked for,
-a follow-up, check-ins, quiet hours), and the remember step (memories, an extraction, the summary carried over
-continue-as-new). Name scenarios to record only those.
+a follow-up, check-ins, quiet hours), the remember step (memories, an extraction, the summary carried over
+continue-as-new), and remember steps one at a time (turns answered during a step remembered by the next one).
+Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sys
 import tempfile
@@ -40,7 +42,7 @@ from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from storage.semantic import local_embedder
 from storage.vectors import PgVectorStore
-from tests.fake_openai import Fail, FakeOpenAI
+from tests.fake_openai import Fail, FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeBotAPI
 from tests.fake_telegram import Fail as BotAPIFail
 from tests.test_workflow import FailingAfterWrite
@@ -196,8 +198,28 @@ async def _remember(client: Client, repository: MemoryRepository, llm: FakeOpenA
         await _save(client, 1007, "remember", run_id=first_run)
 
 
+async def _remember_together(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    """Remember steps one at a time: three messages written while the first turn's (slow) step runs are remembered
+    by one step, which starts from the summary the first one left."""
+    memory = MemoryIndex(repository.sessions, local_embedder(), PgVectorStore(repository.sessions))
+    llm.script_json(Reply(json.dumps({"facts": [], "events": [], "milestones": [], "reminders": [],
+                                      "summary": "Simon plans a trip to Lisbon."}), delay_s=3),
+                    {"facts": [], "events": [], "milestones": [], "reminders": [],
+                     "summary": "Simon plans a trip to Lisbon with his sister in May."})
+    async with build_worker(client, SETTINGS.temporal_task_queue,
+                            CompanionActivities(repository, _chat(llm), memory=memory, extract=True)):
+        handle = client.get_workflow_handle(workflow_id(1008))
+        await send_message(client, SETTINGS, _message(1008, 0, "I'm planning a trip to Lisbon."))
+        for n, text in enumerate(["With my sister.", "In May.", "Any tips?"], start=1):
+            await signal_message(client, SETTINGS, _message(1008, n, text))
+        while "sister" not in (await handle.query(CompanionWorkflow.state)).summary:
+            await asyncio.sleep(0.1)
+        await _save(client, 1008, "remember_together")
+
+
 SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
-             "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember}
+             "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember,
+             "remember_together": _remember_together}
 
 
 def _chat(llm: FakeOpenAI) -> ChatModel:

@@ -48,7 +48,7 @@ from storage.repository import MemoryRepository
 from storage.semantic import create_embedder, local_embedder
 from storage.vectors import PgVectorStore, PineconeStore, namespace_of
 from tests.conftest import Stack, libpq_url, new_telegram_id
-from tests.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_pinecone import FakePinecone
 from tests.test_workflow import eventually
 from worker import build_worker
@@ -489,3 +489,47 @@ async def test_property_a_users_prompt_holds_nothing_of_another_user(
     shown = "\n".join([prompt.system_prompt, *(turn.content for turn in prompt.history)])
     assert not [word for word in _OTHER_WORDS if word in shown]
     assert mine[-1] in shown  # the user's own conversation is there
+
+
+@ONE_STACK
+async def test_turns_answered_while_a_remember_step_runs_are_remembered_together_by_the_next(
+        stack: Stack, engine: AsyncEngine, memory: MemoryIndex) -> None:
+    queue = f"remember-{uuid.uuid4()}"
+    extracting = Stack(stack.client, stack.settings.model_copy(update={"temporal_task_queue": queue}), stack.repo,
+                       stack.llm, stack.env, memory, stack.started)
+    mia = new_telegram_id()
+    # The first turn's extraction is slow; the user writes three more messages meanwhile.
+    stack.llm.script_json(Reply(json.dumps({"facts": [], "events": [], "milestones": [], "reminders": [],
+                                            "summary": "Mia is planning a trip to Lisbon."}), delay_s=3),
+                          {"facts": [], "events": [], "milestones": [], "reminders": [],
+                           "summary": "Mia is planning a trip to Lisbon with her sister in May."})
+    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
+    async with build_worker(stack.client, queue, activities):
+        first = extracting.message(mia, "I'm planning a trip to Lisbon.")
+        await extracting.signal(first)
+        later = [extracting.message(mia, text) for text in ["With my sister.", "In May.", "Any tips?"]]
+        await eventually(lambda: extracting.state(mia), lambda state: len(state.replies) == 1)
+        for message in later:
+            await extracting.signal(message)
+        state = await eventually(lambda: extracting.state(mia), lambda state: "sister" in state.summary,
+                                 timeout_s=30)
+        assert len(state.replies) == 4
+
+    history = await extracting.handle(mia).fetch_history()
+    steps = [json.loads(event.activity_task_scheduled_event_attributes.input.payloads[0].data)
+             for event in history.events if event.activity_task_scheduled_event_attributes.activity_type.name
+             == "remember"]
+    assert [(step["message_key"], step["earlier"]) for step in steps] == [
+        (first.message_key, []), (later[-1].message_key, [later[0].message_key, later[1].message_key])]
+    assert steps[1]["summary"] == "Mia is planning a trip to Lisbon."  # each step starts from the last one's
+
+    structured = [r for r in stack.llm.requests if r.get("response_format")]
+    assert len(structured) == 2  # one extraction for the three turns
+    assert structured[1]["messages"][1]["content"].count("NEW ") == 6  # their messages and replies
+    user = await stack.repo.get_user_by_telegram_id(mia)
+    async with engine.connect() as connection:
+        sources = (await connection.execute(select(Memory.source_keys).where(
+            Memory.user_id == user.id, Memory.kind == MemoryKind.CONVERSATION.value))).scalars().all()
+    remembered = {key for keys in sources for key in keys}
+    for message in [first, *later]:
+        assert {message.message_key, message.reply_key} <= remembered

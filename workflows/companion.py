@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         SetNudgeStatusInput,
         SetUserActiveInput,
         TurnReply,
+        reply_key_of,
     )
 
 WORKFLOW_ID_PREFIX = "companion-user-"
@@ -63,6 +64,9 @@ FAILED_REPLY = "I'm sorry, something went wrong on my side and I couldn't take i
 TELEGRAM_DELIVERY = "telegram-delivery"
 OWN_NUDGES = "own-nudges"  # reminders users ask for, follow-ups on events they mention, check-ins after silence
 REMEMBER = "remember-step"  # after each turn: index its messages, extract facts, events, milestones, reminders
+# One remember step at a time: turns answered while one runs are remembered together by the next. Each step starts
+# from the summary the last one left, and a burst of messages costs one embeddings call and one extraction.
+REMEMBER_ONE_AT_A_TIME = "remember-one-at-a-time"
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -90,6 +94,8 @@ class CompanionWorkflow:
         self._lock = asyncio.Lock()
         # Remember steps in flight: they run beside the next turn, and /forget or continue-as-new wait for them.
         self._remembering = 0
+        # Turns answered while a remember step ran (message keys, oldest first): the next step takes them all.
+        self._unremembered: list[str] = []
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
@@ -247,17 +253,32 @@ class CompanionWorkflow:
             reply = TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=FAILED_REPLY,
                               fallback=True)
         self._state.replies = [*self._state.replies, reply][-REPLIES_KEPT:]
-        if self._state.user_id is not None and reply.text != FAILED_REPLY and workflow.patched(REMEMBER):
-            self._remembering += 1
-            asyncio.create_task(self._remember(self._state.user_id, message))  # noqa: RUF006 (counted above)
+        if self._state.user_id is None or reply.text == FAILED_REPLY or not workflow.patched(REMEMBER):
+            return
+        if not workflow.patched(REMEMBER_ONE_AT_A_TIME):
+            self._start_remembering(self._state.user_id, [message.message_key])
+            return
+        self._unremembered.append(message.message_key)
+        if not self._remembering:
+            self._start_remembering(self._state.user_id, self._take_unremembered())
 
-    async def _remember(self, user_id: int, message: IncomingMessage) -> None:
-        """The remember step of a turn, after its reply: memories from it, and the reminders and summary it found."""
+    def _take_unremembered(self) -> list[str]:
+        turns, self._unremembered = self._unremembered, []
+        return turns
+
+    def _start_remembering(self, user_id: int, turns: list[str]) -> None:
+        self._remembering += 1
+        asyncio.create_task(self._remember(user_id, turns))  # noqa: RUF006 (counted above)
+
+    async def _remember(self, user_id: int, turns: list[str]) -> None:
+        """The remember step of turns after their replies: memories from them, and the reminders and summary it
+        found. Turns answered meanwhile are remembered by the next step, started as this one ends."""
+        latest = turns[-1]
         try:
             remembered = await workflow.execute_activity_method(
                 CompanionActivities.remember,
-                RememberInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
-                              now=workflow.now(), summary=self._state.summary),
+                RememberInput(user_id=user_id, message_key=latest, reply_key=reply_key_of(latest),
+                              earlier=turns[:-1], now=workflow.now(), summary=self._state.summary),
                 start_to_close_timeout=REMEMBER_TIMEOUT, retry_policy=REMEMBER_RETRY, summary="remember")
             if remembered.summary:
                 self._state.summary = remembered.summary
@@ -265,10 +286,11 @@ class CompanionWorkflow:
                 if self._state.user_id == user_id:  # not forgotten meanwhile
                     await self._schedule_own(user_id, nudge)
         except ActivityError as err:
-            workflow.logger.error("remember step failed", extra={"message_key": message.message_key,
-                                                                  "error": str(err.cause)})
+            workflow.logger.error("remember step failed", extra={"message_key": latest, "error": str(err.cause)})
         finally:
             self._remembering -= 1
+            if self._unremembered and self._state.user_id == user_id:  # not forgotten meanwhile
+                self._start_remembering(user_id, self._take_unremembered())
 
     async def _turn(self, message: IncomingMessage) -> TurnReply:
         self._state.channel, self._state.chat_id = message.channel, message.chat_id
