@@ -191,9 +191,8 @@ class TurnActivities:
             return Remembered(memories=indexed)
         remembered = await self._rememberer.apply(user, data.message_key, found, data.now)
         _log.info("memory.remembered", user_id=data.user_id, message_key=data.message_key, turns=len(data.turns),
-                  memories=indexed,
-                  facts=remembered.facts, events=remembered.events, milestones=remembered.milestones,
-                  reminders=len(remembered.reminders))
+                  memories=indexed, facts=remembered.facts, events=remembered.events,
+                  milestones=remembered.milestones, reminders=len(remembered.reminders))
         # A reminder the plain parser already set for one of these messages (compose_reply) is not set twice.
         parsed = any(parse_reminder(message.content, data.now, user.timezone_info) for message in messages)
         reminders = [] if parsed else remembered.reminders

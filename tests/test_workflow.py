@@ -11,6 +11,7 @@ import pytest
 from temporalio import activity
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from activities.nudges import CompanionActivities
@@ -19,7 +20,7 @@ from schemas.memory import Role
 from schemas.turn import ComposedReply, ComposeReplyInput, RecordedMessage, RecordMessageInput
 from tests.conftest import Stack, new_telegram_id
 from tests.fake_openai import Fail, Reply
-from workflows.companion import FALLBACK_REPLY, USER_ID_ATTRIBUTE
+from workflows.companion import FAILED_REPLY, FALLBACK_REPLY, USER_ID_ATTRIBUTE
 
 T = TypeVar("T")
 
@@ -122,6 +123,27 @@ async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_mes
     assert reply.text == "I hear you: I got the job!" and not reply.fallback
     assert len(stack.llm.requests) == 3
     assert await transcript(stack, simon) == [("user", "I got the job!"), ("assistant", reply.text)]
+
+
+class RefusingOneMessage(CompanionActivities):
+    """record_message refuses a message for good (a non-retryable storage error), as PostgreSQL refuses bad data."""
+
+    @activity.defn(name="record_message")
+    async def record_message(self, data: RecordMessageInput) -> RecordedMessage:
+        if "refuse me" in data.text:
+            raise ApplicationError("the database refused the message", type="DatabaseError", non_retryable=True)
+        return await super().record_message(data)
+
+
+@pytest.mark.parametrize("turn_activities_class", [RefusingOneMessage])
+async def test_a_storage_step_that_fails_for_good_ends_its_turn_not_the_conversation(stack: Stack) -> None:
+    # The storage steps are local activities, whose failures reach the workflow unwrapped.
+    simon = new_telegram_id()
+    refused = await stack.say(simon, "please refuse me")
+    assert refused.text == FAILED_REPLY and refused.fallback
+    reply = await stack.say(simon, "and now?")
+    assert reply.text == "I hear you: and now?"
+    assert await transcript(stack, simon) == [("user", "and now?"), ("assistant", reply.text)]
 
 
 class LosingCompletion(CompanionActivities):

@@ -313,8 +313,8 @@ class CompanionWorkflow:
             await workflow.execute_activity_method(
                 CompanionActivities.deliver, DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key),
                 start_to_close_timeout=TELEGRAM_TIMEOUT, retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
-        except FAILED_STEP as err:
-            cause = _cause(err)
+        except ActivityError as err:
+            cause = err.cause
             if isinstance(cause, ApplicationError) and cause.type == "TelegramBlockedError":
                 await self._set_active(user_id, False)
                 return
