@@ -6,12 +6,10 @@ OpenAI-compatible stub answering at once in its own process, and `companion work
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,10 +25,8 @@ from storage import migrate
 from storage.database import create_engine
 from storage.embedded import EmbeddedPostgres
 from tests.fake_openai import serve_in_subprocess
+from tests.processes import start_worker
 from workflows.companion import USER_ID_ATTRIBUTE
-
-WORKER_START_TIMEOUT_S = 120
-
 
 @dataclass
 class BenchStack:
@@ -40,18 +36,6 @@ class BenchStack:
     settings: Settings
     database_url: str
     worker: subprocess.Popen[bytes]
-
-
-def _start_worker(folder: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    log = folder / "worker.log"
-    process = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env={**os.environ, **env},
-                               stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while '"worker.started"' not in log.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-    return process
 
 
 @asynccontextmanager
@@ -71,7 +55,7 @@ async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = No
                 data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
                 dev_server_extra_args=dev_server_config_args()) as env:
             address = env.client.service_client.config.target_host
-            worker = _start_worker(folder, {
+            worker = start_worker(folder / "worker.log", {
                 "DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": task_queue,
                 "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench", "NUDGE_QUIET_HOURS": "off",
                 "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(worker_env or {})})

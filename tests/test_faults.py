@@ -5,10 +5,7 @@ answered or stored twice."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -25,24 +22,12 @@ from storage.repository import MemoryRepository
 from tests.conftest import TemporalServers, fresh_telegram_id
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.local_http import free_port
+from tests.processes import start_worker
 from tests.test_workflow import eventually
 from workflows.client import signal_message
 from workflows.companion import CompanionWorkflow, workflow_id
 
-WORKER_START_S = 90
 SECRET_KEY = "sk-proj-faults-0123456789abcdefSECRET"  # a key shaped like OpenAI's, to look for where it must not be
-
-
-def start_worker(log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`companion worker` as a process of its own, once it polls its task queue."""
-    started_before = log.read_text(errors="replace").count('"worker.started"') if log.exists() else 0
-    process = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env={**os.environ, **env},
-                               stdout=subprocess.DEVNULL, stderr=log.open("ab"))
-    deadline = time.monotonic() + WORKER_START_S
-    while log.read_text(errors="replace").count('"worker.started"') == started_before:
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.1)
-    return process
 
 
 def worker_env(database_url: str, address: str, task_queue: str, llm: FakeOpenAI) -> dict[str, str]:

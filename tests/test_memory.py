@@ -73,6 +73,12 @@ async def pinecone_memory(engine: AsyncEngine, pinecone: FakePinecone) -> AsyncI
     await store.close()
 
 
+def _own_queue(stack: Stack, memory: MemoryIndex, name: str) -> Stack:
+    """The stack on a task queue of its own, for a worker of the test's own making (extracting, say)."""
+    settings = stack.settings.model_copy(update={"temporal_task_queue": f"{name}-{uuid.uuid4()}"})
+    return Stack(stack.client, settings, stack.repo, stack.llm, stack.env, memory, stack.started)
+
+
 def chat_model(llm: FakeOpenAI) -> ChatModel:
     return ChatModel(AsyncOpenAI(base_url=llm.url, api_key="test-key", max_retries=0), "stub-model")
 
@@ -125,9 +131,7 @@ async def test_the_prompt_recalls_what_the_user_said_long_before_the_recent_turn
 @ONE_STACK
 async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_reminders(
         stack: Stack, engine: AsyncEngine, memory: MemoryIndex) -> None:
-    queue = f"remember-{uuid.uuid4()}"
-    extracting = Stack(stack.client, stack.settings.model_copy(update={"temporal_task_queue": queue}), stack.repo,
-                       stack.llm, stack.env, memory, stack.started)
+    extracting = _own_queue(stack, memory, "remember")
     mia = new_telegram_id()
     soon = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0, tzinfo=None)
     stack.llm.script_json(
@@ -142,7 +146,7 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
          "events": [], "milestones": [], "reminders": [],
          "summary": "Mia left Acme for Globex; still climbs on weekends."})
     activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
-    async with build_worker(stack.client, queue, activities):
+    async with build_worker(stack.client, extracting.settings.temporal_task_queue, activities):
         first = await extracting.say(mia, "Big news: I started at Acme as a designer! Also, I climb on weekends.")
         user = await stack.repo.get_user_by_telegram_id(mia)
         await eventually(lambda: extracting.state(mia), lambda state: bool(state.summary))
@@ -270,12 +274,10 @@ async def test_with_the_vector_store_down_the_turn_completes_and_keywords_still_
     pinecone.down = True
     store = PineconeStore.connect(pinecone.api_key, pinecone.url)  # type: ignore[attr-defined]
     index = MemoryIndex(create_session_factory(engine), local_embedder(), store)
-    queue = f"down-{uuid.uuid4()}"
-    down = Stack(stack.client, stack.settings.model_copy(update={"temporal_task_queue": queue}), stack.repo,
-                 stack.llm, stack.env, index, stack.started)
+    down = _own_queue(stack, index, "down")
     mia = new_telegram_id()
-    async with build_worker(stack.client, queue, CompanionActivities(stack.repo, chat_model(stack.llm),
-                                                                     memory=index)):
+    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=index)
+    async with build_worker(stack.client, down.settings.temporal_task_queue, activities):
         reply = await down.say(mia, "My grandmother's recipe uses saffron and quince.")
         assert not reply.fallback and reply.text.startswith("I hear you")
         user = await stack.repo.get_user_by_telegram_id(mia)
@@ -494,9 +496,7 @@ async def test_property_a_users_prompt_holds_nothing_of_another_user(
 @ONE_STACK
 async def test_turns_answered_while_a_remember_step_runs_are_remembered_together_by_the_next(
         stack: Stack, engine: AsyncEngine, memory: MemoryIndex) -> None:
-    queue = f"remember-{uuid.uuid4()}"
-    extracting = Stack(stack.client, stack.settings.model_copy(update={"temporal_task_queue": queue}), stack.repo,
-                       stack.llm, stack.env, memory, stack.started)
+    extracting = _own_queue(stack, memory, "remember")
     mia = new_telegram_id()
     # The first turn's extraction is slow; the user writes three more messages meanwhile.
     stack.llm.script_json(Reply(json.dumps({"facts": [], "events": [], "milestones": [], "reminders": [],
@@ -504,7 +504,7 @@ async def test_turns_answered_while_a_remember_step_runs_are_remembered_together
                           {"facts": [], "events": [], "milestones": [], "reminders": [],
                            "summary": "Mia is planning a trip to Lisbon with her sister in May."})
     activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
-    async with build_worker(stack.client, queue, activities):
+    async with build_worker(stack.client, extracting.settings.temporal_task_queue, activities):
         first = extracting.message(mia, "I'm planning a trip to Lisbon.")
         await extracting.signal(first)
         later = [extracting.message(mia, text) for text in ["With my sister.", "In May.", "Any tips?"]]
