@@ -63,7 +63,7 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
         fake_llm.script(Reply("an answer the killed worker never gets", delay_s=20))
         asked = _chat_requests(fake_llm)
         await signal_message(client, settings, message(ada, 1, "are you there?"))
-        await eventually(lambda: _value(_chat_requests(fake_llm)), lambda n: n > asked)  # the LLM is thinking
+        await eventually(lambda: _chat_requests(fake_llm), lambda n: n > asked)  # the LLM is thinking
         first.send_signal(signal.SIGKILL)  # the worker dies mid-call, its reply not yet stored
         first.wait(10)
         second = start_worker(log, env)
@@ -150,7 +150,3 @@ async def _terminate(client: Client, telegram_id: int) -> None:
 
 def _chat_requests(llm: FakeOpenAI) -> int:
     return sum("messages" in body for body in llm.requests)  # embeddings requests are recorded too
-
-
-async def _value(value: object) -> object:
-    return value

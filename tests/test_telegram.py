@@ -148,13 +148,9 @@ async def settle(tg: TelegramStack, user_id: int) -> list[Sent]:
     """Everything the chat got up to now: a marker message is answered after anything signalled before it."""
     before = len(tg.api.messages(user_id))
     await say(tg, user_id, "marker")
-    await eventually(lambda: _async(tg.api.messages(user_id)), lambda sent: any(
+    await eventually(lambda: tg.api.messages(user_id), lambda sent: any(
         m.text.endswith("marker") for m in sent[before:]))
     return [m for m in tg.api.messages(user_id) if not m.text.endswith("marker")]
-
-
-async def _async(value: object) -> object:
-    return value
 
 
 # --- a turn, and what the user sees ----------------------------------------------------------------------------
@@ -227,7 +223,7 @@ async def test_a_user_who_blocked_the_bot_is_marked_inactive_and_gets_no_nudges(
 
     tg.api.blocked.clear()  # they unblock the bot and write again
     await say(tg, ada, "I'm back")
-    await eventually(lambda: _async(tg.api.messages(ada)), lambda sent: sent[-1].text == "I hear you: I'm back")
+    await eventually(lambda: tg.api.messages(ada), lambda sent: sent[-1].text == "I hear you: I'm back")
     assert (await tg.repo.get_user_by_telegram_id(ada)).is_active
     assert not (await tg.state(ada)).blocked
 
@@ -384,7 +380,7 @@ async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> 
     assert await tg.repo.get_user_by_telegram_id(ada) == user  # nothing erased before the answer
 
     tg.api.push(callback_update(ada, "forget:yes", bot_message(ada, question.message_id, question.text)))
-    await eventually(lambda: _async(question.text), lambda text: text == bot_gateway.FORGET_DONE)
+    await eventually(lambda: question.text, lambda text: text == bot_gateway.FORGET_DONE)
     with pytest.raises(UserNotFoundError):
         await tg.repo.get_user_by_telegram_id(ada)
     assert await tg.repo.list_scheduled_messages(user_id=user.id) == []
@@ -392,7 +388,7 @@ async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> 
     assert state.nudges == [] and state.transcript == [] and nudge.nudge_id in state.done_nudges
 
     await say(tg, ada, "hello again")
-    await eventually(lambda: _async(tg.api.messages(ada)), lambda sent: sent[-1].text == "I hear you: hello again")
+    await eventually(lambda: tg.api.messages(ada), lambda sent: sent[-1].text == "I hear you: hello again")
     prompt = tg.llm.requests[-1]["messages"]
     assert not any("climbing" in str(m["content"]) for m in prompt)
     assert await transcript(tg, ada) == [("user", "hello again"), ("assistant", "I hear you: hello again")]
@@ -405,7 +401,7 @@ async def test_forget_can_be_declined(tg: TelegramStack) -> None:
     await say(tg, ada, "/forget")
     _, question = await tg.api.wait_for(ada, count=2)
     tg.api.push(callback_update(ada, "forget:no", bot_message(ada, question.message_id, question.text)))
-    await eventually(lambda: _async(question.text), lambda text: text == bot_gateway.FORGET_KEPT)
+    await eventually(lambda: question.text, lambda text: text == bot_gateway.FORGET_KEPT)
     assert ("user", "I love climbing") in await transcript(tg, ada)
 
 

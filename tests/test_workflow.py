@@ -4,6 +4,7 @@ client against a scripted OpenAI-compatible server."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -25,12 +26,15 @@ from workflows.companion import FAILED_REPLY, FALLBACK_REPLY, USER_ID_ATTRIBUTE
 T = TypeVar("T")
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], timeout_s: float = 20) -> T:
-    """Poll ``probe`` until ``check`` holds on its result (asserting at the deadline); a failed query is a "not yet"."""
+async def eventually(probe: Callable[[], Awaitable[T] | T], check: Callable[[T], bool], timeout_s: float = 20) -> T:
+    """Poll ``probe`` (a query, or a plain read) until ``check`` holds on its result, asserting at the deadline; a
+    failed query is a "not yet"."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:
-            value = await probe()
+            value = probe()
+            if inspect.isawaitable(value):
+                value = await value
         except RPCError:
             if asyncio.get_running_loop().time() > deadline:
                 raise
