@@ -223,12 +223,16 @@ class TurnActivities:
 
 @asynccontextmanager
 async def _heartbeating() -> AsyncIterator[None]:
-    """Heartbeat every HEARTBEAT_EVERY_S while the block runs (the worker is alive and the step in hand)."""
+    """Heartbeat every HEARTBEAT_EVERY_S while the block runs (the worker is alive and the step in hand).
+
+    The first beat comes after HEARTBEAT_EVERY_S, not at once: the heartbeat timeout counts from the start anyway,
+    and a reply that comes quickly then costs the server no heartbeat at all.
+    """
 
     async def beat() -> None:
         while True:
-            activity.heartbeat()
             await asyncio.sleep(HEARTBEAT_EVERY_S)
+            activity.heartbeat()
 
     async with alongside(beat()):
         yield
