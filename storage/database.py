@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
@@ -105,9 +106,15 @@ async def run_transaction(
     sessions: async_sessionmaker[AsyncSession],
     operation: str,
     work: Callable[[AsyncSession], Awaitable[T]],
+    read_only: bool = False,
     **context: Any,
 ) -> T:
-    """Run ``work`` in one transaction, retrying the whole of it on transient failures, translating the rest."""
+    """Run ``work`` in one transaction, retrying the whole of it on transient failures, translating the rest.
+
+    A ``read_only`` work runs its statements on one connection in autocommit, with no BEGIN and no COMMIT: two
+    round trips fewer, and the same answers, since under READ COMMITTED every statement of a transaction sees its
+    own snapshot anyway. Work that writes, or that needs one snapshot or SET LOCAL, must not be read_only.
+    """
     retrying = AsyncRetrying(
         stop=stop_after_attempt(TRANSIENT_RETRIES + 1),
         wait=RETRY_WAIT,
@@ -120,8 +127,20 @@ async def run_transaction(
     try:
         async for attempt in retrying:
             with attempt:
-                async with sessions.begin() as session:
+                async with _reading(sessions) if read_only else sessions.begin() as session:
                     result = await work(session)
         return result
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         raise translate(exc, operation, context) from exc
+
+
+def _reading(sessions: async_sessionmaker[AsyncSession]) -> AbstractAsyncContextManager[AsyncSession]:
+    """A session whose connection runs each statement in autocommit (reset when it goes back to the pool)."""
+
+    @asynccontextmanager
+    async def session() -> AsyncIterator[AsyncSession]:
+        async with sessions() as reader:
+            await reader.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            yield reader
+
+    return session()

@@ -152,6 +152,9 @@ class MemoryIndex:
     async def _tx(self, operation, work, **context):
         return await run_transaction(self._sessions, operation, work, **context)
 
+    async def _read(self, operation, work, **context):
+        return await run_transaction(self._sessions, operation, work, read_only=True, **context)
+
     # --- writing ------------------------------------------------------------------------------------------------
 
     async def add(self, user_id: int, memories: Sequence[NewMemory]) -> list[int]:
@@ -233,7 +236,7 @@ class MemoryIndex:
                 .order_by(Conversation.sent_at, Conversation.id))).scalars().all()
             return [MessageRead.model_validate(row) for row in [*reversed(before), *since]]
 
-        messages = await self._tx("memories.messages", work, user_id=user_id)
+        messages = await self._read("memories.messages", work, user_id=user_id)
         return await self.add(user_id, conversation_memories(messages, set(new_keys), user_name))
 
     async def forget(self, user_id: int, keys: Sequence[str]) -> None:
@@ -275,7 +278,7 @@ class MemoryIndex:
 
         # The two rankings come from different places (the vector store, PostgreSQL): ask both at once.
         found_dense, keyword = await asyncio.gather(
-            semantic(), self._tx("memories.keyword_search", keyword_work, user_id=user_id))
+            semantic(), self._read("memories.keyword_search", keyword_work, user_id=user_id))
         degraded = found_dense is None
         dense = found_dense or []
         scores: dict[int, float] = {}
@@ -307,7 +310,7 @@ class MemoryIndex:
                                          .where(Memory.user_id == user_id, Memory.id.in_(ids)))
             return {row.id: row for row in rows}
 
-        return await self._tx("memories.rows", work, user_id=user_id)
+        return await self._read("memories.rows", work, user_id=user_id)
 
     # --- maintenance --------------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The memory manager: every read and write of a user's memory, speaking pydantic schemas.
 
-Each method is one transaction, retried whole on transient failures (storage.database.run_transaction). Writes that
-a retried activity may repeat are idempotent by key: a message key, an idempotency key, a nudge id.
+Each write is one transaction, retried whole on transient failures (storage.database.run_transaction); reads run in
+autocommit on one connection, with no BEGIN or COMMIT round trips. Writes that a retried activity may repeat are
+idempotent by key: a message key, an idempotency key, a nudge id.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class MemoryRepository:
     async def _tx(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], **context: Any) -> T:
         return await run_transaction(self._sessions, operation, work, **context)
 
+    async def _read(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], **context: Any) -> T:
+        return await run_transaction(self._sessions, operation, work, read_only=True, **context)
+
     # --- users --------------------------------------------------------------------------------------------------
 
     async def get_or_create_user(self, data: UserCreate) -> UserRead:
@@ -104,7 +108,7 @@ class MemoryRepository:
         async def work(session: AsyncSession) -> UserRead:
             return UserRead.model_validate(await self._user_row(session, user_id))
 
-        return await self._tx("get_user", work, user_id=user_id)
+        return await self._read("get_user", work, user_id=user_id)
 
     async def get_user_by_telegram_id(self, telegram_id: int) -> UserRead:
         """The user with this Telegram id, or UserNotFoundError."""
@@ -115,7 +119,7 @@ class MemoryRepository:
                 raise UserNotFoundError(f"no user with Telegram id {telegram_id}", context={"telegram_id": telegram_id})
             return UserRead.model_validate(row)
 
-        return await self._tx("get_user_by_telegram_id", work, telegram_id=telegram_id)
+        return await self._read("get_user_by_telegram_id", work, telegram_id=telegram_id)
 
     async def update_user(self, user_id: int, data: UserUpdate) -> UserRead:
         """Apply the fields set in ``data`` to the user."""
@@ -203,7 +207,7 @@ class MemoryRepository:
         async def work(session: AsyncSession) -> list[ProfileFactRead]:
             return await _facts(session, user_id, category, include_history)
 
-        return await self._tx("list_profile_facts", work, user_id=user_id)
+        return await self._read("list_profile_facts", work, user_id=user_id)
 
     async def delete_profile_fact(self, user_id: int, fact_id: int) -> None:
         """Forget one fact (every version of it stays unless deleted one by one)."""
@@ -245,7 +249,7 @@ class MemoryRepository:
                 Conversation.user_id == user_id, Conversation.message_key == message_key))).scalar_one_or_none()
             return None if row is None else MessageRead.model_validate(row)
 
-        return await self._tx("get_message", work, user_id=user_id, message_key=message_key)
+        return await self._read("get_message", work, user_id=user_id, message_key=message_key)
 
     async def get_messages(self, user_id: int, message_keys: list[str]) -> list[MessageRead]:
         """The messages stored under these keys, in the order of the keys (a key with none is passed over)."""
@@ -256,7 +260,7 @@ class MemoryRepository:
             found = {row.message_key: MessageRead.model_validate(row) for row in rows}
             return [found[key] for key in message_keys if key in found]
 
-        return await self._tx("get_messages", work, user_id=user_id, count=len(message_keys))
+        return await self._read("get_messages", work, user_id=user_id, count=len(message_keys))
 
     async def update_message_meta(self, user_id: int, message_key: str, meta: dict[str, Any]) -> None:
         """Merge ``meta`` into a stored message's meta (delivery progress, for one)."""
@@ -274,7 +278,7 @@ class MemoryRepository:
         async def work(session: AsyncSession) -> list[MessageRead]:
             return await _recent_messages(session, user_id, limit)
 
-        return await self._tx("recent_messages", work, user_id=user_id)
+        return await self._read("recent_messages", work, user_id=user_id)
 
     # --- timeline events ----------------------------------------------------------------------------------------
 
@@ -299,7 +303,7 @@ class MemoryRepository:
         async def work(session: AsyncSession) -> list[TimelineEventRead]:
             return await _events_between(session, user_id, start, end, limit)
 
-        return await self._tx("events_between", work, user_id=user_id)
+        return await self._read("events_between", work, user_id=user_id)
 
     # --- diary --------------------------------------------------------------------------------------------------
 
@@ -313,7 +317,7 @@ class MemoryRepository:
         async def work(session: AsyncSession) -> list[DiaryEntryRead]:
             return await _recent_diary(session, user_id, limit)
 
-        return await self._tx("recent_diary_entries", work, user_id=user_id)
+        return await self._read("recent_diary_entries", work, user_id=user_id)
 
     async def _insert_once(self, model: type, read: type[T], operation: str, user_id: int, data: Any) -> T:
         values = {"user_id": user_id, **data.model_dump()}
@@ -376,7 +380,7 @@ class MemoryRepository:
         async def work(session: AsyncSession) -> ScheduledMessageRead:
             return ScheduledMessageRead.model_validate(await self._nudge_row(session, nudge_id))
 
-        return await self._tx("get_scheduled_message", work, nudge_id=nudge_id)
+        return await self._read("get_scheduled_message", work, nudge_id=nudge_id)
 
     async def update_scheduled_message(self, nudge_id: str, data: ScheduledMessageUpdate) -> ScheduledMessageRead:
         """Change a nudge's status, time or text; a status leaves pending once (repeating it is a no-op)."""
@@ -408,7 +412,7 @@ class MemoryRepository:
         async def work(session: AsyncSession) -> list[ScheduledMessageRead]:
             return await _nudges(session, user_id, status, limit)
 
-        return await self._tx("list_scheduled_messages", work, user_id=user_id)
+        return await self._read("list_scheduled_messages", work, user_id=user_id)
 
     async def delete_scheduled_message(self, nudge_id: str) -> None:
         """Remove a nudge's record entirely (cancelling keeps it; this is for erasing a user's data)."""
@@ -430,7 +434,7 @@ class MemoryRepository:
 
     async def get_user_context(self, user_id: int, message_limit: int = CONTEXT_MESSAGES,
                                now: datetime | None = None) -> UserContextSchema:
-        """Everything the prompt needs about a user, read in one transaction on one connection.
+        """Everything the prompt needs about a user, read on one connection.
 
         Six small reads in a row cost less than six transactions side by side: under load the connections, BEGINs
         and COMMITs of the latter were the worker's largest CPU cost.
@@ -447,7 +451,7 @@ class MemoryRepository:
                 pending_nudges=await _nudges(session, user_id, NudgeStatus.PENDING, CONTEXT_NUDGES),
                 recent_messages=await _recent_messages(session, user_id, message_limit))
 
-        return await self._tx("get_user_context", work, user_id=user_id)
+        return await self._read("get_user_context", work, user_id=user_id)
 
 
 # --- reads shared by the methods above and the turn's context ---------------------------------------------------

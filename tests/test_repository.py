@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.errors import (
@@ -35,8 +35,8 @@ from schemas.memory import (
     UserRead,
     UserUpdate,
 )
-from storage.database import create_session_factory, run_transaction
-from storage.models import Conversation, TimelineEvent
+from storage.database import create_engine, create_session_factory, run_transaction
+from storage.models import Conversation, TimelineEvent, User
 from storage.repository import MemoryRepository
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -285,6 +285,42 @@ async def test_constraint_violations_raise_typed_errors(repo: MemoryRepository, 
     assert await count(engine, Conversation) == 1  # nothing already accepted was lost
 
 
-async def _add(session, row) -> None:
+async def _add(session, row):
     session.add(row)
     await session.flush()
+    return row
+
+
+# --- reads and writes on a shared pool --------------------------------------------------------------------------
+
+
+async def _clock_twice(session) -> tuple[datetime, datetime]:
+    """The transaction's clock (now()) before and after a short sleep."""
+    first = (await session.execute(text("SELECT now()"))).scalar_one()
+    await session.execute(text("SELECT pg_sleep(0.02)"))
+    return first, (await session.execute(text("SELECT now()"))).scalar_one()
+
+
+async def test_a_read_sends_no_begin_or_commit_and_a_write_stays_one_transaction(database_url: str) -> None:
+    # One pooled connection, so the write runs on the very connection the read put in autocommit.
+    engine = create_engine(database_url, pool_size=1, max_overflow=0)
+    sessions = create_session_factory(engine)
+    try:
+        first, then = await run_transaction(sessions, "read", _clock_twice, read_only=True)
+        assert then > first  # each statement of a read is its own transaction: no BEGIN before, no COMMIT after
+
+        first, then = await run_transaction(sessions, "write", _clock_twice)
+        assert then == first  # a write is one transaction again on the same connection
+        user = await run_transaction(sessions, "user", lambda s: _add(s, User(telegram_id=4242)))
+
+        async def half_a_write(session) -> None:
+            await _add(session, Conversation(user_id=user.id, message_key="k", role="user", content="x",
+                                             channel="console", sent_at=NOW))
+            raise RuntimeError("the write fails after its first statement")
+
+        await run_transaction(sessions, "read", lambda s: s.execute(text("SELECT 1")), read_only=True)
+        with pytest.raises(RuntimeError, match="after its first statement"):
+            await run_transaction(sessions, "half a write", half_a_write)
+        assert await count(engine, Conversation) == 0  # rolled back whole, not committed statement by statement
+    finally:
+        await engine.dispose()
