@@ -1,6 +1,6 @@
 """Faults with real processes: the worker (`companion worker`) killed with SIGKILL in the middle of a turn, and the
-Temporal dev server killed and restarted in the middle of a conversation. Nothing accepted is lost, nothing is
-answered or stored twice."""
+Temporal dev server killed and restarted in the middle of a conversation, with the messages written meanwhile sent
+directly and through the Telegram gateway. Nothing accepted is lost, nothing is answered or stored twice."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+import bot_gateway
 from cli.dev import TemporalDevServer
 from core.settings import Settings, load_settings
 from schemas.memory import Channel
@@ -21,6 +22,7 @@ from schemas.turn import ChatUser, CompanionState, IncomingMessage
 from storage.repository import MemoryRepository
 from tests.conftest import TemporalServers, fresh_telegram_id
 from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
 from tests.local_http import free_port
 from tests.processes import start_worker
 from tests.test_workflow import eventually
@@ -127,6 +129,56 @@ async def test_the_temporal_server_killed_and_restarted_mid_conversation_loses_n
             worker.terminate()
             worker.wait(30)
         server.stop()
+
+
+async def test_through_a_temporal_restart_the_gateway_takes_every_message_in_order(
+        tmp_path: Path, database_url: str, repo: MemoryRepository, fake_llm: FakeOpenAI) -> None:
+    """The Telegram path end to end: messages a user writes while the server is down wait in the gateway, which
+    retries each in turn, and are answered once, in order, when it is back; the user is never told to resend."""
+    api = FakeBotAPI()
+    api.start()
+    settings = load_settings(temporal_address=f"localhost:{free_port()}", companion_data_dir=tmp_path,
+                             temporal_task_queue=f"test-{uuid.uuid4()}", telegram_bot_token=TOKEN,
+                             telegram_api_base_url=api.url, checkin_after_days=0)
+    server = TemporalDevServer(settings)
+    server.start()
+    worker, stop, gateway = None, asyncio.Event(), None
+    try:
+        client = await server.wait_ready(settings)
+        worker = start_worker(tmp_path / "worker.log", {
+            **worker_env(database_url, settings.temporal_address, settings.temporal_task_queue, fake_llm),
+            "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": api.url})
+        started = asyncio.Event()
+        gateway = asyncio.create_task(bot_gateway.run_gateway(settings, stop, client, started))
+        await asyncio.wait_for(started.wait(), 30)
+        ada = fresh_telegram_id()
+        api.push(message_update(ada, "first"))
+        await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 1, timeout_s=30)
+
+        server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
+        server._process.wait()  # type: ignore[union-attr]
+        api.push(message_update(ada, "second"))
+        api.push(message_update(ada, "third"))
+        await asyncio.sleep(2)  # the gateway has both and is retrying the first of them
+        server.start()
+
+        sent = await eventually(lambda: api.messages(ada), lambda sent: len(sent) >= 3, timeout_s=60)
+        await asyncio.sleep(1)  # anything sent twice would arrive by now
+        assert [m.text for m in api.messages(ada)] == ["I hear you: first", "I hear you: second",
+                                                       "I hear you: third"], sent
+        stored = await rows(repo, ada)  # (Telegram dates have whole seconds: compare rows, not their order)
+        assert len({key for key, _ in stored}) == len(stored) == 6
+        assert sorted(text for _, text in stored) == sorted(["first", "I hear you: first", "second",
+                                                             "I hear you: second", "third", "I hear you: third"])
+    finally:
+        stop.set()
+        if gateway is not None:
+            await gateway
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        server.stop()
+        api.stop()
 
 
 async def _send_until_taken(client: Client, settings: Settings, incoming: IncomingMessage,
