@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
@@ -134,13 +134,9 @@ async def run_transaction(
         raise translate(exc, operation, context) from exc
 
 
-def _reading(sessions: async_sessionmaker[AsyncSession]) -> AbstractAsyncContextManager[AsyncSession]:
+@asynccontextmanager
+async def _reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """A session whose connection runs each statement in autocommit (reset when it goes back to the pool)."""
-
-    @asynccontextmanager
-    async def session() -> AsyncIterator[AsyncSession]:
-        async with sessions() as reader:
-            await reader.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            yield reader
-
-    return session()
+    async with sessions() as reader:
+        await reader.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield reader
