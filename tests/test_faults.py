@@ -5,16 +5,17 @@ directly and through the Telegram gateway. Nothing accepted is lost, nothing is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-import bot_gateway
 from cli.dev import TemporalDevServer
 from core.settings import Settings, load_settings
 from schemas.memory import Channel
@@ -25,6 +26,7 @@ from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
 from tests.local_http import free_port
 from tests.processes import start_worker
+from tests.test_telegram import running_gateway
 from tests.test_workflow import eventually
 from workflows.client import signal_message
 from workflows.companion import CompanionWorkflow, workflow_id
@@ -93,15 +95,7 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
 
 async def test_the_temporal_server_killed_and_restarted_mid_conversation_loses_no_message(
         tmp_path: Path, database_url: str, repo: MemoryRepository, fake_llm: FakeOpenAI) -> None:
-    settings = load_settings(temporal_address=f"localhost:{free_port()}", companion_data_dir=tmp_path,
-                             temporal_task_queue=f"test-{uuid.uuid4()}")
-    server = TemporalDevServer(settings)
-    server.start()
-    worker = None
-    try:
-        client = await server.wait_ready(settings)
-        env = worker_env(database_url, settings.temporal_address, settings.temporal_task_queue, fake_llm)
-        worker = start_worker(tmp_path / "worker.log", env)
+    async with restartable_stack(tmp_path, database_url, fake_llm) as (server, client, settings):
         ada = fresh_telegram_id()
         await signal_message(client, settings, message(ada, 1, "first"))
         await eventually(lambda: state(client, ada), lambda s: len(s.replies) == 1, timeout_s=30)
@@ -124,11 +118,6 @@ async def test_the_temporal_server_killed_and_restarted_mid_conversation_loses_n
                                                           "I hear you: third"]
         stored = await rows(repo, ada)
         assert len(stored) == len({key for key, _ in stored}) == 6
-    finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(30)
-        server.stop()
 
 
 async def test_through_a_temporal_restart_the_gateway_takes_every_message_in_order(
@@ -137,48 +126,55 @@ async def test_through_a_temporal_restart_the_gateway_takes_every_message_in_ord
     retries each in turn, and are answered once, in order, when it is back; the user is never told to resend."""
     api = FakeBotAPI()
     api.start()
+    try:
+        async with (restartable_stack(tmp_path, database_url, fake_llm, telegram_api=api.url) as (server, client,
+                                                                                                settings),
+                    running_gateway(settings, client)):
+            ada = fresh_telegram_id()
+            api.push(message_update(ada, "first"))
+            await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 1, timeout_s=30)
+
+            server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
+            server._process.wait()  # type: ignore[union-attr]
+            api.push(message_update(ada, "second"))
+            api.push(message_update(ada, "third"))
+            await asyncio.sleep(2)  # the gateway has both and is retrying the first of them
+            server.start()
+
+            sent = await eventually(lambda: api.messages(ada), lambda sent: len(sent) >= 3, timeout_s=60)
+            await asyncio.sleep(1)  # anything sent twice would arrive by now
+            assert [m.text for m in api.messages(ada)] == ["I hear you: first", "I hear you: second",
+                                                           "I hear you: third"], sent
+            stored = await rows(repo, ada)  # (Telegram dates have whole seconds: compare rows, not their order)
+            assert len({key for key, _ in stored}) == len(stored) == 6
+            assert sorted(text for _, text in stored) == sorted(["first", "I hear you: first", "second",
+                                                                 "I hear you: second", "third", "I hear you: third"])
+    finally:
+        api.stop()
+
+
+@contextlib.asynccontextmanager
+async def restartable_stack(tmp_path: Path, database_url: str, llm: FakeOpenAI, telegram_api: str | None = None
+                            ) -> AsyncIterator[tuple[TemporalDevServer, Client, Settings]]:
+    """A dev server of this test's own (a SQLite file, so it can be killed and started again) and a worker process
+    on it; with ``telegram_api``, the worker delivers there and the settings are the gateway's too."""
+    telegram = {"telegram_bot_token": TOKEN, "telegram_api_base_url": telegram_api} if telegram_api else {}
     settings = load_settings(temporal_address=f"localhost:{free_port()}", companion_data_dir=tmp_path,
-                             temporal_task_queue=f"test-{uuid.uuid4()}", telegram_bot_token=TOKEN,
-                             telegram_api_base_url=api.url, checkin_after_days=0)
+                             temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0, **telegram)
     server = TemporalDevServer(settings)
     server.start()
-    worker, stop, gateway = None, asyncio.Event(), None
+    worker = None
     try:
         client = await server.wait_ready(settings)
         worker = start_worker(tmp_path / "worker.log", {
-            **worker_env(database_url, settings.temporal_address, settings.temporal_task_queue, fake_llm),
-            "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": api.url})
-        started = asyncio.Event()
-        gateway = asyncio.create_task(bot_gateway.run_gateway(settings, stop, client, started))
-        await asyncio.wait_for(started.wait(), 30)
-        ada = fresh_telegram_id()
-        api.push(message_update(ada, "first"))
-        await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 1, timeout_s=30)
-
-        server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
-        server._process.wait()  # type: ignore[union-attr]
-        api.push(message_update(ada, "second"))
-        api.push(message_update(ada, "third"))
-        await asyncio.sleep(2)  # the gateway has both and is retrying the first of them
-        server.start()
-
-        sent = await eventually(lambda: api.messages(ada), lambda sent: len(sent) >= 3, timeout_s=60)
-        await asyncio.sleep(1)  # anything sent twice would arrive by now
-        assert [m.text for m in api.messages(ada)] == ["I hear you: first", "I hear you: second",
-                                                       "I hear you: third"], sent
-        stored = await rows(repo, ada)  # (Telegram dates have whole seconds: compare rows, not their order)
-        assert len({key for key, _ in stored}) == len(stored) == 6
-        assert sorted(text for _, text in stored) == sorted(["first", "I hear you: first", "second",
-                                                             "I hear you: second", "third", "I hear you: third"])
+            **worker_env(database_url, settings.temporal_address, settings.temporal_task_queue, llm),
+            **({"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": telegram_api} if telegram_api else {})})
+        yield server, client, settings
     finally:
-        stop.set()
-        if gateway is not None:
-            await gateway
         if worker is not None:
             worker.terminate()
             worker.wait(30)
         server.stop()
-        api.stop()
 
 
 async def _send_until_taken(client: Client, settings: Settings, incoming: IncomingMessage,

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from openai import AsyncOpenAI
 from telegram import Bot
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 import bot_gateway
@@ -96,9 +96,8 @@ class TelegramStack:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings, servers: TemporalServers) -> AsyncIterator[None]:
+async def running_gateway(settings: Settings, client: Client) -> AsyncIterator[None]:
     stop, started = asyncio.Event(), asyncio.Event()
-    client = (await servers.get("dev-server")).client
     task = asyncio.create_task(bot_gateway.run_gateway(settings, stop, client, started))
     await asyncio.wait([task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
@@ -130,7 +129,7 @@ async def tg(bot_api_server: FakeBotAPI, temporal_servers: TemporalServers, repo
     activities = CompanionActivities(repo, chat, channel)
     stack = TelegramStack(settings, api, fake_llm, repo, temporal_servers)
     try:
-        async with build_worker(env.client, task_queue, activities), running_gateway(settings, temporal_servers):
+        async with build_worker(env.client, task_queue, activities), running_gateway(settings, env.client):
             yield stack
     finally:
         await channel.close()
