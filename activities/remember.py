@@ -26,6 +26,7 @@ from schemas.memory import (
     DiaryKind,
     FactCategory,
     MemoryKind,
+    MessageRead,
     NudgeCreator,
     NudgeKind,
     ProfileFactCreate,
@@ -175,8 +176,13 @@ class Rememberer:
         """True when this rememberer runs the LLM extraction."""
         return self._chat_model is not None
 
-    async def index_messages(self, user: UserRead, keys: list[str]) -> int:
-        return len(await self._index.remember_messages(user.id, keys, user.display_name))
+    async def index_messages(self, user: UserRead, keys: list[str]) -> tuple[int, list[MessageRead]]:
+        """Index the stored messages ``keys`` as memories: how many were written, and those messages as stored
+        (one read serves both)."""
+        window = await self._index.window(user.id, keys)
+        indexed = await self._index.remember_window(user.id, window, keys, user.display_name)
+        wanted = set(keys)
+        return len(indexed), [message for message in window if message.message_key in wanted]
 
     async def extract(self, user: UserRead, keys: list[str], now: datetime, summary: str) -> Extraction:
         """One LLM call over the recent turns, the messages ``keys`` marked new."""

@@ -177,8 +177,9 @@ class TurnActivities:
             return Remembered()
         user = await self._repository.get_user(data.user_id)
         keys = [key for turn in data.turns for key in turn]  # a key with no stored message is passed over
-        messages = await self._repository.get_messages(data.user_id, [message for message, _ in data.turns])
-        indexed = await self._rememberer.index_messages(user, keys)
+        indexed, stored = await self._rememberer.index_messages(user, keys)
+        said = {message for message, _ in data.turns}
+        messages = [message for message in stored if message.message_key in said]  # the user's, not the replies
         if not self._rememberer.extracts or not messages or activity.info().attempt > REMEMBER_EXTRACT_ATTEMPTS:
             return Remembered(memories=indexed)  # past its attempts, the paid call is not made again
         try:

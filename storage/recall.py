@@ -212,6 +212,15 @@ class MemoryIndex:
 
     async def remember_messages(self, user_id: int, new_keys: Sequence[str], user_name: str) -> list[int]:
         """Remember stored messages (by key) as stretches of conversation, with the messages before them."""
+        return await self.remember_window(user_id, await self.window(user_id, new_keys), new_keys, user_name)
+
+    async def remember_window(self, user_id: int, window: Sequence[MessageRead], new_keys: Sequence[str],
+                              user_name: str) -> list[int]:
+        """Remember the messages ``new_keys`` of a ``window`` read with :meth:`window`."""
+        return await self.add(user_id, conversation_memories(window, set(new_keys), user_name))
+
+    async def window(self, user_id: int, new_keys: Sequence[str]) -> list[MessageRead]:
+        """The stored messages from the first of ``new_keys`` on, with the WINDOW_BEFORE before it, in order."""
         if not new_keys:
             return []
 
@@ -236,8 +245,7 @@ class MemoryIndex:
                 .order_by(Conversation.sent_at, Conversation.id))).scalars().all()
             return [MessageRead.model_validate(row) for row in [*reversed(before), *since]]
 
-        messages = await self._read("memories.messages", work, user_id=user_id)
-        return await self.add(user_id, conversation_memories(messages, set(new_keys), user_name))
+        return await self._read("memories.messages", work, user_id=user_id)
 
     async def forget(self, user_id: int, keys: Sequence[str]) -> None:
         """Remove memories by key, rows and vectors."""

@@ -251,17 +251,6 @@ class MemoryRepository:
 
         return await self._read("get_message", work, user_id=user_id, message_key=message_key)
 
-    async def get_messages(self, user_id: int, message_keys: list[str]) -> list[MessageRead]:
-        """The messages stored under these keys, in the order of the keys (a key with none is passed over)."""
-
-        async def work(session: AsyncSession) -> list[MessageRead]:
-            rows = (await session.execute(select(Conversation).where(
-                Conversation.user_id == user_id, Conversation.message_key.in_(message_keys)))).scalars()
-            found = {row.message_key: MessageRead.model_validate(row) for row in rows}
-            return [found[key] for key in message_keys if key in found]
-
-        return await self._read("get_messages", work, user_id=user_id, count=len(message_keys))
-
     async def update_message_meta(self, user_id: int, message_key: str, meta: dict[str, Any]) -> None:
         """Merge ``meta`` into a stored message's meta (delivery progress, for one)."""
 

@@ -184,6 +184,29 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
     assert "Mia left Acme for Globex" in last_prompt
 
 
+@ONE_STACK
+async def test_a_reminder_set_from_the_message_is_not_set_again_by_the_extraction(
+        stack: Stack, memory: MemoryIndex) -> None:
+    extracting = _own_queue(stack, memory, "remember")
+    mia = new_telegram_id()
+    later = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0, tzinfo=None)
+    stack.llm.script_json(  # the extraction finds the reminder the message's own parser has already set
+        {"facts": [], "events": [], "milestones": [], "reminders": [{"what": "stretch", "when": later.isoformat()}],
+         "summary": "Mia asked to be reminded to stretch."},
+        {"facts": [], "events": [], "milestones": [], "reminders": [{"what": "call the bank",
+                                                                       "when": later.isoformat()}],
+         "summary": "Mia asked to be reminded to stretch, and to call the bank."})
+    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
+    async with build_worker(stack.client, extracting.settings.temporal_task_queue, activities):
+        await extracting.say(mia, "Remind me in 2 hours to stretch")
+        await eventually(lambda: extracting.state(mia), lambda state: bool(state.summary))
+        await extracting.say(mia, "And I need to call the bank at some point")  # only the extraction sees it
+        state = await eventually(lambda: extracting.state(mia), lambda state: "bank" in state.summary)
+
+    assert sorted(n.text for n in state.nudges if n.kind == NudgeKind.REMINDER) == [
+        "⏰ Reminder: call the bank", "⏰ Reminder: stretch"]
+
+
 async def test_applying_an_extraction_twice_stores_nothing_twice(
         repo: MemoryRepository, memory: MemoryIndex, engine: AsyncEngine) -> None:
     user_id = await user_with_messages(repo, ["I got engaged to Sam!", "Congratulations!"])
