@@ -1,6 +1,7 @@
 """Faults with real processes: the worker (`companion worker`) killed with SIGKILL in the middle of a turn, and the
 Temporal dev server killed and restarted in the middle of a conversation, with the messages written meanwhile sent
-directly and through the Telegram gateway. Nothing accepted is lost, nothing is answered or stored twice."""
+directly and through the Telegram gateway, or kept down until the gateway gives up. Nothing accepted is lost,
+nothing is answered or stored twice, and what the gateway could not take in the user is asked to send again."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from bot_gateway import BUSY
 from cli.dev import TemporalDevServer
 from core.settings import Settings, load_settings
 from schemas.memory import Channel
@@ -149,6 +151,36 @@ async def test_through_a_temporal_restart_the_gateway_takes_every_message_in_ord
             assert len({key for key, _ in stored}) == len(stored) == 6
             assert sorted(text for _, text in stored) == sorted(["first", "I hear you: first", "second",
                                                                  "I hear you: second", "third", "I hear you: third"])
+    finally:
+        api.stop()
+
+
+async def test_an_outage_longer_than_the_gateways_patience_asks_the_user_to_resend_and_keeps_nothing_of_it(
+        tmp_path: Path, database_url: str, repo: MemoryRepository, fake_llm: FakeOpenAI) -> None:
+    """When the server stays down past the gateway's retries (about half a minute), the user is told to send the
+    message again; nothing of it is stored or answered later, and the message sent again is answered once."""
+    api = FakeBotAPI()
+    api.start()
+    try:
+        async with (restartable_stack(tmp_path, database_url, fake_llm, telegram_api=api.url) as (server, client,
+                                                                                                settings),
+                    running_gateway(settings, client)):
+            ada = fresh_telegram_id()
+            api.push(message_update(ada, "first"))
+            await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 1, timeout_s=30)
+
+            server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
+            server._process.wait()  # type: ignore[union-attr]
+            api.push(message_update(ada, "lost in the outage"))
+            await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 2, timeout_s=90)
+            server.start()
+            api.push(message_update(ada, "sent again"))
+
+            await eventually(lambda: api.messages(ada), lambda sent: len(sent) >= 3, timeout_s=60)
+            await asyncio.sleep(1)  # a late answer to the refused message would arrive by now
+            assert [m.text for m in api.messages(ada)] == ["I hear you: first", BUSY, "I hear you: sent again"]
+            assert sorted(text for _, text in await rows(repo, ada)) == sorted(
+                ["first", "I hear you: first", "sent again", "I hear you: sent again"])
     finally:
         api.stop()
 
