@@ -87,7 +87,8 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
-def _formatter(fmt: str, colors: bool) -> logging.Formatter:
+def log_formatter(fmt: str, colors: bool = False) -> logging.Formatter:
+    """The formatter every handler of the app uses: JSON lines (``json``) or readable console lines, redacted."""
     final: list[Processor]
     if fmt == "json":
         # Frames without their local variables: locals can hold keys, tokens and whole prompts.
@@ -110,12 +111,12 @@ def configure_logging(level: str = "INFO", fmt: str = "console", stream: TextIO 
     ``console_level`` and above (so an interactive chat is not drowned in logs).
     """
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_formatter(fmt, colors=stream is None and sys.stderr.isatty()))
+    handler.setFormatter(log_formatter(fmt, colors=stream is None and sys.stderr.isatty()))
     handlers: list[logging.Handler] = [handler]
     if log_file is not None:
         handler.setLevel(console_level or level)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
-        file_handler.setFormatter(_formatter("json", colors=False))
+        file_handler.setFormatter(log_formatter("json"))
         handlers.append(file_handler)
     root = logging.getLogger()
     for old in root.handlers:

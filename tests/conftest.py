@@ -1,13 +1,20 @@
-"""Shared fixtures: a real PostgreSQL for the session, a freshly migrated database for every test."""
+"""Shared fixtures: a real PostgreSQL for the session, a freshly migrated database for every test, the Temporal
+servers, the scripted LLM; and the session-wide secret scan of every test's logs and of the workflow histories."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import io
+import json
+import logging
 import os
 import random
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +26,7 @@ import pytest
 from openai import AsyncOpenAI
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -27,7 +34,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from cli.dev import dev_server_config_args
-from core.logging import configure_logging
+from core.logging import configure_logging, log_formatter
 from core.settings import Settings, load_settings
 from schemas.memory import Channel
 from schemas.turn import ChatUser, CompanionState, IncomingMessage, TurnReply
@@ -39,6 +46,8 @@ from storage.repository import MemoryRepository
 from storage.semantic import local_embedder
 from storage.vectors import PgVectorStore
 from tests.fake_openai import FakeOpenAI
+from tests.fake_pinecone import FakePinecone
+from tests.fake_telegram import TOKEN
 from worker import build_worker, ensure_search_attributes
 from workflows.client import send_message, signal_message
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
@@ -50,6 +59,58 @@ for _name in list(os.environ):
         os.environ.pop(_name)
 
 configure_logging("WARNING", "console")
+
+# The OpenAI key the tests' clients and settings carry. It, the bot token and the Pinecone key are the secrets no
+# test's log line and no workflow history of the session may hold (logs_hold_no_secret, temporal_servers).
+OPENAI_TEST_KEY = "sk-test-companion-0123456789abcdefSECRET"
+SECRETS = (OPENAI_TEST_KEY, TOKEN, FakePinecone.api_key)
+
+
+def _leaked(text: str) -> list[str]:
+    return [secret for secret in SECRETS if secret in text]
+
+
+def history_text(history: WorkflowHistory) -> str:
+    """Everything a workflow history holds, as text: its JSON, with payloads (inputs, results, memos, search
+    attributes, heartbeat details: base64 in the JSON) decoded."""
+    texts: list[str] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str):
+            texts.append(value)
+            with contextlib.suppress(ValueError):
+                texts.append(base64.b64decode(value, validate=True).decode("utf-8", "replace"))
+
+    walk(json.loads(history.to_json()))
+    return "\n".join(texts)
+
+
+@pytest.fixture(autouse=True)
+def logs_hold_no_secret() -> Iterator[None]:
+    """Every line a test logs at INFO and above, rendered as the app renders it, is scanned for SECRETS."""
+    root = logging.getLogger()
+    lines = io.StringIO()
+    capture = logging.StreamHandler(lines)
+    capture.setFormatter(log_formatter("json"))
+    level, consoles = root.level, [(handler, handler.level) for handler in root.handlers]
+    for handler, _ in consoles:
+        handler.setLevel(max(handler.level, level))  # the console shows what it showed before
+    root.addHandler(capture)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(level)
+        for handler, handler_level in consoles:
+            handler.setLevel(handler_level)
+    assert not (leaked := _leaked(lines.getvalue())), f"a secret reached the log: {leaked}"
 
 
 def libpq_url(url: str, database: str | None = None) -> str:
@@ -181,16 +242,37 @@ class TemporalServers:
             dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
             search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args())
 
+    async def histories_with_secrets(self) -> tuple[int, list[str]]:
+        """How many workflow runs the dev server holds, and those whose history (inputs, results, failures,
+        memos, search attributes) holds one of SECRETS."""
+        if "dev-server" not in self._envs:
+            return 0, []
+        client, runs, leaked = self._envs["dev-server"].client, 0, []
+        async for execution in client.list_workflows():
+            runs += 1
+            history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+            if _leaked(history_text(history)):
+                leaked.append(f"{execution.id}/{execution.run_id}")
+        return runs, leaked
+
     async def close(self) -> None:
         for env in self._envs.values():
             await env.shutdown()
 
 
 @pytest.fixture(scope="session")
-async def temporal_servers() -> AsyncIterator[TemporalServers]:
+async def temporal_servers(request: pytest.FixtureRequest) -> AsyncIterator[TemporalServers]:
     servers = TemporalServers()
     yield servers
-    await servers.close()
+    started = time.perf_counter()
+    try:
+        runs, leaked = await servers.histories_with_secrets()
+    finally:
+        await servers.close()
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nsecret scan: {runs} workflow histories on the dev server, {len(leaked)} with a secret "
+              f"({time.perf_counter() - started:.1f} s)")
+    assert not leaked, f"a secret is in the history of {len(leaked)} of {runs} workflow runs: {leaked[:5]}"
 
 
 @pytest.fixture(scope="session")
@@ -267,6 +349,11 @@ STACKS = {"time-skipping": ("time-skipping", 1000), "time-skipping-uncached": ("
           "dev-server": ("dev-server", 1000)}
 
 
+def chat_model(llm: FakeOpenAI) -> ChatModel:
+    """The chat model the worker runs, on the scripted LLM."""
+    return ChatModel(AsyncOpenAI(base_url=llm.url, api_key=OPENAI_TEST_KEY, max_retries=0), "stub-model")
+
+
 @pytest.fixture
 def turn_activities_class() -> type[CompanionActivities]:
     """The activities the worker runs; a test parametrizes this to inject failures around the real ones."""
@@ -282,8 +369,9 @@ async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServer
     env = await temporal_servers.get(kind)
     task_queue = f"test-{uuid.uuid4()}"
     # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one.
-    settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0)
-    chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
+    settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0,
+                             openai_api_key=OPENAI_TEST_KEY)
+    chat = chat_model(fake_llm)
     stack = Stack(env.client, settings, repo, fake_llm, env, memory)
     # Extraction is off unless a test is about it: it would add an LLM call to every turn the tests count.
     async with build_worker(env.client, task_queue, turn_activities_class(repo, chat, memory=memory),

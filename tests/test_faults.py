@@ -23,7 +23,7 @@ from core.settings import Settings, load_settings
 from schemas.memory import Channel
 from schemas.turn import ChatUser, CompanionState, IncomingMessage
 from storage.repository import MemoryRepository
-from tests.conftest import TemporalServers, fresh_telegram_id
+from tests.conftest import OPENAI_TEST_KEY, TemporalServers, fresh_telegram_id, history_text
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
 from tests.local_http import free_port
@@ -33,12 +33,10 @@ from tests.test_workflow import eventually
 from workflows.client import signal_message
 from workflows.companion import CompanionWorkflow, workflow_id
 
-SECRET_KEY = "sk-proj-faults-0123456789abcdefSECRET"  # a key shaped like OpenAI's, to look for where it must not be
-
 
 def worker_env(database_url: str, address: str, task_queue: str, llm: FakeOpenAI) -> dict[str, str]:
     return {"DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": task_queue,
-            "OPENAI_BASE_URL": llm.url, "OPENAI_API_KEY": SECRET_KEY, "NUDGE_QUIET_HOURS": "off",
+            "OPENAI_BASE_URL": llm.url, "OPENAI_API_KEY": OPENAI_TEST_KEY, "NUDGE_QUIET_HOURS": "off",
             "CHECKIN_AFTER_DAYS": "0", "MEMORY_EXTRACTION": "off", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
 
 
@@ -85,7 +83,7 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
             # Neither the workers' logs nor anything Temporal keeps (inputs, results, failures) holds the key.
             history = await client.get_workflow_handle(workflow_id(ada)).fetch_history()
             assert "llm.request" in log.read_text() and len(history.events) > 10
-            assert SECRET_KEY not in log.read_text() and SECRET_KEY not in history.to_json()
+            assert OPENAI_TEST_KEY not in log.read_text() and OPENAI_TEST_KEY not in history_text(history)
         finally:
             second.terminate()
             second.wait(30)

@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from openai import AsyncOpenAI
 from pydantic import SecretStr
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from activities.remember import Extraction, Rememberer
 from activities.turn import TurnActivities
@@ -47,7 +45,7 @@ from storage.recall import MemoryIndex, NewMemory
 from storage.repository import MemoryRepository
 from storage.semantic import create_embedder, local_embedder
 from storage.vectors import PgVectorStore, PineconeStore, namespace_of
-from tests.conftest import Stack, libpq_url, new_telegram_id
+from tests.conftest import Stack, chat_model, libpq_url, new_telegram_id
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_pinecone import FakePinecone
 from tests.test_workflow import eventually
@@ -77,10 +75,6 @@ def _own_queue(stack: Stack, memory: MemoryIndex, name: str) -> Stack:
     """The stack on a task queue of its own, for a worker of the test's own making (extracting, say)."""
     settings = stack.settings.model_copy(update={"temporal_task_queue": f"{name}-{uuid.uuid4()}"})
     return Stack(stack.client, settings, stack.repo, stack.llm, stack.env, memory, stack.started)
-
-
-def chat_model(llm: FakeOpenAI) -> ChatModel:
-    return ChatModel(AsyncOpenAI(base_url=llm.url, api_key="test-key", max_retries=0), "stub-model")
 
 
 async def user_with_messages(repo: MemoryRepository, lines: list[str], start: datetime | None = None) -> int:

@@ -10,14 +10,12 @@ from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from openai import AsyncOpenAI
 from temporalio.client import WorkflowUpdateFailedError
 
-from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from schemas.memory import NudgeCreator, NudgeKind, NudgeStatus, UserUpdate
 from schemas.turn import Nudge
-from tests.conftest import Stack, TemporalServers, new_telegram_id
+from tests.conftest import Stack, TemporalServers, chat_model, new_telegram_id
 from tests.fake_openai import FakeOpenAI
 from tests.test_workflow import eventually, transcript
 from worker import build_worker
@@ -118,7 +116,7 @@ async def test_a_nudge_fires_on_a_worker_that_replaced_the_one_that_scheduled_it
     simon = new_telegram_id()
     queue = f"replaced-{uuid.uuid4()}"
     settings = stack.settings.model_copy(update={"temporal_task_queue": queue})
-    chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
+    chat = chat_model(fake_llm)
     replaced = Stack(stack.client, settings, stack.repo, fake_llm, stack.env, stack.started)
     # No sticky cache on the first worker: on the time-skipping server a task left on a dead worker's sticky queue
     # would hold the clock until its real-time timeout. The timer itself lives in Temporal either way.
@@ -134,8 +132,8 @@ async def test_a_nudge_fires_on_a_worker_that_replaced_the_one_that_scheduled_it
 class QuietNightActivities(CompanionActivities):
     """The worker's activities with NUDGE_QUIET_HOURS=22:00-08:00."""
 
-    def __init__(self, repository, chat_model, memory=None):  # type: ignore[no-untyped-def]
-        super().__init__(repository, chat_model, quiet_hours=(time(22), time(8)), memory=memory)
+    def __init__(self, repository, chat, memory=None):  # type: ignore[no-untyped-def]
+        super().__init__(repository, chat, quiet_hours=(time(22), time(8)), memory=memory)
 
 
 @pytest.mark.parametrize("turn_activities_class", [QuietNightActivities])

@@ -17,13 +17,11 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from openai import AsyncOpenAI
 from telegram import Bot
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 import bot_gateway
-from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from activities.telegram import MESSAGE_LIMIT, TelegramChannel, split_message, to_html, utf16_len
 from core.errors import UserNotFoundError
@@ -31,7 +29,7 @@ from core.settings import Settings, load_settings
 from schemas.memory import NudgeStatus
 from schemas.turn import Nudge, clean_text
 from storage.repository import MemoryRepository
-from tests.conftest import QUERY_TIMEOUT, TemporalServers, fresh_telegram_id, new_telegram_id
+from tests.conftest import QUERY_TIMEOUT, TemporalServers, chat_model, fresh_telegram_id, new_telegram_id
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import (
     BOT_USERNAME,
@@ -124,7 +122,7 @@ async def tg(bot_api_server: FakeBotAPI, temporal_servers: TemporalServers, repo
     task_queue = f"test-{uuid.uuid4()}"
     settings = load_settings(**{"temporal_task_queue": task_queue, "telegram_bot_token": TOKEN,
                                 "telegram_api_base_url": api.url, "checkin_after_days": 0, **gateway_settings})
-    chat = ChatModel(AsyncOpenAI(base_url=fake_llm.url, api_key="test-key", max_retries=0), "stub-model")
+    chat = chat_model(fake_llm)
     channel = TelegramChannel(Bot(TOKEN, base_url=settings.telegram_api_base_url))
     activities = CompanionActivities(repo, chat, channel)
     stack = TelegramStack(settings, api, fake_llm, repo, temporal_servers)
