@@ -43,6 +43,7 @@ class Fail:
     error_code: int
     description: str
     retry_after: int | None = None
+    html: bool = False  # answered as the front proxy answers a 502/504: an HTML page, not the JSON envelope
 
 
 @dataclass
@@ -151,6 +152,8 @@ class FakeBotAPI:
         with self._cond:
             self.calls.append((method, params))
             failure = self._failures[method.lower()].popleft() if self._failures[method.lower()] else None
+        if failure is not None and failure.html:
+            return _html_error(request, failure.error_code, failure.description)
         if failure is not None:
             extra = {"parameters": {"retry_after": failure.retry_after}} if failure.retry_after else {}
             return _error(request, failure.error_code, failure.description, extra)
@@ -384,6 +387,16 @@ def _unescape(chunk: str, start: int) -> str:
 def _error(request: BaseHTTPRequestHandler, code: int, description: str,
            extra: dict[str, Any] | None = None) -> None:
     _reply(request, code, {"ok": False, "error_code": code, "description": description, **(extra or {})})
+
+
+def _html_error(request: BaseHTTPRequestHandler, code: int, description: str) -> None:
+    data = (f"<html>\r\n<head><title>{code} {description}</title></head>\r\n<body>\r\n<center><h1>{code} "
+            f"{description}</h1></center>\r\n<hr><center>nginx/1.18.0</center>\r\n</body>\r\n</html>\r\n").encode()
+    request.send_response(code)
+    request.send_header("Content-Type", "text/html")
+    request.send_header("Content-Length", str(len(data)))
+    request.end_headers()
+    request.wfile.write(data)
 
 
 def _reply(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:

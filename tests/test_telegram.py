@@ -193,6 +193,19 @@ async def test_flood_control_is_waited_out_and_the_reply_sent_once(tg: TelegramS
     assert len(await settle(tg, ada)) == 1
 
 
+async def test_telegram_server_errors_are_retried_and_the_reply_sent_once(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    tg.api.fail_next("sendMessage", Fail(502, "Bad Gateway", html=True), Fail(500, "Internal Server Error"))
+    await say(tg, ada, "hello")
+
+    [reply] = await tg.api.wait_for(ada, timeout=30)
+    assert reply.text == "I hear you: hello"
+    sends = [params for method, params in tg.api.calls if method == "sendMessage" and params["chat_id"] == str(ada)]
+    assert len(sends) == 3  # the proxy's 502 page, Telegram's own 500, then the one Telegram took
+    assert len(await settle(tg, ada)) == 1
+    assert (await tg.state(ada)).undelivered == 0
+
+
 async def test_a_fired_nudge_is_delivered_to_the_users_chat(tg: TelegramStack) -> None:
     ada = new_telegram_id()
     await say(tg, ada, "hi")
