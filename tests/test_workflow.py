@@ -15,6 +15,7 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from activities.turn import PERSONA
 from schemas.memory import Role
@@ -186,6 +187,25 @@ async def test_llm_down_gives_an_honest_fallback_that_is_recorded(stack: Stack) 
     assert again.fallback and len(stack.llm.requests) == 4  # an auth error is not retried at all
     assert (await stack.say(simon, "and now?")).text == "I hear you: and now?"
     assert (await stack.state(simon)).fallbacks == 2
+
+
+class ImpatientLLM(CompanionActivities):
+    """The worker's activities with an LLM client that gives up on a request after 0.5 s (60 s in production)."""
+
+    def __init__(self, repository, chat, memory=None):  # type: ignore[no-untyped-def]
+        super().__init__(repository, ChatModel(chat._client.with_options(timeout=0.5), chat.model), memory=memory)
+
+
+@pytest.mark.parametrize("turn_activities_class", [ImpatientLLM])
+async def test_an_llm_that_times_out_or_is_rate_limited_gets_capped_retries_then_the_fallback(stack: Stack) -> None:
+    simon = new_telegram_id()
+    stack.llm.script(Reply("too late", delay_s=2), Fail(429, "Rate limit reached", retry_after_s=1),
+                     Reply("too late", delay_s=2))
+    reply = await stack.say(simon, "are you there?")
+    assert reply.fallback and reply.text == FALLBACK_REPLY
+    assert len(stack.llm.requests) == 3  # two timeouts and a 429: three attempts, no more
+    assert "too late" not in [text for _, text in await transcript(stack, simon)]
+    assert (await stack.say(simon, "and now?")).text == "I hear you: and now?"
 
 
 async def test_continue_as_new_keeps_state_and_loses_no_queued_message(stack: Stack) -> None:
