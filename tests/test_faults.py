@@ -109,8 +109,7 @@ async def test_the_temporal_server_killed_and_restarted_mid_conversation_loses_n
         await signal_message(client, settings, message(ada, 1, "first"))
         await eventually(lambda: state(client, ada), lambda s: len(s.replies) == 1, timeout_s=30)
 
-        server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
-        server._process.wait()  # type: ignore[union-attr]
+        _kill(server)
         # While it is down, the user writes twice; the sender retries each in turn, as the gateway does for one
         # chat, until the server is back.
         async def send_both() -> None:
@@ -133,63 +132,39 @@ async def test_through_a_temporal_restart_the_gateway_takes_every_message_in_ord
         tmp_path: Path, database_url: str, repo: MemoryRepository, fake_llm: FakeOpenAI) -> None:
     """The Telegram path end to end: messages a user writes while the server is down wait in the gateway, which
     retries each in turn, and are answered once, in order, when it is back; the user is never told to resend."""
-    api = FakeBotAPI()
-    api.start()
-    try:
-        async with (restartable_stack(tmp_path, database_url, fake_llm, telegram_api=api.url) as (server, client,
-                                                                                                settings),
-                    running_gateway(settings, client)):
-            ada = fresh_telegram_id()
-            api.push(message_update(ada, "first"))
-            await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 1, timeout_s=30)
+    async with gateway_after_a_first_reply(tmp_path, database_url, fake_llm) as (server, api, ada):
+        _kill(server)
+        api.push(message_update(ada, "second"))
+        api.push(message_update(ada, "third"))
+        await asyncio.sleep(2)  # the gateway has both and is retrying the first of them
+        server.start()
 
-            server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
-            server._process.wait()  # type: ignore[union-attr]
-            api.push(message_update(ada, "second"))
-            api.push(message_update(ada, "third"))
-            await asyncio.sleep(2)  # the gateway has both and is retrying the first of them
-            server.start()
-
-            sent = await eventually(lambda: api.messages(ada), lambda sent: len(sent) >= 3, timeout_s=60)
-            await asyncio.sleep(1)  # anything sent twice would arrive by now
-            assert [m.text for m in api.messages(ada)] == ["I hear you: first", "I hear you: second",
-                                                           "I hear you: third"], sent
-            stored = await rows(repo, ada)  # (Telegram dates have whole seconds: compare rows, not their order)
-            assert len({key for key, _ in stored}) == len(stored) == 6
-            assert sorted(text for _, text in stored) == sorted(["first", "I hear you: first", "second",
-                                                                 "I hear you: second", "third", "I hear you: third"])
-    finally:
-        api.stop()
+        sent = await eventually(lambda: api.messages(ada), lambda sent: len(sent) >= 3, timeout_s=60)
+        await asyncio.sleep(1)  # anything sent twice would arrive by now
+        assert [m.text for m in api.messages(ada)] == ["I hear you: first", "I hear you: second",
+                                                       "I hear you: third"], sent
+        stored = await rows(repo, ada)  # (Telegram dates have whole seconds: compare rows, not their order)
+        assert len({key for key, _ in stored}) == len(stored) == 6
+        assert sorted(text for _, text in stored) == sorted(["first", "I hear you: first", "second",
+                                                             "I hear you: second", "third", "I hear you: third"])
 
 
 async def test_an_outage_longer_than_the_gateways_patience_asks_the_user_to_resend_and_keeps_nothing_of_it(
         tmp_path: Path, database_url: str, repo: MemoryRepository, fake_llm: FakeOpenAI) -> None:
     """When the server stays down past the gateway's retries (about half a minute), the user is told to send the
     message again; nothing of it is stored or answered later, and the message sent again is answered once."""
-    api = FakeBotAPI()
-    api.start()
-    try:
-        async with (restartable_stack(tmp_path, database_url, fake_llm, telegram_api=api.url) as (server, client,
-                                                                                                settings),
-                    running_gateway(settings, client)):
-            ada = fresh_telegram_id()
-            api.push(message_update(ada, "first"))
-            await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 1, timeout_s=30)
+    async with gateway_after_a_first_reply(tmp_path, database_url, fake_llm) as (server, api, ada):
+        _kill(server)
+        api.push(message_update(ada, "lost in the outage"))
+        await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 2, timeout_s=90)
+        server.start()
+        api.push(message_update(ada, "sent again"))
 
-            server._process.kill()  # type: ignore[union-attr]  # no goodbye: SIGKILL
-            server._process.wait()  # type: ignore[union-attr]
-            api.push(message_update(ada, "lost in the outage"))
-            await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 2, timeout_s=90)
-            server.start()
-            api.push(message_update(ada, "sent again"))
-
-            await eventually(lambda: api.messages(ada), lambda sent: len(sent) >= 3, timeout_s=60)
-            await asyncio.sleep(1)  # a late answer to the refused message would arrive by now
-            assert [m.text for m in api.messages(ada)] == ["I hear you: first", BUSY, "I hear you: sent again"]
-            assert sorted(text for _, text in await rows(repo, ada)) == sorted(
-                ["first", "I hear you: first", "sent again", "I hear you: sent again"])
-    finally:
-        api.stop()
+        await eventually(lambda: api.messages(ada), lambda sent: len(sent) >= 3, timeout_s=60)
+        await asyncio.sleep(1)  # a late answer to the refused message would arrive by now
+        assert [m.text for m in api.messages(ada)] == ["I hear you: first", BUSY, "I hear you: sent again"]
+        assert sorted(text for _, text in await rows(repo, ada)) == sorted(
+            ["first", "I hear you: first", "sent again", "I hear you: sent again"])
 
 
 async def test_postgresql_crashed_and_restarted_mid_conversation_loses_no_message(
@@ -255,6 +230,31 @@ async def own_postgres(tmp_path: Path) -> AsyncIterator[tuple[_CrashablePostgres
     finally:
         await engine.dispose()
         postgres.stop()
+
+
+@contextlib.asynccontextmanager
+async def gateway_after_a_first_reply(tmp_path: Path, database_url: str, llm: FakeOpenAI
+                                      ) -> AsyncIterator[tuple[TemporalDevServer, FakeBotAPI, int]]:
+    """The Telegram path on a dev server of the test's own: the gateway, a worker, and a user whose first message
+    ("first") has been answered."""
+    api = FakeBotAPI()
+    api.start()
+    try:
+        async with (restartable_stack(tmp_path, database_url, llm, telegram_api=api.url) as (server, client,
+                                                                                           settings),
+                    running_gateway(settings, client)):
+            ada = fresh_telegram_id()
+            api.push(message_update(ada, "first"))
+            await eventually(lambda: api.messages(ada), lambda sent: len(sent) == 1, timeout_s=30)
+            yield server, api, ada
+    finally:
+        api.stop()
+
+
+def _kill(server: TemporalDevServer) -> None:
+    """No goodbye: SIGKILL, and wait until it is gone."""
+    server._process.kill()  # type: ignore[union-attr]
+    server._process.wait()  # type: ignore[union-attr]
 
 
 @contextlib.asynccontextmanager
