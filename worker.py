@@ -88,6 +88,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     telegram = TelegramChannel.from_settings(settings)
     tracer = tracer_provider(settings.otel_exporter_otlp_endpoint)
     memory = None
+    own_chat_model = chat_model is None
     try:
         client = await connect(settings, metrics_runtime(settings.metrics_address),
                                [TracingInterceptor()] if tracer is not None else [])
@@ -111,6 +112,9 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
             await telegram.close()
         if memory is not None:
             await memory.store.close()
+            await memory.embedder.close()
+        if own_chat_model and chat_model is not None:
+            await chat_model.close()
         if tracer is not None:
             tracer.shutdown()  # sends the spans still queued
         await engine.dispose()

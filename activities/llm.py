@@ -41,6 +41,10 @@ class ChatModel:
         self.model = model
         self._max_tokens = max_tokens
 
+    async def close(self) -> None:
+        """Close the client's HTTP connections."""
+        await self._client.close()
+
     async def reply(self, context: TurnContext, text: str) -> ComposedReply:
         """One chat completion; failures raise OpenAIServiceError, retryable or not by their cause."""
         messages = [{"role": "system", "content": context.system_prompt},

@@ -34,6 +34,10 @@ class Embedder(Protocol):
         """One vector per text, in order."""
         ...
 
+    async def close(self) -> None:
+        """Let go of its connections, if it has any."""
+        ...
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -101,6 +105,9 @@ class MiniLMEmbedder:
         except Exception as exc:  # onnxruntime raises its own types
             raise EmbeddingError(f"local embedding failed: {exc}", context={"texts": len(texts)}) from exc
 
+    async def close(self) -> None:
+        """Nothing to let go of: the model runs in this process."""
+
 
 class OpenAIEmbedder:
     """OpenAI's (or a compatible server's) embeddings endpoint."""
@@ -109,6 +116,10 @@ class OpenAIEmbedder:
         self._client = client
         self.name = model
         self.dimension = dimension
+
+    async def close(self) -> None:
+        """Close the client's HTTP connections."""
+        await self._client.close()
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         import openai

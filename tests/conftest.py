@@ -379,6 +379,7 @@ async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServer
         yield stack
         for started in set(stack.started):
             await _terminate_when_settled(env.client.get_workflow_handle(started))
+    await chat.close()
 
 
 async def _terminate_when_settled(handle: WorkflowHandle) -> None:

@@ -346,6 +346,9 @@ class TinyEmbedder:
     name = "tiny-8"
     dimension = 8
 
+    async def close(self) -> None:
+        pass
+
     async def embed(self, texts: list[str]) -> list[list[float]]:
         out = []
         for item in texts:

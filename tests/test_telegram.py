@@ -131,6 +131,7 @@ async def tg(bot_api_server: FakeBotAPI, temporal_servers: TemporalServers, repo
             yield stack
     finally:
         await channel.close()
+        await chat.close()
         async for execution in env.client.list_workflows(f'TaskQueue="{task_queue}"'):
             if execution.status == WorkflowExecutionStatus.RUNNING:
                 await env.client.get_workflow_handle(execution.id).terminate("test finished")
