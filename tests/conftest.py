@@ -66,7 +66,8 @@ OPENAI_TEST_KEY = "sk-test-companion-0123456789abcdefSECRET"
 SECRETS = (OPENAI_TEST_KEY, TOKEN, FakePinecone.api_key)
 
 
-def _leaked(text: str) -> list[str]:
+def leaked(text: str) -> list[str]:
+    """The SECRETS in ``text``."""
     return [secret for secret in SECRETS if secret in text]
 
 
@@ -110,7 +111,7 @@ def logs_hold_no_secret() -> Iterator[None]:
         root.setLevel(level)
         for handler, handler_level in consoles:
             handler.setLevel(handler_level)
-    assert not (leaked := _leaked(lines.getvalue())), f"a secret reached the log: {leaked}"
+    assert not (found := leaked(lines.getvalue())), f"a secret reached the log: {found}"
 
 
 def libpq_url(url: str, database: str | None = None) -> str:
@@ -242,18 +243,9 @@ class TemporalServers:
             dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
             search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args())
 
-    async def histories_with_secrets(self) -> tuple[int, list[str]]:
-        """How many workflow runs the dev server holds, and those whose history (inputs, results, failures,
-        memos, search attributes) holds one of SECRETS."""
-        if "dev-server" not in self._envs:
-            return 0, []
-        client, runs, leaked = self._envs["dev-server"].client, 0, []
-        async for execution in client.list_workflows():
-            runs += 1
-            history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
-            if _leaked(history_text(history)):
-                leaked.append(f"{execution.id}/{execution.run_id}")
-        return runs, leaked
+    def running(self, kind: str) -> WorkflowEnvironment | None:
+        """The server of this kind if a test has started it."""
+        return self._envs.get(kind)
 
     async def close(self) -> None:
         for env in self._envs.values():
@@ -266,13 +258,26 @@ async def temporal_servers(request: pytest.FixtureRequest) -> AsyncIterator[Temp
     yield servers
     started = time.perf_counter()
     try:
-        runs, leaked = await servers.histories_with_secrets()
+        dev_server = servers.running("dev-server")
+        runs, holding = await histories_with_secrets(dev_server.client) if dev_server else (0, [])
     finally:
         await servers.close()
     with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
-        print(f"\nsecret scan: {runs} workflow histories on the dev server, {len(leaked)} with a secret "
+        print(f"\nsecret scan: {runs} workflow histories on the dev server, {len(holding)} with a secret "
               f"({time.perf_counter() - started:.1f} s)")
-    assert not leaked, f"a secret is in the history of {len(leaked)} of {runs} workflow runs: {leaked[:5]}"
+    assert not holding, f"a secret is in the history of {len(holding)} of {runs} workflow runs: {holding[:5]}"
+
+
+async def histories_with_secrets(client: Client) -> tuple[int, list[str]]:
+    """How many workflow runs a server holds, and those whose history (inputs, results, failures, memos, search
+    attributes) holds one of SECRETS."""
+    runs, holding = 0, []
+    async for execution in client.list_workflows():
+        runs += 1
+        history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+        if leaked(history_text(history)):
+            holding.append(f"{execution.id}/{execution.run_id}")
+    return runs, holding
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,15 @@ from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
 from storage.repository import MemoryRepository
-from tests.conftest import OPENAI_TEST_KEY, TemporalServers, chat_model, fresh_telegram_id, history_text
+from tests.conftest import (
+    OPENAI_TEST_KEY,
+    TemporalServers,
+    chat_model,
+    fresh_telegram_id,
+    histories_with_secrets,
+    history_text,
+    leaked,
+)
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
 from tests.local_http import free_port
@@ -274,8 +282,14 @@ async def restartable_stack(tmp_path: Path, database_url: str, llm: FakeOpenAI, 
             **worker_env(database_url, settings.temporal_address, settings.temporal_task_queue, llm),
             **({"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": telegram_api} if telegram_api else {})})
         yield server, client, settings
+        # Nothing the worker logged and nothing the server kept (payloads decoded) holds a secret.
+        worker.terminate()
+        worker.wait(30)
+        assert not leaked((tmp_path / "worker.log").read_text(errors="replace")), "a secret in the worker's log"
+        runs, holding = await histories_with_secrets(client)
+        assert runs and not holding, f"a secret in the history of {holding}"
     finally:
-        if worker is not None:
+        if worker is not None and worker.poll() is None:
             worker.terminate()
             worker.wait(30)
         server.stop()
