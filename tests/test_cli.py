@@ -82,6 +82,12 @@ class DevProcess:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(60)
 
+    def tail(self) -> str:
+        """The end of what it printed and of its log, for a failed assertion."""
+        log = self.cwd / ".companion" / "companion.log"
+        return (self.output.read_text(errors="replace")[-3000:] + "\n--- companion.log ---\n"
+                + (log.read_text(errors="replace")[-5000:] if log.exists() else "(none)"))
+
 
 def _a_second_worker_stops_gracefully_on_sigterm(cwd: Path, env: dict[str, str]) -> None:
     worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=cwd, env={**env, "LOG_FORMAT": "json"},
@@ -123,7 +129,7 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
         assert info["type"]["name"] == "CompanionWorkflow"
         _a_second_worker_stops_gracefully_on_sigterm(tmp_path, dev_env)
     finally:
-        assert dev.stop() == 0
+        assert dev.stop() == 0, dev.tail()
     data_dir = tmp_path / ".companion"
     assert _postgres_processes(data_dir) == []
     assert not (data_dir / "postgres" / "postmaster.pid").exists()
@@ -139,7 +145,7 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
         said = _companion("say", "--user", "42", "It's me again", cwd=tmp_path, env=dev_env)
         assert said.stdout == "I hear you: It's me again\n", said.stderr
     finally:
-        assert dev.stop() == 0
+        assert dev.stop() == 0, dev.tail()
     assert len(_companion("history", "--user", "42", cwd=tmp_path, env=dev_env).stdout.splitlines()) == 4
 
 
@@ -189,7 +195,7 @@ def test_operators_schedule_list_and_cancel_nudges_against_companion_dev(tmp_pat
                     _companion("nudges", "list", cwd=tmp_path, env=dev_env).stdout.splitlines()}
         assert statuses == {nudge_id: "sent", later: "cancelled", third: "cancelled"}
     finally:
-        assert dev.stop() == 0
+        assert dev.stop() == 0, dev.tail()
 
 
 @pytest.mark.parametrize(("after", "expected"), [("3s", timedelta(seconds=3)), ("90m", timedelta(minutes=90)),
@@ -232,7 +238,7 @@ def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gon
     try:
         healthy = _companion("doctor", cwd=tmp_path, env=dev_env)
     finally:
-        assert dev.stop() == 0
+        assert dev.stop() == 0, dev.tail()
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     checks = {line.split()[0]: line.split()[1] for line in healthy.stdout.splitlines()[:-1]}
     assert checks == {"Temporal": "ok", "PostgreSQL": "ok", "schema": "ok", "pgvector": "ok", "LLM": "ok",
@@ -263,7 +269,7 @@ def test_the_worker_serves_metrics_and_its_log_lines_lead_to_the_workflow(tmp_pa
             assert said.returncode == 0, said.stderr
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     finally:
-        assert dev.stop() == 0
+        assert dev.stop() == 0, dev.tail()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line and not line.startswith("#")}
 
@@ -304,6 +310,6 @@ def test_the_worker_sends_traces_of_turns_to_an_otlp_collector(tmp_path: Path, d
         said = _companion("say", "--user", "42", "trace me", cwd=tmp_path, env=env)
         assert said.returncode == 0, said.stderr
     finally:
-        assert dev.stop() == 0  # the worker flushes its spans on the way out
+        assert dev.stop() == 0, dev.tail()  # the worker flushes its spans on the way out
         collector.shutdown()
     assert {"RunActivity:ensure_user", "RunActivity:record_message", "RunActivity:compose_reply"} <= set(spans)
