@@ -22,13 +22,11 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from openai import AsyncOpenAI
 from telegram import Bot
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from activities.telegram import TelegramChannel
 from cli.dev import dev_server_config_args
@@ -42,6 +40,7 @@ from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from storage.semantic import local_embedder
 from storage.vectors import PgVectorStore
+from tests.conftest import chat_model
 from tests.fake_openai import Fail, FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeBotAPI
 from tests.fake_telegram import Fail as BotAPIFail
@@ -72,7 +71,7 @@ SETTINGS = load_settings(temporal_task_queue="record-histories")
 
 async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
     settings = SETTINGS
-    async with build_worker(client, settings.temporal_task_queue, FailingAfterWrite(repository, _chat(llm))):
+    async with build_worker(client, settings.temporal_task_queue, FailingAfterWrite(repository, chat_model(llm))):
         llm.script(Fail(500))  # the first LLM call fails once; record_message fails twice after writing
         await send_message(client, settings, _message(1002, 0, "Something went wrong yesterday"))
         await _save(client, 1002, "retried_activities")
@@ -81,7 +80,7 @@ async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI
 async def _console(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
     settings = SETTINGS
     plain = ["Hi, I'm Simon", "I have a job interview at Acme tomorrow", "Wish me luck!"]
-    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, _chat(llm))):
+    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, chat_model(llm))):
         for n, text in enumerate(plain):
             await send_message(client, settings, _message(1001, n, text))
         await _save(client, 1001, "plain_conversation")
@@ -90,7 +89,7 @@ async def _console(client: Client, repository: MemoryRepository, llm: FakeOpenAI
 async def _more(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
     """continued_as_new and nudges."""
     settings = SETTINGS
-    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, _chat(llm))):
+    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, chat_model(llm))):
         short = settings.model_copy(update={"workflow_turns_per_run": 2})
         for n in range(3):
             await signal_message(client, short, _message(1003, n, f"message {n}"))
@@ -128,7 +127,7 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
 
     try:
         async with build_worker(client, settings.temporal_task_queue,
-                                CompanionActivities(repository, _chat(llm), channel)):
+                                CompanionActivities(repository, chat_model(llm), channel)):
             await signal_message(client, settings, message(1, "Hi, I'm Ada"))
             await delivered(1)
             api.fail_next("sendMessage", Fail429)
@@ -162,7 +161,7 @@ async def _own_nudges(client: Client, repository: MemoryRepository, llm: FakeOpe
     quiet = ((now - timedelta(hours=1)).time().replace(second=0, microsecond=0),
              (now + timedelta(hours=1)).time().replace(second=0, microsecond=0))  # quiet hours around now (UTC)
     async with build_worker(client, settings.temporal_task_queue,
-                            CompanionActivities(repository, _chat(llm), quiet_hours=quiet)):
+                            CompanionActivities(repository, chat_model(llm), quiet_hours=quiet)):
         await send_message(client, settings, _message(1006, 0, "Hi, I'm Simon"))
         await send_message(client, settings, _message(1006, 1, "Remind me in 2 hours to stretch"))
         await send_message(client, settings, _message(1006, 2, "I have a dentist appointment tomorrow at 10"))
@@ -186,7 +185,7 @@ async def _remember(client: Client, repository: MemoryRepository, llm: FakeOpenA
                      "events": [], "milestones": [], "reminders": [{"what": "call the bank", "when": soon.isoformat()}],
                      "summary": "Simon works at Acme."})
     async with build_worker(client, settings.temporal_task_queue,
-                            CompanionActivities(repository, _chat(llm), memory=memory, extract=True)):
+                            CompanionActivities(repository, chat_model(llm), memory=memory, extract=True)):
         handle = client.get_workflow_handle(workflow_id(1007))
         await send_message(client, settings, _message(1007, 0, "I work at Acme, please don't let me forget the bank"))
         first_run = (await handle.describe()).run_id
@@ -207,7 +206,7 @@ async def _remember_together(client: Client, repository: MemoryRepository, llm: 
                     {"facts": [], "events": [], "milestones": [], "reminders": [],
                      "summary": "Simon plans a trip to Lisbon with his sister in May."})
     async with build_worker(client, SETTINGS.temporal_task_queue,
-                            CompanionActivities(repository, _chat(llm), memory=memory, extract=True)):
+                            CompanionActivities(repository, chat_model(llm), memory=memory, extract=True)):
         handle = client.get_workflow_handle(workflow_id(1008))
         await send_message(client, SETTINGS, _message(1008, 0, "I'm planning a trip to Lisbon."))
         for n, text in enumerate(["With my sister.", "In May.", "Any tips?"], start=1):
@@ -220,10 +219,6 @@ async def _remember_together(client: Client, repository: MemoryRepository, llm: 
 SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
              "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember,
              "remember_together": _remember_together}
-
-
-def _chat(llm: FakeOpenAI) -> ChatModel:
-    return ChatModel(AsyncOpenAI(base_url=llm.url, api_key="test-key", max_retries=0), "stub-model")
 
 
 async def main() -> None:
