@@ -166,7 +166,9 @@ async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: Tel
     user = await tg.repo.get_user_by_telegram_id(ada)
     stored = {m.message_key: m for m in await tg.repo.recent_messages(user.id)}
     assert stored[key].content == "Hi, I'm Ada and I love climbing" and stored[key].channel.value == "telegram"
-    assert stored[f"{key}:reply"].meta["telegram_parts_sent"] == 1
+    # The delivery step records its progress just after Telegram took the message: wait for that write.
+    await eventually(lambda: tg.repo.get_message(user.id, f"{key}:reply"),
+                     lambda reply_row: reply_row is not None and reply_row.meta.get("telegram_parts_sent") == 1)
     assert user.first_name == "Ada"
 
 
