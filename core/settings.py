@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     # remembered either way). "auto" = on with OpenAI or OPENAI_BASE_URL, off with the embedded 135M model, whose
     # constrained JSON is well-formed but empty of meaning (it repeats one made-up fact) and costs ~15 s of CPU.
     memory_extraction: Literal["auto", "on", "off"] = "auto"
+    # The remember step (indexing and extraction) runs once the user has been quiet this long, for all the turns
+    # since the last one (at most 5); 0 = after every turn. A burst of messages costs one embeddings call and one
+    # extraction, and the turns waiting are still in the prompt's recent conversation.
+    remember_after_quiet_seconds: int = Field(default=60, ge=0, le=3_600)
     # The embedder of semantic memory: "local" (all-MiniLM-L6-v2, offline), "openai" (OPENAI_EMBEDDING_MODEL), or
     # "auto": OpenAI's when OPENAI_API_KEY is set, else local. Changing it needs `companion memory reindex`.
     embedding_provider: Literal["auto", "local", "openai"] = "auto"

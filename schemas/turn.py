@@ -26,6 +26,10 @@ TRANSCRIPT_LINE_CHARS = 200
 DEFAULT_TURNS_PER_RUN = 200
 MAX_MESSAGE_CHARS = 16_000
 MAX_PENDING_NUDGES = 50
+# The remember step waits for a pause in the conversation, but never for more than this many turns: their messages
+# (10) stay within the prompt's recent conversation (12 messages) until they are indexed.
+REMEMBER_BATCH_TURNS = 5
+DEFAULT_REMEMBER_AFTER_QUIET_S = 60
 
 # Keep newlines and tabs; every other control character is noise at best and a prompt trick at worst (and PostgreSQL
 # refuses a NUL in text).
@@ -132,6 +136,8 @@ class CompanionState(_Contract):
     checkins: bool = True
     checkin_after_days: int = Field(default=3, ge=0)
     undelivered: int = 0
+    # Seconds of silence after a turn before the remember step runs; 0 = after every turn.
+    remember_after_quiet_s: int = Field(default=DEFAULT_REMEMBER_AFTER_QUIET_S, ge=0)
 
 
 # --- activity contracts -----------------------------------------------------------------------------------------

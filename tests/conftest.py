@@ -381,9 +381,10 @@ async def stack(request: pytest.FixtureRequest, dev_server: SharedDevServer, rep
         else:
             env = await dev_server.get()
         task_queue = f"test-{uuid.uuid4()}"
-        # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one.
+        # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one. The
+        # remember step runs after every turn unless a test is about its waiting for a pause.
         settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0,
-                                 openai_api_key=OPENAI_TEST_KEY)
+                                 remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY)
         chat = chat_model(fake_llm)
         stack = Stack(env.client, settings, repo, fake_llm, env, memory)
         # Extraction is off unless a test is about it: it would add an LLM call to every turn the tests count.

@@ -7,7 +7,8 @@ local Bot API server, and saves: a plain conversation, one whose activities fail
 continued as new, one with a nudge that fired and one that was cancelled, a Telegram conversation (delivery,
 flood control, a nudge delivered, the bot blocked, /forget), and the companion's own nudges (a reminder asked for,
 a follow-up, check-ins, quiet hours), the remember step (memories, an extraction, the summary carried over
-continue-as-new), and remember steps one at a time (turns answered during a step remembered by the next one).
+continue-as-new), remember steps one at a time (turns answered during a step remembered by the next one), and
+remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new.
 Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
@@ -66,7 +67,8 @@ async def _save(client: Client, telegram_id: int, name: str, run_id: str | None 
     print(f"recorded {name}.json ({len(history.events)} events)")
 
 
-SETTINGS = load_settings(temporal_task_queue="record-histories")
+# The scenarios recorded before the remember step waited for a pause remember after every turn.
+SETTINGS = load_settings(temporal_task_queue="record-histories", remember_after_quiet_seconds=0)
 
 
 async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
@@ -216,9 +218,35 @@ async def _remember_together(client: Client, repository: MemoryRepository, llm: 
         await _save(client, 1008, "remember_together")
 
 
+async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    """Remember steps that wait for a pause: three turns remembered after 2 s of quiet; five turns without a pause
+    remembered at once, by a slow step; and the two turns answered meanwhile remembered before the run continues as
+    new."""
+    settings = SETTINGS.model_copy(update={"remember_after_quiet_seconds": 2, "workflow_turns_per_run": 10})
+    memory = MemoryIndex(repository.sessions, local_embedder(), PgVectorStore(repository.sessions))
+    empty = {"facts": [], "events": [], "milestones": [], "reminders": []}
+    llm.script_json({**empty, "summary": "Simon has a cat."},
+                    Reply(json.dumps({**empty, "summary": "Simon has a cat called Pixel."}), delay_s=3),
+                    {**empty, "summary": "Simon has a cat called Pixel, who is three."})
+    async with build_worker(client, settings.temporal_task_queue,
+                            CompanionActivities(repository, chat_model(llm), memory=memory, extract=True)):
+        handle = client.get_workflow_handle(workflow_id(1009))
+        for n in range(3):
+            await send_message(client, settings, _message(1009, n, f"About my cat, part {n}"))
+        first_run = (await handle.describe()).run_id
+        while "cat." not in (await handle.query(CompanionWorkflow.state)).summary:
+            await asyncio.sleep(0.1)
+        for n in range(3, 10):
+            await signal_message(client, settings, _message(1009, n, f"More about Pixel, part {n}"))
+        while (await handle.describe()).run_id == first_run:
+            await asyncio.sleep(0.1)
+        assert "three" in (await handle.query(CompanionWorkflow.state)).summary
+        await _save(client, 1009, "remember_when_quiet", run_id=first_run)
+
+
 SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
              "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember,
-             "remember_together": _remember_together}
+             "remember_together": _remember_together, "remember_when_quiet": _remember_when_quiet}
 
 
 async def main() -> None:

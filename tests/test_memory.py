@@ -51,6 +51,7 @@ from tests.fake_pinecone import FakePinecone
 from tests.test_workflow import eventually
 from worker import build_worker
 from workflows.client import forget
+from workflows.companion import workflow_id
 
 LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo" / "locomo_dev.json"
 ONE_STACK = pytest.mark.parametrize("stack", ["dev-server"], indirect=True)
@@ -553,3 +554,105 @@ async def test_turns_answered_while_a_remember_step_runs_are_remembered_together
     remembered = {key for keys in sources for key in keys}
     for message in [first, *later]:
         assert {message.message_key, message.reply_key} <= remembered
+
+
+# --- the remember step waits for a pause ---------------------------------------------------------------------------
+
+
+QUIET_STACK = pytest.mark.parametrize("stack", ["time-skipping", "time-skipping-uncached"], indirect=True)
+
+
+def _remember_steps(events: list) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(event.activity_task_scheduled_event_attributes.input.payloads[0].data)
+            for event in events if event.activity_task_scheduled_event_attributes.activity_type.name == "remember"]
+
+
+async def _conversation_sources(engine: AsyncEngine, repo: MemoryRepository, telegram_id: int) -> set[str]:
+    """The message keys the user's indexed stretches of conversation came from."""
+    user = await repo.get_user_by_telegram_id(telegram_id)
+    async with engine.connect() as connection:
+        sources = (await connection.execute(select(Memory.source_keys).where(
+            Memory.user_id == user.id, Memory.kind == MemoryKind.CONVERSATION.value))).scalars().all()
+    return {key for keys in sources for key in keys}
+
+
+@QUIET_STACK
+async def test_a_conversation_is_remembered_in_one_step_once_the_user_pauses(
+        stack: Stack, engine: AsyncEngine) -> None:
+    stack.settings = stack.settings.model_copy(update={"remember_after_quiet_seconds": 600})
+    ana = new_telegram_id()
+    await stack.say(ana, "My cat is called Pixel.")
+    await stack.say(ana, "She is three.")
+    await stack.say(ana, "What is my cat called?")
+    # Nothing is indexed yet, but the earlier turns are in the prompt's recent conversation.
+    assert await _conversation_sources(engine, stack.repo, ana) == set()
+    assert "My cat is called Pixel." in json.dumps(stack.llm.requests[-1]["messages"])
+    state = await stack.state(ana)
+
+    await stack.env.sleep(timedelta(minutes=9))  # not quiet for long enough yet
+    assert _remember_steps((await stack.handle(ana).fetch_history()).events) == []
+    await stack.env.sleep(timedelta(minutes=2))
+    await eventually(lambda: _conversation_sources(engine, stack.repo, ana), lambda sources: bool(sources))
+
+    [step] = _remember_steps((await stack.handle(ana).fetch_history()).events)
+    turns = [*step["earlier"], step["message_key"]]
+    assert len(turns) == 3 and turns == [reply.message_key for reply in state.replies]
+    # Dates in the conversation are read as of its last turn, not ten minutes later.
+    assert datetime.fromisoformat(step["now"]) == state.last_turn_at
+    assert set(turns) | {f"{key}:reply" for key in turns} <= await _conversation_sources(engine, stack.repo, ana)
+
+
+@QUIET_STACK
+async def test_five_turns_without_a_pause_are_remembered_at_once(stack: Stack, engine: AsyncEngine) -> None:
+    stack.settings = stack.settings.model_copy(update={"remember_after_quiet_seconds": 600})
+    ana = new_telegram_id()
+    for n in range(5):
+        await stack.say(ana, f"message {n}")
+    [step] = _remember_steps((await stack.handle(ana).fetch_history()).events)
+    assert len(step["earlier"]) == 4
+    await stack.say(ana, "message 5")  # the next batch waits for a pause again
+    assert len(_remember_steps((await stack.handle(ana).fetch_history()).events)) == 1
+
+
+@QUIET_STACK
+async def test_turns_waiting_to_be_remembered_are_remembered_before_the_run_continues_as_new(
+        stack: Stack, engine: AsyncEngine, memory: MemoryIndex) -> None:
+    extracting = _own_queue(stack, memory, "quiet")
+    extracting.settings = extracting.settings.model_copy(update={"remember_after_quiet_seconds": 600,
+                                                                 "workflow_turns_per_run": 7})
+    ana = new_telegram_id()
+    empty = {"facts": [], "events": [], "milestones": [], "reminders": []}
+    # The step the fifth turn starts (five turns wait) is slow; the sixth and seventh are answered meanwhile, and
+    # the seventh ends the run.
+    stack.llm.script_json(Reply(json.dumps({**empty, "summary": "Ana has a cat."}), delay_s=3),
+                          {**empty, "summary": "Ana has a cat called Pixel."})
+    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
+    async with build_worker(stack.client, extracting.settings.temporal_task_queue, activities):
+        for n in range(4):
+            await extracting.say(ana, f"message {n}", key=f"console:{ana}:{n}")
+        first_run = (await extracting.handle(ana).describe()).run_id
+        for n in (4, 5, 6):
+            await extracting.signal(extracting.message(ana, f"message {n}", key=f"console:{ana}:{n}"))
+        state = await eventually(lambda: extracting.state(ana), lambda state: "Pixel" in state.summary,
+                                 timeout_s=30)
+        assert state.turns == 7 and state.turns_this_run == 0  # a new run, carrying the last step's summary
+
+    history = await stack.client.get_workflow_handle(workflow_id(ana), run_id=first_run).fetch_history()
+    steps = _remember_steps(history.events)
+    assert [(step["message_key"], step["earlier"]) for step in steps] == [
+        (f"console:{ana}:4", [f"console:{ana}:{n}" for n in range(4)]), (f"console:{ana}:6", [f"console:{ana}:5"])]
+    assert len(await _conversation_sources(engine, stack.repo, ana)) == 14  # every message and reply
+
+
+@QUIET_STACK
+async def test_turns_waiting_to_be_remembered_are_forgotten_with_the_rest(
+        stack: Stack, engine: AsyncEngine) -> None:
+    stack.settings = stack.settings.model_copy(update={"remember_after_quiet_seconds": 600})
+    ana = new_telegram_id()
+    await stack.say(ana, "My cat is called Pixel.")
+    await forget(stack.client, stack.settings, ChatUser(telegram_id=ana))
+    await stack.say(ana, "Hello again.", key=f"console:{ana}:hello")
+    await stack.env.sleep(timedelta(minutes=11))
+    await eventually(lambda: _conversation_sources(engine, stack.repo, ana), lambda sources: bool(sources))
+    [step] = _remember_steps((await stack.handle(ana).fetch_history()).events)
+    assert (step["message_key"], step["earlier"]) == (f"console:{ana}:hello", [])

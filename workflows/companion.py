@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from schemas.memory import Channel, NudgeCreator, NudgeKind, NudgeStatus, Role
     from schemas.turn import (
         MAX_PENDING_NUDGES,
+        REMEMBER_BATCH_TURNS,
         REPLIES_KEPT,
         SEEN_KEYS_KEPT,
         TRANSCRIPT_LINE_CHARS,
@@ -67,6 +68,9 @@ REMEMBER = "remember-step"  # after each turn: index its messages, extract facts
 # One remember step at a time: turns answered while one runs are remembered together by the next. Each step starts
 # from the summary the last one left, and a burst of messages costs one embeddings call and one extraction.
 REMEMBER_ONE_AT_A_TIME = "remember-one-at-a-time"
+# The remember step waits until the user has been quiet for remember_after_quiet_s (or REMEMBER_BATCH_TURNS turns
+# wait), so a conversation in full flow is remembered in a few steps rather than one per turn.
+REMEMBER_WHEN_QUIET = "remember-when-quiet"
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -96,21 +100,32 @@ class CompanionWorkflow:
         self._remembering = 0
         # Turns answered while a remember step ran (message keys, oldest first): the next step takes them all.
         self._unremembered: list[str] = []
+        # Set once a turn took the remember-when-quiet path: from then on the loop's timer also counts the silence
+        # after the last turn, and a finished remember step wakes the loop to set it anew.
+        self._when_quiet = False
+        self._remember_changed = False
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
         """Answer queued messages in order and fire nudges when due; continue as new between turns of a long run."""
         while True:
-            self._nudges_changed = False
+            self._nudges_changed = self._remember_changed = False
             try:
-                # The timer runs to the next nudge; a new or cancelled nudge wakes the loop to set it anew.
+                # The timer runs to the next nudge (or to the end of the pause the remember step waits for); a new or
+                # cancelled nudge, or a remember step ending, wakes the loop to set it anew.
                 await workflow.wait_condition(
-                    lambda: bool(self._state.queue) or self._may_continue_as_new() or self._nudges_changed,
-                    timeout=self._until_next_nudge())
+                    lambda: bool(self._state.queue) or self._may_continue_as_new() or self._nudges_changed
+                    or self._remember_changed,
+                    timeout=self._until_next_wake())
             except TimeoutError:
                 pass
-            if self._may_continue_as_new() and self._remembering:
-                # The remember steps in flight bring the summary the next run carries: let them land first.
+            if self._remember_due():
+                self._start_remembering(self._state.user_id, self._take_unremembered())
+            while self._may_continue_as_new() and (self._remembering or self._waiting_to_remember()):
+                # The remember steps bring the summary the next run carries: the turns waiting for one are
+                # remembered now (after the step in flight), and the steps land before the run ends.
+                if self._waiting_to_remember():
+                    self._start_remembering(self._state.user_id, self._take_unremembered())
                 await workflow.wait_condition(lambda: self._remembering == 0)
             if self._may_continue_as_new():  # again: an update may have come in meanwhile
                 workflow.continue_as_new(self._state.model_copy(update={"turns_this_run": 0}))
@@ -223,6 +238,9 @@ class CompanionWorkflow:
         """Erase everything remembered of the user (/forget): their rows, pending nudges, replies and transcript."""
         async with self._lock:  # never in the middle of a turn that is writing the rows
             await workflow.wait_condition(lambda: self._remembering == 0)
+            # The turns waiting for a remember step are about to be erased: the pause's timer, firing while the
+            # rows go, must not start a step that would index them again.
+            self._unremembered = []
             forgotten = await workflow.execute_local_activity_method(
                 CompanionActivities.forget_user, ForgetInput(telegram_id=self._state.telegram_id),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
@@ -259,8 +277,32 @@ class CompanionWorkflow:
             self._start_remembering(self._state.user_id, [message.message_key])
             return
         self._unremembered.append(message.message_key)
+        if self._state.remember_after_quiet_s and workflow.patched(REMEMBER_WHEN_QUIET):
+            self._when_quiet = True
+            if self._remember_due():
+                self._start_remembering(self._state.user_id, self._take_unremembered())
+            return
         if not self._remembering:
             self._start_remembering(self._state.user_id, self._take_unremembered())
+
+    def _remember_due(self) -> bool:
+        """Whether the turns waiting should be remembered now: the user has been quiet long enough, or enough turns
+        wait (remember-when-quiet only; otherwise they are remembered at once)."""
+        if not self._waiting_to_remember():
+            return False
+        return len(self._unremembered) >= REMEMBER_BATCH_TURNS or self._until_quiet() == timedelta(0)
+
+    def _waiting_to_remember(self) -> bool:
+        """Turns wait for a remember step that the end of a pause would start (remember-when-quiet)."""
+        return (self._when_quiet and bool(self._unremembered) and not self._remembering
+                and self._state.user_id is not None)
+
+    def _until_quiet(self) -> timedelta:
+        """How long until the user has been quiet for remember_after_quiet_s since the last turn."""
+        if self._state.last_turn_at is None:
+            return timedelta(0)
+        end = self._state.last_turn_at + timedelta(seconds=self._state.remember_after_quiet_s)
+        return max(end - workflow.now(), timedelta(0))
 
     def _take_unremembered(self) -> list[str]:
         turns, self._unremembered = self._unremembered, []
@@ -272,13 +314,16 @@ class CompanionWorkflow:
 
     async def _remember(self, user_id: int, turns: list[str]) -> None:
         """The remember step of turns after their replies: memories from them, and the reminders and summary it
-        found. Turns answered meanwhile are remembered by the next step, started as this one ends."""
+        found. Turns answered meanwhile are remembered by the next step, started as this one ends (remember-when-quiet:
+        once the user has paused, or enough turns wait)."""
         latest = turns[-1]
         try:
+            # Remembered later than it was said: "tomorrow" still means the day after the last turn.
+            now = self._state.last_turn_at if self._when_quiet and self._state.last_turn_at else workflow.now()
             remembered = await workflow.execute_activity_method(
                 CompanionActivities.remember,
                 RememberInput(user_id=user_id, message_key=latest, reply_key=reply_key_of(latest),
-                              earlier=turns[:-1], now=workflow.now(), summary=self._state.summary),
+                              earlier=turns[:-1], now=now, summary=self._state.summary),
                 start_to_close_timeout=REMEMBER_TIMEOUT, retry_policy=REMEMBER_RETRY, summary="remember")
             if remembered.summary:
                 self._state.summary = remembered.summary
@@ -289,7 +334,9 @@ class CompanionWorkflow:
             workflow.logger.error("remember step failed", extra={"message_key": latest, "error": str(err.cause)})
         finally:
             self._remembering -= 1
-            if self._unremembered and self._state.user_id == user_id:  # not forgotten meanwhile
+            if self._when_quiet:
+                self._remember_changed = True  # the loop starts the next step when it is due
+            elif self._unremembered and self._state.user_id == user_id:  # not forgotten meanwhile
                 self._start_remembering(user_id, self._take_unremembered())
 
     async def _turn(self, message: IncomingMessage) -> TurnReply:
@@ -474,6 +521,15 @@ class CompanionWorkflow:
         if not self._state.nudges:
             return None
         return max(self._state.nudges[0].at - workflow.now(), timedelta(0))
+
+    def _until_next_wake(self) -> timedelta | None:
+        """The loop's timer: to the next nudge, or sooner to the end of the pause the waiting turns' remember step
+        waits for (none while a step runs: its end wakes the loop)."""
+        nudge = self._until_next_nudge()
+        if not self._waiting_to_remember():
+            return nudge
+        quiet = self._until_quiet()
+        return quiet if nudge is None else min(nudge, quiet)
 
     def _may_continue_as_new(self) -> bool:
         # A waiting update (the terminal chat) must get its reply from this run, so wait for handlers to finish.
