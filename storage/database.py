@@ -106,14 +106,16 @@ async def run_transaction(
     sessions: async_sessionmaker[AsyncSession],
     operation: str,
     work: Callable[[AsyncSession], Awaitable[T]],
-    read_only: bool = False,
+    autocommit: bool = False,
     **context: Any,
 ) -> T:
     """Run ``work`` in one transaction, retrying the whole of it on transient failures, translating the rest.
 
-    A ``read_only`` work runs its statements on one connection in autocommit, with no BEGIN and no COMMIT: two
-    round trips fewer, and the same answers, since under READ COMMITTED every statement of a transaction sees its
-    own snapshot anyway. Work that writes, or that needs one snapshot or SET LOCAL, must not be read_only.
+    An ``autocommit`` work runs its statements on one connection in autocommit, with no BEGIN and no COMMIT: two
+    round trips fewer. It is for reads, which give the same answers, since under READ COMMITTED every statement of
+    a transaction sees its own snapshot anyway; and for writes whose every statement stands alone (an idempotent
+    upsert, say), so that a failure between two of them leaves nothing half done. Work that must write all or
+    nothing, or that needs one snapshot or SET LOCAL, runs in a transaction.
     """
     retrying = AsyncRetrying(
         stop=stop_after_attempt(TRANSIENT_RETRIES + 1),
@@ -127,7 +129,7 @@ async def run_transaction(
     try:
         async for attempt in retrying:
             with attempt:
-                async with _reading(sessions) if read_only else sessions.begin() as session:
+                async with _autocommitting(sessions) if autocommit else sessions.begin() as session:
                     result = await work(session)
         return result
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
@@ -135,7 +137,7 @@ async def run_transaction(
 
 
 @asynccontextmanager
-async def _reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+async def _autocommitting(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """A session whose connection runs each statement in autocommit (reset when it goes back to the pool)."""
     async with sessions() as reader:
         await reader.connection(execution_options={"isolation_level": "AUTOCOMMIT"})

@@ -153,7 +153,7 @@ class MemoryIndex:
         return await run_transaction(self._sessions, operation, work, **context)
 
     async def _read(self, operation, work, **context):
-        return await run_transaction(self._sessions, operation, work, read_only=True, **context)
+        return await run_transaction(self._sessions, operation, work, autocommit=True, **context)
 
     # --- writing ------------------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The memory manager: every read and write of a user's memory, speaking pydantic schemas.
 
-Each write is one transaction, retried whole on transient failures (storage.database.run_transaction); reads run in
-autocommit on one connection, with no BEGIN or COMMIT round trips. Writes that a retried activity may repeat are
-idempotent by key: a message key, an idempotency key, a nudge id.
+Each write is one transaction, retried whole on transient failures (storage.database.run_transaction); reads, and
+the writes of every turn whose statements each stand alone (storing a message, merging its meta), run in autocommit
+on one connection, with no BEGIN or COMMIT round trips. Writes that a retried activity may repeat are idempotent by
+key: a message key, an idempotency key, a nudge id.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ class MemoryRepository:
         return await run_transaction(self._sessions, operation, work, **context)
 
     async def _read(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], **context: Any) -> T:
-        return await run_transaction(self._sessions, operation, work, read_only=True, **context)
+        return await run_transaction(self._sessions, operation, work, autocommit=True, **context)
+
+    async def _write_alone(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], **context: Any) -> T:
+        """A write whose statements each stand alone (an idempotent upsert): in autocommit, like a read."""
+        return await self._read(operation, work, **context)
 
     # --- users --------------------------------------------------------------------------------------------------
 
@@ -239,7 +244,8 @@ class MemoryRepository:
                     Conversation.user_id == user_id, Conversation.message_key == data.message_key))).scalar_one()
             return MessageRead.model_validate(inserted)
 
-        return await self._tx("add_message", work, user_id=user_id, message_key=data.message_key)
+        # The insert stands alone, and the read after it only finds a row an earlier write committed.
+        return await self._write_alone("add_message", work, user_id=user_id, message_key=data.message_key)
 
     async def get_message(self, user_id: int, message_key: str) -> MessageRead | None:
         """The message stored under this key, if any."""
@@ -259,7 +265,7 @@ class MemoryRepository:
                 Conversation.user_id == user_id, Conversation.message_key == message_key)
                 .values(meta=Conversation.meta.op("||")(cast(meta, JSONB))))
 
-        await self._tx("update_message_meta", work, user_id=user_id, message_key=message_key)
+        await self._write_alone("update_message_meta", work, user_id=user_id, message_key=message_key)
 
     async def recent_messages(self, user_id: int, limit: int = CONTEXT_MESSAGES) -> list[MessageRead]:
         """The last ``limit`` messages, oldest first."""

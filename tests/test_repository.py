@@ -306,7 +306,7 @@ async def test_a_read_sends_no_begin_or_commit_and_a_write_stays_one_transaction
     engine = create_engine(database_url, pool_size=1, max_overflow=0)
     sessions = create_session_factory(engine)
     try:
-        first, then = await run_transaction(sessions, "read", _clock_twice, read_only=True)
+        first, then = await run_transaction(sessions, "read", _clock_twice, autocommit=True)
         assert then > first  # each statement of a read is its own transaction: no BEGIN before, no COMMIT after
 
         first, then = await run_transaction(sessions, "write", _clock_twice)
@@ -318,7 +318,7 @@ async def test_a_read_sends_no_begin_or_commit_and_a_write_stays_one_transaction
                                              channel="console", sent_at=NOW))
             raise RuntimeError("the write fails after its first statement")
 
-        await run_transaction(sessions, "read", lambda s: s.execute(text("SELECT 1")), read_only=True)
+        await run_transaction(sessions, "read", lambda s: s.execute(text("SELECT 1")), autocommit=True)
         with pytest.raises(RuntimeError, match="after its first statement"):
             await run_transaction(sessions, "half a write", half_a_write)
         assert await count(engine, Conversation) == 0  # rolled back whole, not committed statement by statement
