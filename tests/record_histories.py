@@ -112,19 +112,20 @@ async def _more(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -
         await _save(client, 1004, "nudges")
 
 
-async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenAI, name: str = "telegram",
+                    ada: int = 1005) -> None:
     api = FakeBotAPI()
     api.start()
     settings = SETTINGS.model_copy(update={"telegram_api_base_url": api.url})
     channel = TelegramChannel(Bot(TOKEN, base_url=api.url))
-    user = ChatUser(telegram_id=1005, first_name="Ada")
+    user = ChatUser(telegram_id=ada, first_name="Ada")
 
     def message(n: int, text: str) -> IncomingMessage:
-        return IncomingMessage(message_key=f"tg:1005:{n}", user=user, chat_id=1005, channel=Channel.TELEGRAM,
+        return IncomingMessage(message_key=f"tg:{ada}:{n}", user=user, chat_id=ada, channel=Channel.TELEGRAM,
                                text=text, sent_at=datetime.now(UTC))
 
     async def delivered(count: int) -> None:
-        while len(api.messages(1005)) < count:
+        while len(api.messages(ada)) < count:
             await asyncio.sleep(0.1)
 
     try:
@@ -135,14 +136,14 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             api.fail_next("sendMessage", Fail429)
             await signal_message(client, settings, message(2, "I climb on Sundays"))
             await delivered(2)
-            await schedule_nudge(client, settings, 1005, Nudge(
+            await schedule_nudge(client, settings, ada, Nudge(
                 nudge_id="climb-1", at=datetime.now(UTC) + timedelta(seconds=2), text="How was the climb?"))
             await delivered(3)
-            api.block(1005)
-            await schedule_nudge(client, settings, 1005, Nudge(
+            api.block(ada)
+            await schedule_nudge(client, settings, ada, Nudge(
                 nudge_id="later-2", at=datetime.now(UTC) + timedelta(hours=1), text="cancelled by the block"))
             await signal_message(client, settings, message(3, "bye for now"))
-            handle = client.get_workflow_handle(workflow_id(1005))
+            handle = client.get_workflow_handle(workflow_id(ada))
             while not (await handle.query(CompanionWorkflow.state)).blocked:
                 await asyncio.sleep(0.1)
             api.blocked.clear()
@@ -150,7 +151,7 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             await delivered(4)
             run_id = (await handle.describe()).run_id
             await forget(client, settings, user)  # then continues as new: the erased turns leave the open run
-            await _save(client, 1005, "telegram", run_id=run_id)
+            await _save(client, ada, name, run_id=run_id)
     finally:
         await channel.close()
         api.stop()
@@ -246,7 +247,8 @@ async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm
 
 SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
              "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember,
-             "remember_together": _remember_together, "remember_when_quiet": _remember_when_quiet}
+             "remember_together": _remember_together, "remember_when_quiet": _remember_when_quiet,
+             "telegram_local_delivery": lambda *args: _telegram(*args, name="telegram_local_delivery", ada=1010)}
 
 
 async def main() -> None:

@@ -71,6 +71,9 @@ REMEMBER_ONE_AT_A_TIME = "remember-one-at-a-time"
 # The remember step waits until the user has been quiet for remember_after_quiet_s (or REMEMBER_BATCH_TURNS turns
 # wait), so a conversation in full flow is remembered in a few steps rather than one per turn.
 REMEMBER_WHEN_QUIET = "remember-when-quiet"
+# Delivery to Telegram runs as a local activity, in the workflow task that asks for it: one activity task and one
+# workflow task fewer a turn. Its attempts are markers in the history; a failed one is retried by the worker.
+DELIVER_LOCALLY = "deliver-locally"
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -356,12 +359,18 @@ class CompanionWorkflow:
         return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=fallback)
 
     async def _deliver(self, user_id: int, chat_id: int, message_key: str) -> None:
+        data = DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key)
         try:
-            await workflow.execute_activity_method(
-                CompanionActivities.deliver, DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key),
-                start_to_close_timeout=TELEGRAM_TIMEOUT, retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
-        except ActivityError as err:
-            cause = err.cause
+            if workflow.patched(DELIVER_LOCALLY):
+                await workflow.execute_local_activity_method(
+                    CompanionActivities.deliver, data, start_to_close_timeout=TELEGRAM_TIMEOUT,
+                    retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
+            else:
+                await workflow.execute_activity_method(
+                    CompanionActivities.deliver, data, start_to_close_timeout=TELEGRAM_TIMEOUT,
+                    retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
+        except FAILED_STEP as err:
+            cause = _cause(err)
             if isinstance(cause, ApplicationError) and cause.type == "TelegramBlockedError":
                 await self._set_active(user_id, False)
                 return
