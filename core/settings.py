@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     openai_chat_model: str = "gpt-4o-mini"
     openai_embedding_model: str = "text-embedding-3-small"
 
-    # After each turn, an LLM call extracts facts, events, milestones and reminders (the turn's messages are
+    # In each remember step, an LLM call extracts facts, events, milestones and reminders (the turns' messages are
     # remembered either way). "auto" = on with OpenAI or OPENAI_BASE_URL, off with the embedded 135M model, whose
     # constrained JSON is well-formed but empty of meaning (it repeats one made-up fact) and costs ~15 s of CPU.
     memory_extraction: Literal["auto", "on", "off"] = "auto"

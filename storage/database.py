@@ -139,6 +139,6 @@ async def run_transaction(
 @asynccontextmanager
 async def _autocommitting(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """A session whose connection runs each statement in autocommit (reset when it goes back to the pool)."""
-    async with sessions() as reader:
-        await reader.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        yield reader
+    async with sessions() as session:
+        await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session

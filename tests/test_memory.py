@@ -576,11 +576,16 @@ async def _conversation_sources(engine: AsyncEngine, repo: MemoryRepository, tel
     return {key for keys in sources for key in keys}
 
 
+def _user_remembered_after_ten_quiet_minutes(stack: Stack) -> int:
+    """A new user, whose turns the remember step takes once they have been quiet for ten minutes (or five wait)."""
+    stack.settings = stack.settings.model_copy(update={"remember_after_quiet_seconds": 600})
+    return new_telegram_id()
+
+
 @QUIET_STACK
 async def test_a_conversation_is_remembered_in_one_step_once_the_user_pauses(
         stack: Stack, engine: AsyncEngine) -> None:
-    stack.settings = stack.settings.model_copy(update={"remember_after_quiet_seconds": 600})
-    ana = new_telegram_id()
+    ana = _user_remembered_after_ten_quiet_minutes(stack)
     await stack.say(ana, "My cat is called Pixel.")
     await stack.say(ana, "She is three.")
     await stack.say(ana, "What is my cat called?")
@@ -604,8 +609,7 @@ async def test_a_conversation_is_remembered_in_one_step_once_the_user_pauses(
 
 @QUIET_STACK
 async def test_five_turns_without_a_pause_are_remembered_at_once(stack: Stack, engine: AsyncEngine) -> None:
-    stack.settings = stack.settings.model_copy(update={"remember_after_quiet_seconds": 600})
-    ana = new_telegram_id()
+    ana = _user_remembered_after_ten_quiet_minutes(stack)
     for n in range(5):
         await stack.say(ana, f"message {n}")
     [step] = _remember_steps((await stack.handle(ana).fetch_history()).events)
@@ -648,8 +652,7 @@ async def test_turns_waiting_to_be_remembered_are_remembered_before_the_run_cont
 @QUIET_STACK
 async def test_turns_waiting_to_be_remembered_are_forgotten_with_the_rest(
         stack: Stack, engine: AsyncEngine) -> None:
-    stack.settings = stack.settings.model_copy(update={"remember_after_quiet_seconds": 600})
-    ana = new_telegram_id()
+    ana = _user_remembered_after_ten_quiet_minutes(stack)
     await stack.say(ana, "My cat is called Pixel.")
     await forget(stack.client, stack.settings, ChatUser(telegram_id=ana))
     await stack.say(ana, "Hello again.", key=f"console:{ana}:hello")
