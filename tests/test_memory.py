@@ -97,6 +97,21 @@ async def memory_count(engine: AsyncEngine, user_id: int, kind: MemoryKind | Non
         return (await connection.execute(statement)).scalar_one()
 
 
+def _remember_steps(events: list) -> list[dict]:  # type: ignore[type-arg]
+    """The inputs of the remember steps a history scheduled, in order."""
+    return [json.loads(event.activity_task_scheduled_event_attributes.input.payloads[0].data)
+            for event in events if event.activity_task_scheduled_event_attributes.activity_type.name == "remember"]
+
+
+async def _conversation_sources(engine: AsyncEngine, repo: MemoryRepository, telegram_id: int) -> set[str]:
+    """The message keys the user's indexed stretches of conversation came from."""
+    user = await repo.get_user_by_telegram_id(telegram_id)
+    async with engine.connect() as connection:
+        sources = (await connection.execute(select(Memory.source_keys).where(
+            Memory.user_id == user.id, Memory.kind == MemoryKind.CONVERSATION.value))).scalars().all()
+    return {key for keys in sources for key in keys}
+
+
 # --- recall in the turn ------------------------------------------------------------------------------------------
 
 
@@ -536,10 +551,7 @@ async def test_turns_answered_while_a_remember_step_runs_are_remembered_together
                                  timeout_s=30)
         assert len(state.replies) == 4
 
-    history = await extracting.handle(mia).fetch_history()
-    steps = [json.loads(event.activity_task_scheduled_event_attributes.input.payloads[0].data)
-             for event in history.events if event.activity_task_scheduled_event_attributes.activity_type.name
-             == "remember"]
+    steps = _remember_steps((await extracting.handle(mia).fetch_history()).events)
     assert [(step["message_key"], step["earlier"]) for step in steps] == [
         (first.message_key, []), (later[-1].message_key, [later[0].message_key, later[1].message_key])]
     assert steps[1]["summary"] == "Mia is planning a trip to Lisbon."  # each step starts from the last one's
@@ -547,11 +559,7 @@ async def test_turns_answered_while_a_remember_step_runs_are_remembered_together
     structured = [r for r in stack.llm.requests if r.get("response_format")]
     assert len(structured) == 2  # one extraction for the three turns
     assert structured[1]["messages"][1]["content"].count("NEW ") == 6  # their messages and replies
-    user = await stack.repo.get_user_by_telegram_id(mia)
-    async with engine.connect() as connection:
-        sources = (await connection.execute(select(Memory.source_keys).where(
-            Memory.user_id == user.id, Memory.kind == MemoryKind.CONVERSATION.value))).scalars().all()
-    remembered = {key for keys in sources for key in keys}
+    remembered = await _conversation_sources(engine, stack.repo, mia)
     for message in [first, *later]:
         assert {message.message_key, message.reply_key} <= remembered
 
@@ -560,20 +568,6 @@ async def test_turns_answered_while_a_remember_step_runs_are_remembered_together
 
 
 QUIET_STACK = pytest.mark.parametrize("stack", ["time-skipping", "time-skipping-uncached"], indirect=True)
-
-
-def _remember_steps(events: list) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(event.activity_task_scheduled_event_attributes.input.payloads[0].data)
-            for event in events if event.activity_task_scheduled_event_attributes.activity_type.name == "remember"]
-
-
-async def _conversation_sources(engine: AsyncEngine, repo: MemoryRepository, telegram_id: int) -> set[str]:
-    """The message keys the user's indexed stretches of conversation came from."""
-    user = await repo.get_user_by_telegram_id(telegram_id)
-    async with engine.connect() as connection:
-        sources = (await connection.execute(select(Memory.source_keys).where(
-            Memory.user_id == user.id, Memory.kind == MemoryKind.CONVERSATION.value))).scalars().all()
-    return {key for keys in sources for key in keys}
 
 
 def _user_remembered_after_ten_quiet_minutes(stack: Stack) -> int:
@@ -608,7 +602,7 @@ async def test_a_conversation_is_remembered_in_one_step_once_the_user_pauses(
 
 
 @QUIET_STACK
-async def test_five_turns_without_a_pause_are_remembered_at_once(stack: Stack, engine: AsyncEngine) -> None:
+async def test_five_turns_without_a_pause_are_remembered_at_once(stack: Stack) -> None:
     ana = _user_remembered_after_ten_quiet_minutes(stack)
     for n in range(5):
         await stack.say(ana, f"message {n}")
