@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 import sys
 import threading
@@ -47,11 +48,40 @@ def serve(handle: Callable[[BaseHTTPRequestHandler], None], *, get: bool = False
     return server
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
+LOWEST_PORT = 10_000
+_ports = random.SystemRandom()  # hypothesis seeds `random` the same way for every example
+
+
+def free_port(leaving: int = 0) -> int:
+    """A loopback port nothing listens on right now, with ``port + leaving`` free too when ``leaving`` is given.
+
+    It comes from below the kernel's ephemeral range, not from binding port 0: a port the kernel hands out (an
+    outgoing connection's, a server's on port 0) could be taken again between this probe and the bind of the process
+    the test starts. That happened in CI: a metrics exporter found its port in use.
+    """
+    top = _ephemeral_low() - 1 - leaving
+    for _ in range(100):
+        port = _ports.randint(LOWEST_PORT, top)
+        if all(_bindable(candidate) for candidate in {port, port + leaving}):
+            return port
+    raise RuntimeError(f"no free port between {LOWEST_PORT} and {top}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
 
 
 def send_json(request: BaseHTTPRequestHandler, status: int, payload: Any,

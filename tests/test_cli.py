@@ -29,18 +29,7 @@ from tests.test_embedded import _postgres_processes
 
 def _free_port_pair() -> int:
     """A port P with P + 1000 free too (the dev server's UI goes there)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + 1000 < 65536:
-            with socket.socket() as ui:
-                try:
-                    ui.bind(("127.0.0.1", port + 1000))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair")
+    return free_port(leaving=1000)
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
