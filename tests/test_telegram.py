@@ -69,22 +69,22 @@ class TelegramStack:
     api: FakeBotAPI
     llm: FakeOpenAI
     repo: MemoryRepository
-    servers: SharedDevServer
+    dev_server: SharedDevServer
 
     async def state(self, telegram_id: int):
-        client = (await self.servers.get()).client
+        client = (await self.dev_server.get()).client
         return await client.get_workflow_handle(workflow_id(telegram_id)).query(CompanionWorkflow.state,
                                                                                 rpc_timeout=QUERY_TIMEOUT)
 
     async def nudge(self, telegram_id: int, at: datetime | timedelta, text: str) -> Nudge:
         """An operator schedules a nudge for the user, at a time or this long from now."""
-        client = (await self.servers.get()).client
+        client = (await self.dev_server.get()).client
         when = datetime.now(UTC) + at if isinstance(at, timedelta) else at
         return await schedule_nudge(client, self.settings, telegram_id,
                                     Nudge(nudge_id=f"n-{uuid.uuid4().hex[:8]}", at=when, text=text))
 
     async def workflow_exists(self, telegram_id: int) -> bool:
-        client = (await self.servers.get()).client
+        client = (await self.dev_server.get()).client
         try:
             await client.get_workflow_handle(workflow_id(telegram_id)).describe()
         except RPCError as exc:

@@ -360,15 +360,11 @@ class CompanionWorkflow:
 
     async def _deliver(self, user_id: int, chat_id: int, message_key: str) -> None:
         data = DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key)
+        execute = (workflow.execute_local_activity_method if workflow.patched(DELIVER_LOCALLY)
+                   else workflow.execute_activity_method)
         try:
-            if workflow.patched(DELIVER_LOCALLY):
-                await workflow.execute_local_activity_method(
-                    CompanionActivities.deliver, data, start_to_close_timeout=TELEGRAM_TIMEOUT,
-                    retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
-            else:
-                await workflow.execute_activity_method(
-                    CompanionActivities.deliver, data, start_to_close_timeout=TELEGRAM_TIMEOUT,
-                    retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
+            await execute(CompanionActivities.deliver, data, start_to_close_timeout=TELEGRAM_TIMEOUT,
+                          retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
         except FAILED_STEP as err:
             cause = _cause(err)
             if isinstance(cause, ApplicationError) and cause.type == "TelegramBlockedError":
