@@ -1,9 +1,9 @@
 """Load: many users talking at once over the Telegram path, and nothing lost or duplicated.
 
-    uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60]
+    uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60] [--workers 1]
 
 Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
-worker as its own process (`companion worker`) delivering to the local Bot API server of the tests, and an
+worker as its own process (`companion worker`; --workers starts more, on the same task queue) delivering to the local Bot API server of the tests, and an
 OpenAI-compatible stub answering at once in its own process. Messages are signalled as the gateway signals them
 (signal-with-start, Telegram channel); a reply counts when the Bot API server receives it.
 
@@ -11,7 +11,7 @@ OpenAI-compatible stub answering at once in its own process. Messages are signal
 (b) latency under a steady load: --rate messages a second, spread over the users, for --seconds: p50/p95/p99 from
     the signal to the delivered reply.
 Both check that every message got exactly one reply, and that PostgreSQL holds each message and each reply once.
-The last line is one JSON object.
+CPU per turn is read from /proc for each process of the stack over both phases. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import statistics
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from temporalio.client import Client
@@ -53,11 +54,7 @@ class Load:
             channel=Channel.TELEGRAM, text=f"message {n} from {user}", sent_at=datetime.now(UTC)))
 
     async def replies(self, user: int, count: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.api.messages(user)) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"user {user} got {len(self.api.messages(user))} of {count} replies")
-            await asyncio.sleep(0.005)
+        await self.api.wait_for(user, count, timeout)
 
 
 def _arrivals(api: FakeBotAPI, load: Load) -> list[float]:
@@ -84,15 +81,16 @@ async def _counts(database_url: str, users: range) -> tuple[int, int]:
     return lost, sum(n - 1 for n in keys.values())
 
 
-async def main(users: int, messages: int, rate: float, seconds: float) -> dict[str, float]:
+async def main(users: int, messages: int, rate: float, seconds: float, workers: int = 1) -> dict[str, Any]:
     configure_logging("WARNING", "console")
     api = FakeBotAPI()
     api.start()
     try:
         async with embedded_stack(TASK_QUEUE, {"TELEGRAM_BOT_TOKEN": TOKEN,
-                                               "TELEGRAM_API_BASE_URL": api.url}) as stack:
+                                               "TELEGRAM_API_BASE_URL": api.url}, workers) as stack:
             # (a) capacity: each user's next message when the previous reply has arrived
             load = Load(stack.client, stack.settings, api)
+            cpu_before = stack.cpu_seconds()
             capacity_users = range(FIRST_USER, FIRST_USER + users)
 
             async def conversation(user: int) -> None:
@@ -121,19 +119,24 @@ async def main(users: int, messages: int, rate: float, seconds: float) -> dict[s
             latencies = _arrivals(api, steady)
             lost_b, duplicated_b = await _counts(stack.database_url, steady_users)
             await asyncio.sleep(1)  # a duplicate delivery would arrive after the reply it repeats
+            cpu_after = stack.cpu_seconds()
             extra = (sum(len(api.messages(user)) - messages for user in capacity_users)
                      + sum(len(api.messages(user)) - len(steady.sent.get(user, [])) for user in steady_users))
     finally:
         api.stop()
+    all_turns = turns + total
+    cpu_ms = {role: round((cpu_after[role] - cpu_before[role]) * 1000 / all_turns, 1) for role in cpu_after}
     p50, p95, p99 = (statistics.median(latencies), _percentile(latencies, 0.95), _percentile(latencies, 0.99))
     print(f"(a) capacity: {turns} turns by {users} users in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
           f"lost {lost_a}, duplicated rows {duplicated_a}")
     print(f"(b) {rate:g} messages/s for {seconds:g} s ({total} messages): signal to delivered reply p50 {p50:.1f} ms, "
           f"p95 {p95:.1f} ms, p99 {p99:.1f} ms; lost {lost_b}, duplicated rows {duplicated_b}, "
           f"extra Telegram messages {extra}")
-    return {"users": users, "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
+    print(f"CPU per turn over both phases ({all_turns} turns): "
+          + ", ".join(f"{role} {ms:g} ms" for role, ms in cpu_ms.items()) + f"; in all {sum(cpu_ms.values()):.0f} ms")
+    return {"users": users, "workers": workers, "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
             "p95_ms": round(p95, 1), "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
-            "duplicated": duplicated_a + duplicated_b + extra}
+            "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms}
 
 
 if __name__ == "__main__":
@@ -142,5 +145,6 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=5)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--workers", type=int, default=1, help="`companion worker` processes (default 1)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.users, args.messages, args.rate, args.seconds))))
+    print(json.dumps(asyncio.run(main(args.users, args.messages, args.rate, args.seconds, args.workers))))

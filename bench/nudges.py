@@ -75,7 +75,7 @@ async def _settle(pid: int) -> float:
 async def main(users: int, evicted: int) -> dict[str, float]:
     configure_logging("WARNING", "console")
     async with embedded_stack(TASK_QUEUE) as stack:
-        client, settings, worker = stack.client, stack.settings, stack.worker
+        client, settings, (worker,) = stack.client, stack.settings, stack.workers
         cache = settings.worker_max_cached_workflows
         for n in range(WARMUP_USERS):
             await send_message(client, settings, _message(n + 1, "warming up"))

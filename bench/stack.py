@@ -6,6 +6,7 @@ OpenAI-compatible stub answering at once in its own process, and `companion work
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,9 @@ from tests.fake_openai import serve_in_subprocess
 from tests.processes import start_worker
 from workflows.companion import USER_ID_ATTRIBUTE
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class BenchStack:
     """What a benchmark talks to: a client of the dev server, the settings the worker runs with, the database."""
@@ -35,16 +39,51 @@ class BenchStack:
     client: Client
     settings: Settings
     database_url: str
-    worker: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]]
+    llm: subprocess.Popen[str]
+    postgres_pid: int
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each part of the stack has used so far, from /proc: the worker, the Temporal
+        dev server, PostgreSQL (its postmaster and every backend alive), the LLM stub, and this process (the load
+        generator and whatever it hosts, such as the Bot API server)."""
+        processes = _processes()
+        temporal = [pid for pid, (ppid, name, _) in processes.items() if ppid == os.getpid() and name == "temporal"]
+        roles = {"worker": [worker.pid for worker in self.workers], "temporal": temporal,
+                 "postgres": [self.postgres_pid, *_children(processes, self.postgres_pid)],
+                 "llm_stub": [self.llm.pid], "load_generator": [os.getpid()]}
+        return {role: sum(processes[pid][2] for pid in pids if pid in processes) for role, pids in roles.items()}
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """Every process: pid -> (parent pid, name, CPU seconds used)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()  # from the state on: ppid is fields[1], utime and stime 11, 12
+        found[int(entry.name)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return found
+
+
+def _children(processes: dict[int, tuple[int, str, float]], parent: int) -> list[int]:
+    return [pid for pid, (ppid, _, _) in processes.items() if ppid == parent]
 
 
 @asynccontextmanager
-async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = None) -> AsyncIterator[BenchStack]:
-    """Start everything, run the worker with ``worker_env`` added to its settings, and stop it all afterwards."""
+async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = None,
+                         workers: int = 1) -> AsyncIterator[BenchStack]:
+    """Start everything, run ``workers`` worker processes with ``worker_env`` added to their settings, and stop it
+    all afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="companion-bench-"))
     postgres = EmbeddedPostgres(folder / "pg")
     llm_url, llm = serve_in_subprocess()
-    worker: subprocess.Popen[bytes] | None = None
+    started: list[subprocess.Popen[bytes]] = []
     try:
         database_url = postgres.start()
         engine = create_engine(database_url)
@@ -55,15 +94,17 @@ async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = No
                 data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
                 dev_server_extra_args=dev_server_config_args()) as env:
             address = env.client.service_client.config.target_host
-            worker = start_worker(folder / "worker.log", {
-                "DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": task_queue,
-                "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench", "NUDGE_QUIET_HOURS": "off",
-                "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(worker_env or {})})
+            for n in range(workers):
+                started.append(start_worker(folder / f"worker-{n}.log", {
+                    "DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": task_queue,
+                    "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench", "NUDGE_QUIET_HOURS": "off",
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(worker_env or {})}))
             yield BenchStack(env.client, load_settings(temporal_task_queue=task_queue, temporal_address=address),
-                             database_url, worker)
+                             database_url, started, llm, postgres.pid)
     finally:
-        if worker is not None:
+        for worker in started:
             worker.terminate()
+        for worker in started:
             worker.wait(60)
         llm.terminate()
         postgres.stop()

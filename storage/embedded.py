@@ -33,6 +33,12 @@ class EmbeddedPostgres:
         _log.info("postgres.embedded_started", data_dir=str(self.data_dir), pid=self._server.get_pid())
         return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id (the server must have been started)."""
+        assert self._server is not None, "the server is not started"
+        return self._server.get_pid()
+
     def stop(self) -> None:
         """Let go of the server; pgserver stops the postmaster once no other process holds it."""
         if self._server is not None:

@@ -11,6 +11,7 @@ checks it; the 4,096-character limit after entity parsing; 403 from a chat that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import itertools
 import json
@@ -73,6 +74,10 @@ class FakeBotAPI:
     _update_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _message_ids: itertools.count = field(default_factory=lambda: itertools.count(50_000))
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    _by_chat: dict[int, list[Sent]] = field(default_factory=lambda: defaultdict(list))
+    # Coroutines waiting for a chat's next message (wait_for), woken from the server's threads.
+    _waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = field(
+        default_factory=lambda: defaultdict(list))
 
     def start(self) -> str:
         """Serve on a free loopback port; returns the base URL for python-telegram-bot (`.../bot`)."""
@@ -110,16 +115,23 @@ class FakeBotAPI:
 
     def messages(self, chat_id: int) -> list[Sent]:
         with self._cond:
-            return [sent for sent in self.sent if sent.chat_id == chat_id]
+            return list(self._by_chat.get(chat_id, ()))
 
     async def wait_for(self, chat_id: int, count: int = 1, timeout: float = 20.0) -> list[Sent]:
-        """The first ``count`` messages sent to a chat, waiting for them to arrive."""
+        """The first ``count`` messages sent to a chat, waiting for them to arrive (woken by each one, not polled:
+        a benchmark's hundreds of waiting users cost nothing while they wait)."""
         deadline = time.monotonic() + timeout
-        while len(self.messages(chat_id)) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"chat {chat_id} got {self.messages(chat_id)!r}, expected {count} messages")
-            await asyncio.sleep(0.02)
-        return self.messages(chat_id)[:count]
+        while True:
+            with self._cond:
+                got = list(self._by_chat.get(chat_id, ()))
+                if len(got) >= count:
+                    return got[:count]
+                arrived = asyncio.Event()
+                self._waiters[chat_id].append((asyncio.get_running_loop(), arrived))
+            try:
+                await asyncio.wait_for(arrived.wait(), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                raise AssertionError(f"chat {chat_id} got {got!r}, expected {count} messages") from None
 
     def pending_updates(self) -> int:
         with self._cond:
@@ -129,6 +141,8 @@ class FakeBotAPI:
         """Forget what earlier tests sent, blocked or scripted."""
         with self._cond:
             self.sent.clear()
+            self._by_chat.clear()
+            self._waiters.clear()
             self.actions.clear()
             self.calls.clear()
             self.blocked.clear()
@@ -229,6 +243,11 @@ class FakeBotAPI:
         sent = Sent(chat_id, next(self._message_ids), text, parse_mode, _json(params, "reply_markup"))
         with self._cond:
             self.sent.append(sent)
+            self._by_chat[chat_id].append(sent)
+            waiting = self._waiters.pop(chat_id, [])
+        for loop, arrived in waiting:
+            with contextlib.suppress(RuntimeError):  # its loop closed: the test that waited is over
+                loop.call_soon_threadsafe(arrived.set)
         return self._message(sent.chat_id, sent.message_id, plain)
 
     def _m_editmessagetext(self, params: dict[str, Any]) -> dict[str, Any]:
