@@ -26,6 +26,10 @@ from core.settings import Settings
 
 # Telegram's limit on one message's text, counted in UTF-16 code units after entity parsing.
 MESSAGE_LIMIT = 4096
+# "typing…" shows only when the reply takes a noticeable time, as the Bot API asks of sendChatAction. A quicker reply
+# goes out with no indicator: none can land after it and show "typing…" under it, and none is cut off mid-request
+# by it (a cancelled request costs its connection: the next one opens a new one, TLS handshake and all).
+TYPING_AFTER_S = 0.5
 # Telegram shows "typing…" for 5 s after each chat action; renew it a little sooner.
 TYPING_EVERY_S = 4.0
 # A part shorter than this share of the limit is not worth a nicer cut: cut at a word instead.
@@ -134,11 +138,13 @@ class TelegramChannel:
 
     @asynccontextmanager
     async def typing(self, chat_id: int) -> AsyncIterator[None]:
-        """Show "typing…" in the chat for as long as the block runs; a failing indicator never fails the block."""
+        """Show "typing…" in the chat while the block runs, from TYPING_AFTER_S on; a failing indicator never fails
+        the block."""
         async with alongside(self._keep_typing(chat_id)):
             yield
 
     async def _keep_typing(self, chat_id: int) -> None:
+        await asyncio.sleep(TYPING_AFTER_S)
         while True:
             try:
                 bot = await self._started()

@@ -17,13 +17,12 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from telegram import Bot
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 import bot_gateway
 from activities.nudges import CompanionActivities
-from activities.telegram import MESSAGE_LIMIT, TelegramChannel, split_message, to_html, utf16_len
+from activities.telegram import MESSAGE_LIMIT, TYPING_AFTER_S, TelegramChannel, split_message, to_html, utf16_len
 from core.errors import UserNotFoundError
 from core.settings import Settings, load_settings
 from schemas.memory import NudgeStatus
@@ -123,7 +122,8 @@ async def tg(bot_api_server: FakeBotAPI, dev_server: SharedDevServer, repo: Memo
     settings = load_settings(**{"temporal_task_queue": task_queue, "telegram_bot_token": TOKEN,
                                 "telegram_api_base_url": api.url, "checkin_after_days": 0, **gateway_settings})
     chat = chat_model(fake_llm)
-    channel = TelegramChannel(Bot(TOKEN, base_url=settings.telegram_api_base_url))
+    channel = TelegramChannel.from_settings(settings)  # as the worker builds it
+    assert channel is not None
     activities = CompanionActivities(repo, chat, channel)
     stack = TelegramStack(settings, api, fake_llm, repo, dev_server)
     try:
@@ -156,7 +156,7 @@ async def settle(tg: TelegramStack, user_id: int) -> list[Sent]:
 
 async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: TelegramStack) -> None:
     ada = new_telegram_id()
-    tg.llm.script(Reply("I hear you: Hi, I'm Ada and I love climbing", delay_s=0.5))  # a model taking its time
+    tg.llm.script(Reply("I hear you: Hi, I'm Ada and I love climbing", delay_s=1.5))  # a model taking its time
     update = await say(tg, ada, "Hi, I'm Ada and I love climbing")
 
     [reply] = await tg.api.wait_for(ada)
@@ -170,6 +170,18 @@ async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: Tel
     await eventually(lambda: tg.repo.get_message(user.id, f"{key}:reply"),
                      lambda reply_row: reply_row is not None and reply_row.meta.get("telegram_parts_sent") == 1)
     assert user.first_name == "Ada"
+
+
+async def test_a_quick_reply_goes_out_with_no_typing_indicator(tg: TelegramStack) -> None:
+    # "typing…" is for replies that take a noticeable time: one arriving after an instant reply would show the
+    # user "typing…" again, under an answer already there.
+    ada = new_telegram_id()
+    await say(tg, ada, "Quick one?")
+    [reply] = await tg.api.wait_for(ada)
+    assert reply.text == "I hear you: Quick one?"
+    await asyncio.sleep(TYPING_AFTER_S * 2)
+    await settle(tg, ada)
+    assert (ada, "typing") not in tg.api.actions
 
 
 async def test_a_redelivered_update_gets_no_second_reply(tg: TelegramStack) -> None:
