@@ -1,6 +1,7 @@
 """Load: many users talking at once over the Telegram path, and nothing lost or duplicated.
 
     uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60] [--workers 1]
+    WORKFLOW_SANDBOX=false uv run python -m bench.load    # the workers' workflows outside Temporal's sandbox
 
 Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
 worker as its own process (`companion worker`; --workers starts more, on the same task queue) delivering to the local Bot API server of the tests, and an
@@ -90,6 +91,7 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
                                                "TELEGRAM_API_BASE_URL": api.url}, workers) as stack:
             # (a) capacity: each user's next message when the previous reply has arrived
             load = Load(stack.client, stack.settings, api)
+            sandbox = stack.settings.workflow_sandbox  # the worker reads the same environment
             cpu_before = stack.cpu_seconds()
             capacity_users = range(FIRST_USER, FIRST_USER + users)
 
@@ -134,7 +136,7 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
           f"extra Telegram messages {extra}")
     print(f"CPU per turn over both phases ({all_turns} turns): "
           + ", ".join(f"{role} {ms:g} ms" for role, ms in cpu_ms.items()) + f"; in all {sum(cpu_ms.values()):.0f} ms")
-    return {"users": users, "workers": workers, "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
+    return {"users": users, "workers": workers, "sandbox": sandbox, "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
             "p95_ms": round(p95, 1), "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
             "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 import uuid
@@ -87,8 +88,12 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
         await eventually(lambda: _chat_requests(fake_llm), lambda n: n > asked)  # the LLM is thinking
         first.send_signal(signal.SIGKILL)  # the worker dies mid-call, its reply not yet stored
         first.wait(10)
-        second = start_worker(log, env)
+        # The replacement runs workflows outside the sandbox (WORKFLOW_SANDBOX=false, as an operator might set it on
+        # a restart): it takes over a conversation the sandboxed worker began, replaying its history.
+        second = start_worker(log, {**env, "WORKFLOW_SANDBOX": "false"})
         try:
+            started = [json.loads(line) for line in log.read_text().splitlines() if '"worker.started"' in line]
+            assert [line["sandbox"] for line in started] == [True, False]
             # The reply step stops heartbeating; within LLM_HEARTBEAT it runs again on the new worker.
             done = await eventually(lambda: state(client, ada), lambda s: len(s.replies) == 1, timeout_s=60)
             assert done.replies[0].text == "I hear you: are you there?" and not done.replies[0].fallback

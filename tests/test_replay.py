@@ -30,9 +30,15 @@ def test_the_recorded_histories_are_committed() -> None:
                                                  "retried_activities", "telegram", "telegram_local_delivery"]
 
 
+@pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "unsandboxed"])
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
-async def test_every_committed_history_replays(path: Path) -> None:
-    replayer = Replayer(workflows=[CompanionWorkflow], data_converter=pydantic_data_converter)
+async def test_every_committed_history_replays(path: Path, sandbox: bool) -> None:
+    # Both of the worker's runners (WORKFLOW_SANDBOX): a user's workflow moves between workers of either kind.
+    # (Imported here: this module's own workflow is imported again in the sandbox, which refuses the worker's.)
+    from worker import UNSANDBOXED_RUNNER, WORKFLOW_RUNNER
+
+    replayer = Replayer(workflows=[CompanionWorkflow], data_converter=pydantic_data_converter,
+                        workflow_runner=WORKFLOW_RUNNER if sandbox else UNSANDBOXED_RUNNER)
     await replayer.replay_workflow(_history(path))
 
 
