@@ -4,9 +4,10 @@
     WORKFLOW_SANDBOX=false uv run python -m bench.load    # the workers' workflows outside Temporal's sandbox
 
 Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
-worker as its own process (`companion worker`; --workers starts more, on the same task queue) delivering to the local Bot API server of the tests, and an
-OpenAI-compatible stub answering at once in its own process. Messages are signalled as the gateway signals them
-(signal-with-start, Telegram channel); a reply counts when the Bot API server receives it.
+worker as its own process (`companion worker`; --workers starts more on the same task queue) delivering to the
+local Bot API server of the tests, and an OpenAI-compatible stub answering at once in its own process. Messages
+are signalled as the gateway signals them (signal-with-start, Telegram channel); a reply counts when the Bot API
+server receives it.
 
 (a) capacity: every user sends --messages messages, each as soon as the reply to the previous one arrived: turns/s.
 (b) latency under a steady load: --rate messages a second, spread over the users, for --seconds: p50/p95/p99 from
@@ -136,8 +137,9 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
           f"extra Telegram messages {extra}")
     print(f"CPU per turn over both phases ({all_turns} turns): "
           + ", ".join(f"{role} {ms:g} ms" for role, ms in cpu_ms.items()) + f"; in all {sum(cpu_ms.values()):.0f} ms")
-    return {"users": users, "workers": workers, "sandbox": sandbox, "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
-            "p95_ms": round(p95, 1), "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
+    return {"users": users, "workers": workers, "sandbox": sandbox, "turns": turns,
+            "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1), "p95_ms": round(p95, 1),
+            "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
             "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms}
 
 
