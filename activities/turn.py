@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from temporalio import activity
@@ -23,7 +24,16 @@ from core.concurrency import alongside
 from core.errors import CompanionError, OpenAIServiceError
 from core.logging import get_logger
 from schemas.context import RecalledMemory, UserContextSchema, quote
-from schemas.memory import Channel, MessageCreate, NudgeCreator, NudgeKind, Role, TimelineEventCreate, UserCreate
+from schemas.memory import (
+    Channel,
+    MessageCreate,
+    MessageRead,
+    NudgeCreator,
+    NudgeKind,
+    Role,
+    TimelineEventCreate,
+    UserCreate,
+)
 from schemas.turn import (
     ChatTurn,
     ComposedReply,
@@ -46,12 +56,12 @@ DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coe
                        maximum_interval=timedelta(seconds=10),
                        non_retryable_error_types=["InvalidMemoryDataError", "UserNotFoundError",
                                                   "ConstraintViolationError", "DuplicateRecordError"])
-# The LLM call is a regular activity, visible in the UI; capped because each attempt may be paid for.
+# Steps that ask the LLM (the reply, a nudge written from its purpose) are capped: each attempt may be paid for.
 LLM_TIMEOUT = timedelta(seconds=90)
 LLM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                         maximum_interval=timedelta(seconds=10), maximum_attempts=3)
-# The reply step heartbeats while the LLM thinks: a worker that dies mid-call is noticed within LLM_HEARTBEAT and
-# the step retried on another worker, instead of after the whole LLM_TIMEOUT.
+# Histories from before the reply step ran locally run it as a regular activity that heartbeats while the LLM
+# thinks: a worker that dies mid-call is noticed within LLM_HEARTBEAT and the step retried on another worker.
 LLM_HEARTBEAT = timedelta(seconds=10)
 HEARTBEAT_EVERY_S = 2.0
 
@@ -119,29 +129,25 @@ class TurnActivities:
         the workflow schedules the nudges they give rise to.
         """
         info = activity.info()
-        if info.attempt > 1:  # only a retry can find its reply stored already
-            stored = await self._repository.get_message(data.user_id, data.reply_key)
-            if stored is not None:
-                zone = (await self._repository.get_user(data.user_id)).timezone_info
-                found = _read_reminder(data, zone)
-                return ComposedReply(text=stored.content,
-                                     reminder=_reminder(found, data.message_key) if found else None,
-                                     follow_up=await self._follow_up(data, zone))
+        turn = await self.prompt_for(data)
+        follow_up = await self._follow_up(data, turn.zone)
+        reminder = _reminder(turn.reminder, data.message_key) if turn.reminder else None
+        if turn.stored_reply is not None:
+            # An earlier run stored it: a retry whose completion was lost, or the worker that takes over a turn
+            # from a lost one (a local step starts again there from its first attempt).
+            return ComposedReply(text=turn.stored_reply.content, reminder=reminder, follow_up=follow_up)
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
-        prompt, zone, found = await self.prompt_for(data)
-        follow_up = await self._follow_up(data, zone)
-        reminder = _reminder(found, data.message_key) if found else None
-        async with self._typing(data), _heartbeating():
-            reply = await self._chat_model.reply(prompt, data.text)
+        async with self._typing(data), _heartbeating(info):
+            reply = await self._chat_model.reply(turn.prompt, data.text)
         stored = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
             sent_at=datetime.now(UTC)))
         return reply.model_copy(update={"text": stored.content, "reminder": reminder, "follow_up": follow_up})
 
-    async def prompt_for(self, data: ComposeReplyInput) -> tuple[TurnContext, ZoneInfo, Reminder | None]:
+    async def prompt_for(self, data: ComposeReplyInput) -> PreparedTurn:
         """The prompt the LLM gets for the message (persona, the user's quoted memory and what recall found for the
-        message, the recent conversation), the user's time zone, and the reminder the message asks for, if any."""
+        message, the recent conversation), with what else the turn needs from the same reads."""
         # Recall runs beside gathering the context; memories of the recent turns are dropped once both are in.
         context, found = await asyncio.gather(
             self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1), self._recall(data))
@@ -149,7 +155,9 @@ class TurnActivities:
         context.recalled = _within_budget(found, {m.message_key for m in context.recent_messages})
         zone = context.user.timezone_info
         reminder = _read_reminder(data, zone)
-        return _prompt(context, data.message_key, _reminder_note(reminder, zone) if reminder else None), zone, reminder
+        stored = next((m for m in context.recent_messages if m.message_key == data.reply_key), None)
+        return PreparedTurn(_prompt(context, data.message_key, _reminder_note(reminder, zone) if reminder else None),
+                            zone, reminder, stored)
 
     async def _recall(self, data: ComposeReplyInput) -> list[MemoryHit]:
         """Memories that bear on the message, best first; none when memory search fails (the turn goes on)."""
@@ -222,13 +230,26 @@ class TurnActivities:
         return [self.ensure_user, self.record_message, self.compose_reply, self.remember]
 
 
+class PreparedTurn(NamedTuple):
+    """What the reply step reads before it asks the LLM."""
+
+    prompt: TurnContext
+    zone: ZoneInfo  # the user's time zone
+    reminder: Reminder | None  # the reminder the message asks for
+    stored_reply: MessageRead | None  # the reply, when an earlier run of the step stored it
+
+
 @asynccontextmanager
-async def _heartbeating() -> AsyncIterator[None]:
-    """Heartbeat every HEARTBEAT_EVERY_S while the block runs (the worker is alive and the step in hand).
+async def _heartbeating(info: activity.Info) -> AsyncIterator[None]:
+    """Heartbeat every HEARTBEAT_EVERY_S while the block runs (the worker is alive and the step in hand); a local
+    step does not heartbeat (the workflow task it runs in is its lease).
 
     The first beat comes after HEARTBEAT_EVERY_S, not at once: the heartbeat timeout counts from the start anyway,
     and a reply that comes quickly then costs the server no heartbeat at all.
     """
+    if info.is_local:
+        yield
+        return
 
     async def beat() -> None:
         while True:

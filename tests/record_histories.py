@@ -8,7 +8,8 @@ continued as new, one with a nudge that fired and one that was cancelled, a Tele
 flood control, a nudge delivered, the bot blocked, /forget), and the companion's own nudges (a reminder asked for,
 a follow-up, check-ins, quiet hours), the remember step (memories, an extraction, the summary carried over
 continue-as-new), remember steps one at a time (turns answered during a step remembered by the next one), and
-remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new.
+remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new;
+with the reply step run locally, the Telegram conversation again, and retried steps with a fallback reply.
 Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
@@ -71,12 +72,16 @@ async def _save(client: Client, telegram_id: int, name: str, run_id: str | None 
 SETTINGS = load_settings(temporal_task_queue="record-histories", remember_after_quiet_seconds=0)
 
 
-async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI, name: str = "retried_activities",
+                   simon: int = 1002, fallback: bool = False) -> None:
     settings = SETTINGS
     async with build_worker(client, settings.temporal_task_queue, FailingAfterWrite(repository, chat_model(llm))):
         llm.script(Fail(500))  # the first LLM call fails once; record_message fails twice after writing
-        await send_message(client, settings, _message(1002, 0, "Something went wrong yesterday"))
-        await _save(client, 1002, "retried_activities")
+        await send_message(client, settings, _message(simon, 0, "Something went wrong yesterday"))
+        if fallback:  # every attempt fails: the fallback reply
+            llm.script(Fail(500), Fail(502), Fail(500))
+            await send_message(client, settings, _message(simon, 1, "Are you still there?"))
+        await _save(client, simon, name)
 
 
 async def _console(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
@@ -248,7 +253,10 @@ async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm
 SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
              "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember,
              "remember_together": _remember_together, "remember_when_quiet": _remember_when_quiet,
-             "telegram_local_delivery": lambda *args: _telegram(*args, name="telegram_local_delivery", ada=1010)}
+             "telegram_local_delivery": lambda *args: _telegram(*args, name="telegram_local_delivery", ada=1010),
+             "telegram_local_reply": lambda *args: _telegram(*args, name="telegram_local_reply", ada=1011),
+             "retried_local_reply": lambda *args: _retried(*args, name="retried_local_reply", simon=1012,
+                                                           fallback=True)}
 
 
 async def main() -> None:

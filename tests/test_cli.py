@@ -270,7 +270,7 @@ def test_the_worker_serves_metrics_and_its_log_lines_lead_to_the_workflow(tmp_pa
     assert total("companion_llm_calls", outcome="ok", purpose="reply") == 2
     assert total("companion_llm_tokens", kind="completion") > 0
     assert total("companion_llm_latency_count", purpose="reply") == 2
-    assert total("temporal_activity_execution_latency_count", activity_type="compose_reply") == 2  # the SDK's own
+    assert total("temporal_local_activity_execution_latency_count", activity_type="compose_reply") == 2  # the SDK's own
 
     log = [json.loads(line) for line in (tmp_path / ".companion" / "companion.log").read_text().splitlines()]
     request = next(line for line in log if line["event"] == "llm.request")

@@ -42,7 +42,7 @@ from tests.conftest import (
     leaked,
 )
 from tests.fake_openai import FakeOpenAI, Reply
-from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
+from tests.fake_telegram import TOKEN, Fail, FakeBotAPI, message_update
 from tests.local_http import free_port
 from tests.processes import start_worker
 from tests.test_telegram import running_gateway
@@ -58,9 +58,9 @@ def worker_env(database_url: str, address: str, task_queue: str, llm: FakeOpenAI
             "CHECKIN_AFTER_DAYS": "0", "MEMORY_EXTRACTION": "off", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
 
 
-def message(telegram_id: int, n: int, text: str) -> IncomingMessage:
-    return IncomingMessage(message_key=f"console:{telegram_id}:{n}", user=ChatUser(telegram_id=telegram_id),
-                           chat_id=telegram_id, channel=Channel.CONSOLE, text=text, sent_at=datetime.now(UTC))
+def message(telegram_id: int, n: int, text: str, channel: Channel = Channel.CONSOLE) -> IncomingMessage:
+    return IncomingMessage(message_key=f"{channel}:{telegram_id}:{n}", user=ChatUser(telegram_id=telegram_id),
+                           chat_id=telegram_id, channel=channel, text=text, sent_at=datetime.now(UTC))
 
 
 async def state(client: Client, telegram_id: int) -> CompanionState:
@@ -94,7 +94,7 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
         try:
             started = [json.loads(line) for line in log.read_text().splitlines() if '"worker.started"' in line]
             assert [line["sandbox"] for line in started] == [True, False]
-            # The reply step stops heartbeating; within LLM_HEARTBEAT it runs again on the new worker.
+            # The workflow task the reply step runs in times out (10 s); the step runs again on the new worker.
             done = await eventually(lambda: state(client, ada), lambda s: len(s.replies) == 1, timeout_s=60)
             assert done.replies[0].text == "I hear you: are you there?" and not done.replies[0].fallback
             assert await rows(repo, ada) == [(f"console:{ada}:1", "are you there?"),
@@ -113,6 +113,53 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
         if first.poll() is None:
             first.kill()
         await _terminate(client, ada)
+
+
+async def test_a_worker_killed_after_storing_the_reply_is_replaced_and_the_reply_is_sent_without_a_new_llm_call(
+        tmp_path: Path, dev_server: SharedDevServer, database_url: str, repo: MemoryRepository,
+        fake_llm: FakeOpenAI) -> None:
+    """The reply is stored, Telegram is failing, and the worker dies while it waits to send again. The worker that
+    takes over runs the turn's steps again from their first attempt: it finds the stored reply and sends that one."""
+    client = (await dev_server.get()).client
+    address, task_queue = client.service_client.config.target_host, f"test-{uuid.uuid4()}"
+    api = FakeBotAPI()
+    api.start()
+    env = {**worker_env(database_url, address, task_queue, fake_llm), "TELEGRAM_BOT_TOKEN": TOKEN,
+           "TELEGRAM_API_BASE_URL": api.url}
+    log = tmp_path / "worker.log"
+    ada = fresh_telegram_id()
+    first = start_worker(log, env)
+    try:
+        fake_llm.script(Reply("the reply the lost worker stored"))
+        api.fail_next("sendMessage", Fail(500, "Internal Server Error"), Fail(500, "Internal Server Error"))
+        asked = _chat_requests(fake_llm)
+        await signal_message(client, load_settings(temporal_task_queue=task_queue, temporal_address=address),
+                             message(ada, 1, "are you there?", Channel.TELEGRAM))
+        await eventually(lambda: _sends(api, ada), lambda n: n >= 1)  # stored, and the first send failed
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert await rows(repo, ada) == [(f"telegram:{ada}:1", "are you there?"),
+                                         (f"telegram:{ada}:1:reply", "the reply the lost worker stored")]
+        second = start_worker(log, env)
+        try:
+            sent = await api.wait_for(ada, 1, timeout=60)
+            assert [m.text for m in sent] == ["the reply the lost worker stored"]
+            assert _chat_requests(fake_llm) == asked + 1  # the LLM was asked once, by the lost worker
+            assert len(await rows(repo, ada)) == 2
+            await asyncio.sleep(1)  # a second delivery would arrive by now
+            assert len(api.messages(ada)) == 1
+        finally:
+            second.terminate()
+            second.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        api.stop()
+        await _terminate(client, ada)
+
+
+def _sends(api: FakeBotAPI, chat_id: int) -> int:
+    return sum(method == "sendMessage" and params["chat_id"] == str(chat_id) for method, params in api.calls)
 
 
 async def test_the_temporal_server_killed_and_restarted_mid_conversation_loses_no_message(

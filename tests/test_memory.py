@@ -521,9 +521,9 @@ async def test_property_a_users_prompt_holds_nothing_of_another_user(
                                        occurred_at=when, source_keys=[f"m{other}-0"])])
 
     activities = TurnActivities(repo, chat_model(fake_llm), memory=memory)
-    prompt, _, _ = await activities.prompt_for(ComposeReplyInput(
+    prompt = (await activities.prompt_for(ComposeReplyInput(
         user_id=me, message_key=f"m{me}-q", reply_key=f"m{me}-q:reply", text=query, channel=Channel.CONSOLE,
-        now=datetime.now(UTC)))
+        now=datetime.now(UTC)))).prompt
     shown = "\n".join([prompt.system_prompt, *(turn.content for turn in prompt.history)])
     assert not [word for word in _OTHER_WORDS if word in shown]
     assert mine[-1] in shown  # the user's own conversation is there

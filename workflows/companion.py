@@ -74,6 +74,10 @@ REMEMBER_WHEN_QUIET = "remember-when-quiet"
 # Delivery to Telegram runs as a local activity, in the workflow task that asks for it: one activity task and one
 # workflow task fewer a turn. Its attempts are markers in the history; a failed one is retried by the worker.
 DELIVER_LOCALLY = "deliver-locally"
+# The reply step runs as a local activity too: with the storage steps and the delivery, a turn is one workflow task
+# and no activity task. A worker lost mid-step is replaced when that workflow task times out (10 s), as a heartbeat
+# timeout did; the step runs again there and finds the reply if the lost worker had stored it.
+REPLY_LOCALLY = "reply-locally"
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -404,17 +408,21 @@ class CompanionWorkflow:
 
     async def _compose(self, user_id: int, message: IncomingMessage) -> tuple[str, bool, list[Nudge]]:
         """The reply's text, whether it is the fallback, and the nudges the message gave rise to."""
+        data = ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
+                                 text=message.text, channel=message.channel, chat_id=message.chat_id,
+                                 now=workflow.now(), summary=self._state.summary)
         try:
-            reply = await workflow.execute_activity_method(
-                CompanionActivities.compose_reply,
-                ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
-                                  text=message.text, channel=message.channel, chat_id=message.chat_id,
-                                  now=workflow.now(), summary=self._state.summary),
-                start_to_close_timeout=LLM_TIMEOUT, heartbeat_timeout=LLM_HEARTBEAT, retry_policy=LLM_RETRY,
-                summary="LLM reply")
-        except ActivityError as err:
+            if workflow.patched(REPLY_LOCALLY):
+                reply = await workflow.execute_local_activity_method(
+                    CompanionActivities.compose_reply, data, start_to_close_timeout=LLM_TIMEOUT,
+                    retry_policy=LLM_RETRY, summary="LLM reply")
+            else:
+                reply = await workflow.execute_activity_method(
+                    CompanionActivities.compose_reply, data, start_to_close_timeout=LLM_TIMEOUT,
+                    heartbeat_timeout=LLM_HEARTBEAT, retry_policy=LLM_RETRY, summary="LLM reply")
+        except FAILED_STEP as err:
             workflow.logger.warning("LLM failed, sending the fallback reply",
-                                    extra={"message_key": message.message_key, "error": str(err.cause)})
+                                    extra={"message_key": message.message_key, "error": str(_cause(err))})
             self._state.fallbacks += 1
             await self._record(user_id, message.reply_key, Role.ASSISTANT, FALLBACK_REPLY, message, fallback=True)
             return FALLBACK_REPLY, True, []
