@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from pgvector.sqlalchemy import Vector
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -99,9 +99,11 @@ class PgVectorStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]):
         self._sessions = sessions
 
-    async def _tx(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], **context: Any) -> T:
+    async def _tx(self, operation: str, work: Callable[[AsyncSession], Awaitable[T]], autocommit: bool = False,
+                  **context: Any) -> T:
         try:
-            return await run_transaction(self._sessions, f"vectors.{operation}", work, **context)
+            return await run_transaction(self._sessions, f"vectors.{operation}", work, autocommit=autocommit,
+                                         **context)
         except CompanionError as exc:
             if isinstance(exc, VectorStoreError):
                 raise
@@ -124,27 +126,32 @@ class PgVectorStore:
         await self._tx("upsert", work, user_id=user_id, count=len(items))
 
     async def query(self, user_id: int, vector: list[float], k: int) -> list[VectorHit]:
-        async def work(session: AsyncSession) -> list[VectorHit]:
-            count = (await session.execute(text(
-                "SELECT count(*) FROM memories WHERE user_id = :u AND embedding IS NOT NULL"), {"u": user_id})
-            ).scalar_one()
-            distance = Memory.embedding.cosine_distance(vector)
-            if count <= EXACT_SEARCH_LIMIT:
-                # MATERIALIZED keeps the planner from answering through the HNSW index, which would filter by
-                # user only after picking its neighbours: exact, and only this user's rows.
-                mine = (select(Memory.id, Memory.embedding)
-                        .where(Memory.user_id == user_id, Memory.embedding.is_not(None))
-                        .cte("mine").prefix_with("MATERIALIZED"))
-                rows = await session.execute(select(mine.c.id, mine.c.embedding.cosine_distance(vector))
-                                             .order_by(mine.c.embedding.cosine_distance(vector)).limit(k))
-            else:
-                await session.execute(text(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, 4 * k)}"))
-                rows = await session.execute(select(Memory.id, distance)
-                                             .where(Memory.user_id == user_id, Memory.embedding.is_not(None))
-                                             .order_by(distance).limit(k))
-            return [VectorHit(memory_id=row[0], score=1.0 - float(row[1])) for row in rows]
+        # The usual case is one statement in autocommit: the user's rows, ranked exactly. Only a user with more
+        # than EXACT_SEARCH_LIMIT vectors costs a second try, through the index, in a transaction for SET LOCAL.
+        async def exact(session: AsyncSession) -> list[VectorHit] | None:
+            # MATERIALIZED keeps the planner from answering through the HNSW index, which would filter by user only
+            # after picking its neighbours: exact, and only this user's rows. The LIMIT bounds the scan of a user
+            # too large for it, whom the count then sends to the index.
+            mine = (select(Memory.id, Memory.embedding)
+                    .where(Memory.user_id == user_id, Memory.embedding.is_not(None))
+                    .limit(EXACT_SEARCH_LIMIT + 1).cte("mine").prefix_with("MATERIALIZED"))
+            distance = mine.c.embedding.cosine_distance(vector).label("distance")  # the vector is sent once
+            total = select(func.count()).select_from(mine).scalar_subquery().label("total")
+            rows = (await session.execute(select(mine.c.id, distance, total).order_by(distance).limit(k))).all()
+            if rows and rows[0].total > EXACT_SEARCH_LIMIT:
+                return None
+            return [VectorHit(memory_id=row.id, score=1.0 - float(row.distance)) for row in rows]
 
-        return await self._tx("query", work, user_id=user_id)
+        async def indexed(session: AsyncSession) -> list[VectorHit]:
+            await session.execute(text(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, 4 * k)}"))
+            distance = Memory.embedding.cosine_distance(vector).label("distance")
+            rows = await session.execute(select(Memory.id, distance)
+                                         .where(Memory.user_id == user_id, Memory.embedding.is_not(None))
+                                         .order_by(distance).limit(k))
+            return [VectorHit(memory_id=row.id, score=1.0 - float(row.distance)) for row in rows]
+
+        hits = await self._tx("query", exact, autocommit=True, user_id=user_id)
+        return hits if hits is not None else await self._tx("query", indexed, user_id=user_id)
 
     async def delete(self, user_id: int, memory_ids: list[int]) -> None:
         """Nothing to do: the vector goes with its row."""

@@ -36,6 +36,9 @@ async def _simon(repo: MemoryRepository) -> UserContextSchema:
                                                                event_at=NOW + timedelta(days=1)))
     await repo.add_timeline_event(user.id, TimelineEventCreate(title="Last year's trip",
                                                                event_at=NOW - timedelta(days=300)))
+    await repo.add_timeline_event(user.id, TimelineEventCreate(title="Dentist", event_at=NOW + timedelta(days=5)))
+    await repo.add_diary_entry(user.id, DiaryEntryCreate(title="Started the piano", content="Lessons on Sundays",
+                                                         occurred_at=NOW - timedelta(days=60)))
     await repo.add_diary_entry(user.id, DiaryEntryCreate(title="Moved to Berlin", content="A fresh start",
                                                          occurred_at=NOW - timedelta(days=30)))
     await repo.create_scheduled_message(user.id, ScheduledMessageCreate(
@@ -43,6 +46,8 @@ async def _simon(repo: MemoryRepository) -> UserContextSchema:
     await repo.create_scheduled_message(user.id, ScheduledMessageCreate(
         nudge_id="n2", scheduled_for=NOW + timedelta(days=3), content="old reminder"))
     await repo.update_scheduled_message("n2", ScheduledMessageUpdate(status=NudgeStatus.CANCELLED))
+    await repo.create_scheduled_message(user.id, ScheduledMessageCreate(
+        nudge_id="n3", scheduled_for=NOW + timedelta(hours=3), content="drink water"))
     for n, (role, text) in enumerate([(Role.USER, "I have an interview tomorrow"),
                                       (Role.ASSISTANT, "Good luck! You'll do great.")]):
         await repo.add_message(user.id, MessageCreate(message_key=f"k{n}", role=role, content=text,
@@ -56,10 +61,10 @@ async def _simon(repo: MemoryRepository) -> UserContextSchema:
 async def test_the_context_gathers_what_the_companion_knows(repo: MemoryRepository) -> None:
     context = await _simon(repo)
     assert context.user.first_name == "Simon"
-    assert {f.value for f in context.facts} == {"Globex", INJECTION}
-    assert [e.title for e in context.upcoming_events] == ["Job interview"]
-    assert [d.title for d in context.diary_entries] == ["Moved to Berlin"]
-    assert [n.nudge_id for n in context.pending_nudges] == ["n1"]
+    assert [f.value for f in context.facts] == [INJECTION, "Globex"]  # by category: other, then work
+    assert [e.title for e in context.upcoming_events] == ["Job interview", "Dentist"]  # soonest first
+    assert [d.title for d in context.diary_entries] == ["Moved to Berlin", "Started the piano"]  # latest first
+    assert [n.nudge_id for n in context.pending_nudges] == ["n3", "n1"]
     assert [m.content for m in context.recent_messages] == ["I have an interview tomorrow",
                                                             "Good luck! You'll do great."]
     assert UserContextSchema.model_validate_json(context.model_dump_json()) == context

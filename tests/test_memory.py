@@ -39,6 +39,7 @@ from schemas.memory import (
     UserCreate,
 )
 from schemas.turn import ChatUser, ComposeReplyInput
+from storage import vectors
 from storage.database import create_session_factory
 from storage.models import Memory
 from storage.recall import MemoryIndex, NewMemory
@@ -243,10 +244,13 @@ async def test_applying_an_extraction_twice_stores_nothing_twice(
 # --- isolation ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("store", ["pgvector", "pinecone"])
+@pytest.mark.parametrize("store", ["pgvector", "pgvector-index", "pinecone"])
 async def test_no_search_returns_another_users_memories(
-        store: str, repo: MemoryRepository, memory: MemoryIndex, pinecone_memory: MemoryIndex) -> None:
-    index = memory if store == "pgvector" else pinecone_memory
+        store: str, repo: MemoryRepository, memory: MemoryIndex, pinecone_memory: MemoryIndex,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    index = pinecone_memory if store == "pinecone" else memory
+    if store == "pgvector-index":  # users past the exact search's limit are searched through the HNSW index
+        monkeypatch.setattr(vectors, "EXACT_SEARCH_LIMIT", 1)
     secret = ["My bank PIN hint is blue giraffe", "Noted, I will keep that safe.", "And my doctor is Dr Okafor."]
     alice = await user_with_messages(repo, secret)
     bob = await user_with_messages(repo, ["I love hiking in the Alps", "That sounds lovely!"])
@@ -259,6 +263,21 @@ async def test_no_search_returns_another_users_memories(
         assert all(key.startswith(f"m{bob}-") for hit in found.hits for key in hit.source_keys), query
         assert not any("giraffe" in hit.content or "Okafor" in hit.content for hit in found.hits)
     assert any("giraffe" in hit.content for hit in (await index.search(alice, "blue giraffe", k=3)).hits)
+
+
+async def test_a_user_past_the_exact_search_limit_gets_the_same_neighbours_through_the_index(
+        repo: MemoryRepository, memory: MemoryIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = ["We adopted a cat called Miso", "My sister lives in Lisbon", "I play the piano on Sundays",
+             "The job interview at Acme is on Friday", "I keep bees in the garden", "Tea with lemon, always"]
+    user_id = await user_with_messages(repo, lines)
+    await memory.remember_messages(user_id, [f"m{user_id}-{n}" for n in range(len(lines))], "someone")
+    vector = (await memory.embedder.embed(["my cat Miso"]))[0]
+    exact = await memory.store.query(user_id, vector, 4)
+    monkeypatch.setattr(vectors, "EXACT_SEARCH_LIMIT", 2)
+    indexed = await memory.store.query(user_id, vector, 4)
+    assert len(exact) == 4
+    assert [(hit.memory_id, round(hit.score, 5)) for hit in indexed] == [
+        (hit.memory_id, round(hit.score, 5)) for hit in exact]
 
 
 # --- Pinecone ----------------------------------------------------------------------------------------------------
