@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 import time
 from pathlib import Path
+from typing import Any
 
 import openai
 from openai import AsyncOpenAI
 from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion
 from temporalio import activity
 
 from core.errors import ConfigurationError, OpenAIServiceError
@@ -51,51 +53,56 @@ class ChatModel:
                     *({"role": turn.role.value, "content": turn.content} for turn in context.history),
                     {"role": "user", "content": text}]
         started = time.perf_counter()
-        try:
-            response = await self._client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=self._max_tokens, temperature=TEMPERATURE)
-        except openai.APIStatusError as exc:
-            _count_call(self.model, "error", time.perf_counter() - started)
-            raise _status_error(exc) from exc
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            _count_call(self.model, "error", time.perf_counter() - started)
-            raise OpenAIServiceError(f"the LLM endpoint could not be reached ({type(exc).__name__})",
-                                     context={"model": self.model}, cause=exc) from exc
-        content = (response.choices[0].message.content or "").strip() if response.choices else ""
+        response = await self._complete({"messages": messages, "max_tokens": self._max_tokens,
+                                         "temperature": TEMPERATURE}, purpose="reply")
+        content = _content(response)
         if not content:
             raise OpenAIServiceError("the LLM returned an empty reply", context={"model": self.model})
         usage = response.usage
-        _count_call(self.model, "ok", time.perf_counter() - started, usage)
         _log.info("llm.reply", model=self.model, duration_ms=round((time.perf_counter() - started) * 1000),
                   prompt_tokens=usage.prompt_tokens if usage else None,
                   completion_tokens=usage.completion_tokens if usage else None)
         return ComposedReply(text=content, model=response.model or self.model,
-                              prompt_tokens=usage.prompt_tokens if usage else None,
-                              completion_tokens=usage.completion_tokens if usage else None)
-
+                             prompt_tokens=usage.prompt_tokens if usage else None,
+                             completion_tokens=usage.completion_tokens if usage else None)
 
     async def complete_json(self, system: str, user: str, name: str, schema: dict, max_tokens: int) -> str:
         """A completion constrained to a JSON schema (OpenAI structured outputs; llama.cpp turns the schema into a
         grammar). Returns the raw JSON text; failures raise OpenAIServiceError like ``reply``."""
-        started = time.perf_counter()
-        try:
-            response = await self._client.chat.completions.create(
-                model=self.model, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-                max_tokens=max_tokens, temperature=0,
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": name, "schema": schema, "strict": True}})
-        except openai.APIStatusError as exc:
-            _count_call(self.model, "error", time.perf_counter() - started, purpose=name)
-            raise _status_error(exc) from exc
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            _count_call(self.model, "error", time.perf_counter() - started, purpose=name)
-            raise OpenAIServiceError(f"the LLM endpoint could not be reached ({type(exc).__name__})",
-                                     context={"model": self.model}, cause=exc) from exc
-        _count_call(self.model, "ok", time.perf_counter() - started, response.usage, purpose=name)
-        content = (response.choices[0].message.content or "").strip() if response.choices else ""
+        response = await self._complete({
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": max_tokens, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema,
+                                                                       "strict": True}}}, purpose=name)
+        content = _content(response)
         if not content:
             raise OpenAIServiceError("the LLM returned an empty structured answer", context={"model": self.model})
         return content
+
+    async def _complete(self, body: dict[str, Any], purpose: str) -> ChatCompletion:
+        """POST /chat/completions with ``body`` for this model; failures raise OpenAIServiceError.
+
+        The body goes out through the SDK's request method as it is: chat.completions.create would first walk every
+        message through the SDK's typed-dict transform, which changes nothing in plain text messages and cost ~2 ms
+        of CPU a call. The response is parsed, and errors raised, as create does.
+        """
+        started = time.perf_counter()
+        try:
+            response = await self._client.post("/chat/completions", body={"model": self.model, **body},
+                                               cast_to=ChatCompletion)
+        except openai.APIStatusError as exc:
+            _count_call(self.model, "error", time.perf_counter() - started, purpose=purpose)
+            raise _status_error(exc) from exc
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            _count_call(self.model, "error", time.perf_counter() - started, purpose=purpose)
+            raise OpenAIServiceError(f"the LLM endpoint could not be reached ({type(exc).__name__})",
+                                     context={"model": self.model}, cause=exc) from exc
+        _count_call(self.model, "ok", time.perf_counter() - started, response.usage, purpose=purpose)
+        return response
+
+
+def _content(response: ChatCompletion) -> str:
+    return (response.choices[0].message.content or "").strip() if response.choices else ""
 
 
 def _count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage | None = None,
