@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 WORKER_START_S = 120
@@ -23,3 +25,21 @@ def start_worker(log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
             raise RuntimeError(f"the worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.1)
     return process
+
+
+@contextmanager
+def running_worker(log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`companion worker` (see start_worker) for the length of the block, stopped at its end unless it has stopped
+    already (killed by the test, say)."""
+    process = start_worker(log, env)
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Ask a process to stop (SIGTERM) and wait for it, unless it has ended."""
+    if process.poll() is None:
+        process.terminate()
+        process.wait(30)

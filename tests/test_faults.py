@@ -44,7 +44,7 @@ from tests.conftest import (
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, Fail, FakeBotAPI, message_update
 from tests.local_http import free_port
-from tests.processes import start_worker
+from tests.processes import running_worker, stop
 from tests.test_telegram import running_gateway
 from tests.test_workflow import eventually
 from worker import build_worker
@@ -80,18 +80,17 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
     settings = load_settings(temporal_task_queue=task_queue, temporal_address=address)
     env, log = worker_env(database_url, address, task_queue, fake_llm), tmp_path / "worker.log"
     ada = fresh_telegram_id()
-    first = start_worker(log, env)
     try:
-        fake_llm.script(Reply("an answer the killed worker never gets", delay_s=20))
-        asked = _chat_requests(fake_llm)
-        await signal_message(client, settings, message(ada, 1, "are you there?"))
-        await eventually(lambda: _chat_requests(fake_llm), lambda n: n > asked)  # the LLM is thinking
-        first.send_signal(signal.SIGKILL)  # the worker dies mid-call, its reply not yet stored
-        first.wait(10)
+        with running_worker(log, env) as first:
+            fake_llm.script(Reply("an answer the killed worker never gets", delay_s=20))
+            asked = _chat_requests(fake_llm)
+            await signal_message(client, settings, message(ada, 1, "are you there?"))
+            await eventually(lambda: _chat_requests(fake_llm), lambda n: n > asked)  # the LLM is thinking
+            first.send_signal(signal.SIGKILL)  # the worker dies mid-call, its reply not yet stored
+            first.wait(10)
         # The replacement runs workflows outside the sandbox (WORKFLOW_SANDBOX=false, as an operator might set it on
         # a restart): it takes over a conversation the sandboxed worker began, replaying its history.
-        second = start_worker(log, {**env, "WORKFLOW_SANDBOX": "false"})
-        try:
+        with running_worker(log, {**env, "WORKFLOW_SANDBOX": "false"}):
             started = [json.loads(line) for line in log.read_text().splitlines() if '"worker.started"' in line]
             assert [line["sandbox"] for line in started] == [True, False]
             # The workflow task the reply step runs in times out (10 s); the step runs again on the new worker.
@@ -106,12 +105,7 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_the_turn_completes_once(
             history = await client.get_workflow_handle(workflow_id(ada)).fetch_history()
             assert "llm.request" in log.read_text() and len(history.events) > 10
             assert not leaked(log.read_text()) and not leaked(history_text(history))
-        finally:
-            second.terminate()
-            second.wait(30)
     finally:
-        if first.poll() is None:
-            first.kill()
         await _terminate(client, ada)
 
 
@@ -128,32 +122,26 @@ async def test_a_worker_killed_after_storing_the_reply_is_replaced_and_the_reply
            "TELEGRAM_API_BASE_URL": api.url}
     log = tmp_path / "worker.log"
     ada = fresh_telegram_id()
-    first = start_worker(log, env)
     try:
-        fake_llm.script(Reply("the reply the lost worker stored"))
-        api.fail_next("sendMessage", Fail(500, "Internal Server Error"), Fail(500, "Internal Server Error"))
-        asked = _chat_requests(fake_llm)
-        await signal_message(client, load_settings(temporal_task_queue=task_queue, temporal_address=address),
-                             message(ada, 1, "are you there?", Channel.TELEGRAM))
-        await eventually(lambda: _sends(api, ada), lambda n: n >= 1)  # stored, and the first send failed
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
+        with running_worker(log, env) as first:
+            fake_llm.script(Reply("the reply the lost worker stored"))
+            api.fail_next("sendMessage", Fail(500, "Internal Server Error"), Fail(500, "Internal Server Error"))
+            asked = _chat_requests(fake_llm)
+            await signal_message(client, load_settings(temporal_task_queue=task_queue, temporal_address=address),
+                                 message(ada, 1, "are you there?", Channel.TELEGRAM))
+            await eventually(lambda: _sends(api, ada), lambda n: n >= 1)  # stored, and the first send failed
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
         assert await rows(repo, ada) == [(f"telegram:{ada}:1", "are you there?"),
                                          (f"telegram:{ada}:1:reply", "the reply the lost worker stored")]
-        second = start_worker(log, env)
-        try:
+        with running_worker(log, env):
             sent = await api.wait_for(ada, 1, timeout=60)
             assert [m.text for m in sent] == ["the reply the lost worker stored"]
             assert _chat_requests(fake_llm) == asked + 1  # the LLM was asked once, by the lost worker
             assert len(await rows(repo, ada)) == 2
             await asyncio.sleep(1)  # a second delivery would arrive by now
             assert len(api.messages(ada)) == 1
-        finally:
-            second.terminate()
-            second.wait(30)
     finally:
-        if first.poll() is None:
-            first.kill()
         api.stop()
         await _terminate(client, ada)
 
@@ -329,23 +317,19 @@ async def restartable_stack(tmp_path: Path, database_url: str, llm: FakeOpenAI, 
                              temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0, **telegram)
     server = TemporalDevServer(settings)
     server.start()
-    worker = None
     try:
         client = await server.wait_ready(settings)
-        worker = start_worker(tmp_path / "worker.log", {
-            **worker_env(database_url, settings.temporal_address, settings.temporal_task_queue, llm),
-            **({"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": telegram_api} if telegram_api else {})})
-        yield server, client, settings
-        # Nothing the worker logged and nothing the server kept (payloads decoded) holds a secret.
-        worker.terminate()
-        worker.wait(30)
-        assert not leaked((tmp_path / "worker.log").read_text(errors="replace")), "a secret in the worker's log"
-        runs, holding = await histories_with_secrets(client)
-        assert runs and not holding, f"a secret in the history of {holding}"
+        with running_worker(tmp_path / "worker.log", {
+                **worker_env(database_url, settings.temporal_address, settings.temporal_task_queue, llm),
+                **({"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": telegram_api} if telegram_api else {})
+        }) as worker:
+            yield server, client, settings
+            # Nothing the worker logged and nothing the server kept (payloads decoded) holds a secret.
+            stop(worker)
+            assert not leaked((tmp_path / "worker.log").read_text(errors="replace")), "a secret in the worker's log"
+            runs, holding = await histories_with_secrets(client)
+            assert runs and not holding, f"a secret in the history of {holding}"
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            worker.wait(30)
         server.stop()
 
 
