@@ -11,7 +11,7 @@ server receives it.
 
 (a) capacity: every user sends --messages messages, each as soon as the reply to the previous one arrived: turns/s.
 (b) latency under a steady load: --rate messages a second, spread over the users, for --seconds: p50/p95/p99 from
-    the signal to the delivered reply.
+    the signal to the delivered reply. It starts once the remember steps that phase (a) ended with have landed.
 Both check that every message got exactly one reply, and that PostgreSQL holds each message and each reply once.
 CPU per turn is read from /proc for each process of the stack over both phases. The last line is one JSON object.
 """
@@ -68,6 +68,27 @@ def _arrivals(api: FakeBotAPI, load: Load) -> list[float]:
     return latencies
 
 
+async def _remembered(database_url: str, users: range) -> int:
+    """How many of these users' messages (and replies) the remember step has made into memories."""
+    connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return await connection.fetchval(
+            "SELECT count(DISTINCT key) FROM memories m JOIN users u ON u.id = m.user_id, unnest(m.source_keys) key "
+            "WHERE u.telegram_id >= $1 AND u.telegram_id < $2", users.start, users.stop)
+    finally:
+        await connection.close()
+
+
+async def _wait_remembered(database_url: str, users: range, messages: int, timeout_s: float = 120) -> float:
+    """Wait until the remember steps have made every message of these users a memory; returns the seconds waited."""
+    started = time.perf_counter()
+    while await _remembered(database_url, users) < 2 * messages * len(users):
+        if time.perf_counter() - started > timeout_s:
+            raise TimeoutError(f"the remember steps of phase (a) did not finish within {timeout_s:g} s")
+        await asyncio.sleep(0.5)
+    return time.perf_counter() - started
+
+
 async def _counts(database_url: str, users: range) -> tuple[int, int]:
     """(messages missing a row or a reply, rows beyond one per key) in PostgreSQL."""
     connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
@@ -106,6 +127,9 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
             capacity_s = time.perf_counter() - started
             turns = users * messages
             lost_a, duplicated_a = await _counts(stack.database_url, capacity_users)
+            # A user's turns are remembered by one step once five wait (or after a pause), so phase (a) ends with a
+            # burst of remember steps, one a user. Phase (b) measures a steady load: it starts once they have landed.
+            drained_s = await _wait_remembered(stack.database_url, capacity_users, messages)
 
             # (b) latency at a steady rate over other users (first turns included, as in real life)
             steady_users = range(FIRST_USER + users, FIRST_USER + 2 * users)
@@ -131,7 +155,7 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     cpu_ms = {role: round((cpu_after[role] - cpu_before[role]) * 1000 / all_turns, 1) for role in cpu_after}
     p50, p95, p99 = (statistics.median(latencies), _percentile(latencies, 0.95), _percentile(latencies, 0.99))
     print(f"(a) capacity: {turns} turns by {users} users in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
-          f"lost {lost_a}, duplicated rows {duplicated_a}")
+          f"lost {lost_a}, duplicated rows {duplicated_a}; its remember steps landed {drained_s:.1f} s later")
     print(f"(b) {rate:g} messages/s for {seconds:g} s ({total} messages): signal to delivered reply p50 {p50:.1f} ms, "
           f"p95 {p95:.1f} ms, p99 {p99:.1f} ms; lost {lost_b}, duplicated rows {duplicated_b}, "
           f"extra Telegram messages {extra}")
