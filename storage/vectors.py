@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from pgvector.sqlalchemy import Vector
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -34,6 +34,23 @@ HNSW_EF_SEARCH = 400
 HNSW_MAX_DIMENSIONS = 2000  # pgvector's limit for an HNSW index on vector columns
 _COLUMN_DIMENSION = ("SELECT atttypmod FROM pg_attribute WHERE attrelid = 'memories'::regclass "
                      "AND attname = 'embedding'")
+
+
+# The exact search of one user's vectors. The count reads at most one row past the limit, without the vectors; only
+# when it is within the limit are the user's rows read (MATERIALIZED keeps the planner from answering through the
+# HNSW index, which would filter by user only after picking its neighbours) and ranked. One row at least: the count,
+# with no id when the user has no vectors or too many.
+_EXACT_SEARCH = text("""
+WITH total AS (
+    SELECT count(*) AS n FROM (SELECT 1 FROM memories WHERE user_id = :user_id AND embedding IS NOT NULL
+                               LIMIT :limit + 1) AS capped),
+mine AS MATERIALIZED (
+    SELECT id, embedding FROM memories
+    WHERE user_id = :user_id AND embedding IS NOT NULL AND (SELECT n FROM total) <= :limit)
+SELECT total.n AS total, mine.id, mine.embedding <=> :vector AS distance
+FROM total LEFT JOIN mine ON true
+ORDER BY distance LIMIT :k
+""").bindparams(bindparam("vector", type_=Vector()))
 
 
 @dataclass(frozen=True)
@@ -126,21 +143,14 @@ class PgVectorStore:
         await self._tx("upsert", work, user_id=user_id, count=len(items))
 
     async def query(self, user_id: int, vector: list[float], k: int) -> list[VectorHit]:
-        # The usual case is one statement in autocommit: the user's rows, ranked exactly. Only a user with more
-        # than EXACT_SEARCH_LIMIT vectors costs a second try, through the index, in a transaction for SET LOCAL.
+        # One statement in autocommit for the usual case; a user past EXACT_SEARCH_LIMIT costs a second one, through
+        # the index, in a transaction for SET LOCAL.
         async def exact(session: AsyncSession) -> list[VectorHit] | None:
-            # MATERIALIZED keeps the planner from answering through the HNSW index, which would filter by user only
-            # after picking its neighbours: exact, and only this user's rows. The LIMIT bounds the scan of a user
-            # too large for it, whom the count then sends to the index.
-            mine = (select(Memory.id, Memory.embedding)
-                    .where(Memory.user_id == user_id, Memory.embedding.is_not(None))
-                    .limit(EXACT_SEARCH_LIMIT + 1).cte("mine").prefix_with("MATERIALIZED"))
-            distance = mine.c.embedding.cosine_distance(vector).label("distance")  # the vector is sent once
-            total = select(func.count()).select_from(mine).scalar_subquery().label("total")
-            rows = (await session.execute(select(mine.c.id, distance, total).order_by(distance).limit(k))).all()
-            if rows and rows[0].total > EXACT_SEARCH_LIMIT:
+            rows = (await session.execute(_EXACT_SEARCH, {"user_id": user_id, "vector": vector, "k": k,
+                                                          "limit": EXACT_SEARCH_LIMIT})).all()
+            if rows[0].total > EXACT_SEARCH_LIMIT:
                 return None
-            return [VectorHit(memory_id=row.id, score=1.0 - float(row.distance)) for row in rows]
+            return [VectorHit(memory_id=row.id, score=1.0 - float(row.distance)) for row in rows if row.id is not None]
 
         async def indexed(session: AsyncSession) -> list[VectorHit]:
             await session.execute(text(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, 4 * k)}"))

@@ -272,10 +272,12 @@ async def test_a_user_past_the_exact_search_limit_gets_the_same_neighbours_throu
     user_id = await user_with_messages(repo, lines)
     await memory.remember_messages(user_id, [f"m{user_id}-{n}" for n in range(len(lines))], "someone")
     vector = (await memory.embedder.embed(["my cat Miso"]))[0]
+    newcomer = await user_with_messages(repo, [])
     exact = await memory.store.query(user_id, vector, 4)
+    assert len(exact) == 4 and await memory.store.query(newcomer, vector, 4) == []
     monkeypatch.setattr(vectors, "EXACT_SEARCH_LIMIT", 2)
     indexed = await memory.store.query(user_id, vector, 4)
-    assert len(exact) == 4
+    assert await memory.store.query(newcomer, vector, 4) == []
     assert [(hit.memory_id, round(hit.score, 5)) for hit in indexed] == [
         (hit.memory_id, round(hit.score, 5)) for hit in exact]
 
