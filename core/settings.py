@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # ~100 KB of worker memory per cached workflow; users beyond it are replayed from history when they write.
     worker_max_cached_workflows: int = Field(default=500, ge=0)
     # Run workflow code in Temporal's sandbox, which refuses nondeterministic calls (the clock, randomness, I/O) as
-    # they happen. It cost the worker 8-17% of its CPU a turn in load runs; off, CI's sandboxed tests and the replays
+    # they happen. It cost the worker 5-17% of its CPU a turn in load runs; off, CI's sandboxed tests and the replays
     # of the recorded histories are what guard determinism.
     workflow_sandbox: bool = True
     # host:port where the worker serves Prometheus metrics (Temporal SDK's and the companion's); unset = none.
