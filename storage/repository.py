@@ -12,7 +12,17 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, Union
 
-from sqlalchemy import BindParameter, ScalarSelect, Select, bindparam, cast, delete, func, literal_column, select, update
+from sqlalchemy import (
+    BindParameter,
+    ScalarSelect,
+    Select,
+    bindparam,
+    delete,
+    func,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
@@ -235,16 +245,12 @@ class MemoryRepository:
 
     async def add_message(self, user_id: int, data: MessageCreate) -> MessageRead:
         """Store a message once: writing the same message key again returns the row already stored."""
-
         async def work(session: AsyncSession) -> MessageRead:
-            inserted = (await session.execute(
-                insert(Conversation).values(user_id=user_id, **data.model_dump())
-                .on_conflict_do_nothing(index_elements=[Conversation.user_id, Conversation.message_key])
-                .returning(Conversation)
-            )).scalar_one_or_none()
+            inserted = (await session.execute(_INSERT_MESSAGE, {**data.model_dump(), "user_id": user_id})
+                        ).one_or_none()
             if inserted is None:
-                inserted = (await session.execute(select(Conversation).where(
-                    Conversation.user_id == user_id, Conversation.message_key == data.message_key))).scalar_one()
+                inserted = (await session.execute(_SELECT_MESSAGE, {"owner": user_id, "key": data.message_key})
+                            ).one()
             return MessageRead.model_validate(inserted)
 
         # The insert stands alone, and the read after it only finds a row an earlier write committed.
@@ -254,8 +260,7 @@ class MemoryRepository:
         """The message stored under this key, if any."""
 
         async def work(session: AsyncSession) -> MessageRead | None:
-            row = (await session.execute(select(Conversation).where(
-                Conversation.user_id == user_id, Conversation.message_key == message_key))).scalar_one_or_none()
+            row = (await session.execute(_SELECT_MESSAGE, {"owner": user_id, "key": message_key})).one_or_none()
             return None if row is None else MessageRead.model_validate(row)
 
         return await self._read("get_message", work, user_id=user_id, message_key=message_key)
@@ -264,9 +269,7 @@ class MemoryRepository:
         """Merge ``meta`` into a stored message's meta (delivery progress, for one)."""
 
         async def work(session: AsyncSession) -> None:
-            await session.execute(update(Conversation).where(
-                Conversation.user_id == user_id, Conversation.message_key == message_key)
-                .values(meta=Conversation.meta.op("||")(cast(meta, JSONB))))
+            await session.execute(_MERGE_MESSAGE_META, {"owner": user_id, "key": message_key, "merged": meta})
 
         await self._write_alone("update_message_meta", work, user_id=user_id, message_key=message_key)
 
@@ -510,6 +513,18 @@ _CONTEXT = select(
     _json_rows(_nudges_query(_USER_ID, NudgeStatus.PENDING, CONTEXT_NUDGES),
                lambda rows: [rows.scheduled_for, rows.id]),
     _json_rows(_messages_query(_USER_ID, bindparam("message_limit")), lambda rows: [rows.sent_at, rows.id]))
+
+
+# The statements of a turn's messages, built once and run on the table rather than through the ORM: a turn stores
+# its two messages, and delivery reads the reply back and merges its progress into the meta.
+_MESSAGES = Conversation.__table__
+# Bound names other than the columns': an UPDATE takes a column's own name for a value to SET.
+_IS_MESSAGE = (_MESSAGES.c.user_id == bindparam("owner")) & (_MESSAGES.c.message_key == bindparam("key"))
+_INSERT_MESSAGE = (insert(_MESSAGES).on_conflict_do_nothing(index_elements=["user_id", "message_key"])
+                   .returning(*_MESSAGES.c))
+_SELECT_MESSAGE = select(_MESSAGES).where(_IS_MESSAGE)
+_MERGE_MESSAGE_META = (update(_MESSAGES).where(_IS_MESSAGE)
+                       .values(meta=_MESSAGES.c.meta.op("||")(bindparam("merged", type_=JSONB))))
 
 
 async def _facts(session: AsyncSession, user_id: int, category: FactCategory | None = None,
