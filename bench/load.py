@@ -23,6 +23,8 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,15 +70,22 @@ def _arrivals(api: FakeBotAPI, load: Load) -> list[float]:
     return latencies
 
 
-async def _remembered(database_url: str, users: range) -> int:
-    """How many of these users' messages (and replies) the remember step has made into memories."""
+@asynccontextmanager
+async def _connected(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection to the stack's database, closed after the block."""
     connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def _remembered(database_url: str, users: range) -> int:
+    """How many of these users' messages (and replies) the remember step has made into memories."""
+    async with _connected(database_url) as connection:
         return await connection.fetchval(
             "SELECT count(DISTINCT key) FROM memories m JOIN users u ON u.id = m.user_id, unnest(m.source_keys) key "
             "WHERE u.telegram_id >= $1 AND u.telegram_id < $2", users.start, users.stop)
-    finally:
-        await connection.close()
 
 
 async def _wait_remembered(database_url: str, users: range, messages: int, timeout_s: float = 120) -> float:
@@ -91,13 +100,10 @@ async def _wait_remembered(database_url: str, users: range, messages: int, timeo
 
 async def _counts(database_url: str, users: range) -> tuple[int, int]:
     """(messages missing a row or a reply, rows beyond one per key) in PostgreSQL."""
-    connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
+    async with _connected(database_url) as connection:
         rows = await connection.fetch(
             "SELECT c.message_key, count(*) AS n FROM conversations c JOIN users u ON u.id = c.user_id "
             "WHERE u.telegram_id >= $1 AND u.telegram_id < $2 GROUP BY c.message_key", users.start, users.stop)
-    finally:
-        await connection.close()
     keys = {row["message_key"]: row["n"] for row in rows}
     asked = [key for key in keys if not key.endswith(":reply")]
     lost = sum(f"{key}:reply" not in keys for key in asked)
