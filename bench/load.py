@@ -13,7 +13,8 @@ server receives it.
 (b) latency under a steady load: --rate messages a second, spread over the users, for --seconds: p50/p95/p99 from
     the signal to the delivered reply. It starts once the remember steps that phase (a) ended with have landed.
 Both check that every message got exactly one reply, and that PostgreSQL holds each message and each reply once.
-CPU per turn is read from /proc for each process of the stack over both phases. The last line is one JSON object.
+CPU per turn is read from /proc for each process of the stack: over phase (a)'s turns alone, and over both phases
+with every remember step. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
             started = time.perf_counter()
             await asyncio.gather(*(conversation(user) for user in capacity_users))
             capacity_s = time.perf_counter() - started
+            cpu_capacity = stack.cpu_seconds()  # the turns alone: their remember steps land after this
             turns = users * messages
             lost_a, duplicated_a = await _counts(stack.database_url, capacity_users)
             # A user's turns are remembered by one step once five wait (or after a pause), so phase (a) ends with a
@@ -158,19 +160,30 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     finally:
         api.stop()
     all_turns = turns + total
-    cpu_ms = {role: round((cpu_after[role] - cpu_before[role]) * 1000 / all_turns, 1) for role in cpu_after}
+    cpu_ms = _per_turn(cpu_before, cpu_after, all_turns)
+    cpu_ms_a = _per_turn(cpu_before, cpu_capacity, turns)
     p50, p95, p99 = (statistics.median(latencies), _percentile(latencies, 0.95), _percentile(latencies, 0.99))
     print(f"(a) capacity: {turns} turns by {users} users in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
           f"lost {lost_a}, duplicated rows {duplicated_a}; its remember steps landed {drained_s:.1f} s later")
     print(f"(b) {rate:g} messages/s for {seconds:g} s ({total} messages): signal to delivered reply p50 {p50:.1f} ms, "
           f"p95 {p95:.1f} ms, p99 {p99:.1f} ms; lost {lost_b}, duplicated rows {duplicated_b}, "
           f"extra Telegram messages {extra}")
-    print(f"CPU per turn over both phases ({all_turns} turns): "
-          + ", ".join(f"{role} {ms:g} ms" for role, ms in cpu_ms.items()) + f"; in all {sum(cpu_ms.values()):.0f} ms")
+    print(f"CPU per turn of phase (a), its remember steps left out: {_cpu_line(cpu_ms_a)}")
+    print(f"CPU per turn over both phases ({all_turns} turns), remember steps included: {_cpu_line(cpu_ms)}")
     return {"users": users, "workers": workers, "sandbox": sandbox, "turns": turns,
             "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1), "p95_ms": round(p95, 1),
             "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
-            "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms}
+            "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms,
+            "cpu_ms_per_turn_a": cpu_ms_a}
+
+
+def _per_turn(before: dict[str, float], after: dict[str, float], turns: int) -> dict[str, float]:
+    """Each process's CPU between two readings, in ms a turn."""
+    return {role: round((after[role] - before[role]) * 1000 / turns, 1) for role in after}
+
+
+def _cpu_line(cpu_ms: dict[str, float]) -> str:
+    return ", ".join(f"{role} {ms:g} ms" for role, ms in cpu_ms.items()) + f"; in all {sum(cpu_ms.values()):.0f} ms"
 
 
 if __name__ == "__main__":
