@@ -14,6 +14,7 @@ from openai.types.chat import ChatCompletion
 from temporalio import activity
 
 from core.errors import ConfigurationError, OpenAIServiceError
+from core.http import openai_client
 from core.logging import get_logger
 from core.settings import Settings
 from schemas.turn import ComposedReply, TurnContext
@@ -173,11 +174,9 @@ def create_chat_model(settings: Settings, local_base_url: str | None = None) -> 
         if local_base_url is None:
             raise ConfigurationError("no LLM configured: set OPENAI_API_KEY or OPENAI_BASE_URL, or start the local "
                                      "model")
-        client = AsyncOpenAI(base_url=local_base_url, api_key="local", max_retries=SDK_RETRIES,
-                             timeout=REQUEST_TIMEOUT_S)
+        client = openai_client(local_base_url, "local", max_retries=SDK_RETRIES, timeout=REQUEST_TIMEOUT_S)
         return ChatModel(client, LOCAL_MODEL_NAME, max_tokens=LOCAL_MAX_REPLY_TOKENS)
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "unused"
-    client = AsyncOpenAI(base_url=settings.openai_base_url, api_key=api_key, max_retries=SDK_RETRIES,
-                         timeout=REQUEST_TIMEOUT_S)
+    client = openai_client(settings.openai_base_url, api_key, max_retries=SDK_RETRIES, timeout=REQUEST_TIMEOUT_S)
     return ChatModel(client, settings.openai_chat_model)
 

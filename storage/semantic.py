@@ -30,15 +30,14 @@ def create_embedder(settings: Settings) -> Embedder:
     """OpenAI's embeddings when configured, else the offline all-MiniLM-L6-v2."""
     if not settings.uses_openai_embeddings:
         return local_embedder()
-    from openai import AsyncOpenAI
+    from core.http import openai_client
 
     dimension = settings.embedding_dimension or OPENAI_DIMENSIONS.get(settings.openai_embedding_model)
     if dimension is None:
         raise ConfigurationError(f"EMBEDDING_DIMENSION: unknown vector size of {settings.openai_embedding_model!r}; "
                                  "set it to the model's dimension")
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "unused"
-    client = AsyncOpenAI(base_url=settings.openai_base_url, api_key=api_key, max_retries=2,
-                         timeout=EMBEDDING_TIMEOUT_S)
+    client = openai_client(settings.openai_base_url, api_key, max_retries=2, timeout=EMBEDDING_TIMEOUT_S)
     return OpenAIEmbedder(client, settings.openai_embedding_model, dimension)
 
 

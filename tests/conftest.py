@@ -23,7 +23,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from openai import AsyncOpenAI
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.api.enums.v1 import EventType
@@ -32,9 +31,10 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.llm import ChatModel
+from activities.llm import REQUEST_TIMEOUT_S, ChatModel
 from activities.nudges import CompanionActivities
 from cli.dev import dev_server_config_args
+from core.http import openai_client
 from core.logging import configure_logging, log_formatter
 from core.settings import Settings, load_settings
 from schemas.memory import Channel
@@ -342,7 +342,7 @@ STACKS = {"time-skipping": ("time-skipping", 1000), "time-skipping-uncached": ("
 
 def chat_model(llm: FakeOpenAI) -> ChatModel:
     """The chat model the worker runs, on the scripted LLM."""
-    return ChatModel(AsyncOpenAI(base_url=llm.url, api_key=OPENAI_TEST_KEY, max_retries=0), "stub-model")
+    return ChatModel(openai_client(llm.url, OPENAI_TEST_KEY, max_retries=0, timeout=REQUEST_TIMEOUT_S), "stub-model")
 
 
 @pytest.fixture
