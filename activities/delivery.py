@@ -6,6 +6,7 @@ sends only the parts of a long reply that had not gone out yet.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio import activity
@@ -14,12 +15,14 @@ from temporalio.common import RetryPolicy
 from activities.errors import translate_errors
 from activities.telegram import TelegramChannel, split_message
 from activities.turn import TurnActivities
-from core.errors import ConfigurationError, InvalidMemoryDataError, UserNotFoundError
+from core.errors import ConfigurationError, DeliveryInProgressError, InvalidMemoryDataError, UserNotFoundError
 from core.logging import get_logger
 from schemas.turn import DeliverInput, Delivery, ForgetInput, Forgotten, SetUserActiveInput
 
-# Meta key of a stored message: how many of its Telegram parts were sent.
+# Meta keys of a stored message: how many of its Telegram parts were sent; until when an attempt sending them holds
+# it (no attempt outlives TELEGRAM_TIMEOUT, so neither does a claim a lost worker left behind).
 PARTS_SENT = "telegram_parts_sent"
+DELIVERY_CLAIM = "telegram_delivery_claimed_until"
 # Delivery waits out Telegram's flood control (429 names the wait) for a while; a blocked bot is final.
 TELEGRAM_TIMEOUT = timedelta(seconds=30)
 TELEGRAM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
@@ -36,17 +39,32 @@ class DeliveryActivities(TurnActivities):
     @activity.defn(name="deliver")
     @translate_errors
     async def deliver(self, data: DeliverInput) -> Delivery:
-        """Send a stored message to the chat, split into Telegram-sized parts; a retry skips the parts sent."""
+        """Send a stored message to the chat, split into Telegram-sized parts; a retry skips the parts sent.
+
+        The message is claimed while it is sent: an attempt running beside another (a workflow task taken over
+        while the first worker still sends) waits for it and then finds its parts sent, instead of sending them
+        again. Progress is recorded even when the attempt is cancelled right after Telegram took a part.
+        """
         telegram = self._require_telegram()
-        stored = await self._repository.get_message(data.user_id, data.message_key)
+        stored, claimed = await self._repository.claim_message(data.user_id, data.message_key, DELIVERY_CLAIM,
+                                                               TELEGRAM_TIMEOUT)
+        context = {"user_id": data.user_id, "message_key": data.message_key}
         if stored is None:
-            raise InvalidMemoryDataError(f"no stored message {data.message_key} to deliver",
-                                         context={"user_id": data.user_id, "message_key": data.message_key})
+            raise InvalidMemoryDataError(f"no stored message {data.message_key} to deliver", context=context)
+        if not claimed:
+            raise DeliveryInProgressError(f"another attempt is delivering {data.message_key}", context=context)
         parts = split_message(stored.content)
-        sent = int(stored.meta.get(PARTS_SENT, 0))
-        for index in range(sent, len(parts)):
-            await telegram.send(data.chat_id, parts[index])
-            await self._repository.update_message_meta(data.user_id, data.message_key, {PARTS_SENT: index + 1})
+        sent = done = int(stored.meta.get(PARTS_SENT, 0))
+        try:
+            for index in range(sent, len(parts)):
+                await telegram.send(data.chat_id, parts[index])
+                done = index + 1
+                if done < len(parts):
+                    await asyncio.shield(self._repository.update_message_meta(data.user_id, data.message_key,
+                                                                              {PARTS_SENT: done}))
+        finally:
+            await asyncio.shield(self._repository.release_message(data.user_id, data.message_key, DELIVERY_CLAIM,
+                                                                  {PARTS_SENT: done}))
         _log.info("telegram.delivered", user_id=data.user_id, message_key=data.message_key, parts=len(parts),
                   resumed_at=sent, attempt=activity.info().attempt)
         return Delivery(parts=len(parts))

@@ -154,6 +154,12 @@ class TelegramServiceError(ExternalServiceError):
     code = "EXTERNAL_TELEGRAM_ERROR"
 
 
+class DeliveryInProgressError(TelegramServiceError):
+    """Another attempt is sending this message to Telegram right now: try again once it is done."""
+
+    code = "EXTERNAL_TELEGRAM_DELIVERY_IN_PROGRESS"
+
+
 class TelegramBlockedError(TelegramServiceError):
     """The user blocked the bot (or left the chat): nothing can reach them until they write again."""
 

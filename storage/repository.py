@@ -14,12 +14,17 @@ from typing import Any, TypeVar, Union
 
 from sqlalchemy import (
     BindParameter,
+    DateTime,
+    Interval,
     ScalarSelect,
     Select,
+    String,
     bindparam,
+    cast,
     delete,
     func,
     literal_column,
+    or_,
     select,
     update,
 )
@@ -273,6 +278,33 @@ class MemoryRepository:
 
         await self._write_alone("update_message_meta", work, user_id=user_id, message_key=message_key)
 
+    async def claim_message(self, user_id: int, message_key: str, claim: str,
+                            lease: timedelta) -> tuple[MessageRead | None, bool]:
+        """Take a stored message for ``lease`` (its meta key ``claim`` says until when), unless a claim of another
+        caller is alive: (the message, whether this caller holds it now); (None, False) when no message has the key.
+
+        One statement: of two callers at once, the second waits for the first's claim and finds it taken.
+        """
+
+        async def work(session: AsyncSession) -> tuple[MessageRead | None, bool]:
+            params = {"owner": user_id, "key": message_key}
+            row = (await session.execute(_CLAIM_MESSAGE, {**params, "claim": claim, "lease": lease})).one_or_none()
+            if row is not None:
+                return MessageRead.model_validate(row), True
+            row = (await session.execute(_SELECT_MESSAGE, params)).one_or_none()
+            return (None if row is None else MessageRead.model_validate(row)), False
+
+        return await self._write_alone("claim_message", work, user_id=user_id, message_key=message_key)
+
+    async def release_message(self, user_id: int, message_key: str, claim: str, meta: dict[str, Any]) -> None:
+        """End a claim on a stored message, merging ``meta`` (what was done under it) in the same statement."""
+
+        async def work(session: AsyncSession) -> None:
+            await session.execute(_RELEASE_MESSAGE, {"owner": user_id, "key": message_key, "claim": claim,
+                                                     "merged": meta})
+
+        await self._write_alone("release_message", work, user_id=user_id, message_key=message_key)
+
     async def recent_messages(self, user_id: int, limit: int = CONTEXT_MESSAGES) -> list[MessageRead]:
         """The last ``limit`` messages, oldest first."""
 
@@ -516,7 +548,7 @@ _CONTEXT = select(
 
 
 # The statements of a turn's messages, built once and run on the table rather than through the ORM: a turn stores
-# its two messages, and delivery reads the reply back and merges its progress into the meta.
+# its two messages, and delivery claims the reply (reading it back) and merges its progress into the meta.
 _MESSAGES = Conversation.__table__
 # Bound names other than the columns': an UPDATE takes a column's own name for a value to SET.
 _IS_MESSAGE = (_MESSAGES.c.user_id == bindparam("owner")) & (_MESSAGES.c.message_key == bindparam("key"))
@@ -525,6 +557,17 @@ _INSERT_MESSAGE = (insert(_MESSAGES).on_conflict_do_nothing(index_elements=["use
 _SELECT_MESSAGE = select(_MESSAGES).where(_IS_MESSAGE)
 _MERGE_MESSAGE_META = (update(_MESSAGES).where(_IS_MESSAGE)
                        .values(meta=_MESSAGES.c.meta.op("||")(bindparam("merged", type_=JSONB))))
+# A claim is the meta key it names, holding the time (PostgreSQL's clock) it lapses at.
+_CLAIM = bindparam("claim", type_=String)
+_CLAIM_MESSAGE = (
+    update(_MESSAGES)
+    .where(_IS_MESSAGE, or_(_MESSAGES.c.meta.op("->>")(_CLAIM).is_(None),
+                            cast(_MESSAGES.c.meta.op("->>")(_CLAIM), DateTime(timezone=True)) <= func.now()))
+    .values(meta=_MESSAGES.c.meta.op("||")(func.jsonb_build_object(_CLAIM, func.now() + bindparam("lease",
+                                                                                                    type_=Interval))))
+    .returning(*_MESSAGES.c))
+_RELEASE_MESSAGE = (update(_MESSAGES).where(_IS_MESSAGE)
+                    .values(meta=_MESSAGES.c.meta.op("-")(_CLAIM).op("||")(bindparam("merged", type_=JSONB))))
 
 
 async def _facts(session: AsyncSession, user_id: int, category: FactCategory | None = None,

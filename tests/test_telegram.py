@@ -18,15 +18,17 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import ActivityEnvironment
 
 import bot_gateway
 from activities.nudges import CompanionActivities
 from activities.telegram import MESSAGE_LIMIT, TYPING_AFTER_S, TelegramChannel, split_message, to_html, utf16_len
 from core.errors import UserNotFoundError
 from core.settings import Settings, load_settings
-from schemas.memory import NudgeStatus
-from schemas.turn import Nudge, clean_text
+from schemas.memory import Channel, MessageCreate, NudgeStatus, Role, UserCreate
+from schemas.turn import DeliverInput, Delivery, Nudge, clean_text
 from storage.repository import MemoryRepository
 from tests.conftest import QUERY_TIMEOUT, SharedDevServer, chat_model, fresh_telegram_id, new_telegram_id
 from tests.fake_openai import FakeOpenAI, Reply
@@ -219,6 +221,30 @@ async def test_telegram_server_errors_are_retried_and_the_reply_sent_once(tg: Te
     assert len(sends) == 3  # the proxy's 502 page, Telegram's own 500, then the one Telegram took
     assert len(await settle(tg, ada)) == 1
     assert (await tg.state(ada)).undelivered == 0
+
+
+async def test_two_attempts_delivering_one_reply_at_once_send_it_once(tg: TelegramStack) -> None:
+    """A workflow task taken over while the first worker still sends: two attempts of the delivery overlap."""
+    ada = new_telegram_id()
+    user = await tg.repo.get_or_create_user(UserCreate(telegram_id=ada, first_name="Ada"))
+    await tg.repo.add_message(user.id, MessageCreate(message_key=f"tg:{ada}:1:reply", role=Role.ASSISTANT,
+                                                     content="only once", channel=Channel.TELEGRAM,
+                                                     sent_at=datetime.now(UTC)))
+    channel, chat = TelegramChannel.from_settings(tg.settings), chat_model(tg.llm)
+    assert channel is not None
+    activities = CompanionActivities(tg.repo, chat, channel)
+    data = DeliverInput(user_id=user.id, chat_id=ada, message_key=f"tg:{ada}:1:reply")
+    try:
+        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.deliver, data) for _ in range(2)),
+                                        return_exceptions=True)
+        [refused] = [outcome for outcome in outcomes if not isinstance(outcome, Delivery)]
+        assert isinstance(refused, ApplicationError) and refused.type == "DeliveryInProgressError"
+        assert not refused.non_retryable
+        assert (await ActivityEnvironment().run(activities.deliver, data)).parts == 1  # its retry: sent already
+    finally:
+        await channel.close()
+        await chat.close()
+    assert [sent.text for sent in tg.api.messages(ada)] == ["only once"]
 
 
 async def test_a_fired_nudge_is_delivered_to_the_users_chat(tg: TelegramStack) -> None:
