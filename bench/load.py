@@ -62,13 +62,23 @@ class Load:
         await self.api.wait_for(user, count, timeout)
 
 
-def _arrivals(api: FakeBotAPI, load: Load) -> list[float]:
-    """Signal-to-delivery latency of every message, in ms, pairing each user's replies with its messages in order."""
+def _arrivals(api: FakeBotAPI, load: Load) -> list[tuple[float, float]]:
+    """(send time, signal-to-delivery latency in ms) of every message, pairing each user's replies with its messages
+    in order."""
     latencies = []
     for user, sends in load.sent.items():
         for sent_at, reply in zip(sends, api.messages(user), strict=False):
-            latencies.append((reply.received_at - sent_at) * 1000)
+            latencies.append((sent_at, (reply.received_at - sent_at) * 1000))
     return latencies
+
+
+def _by_window(latencies: list[tuple[float, float]], begin: float, seconds: float = 10) -> str:
+    """p50/p95 of the messages sent in each window of ``seconds`` from ``begin``."""
+    windows: dict[int, list[float]] = {}
+    for sent_at, latency in latencies:
+        windows.setdefault(int((sent_at - begin) // seconds), []).append(latency)
+    return ", ".join(f"{n * seconds:g}-{(n + 1) * seconds:g} s {statistics.median(found):.0f}/"
+                     f"{_percentile(found, 0.95):.0f}" for n, found in sorted(windows.items()))
 
 
 @asynccontextmanager
@@ -151,7 +161,8 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
             await asyncio.gather(*sends)
             for user in steady_users:
                 await steady.replies(user, len(steady.sent.get(user, [])))
-            latencies = _arrivals(api, steady)
+            arrivals = _arrivals(api, steady)
+            latencies = [latency for _, latency in arrivals]
             lost_b, duplicated_b = await _counts(stack.database_url, steady_users)
             await asyncio.sleep(1)  # a duplicate delivery would arrive after the reply it repeats
             cpu_after = stack.cpu_seconds()
@@ -168,6 +179,7 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     print(f"(b) {rate:g} messages/s for {seconds:g} s ({total} messages): signal to delivered reply p50 {p50:.1f} ms, "
           f"p95 {p95:.1f} ms, p99 {p99:.1f} ms; lost {lost_b}, duplicated rows {duplicated_b}, "
           f"extra Telegram messages {extra}")
+    print(f"(b) p50/p95 ms of the messages sent in each 10 s: {_by_window(arrivals, begin)}")
     print(f"CPU per turn of phase (a), its remember steps left out: {_cpu_line(cpu_ms_a)}")
     print(f"CPU per turn over both phases ({all_turns} turns), remember steps included: {_cpu_line(cpu_ms)}")
     return {"users": users, "workers": workers, "sandbox": sandbox, "turns": turns,
