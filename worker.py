@@ -117,8 +117,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
         if telegram is not None:
             await telegram.close()
         if memory is not None:
-            await memory.store.close()
-            await memory.embedder.close()
+            await memory.close()
         if own_chat_model and chat_model is not None:
             await chat_model.close()
         if tracer is not None:

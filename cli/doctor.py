@@ -114,7 +114,10 @@ async def check_llm(settings: Settings) -> Result:
              f"{settings.openai_chat_model} at {settings.openai_base_url or 'OpenAI'}")
     try:
         model = create_chat_model(settings, local.start() if local else None)
-        await model.reply(TurnContext(system_prompt="Answer with one word.", history=[]), "Say ok.")
+        try:
+            await model.reply(TurnContext(system_prompt="Answer with one word.", history=[]), "Say ok.")
+        finally:
+            await model.close()
     except (CompanionError, OSError, RuntimeError) as exc:
         return Result("LLM", False, f"{where}: {_first_line(exc)}",
                       "check OPENAI_API_KEY / OPENAI_BASE_URL / OPENAI_CHAT_MODEL" if not local
@@ -153,6 +156,8 @@ async def check_memory(settings: Settings) -> list[Result]:
     except CompanionError as exc:
         return [Result("Embedder", False, exc.message, "check OPENAI_API_KEY / OPENAI_BASE_URL / "
                                                        "OPENAI_EMBEDDING_MODEL, or set EMBEDDING_PROVIDER=local")]
+    finally:
+        await embedder.close()
     results = [Result("Embedder", True, f"{embedder.name}, {len(vector)} dimensions")]
     if settings.pinecone_api_key is None:
         return results  # pgvector: the PostgreSQL check covers it

@@ -142,13 +142,14 @@ async def run_locomo(settings: Settings, path: Path, k: int = 10, extract: bool 
     ks = tuple(sorted({*KS, k}))
     with postgres_url(settings) as url:
         engine = create_engine(url)
+        index = chat = None
         try:
             await migrate.upgrade(engine)
             sessions = create_session_factory(engine)
             repo = MemoryRepository(sessions)
             index = create_memory_index(settings, sessions)
             await index.store.check(index.embedder.dimension)
-            extractor = await _extractor(settings, repo, index) if extract else None
+            extractor, chat = await _extractor(settings, repo, index) if extract else (None, None)
             results = new_results(ks, k)
             loaded = 0
             for sample in conversations:
@@ -168,6 +169,10 @@ async def run_locomo(settings: Settings, path: Path, k: int = 10, extract: bool 
                             "embedder": index.embedder.name, "store": index.store.name})
             print(json.dumps(figures))
         finally:
+            if chat is not None:
+                await chat.close()
+            if index is not None:
+                await index.close()
             await engine.dispose()
     return 0
 
@@ -184,4 +189,4 @@ async def _extractor(settings: Settings, repo: MemoryRepository, index: MemoryIn
     async def extract(user_id: int, keys: list[str]) -> None:
         await rememberer.extract_and_apply(user_id, keys)
 
-    return extract
+    return extract, chat

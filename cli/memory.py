@@ -24,7 +24,7 @@ async def _memory(settings: Settings) -> AsyncIterator[tuple[MemoryRepository, M
             yield MemoryRepository(sessions), index
         finally:
             if index is not None:
-                await index.store.close()
+                await index.close()
             await engine.dispose()
 
 

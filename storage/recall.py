@@ -149,6 +149,11 @@ class MemoryIndex:
         self.embedder = embedder
         self.store = store
 
+    async def close(self) -> None:
+        """Close the vector store's and the embedder's connections."""
+        await self.store.close()
+        await self.embedder.close()
+
     async def _tx(self, operation, work, **context):
         return await run_transaction(self._sessions, operation, work, **context)
 

@@ -340,9 +340,24 @@ STACKS = {"time-skipping": ("time-skipping", 1000), "time-skipping-uncached": ("
           "dev-server": ("dev-server", 1000)}
 
 
+# Chat models made by chat_model(): the test that made them has them closed at its end (_close_chat_models).
+_CHAT_MODELS: list[ChatModel] = []
+
+
 def chat_model(llm: FakeOpenAI) -> ChatModel:
-    """The chat model the worker runs, on the scripted LLM."""
-    return ChatModel(openai_client(llm.url, OPENAI_TEST_KEY, max_retries=0, timeout=REQUEST_TIMEOUT_S), "stub-model")
+    """The chat model the worker runs, on the scripted LLM (closed when the test ends)."""
+    model = ChatModel(openai_client(llm.url, OPENAI_TEST_KEY, max_retries=0, timeout=REQUEST_TIMEOUT_S),
+                      "stub-model")
+    _CHAT_MODELS.append(model)
+    return model
+
+
+@pytest.fixture(autouse=True)
+async def _close_chat_models() -> AsyncIterator[None]:
+    """Close the HTTP connections of the chat models a test made (aiohttp warns of a session left open)."""
+    yield
+    while _CHAT_MODELS:
+        await _CHAT_MODELS.pop().close()
 
 
 @pytest.fixture

@@ -480,6 +480,7 @@ async def test_openai_embeddings_are_used_when_configured(repo: MemoryRepository
     assert "genmaicha" in found.hits[0].content and "vector" in found.hits[0].via
     embedded = [r for r in fake_llm.requests if r.get("input")]
     assert embedded[0]["model"] == "text-embedding-3-small" and len(embedded[0]["input"]) == 2
+    await embedder.close()
 
 
 async def test_doctor_checks_the_embedder_and_the_pinecone_index(pinecone: FakePinecone) -> None:
