@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import timedelta
 
 from opentelemetry import trace
@@ -23,7 +24,7 @@ from activities.llm import ChatModel, LocalModelServer, create_chat_model
 from activities.nudges import CompanionActivities
 from activities.telegram import TelegramChannel
 from core.logging import get_logger
-from core.settings import Settings
+from core.settings import Settings, WorkerRole
 from storage.database import create_engine, create_session_factory
 from storage.repository import MemoryRepository
 from storage.semantic import create_memory_index
@@ -41,15 +42,19 @@ WORKFLOW_RUNNER = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.defau
 # context for every payload of an activation and its completion, each run through the sandbox. Load runs' workers
 # spent 5-17% less CPU a turn without it.
 UNSANDBOXED_RUNNER = UnsandboxedWorkflowRunner()
+# A background worker (WORKER_ROLE=background) runs at this niceness: on a busy host the processes that answer turns
+# (turn workers, Temporal, PostgreSQL) get the CPU first, and the remember steps take what is left.
+BACKGROUND_NICENESS = 10
 
 _log = get_logger(__name__)
 
 
 def build_worker(client: Client, task_queue: str, activities: CompanionActivities,
-                 max_cached_workflows: int = 1000, sandbox: bool = True) -> Worker:
+                 max_cached_workflows: int = 1000, sandbox: bool = True, role: WorkerRole = "all") -> Worker:
     """A worker for the companion's workflow and activities on one task queue (its workflows in the sandbox unless
-    ``sandbox`` is false)."""
-    return Worker(client, task_queue=task_queue, workflows=[CompanionWorkflow], activities=activities.all(),
+    ``sandbox`` is false): all of them, or only a turn's part or only the background part (``role``)."""
+    return Worker(client, task_queue=task_queue, workflows=[] if role == "background" else [CompanionWorkflow],
+                  activities=activities.all(), no_remote_activities=role == "turns",
                   max_cached_workflows=max_cached_workflows, graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
                   workflow_runner=WORKFLOW_RUNNER if sandbox else UNSANDBOXED_RUNNER)
 
@@ -87,6 +92,8 @@ async def ensure_search_attributes(client: Client) -> None:
 async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
                      chat_model: ChatModel | None = None) -> None:
     """Run a worker until ``stop`` is set, then let in-flight activities finish and close every connection."""
+    if settings.worker_role == "background":
+        os.nice(BACKGROUND_NICENESS)  # before any thread starts: Linux sets a thread's niceness, new ones inherit it
     engine = create_engine(database_url)
     # The embedded model's server stops when this object goes away: it must live as long as the worker.
     local_model = LocalModelServer() if chat_model is None and settings.uses_local_model else None
@@ -106,11 +113,11 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
         activities = CompanionActivities(MemoryRepository(sessions), chat_model, telegram, settings.quiet_hours,
                                          memory=memory, extract=settings.extracts_memories)
         worker = build_worker(client, settings.temporal_task_queue, activities,
-                              settings.worker_max_cached_workflows, settings.workflow_sandbox)
+                              settings.worker_max_cached_workflows, settings.workflow_sandbox, settings.worker_role)
         async with worker:
             _log.info("worker.started", task_queue=settings.temporal_task_queue,
                       namespace=settings.temporal_namespace, address=settings.temporal_address,
-                      sandbox=settings.workflow_sandbox)
+                      sandbox=settings.workflow_sandbox, role=settings.worker_role)
             await stop.wait()
             _log.info("worker.stopping")
     finally:

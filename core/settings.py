@@ -18,6 +18,7 @@ from core.errors import ConfigurationError
 Environment = Literal["development", "staging", "production"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["json", "console"]
+WorkerRole = Literal["all", "turns", "background"]
 
 # Values people leave in a copied .env; refused outside development.
 _PLACEHOLDER = re.compile(r"^(|changeme|change[-_ ]?me.*|placeholder|secret|password|xxx+|todo|dummy|test|example.*|your[-_ ].*|<.*>|\.\.\.)$",
@@ -54,6 +55,10 @@ class Settings(BaseSettings):
     # they happen. It cost the worker 5-17% of its CPU a turn in load runs; off, CI's sandboxed tests and the replays
     # of the recorded histories are what guard determinism.
     workflow_sandbox: bool = True
+    # What a worker process takes from the task queue: `all`; `turns`, the workflows and the steps of a turn (local
+    # activities) only; `background`, the regular activities only (remember steps, nudges written by the LLM), at a
+    # lower CPU priority, so that a burst of them never slows a reply down.
+    worker_role: WorkerRole = "all"
     # host:port where the worker serves Prometheus metrics (Temporal SDK's and the companion's); unset = none.
     metrics_address: str | None = None
     # OTLP/HTTP collector (e.g. http://otel-collector:4318): the worker sends traces of workflows and activities.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -51,7 +52,7 @@ from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_pinecone import FakePinecone
 from tests.test_workflow import eventually
 from worker import build_worker
-from workflows.client import forget
+from workflows.client import forget, send_message
 from workflows.companion import workflow_id
 
 LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo" / "locomo_dev.json"
@@ -346,6 +347,25 @@ async def test_with_the_vector_store_down_the_turn_completes_and_keywords_still_
     assert await index.reindex(user.id, everything=False) == 4
     assert pinecone.count(namespace_of(user.id)) == 4
     await store.close()
+
+
+@ONE_STACK
+async def test_a_turns_worker_answers_and_leaves_the_remember_step_to_a_background_worker(
+        stack: Stack, engine: AsyncEngine, memory: MemoryIndex) -> None:
+    split = _own_queue(stack, memory, "roles")
+    queue, mia = split.settings.temporal_task_queue, new_telegram_id()
+    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory)
+    async with build_worker(stack.client, queue, activities, role="turns"):
+        split.started.append(workflow_id(mia))
+        reply = await send_message(stack.client, split.settings, split.message(mia, "My cat is called Pixel"))
+        assert reply.text == "I hear you: My cat is called Pixel"
+        user = await stack.repo.get_user_by_telegram_id(mia)
+        await asyncio.sleep(2)
+        assert await memory_count(engine, user.id) == 0  # its remember step waits for a worker that runs it
+        async with build_worker(stack.client, queue, activities, role="background"):
+            first = await eventually(lambda: memory_count(engine, user.id), lambda n: n > 0)
+            assert (await split.say(mia, "Pixel is grey")).text == "I hear you: Pixel is grey"
+            await eventually(lambda: memory_count(engine, user.id), lambda n: n > first)  # nothing left in flight
 
 
 @ONE_STACK
