@@ -1,6 +1,7 @@
 """Load: many users talking at once over the Telegram path, and nothing lost or duplicated.
 
     uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60] [--workers 1]
+                                [--background-workers 0]
     WORKFLOW_SANDBOX=false uv run python -m bench.load    # the workers' workflows outside Temporal's sandbox
 
 Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
@@ -121,13 +122,14 @@ async def _counts(database_url: str, users: range) -> tuple[int, int]:
     return lost, sum(n - 1 for n in keys.values())
 
 
-async def main(users: int, messages: int, rate: float, seconds: float, workers: int = 1) -> dict[str, Any]:
+async def main(users: int, messages: int, rate: float, seconds: float, workers: int = 1,
+               background_workers: int = 0) -> dict[str, Any]:
     configure_logging("WARNING", "console")
     api = FakeBotAPI()
     api.start()
     try:
-        async with embedded_stack(TASK_QUEUE, {"TELEGRAM_BOT_TOKEN": TOKEN,
-                                               "TELEGRAM_API_BASE_URL": api.url}, workers) as stack:
+        async with embedded_stack(TASK_QUEUE, {"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE_URL": api.url},
+                                  workers, background_workers) as stack:
             # (a) capacity: each user's next message when the previous reply has arrived
             load = Load(stack.client, stack.settings, api)
             sandbox = stack.settings.workflow_sandbox  # the worker reads the same environment
@@ -182,8 +184,8 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     print(f"(b) p50/p95 ms of the messages sent in each 10 s: {_by_window(arrivals, begin)}")
     print(f"CPU per turn of phase (a), its remember steps left out: {_cpu_line(cpu_ms_a)}")
     print(f"CPU per turn over both phases ({all_turns} turns), remember steps included: {_cpu_line(cpu_ms)}")
-    return {"users": users, "workers": workers, "sandbox": sandbox, "turns": turns,
-            "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1), "p95_ms": round(p95, 1),
+    return {"users": users, "workers": workers, "background_workers": background_workers, "sandbox": sandbox,
+            "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1), "p95_ms": round(p95, 1),
             "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
             "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms,
             "cpu_ms_per_turn_a": cpu_ms_a}
@@ -205,5 +207,9 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--workers", type=int, default=1, help="`companion worker` processes (default 1)")
+    parser.add_argument("--background-workers", type=int, default=0,
+                        help="more worker processes for the background only (WORKER_ROLE=background); the --workers "
+                             "then answer turns only (WORKER_ROLE=turns)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.users, args.messages, args.rate, args.seconds, args.workers))))
+    print(json.dumps(asyncio.run(main(args.users, args.messages, args.rate, args.seconds, args.workers,
+                                      args.background_workers))))

@@ -76,9 +76,10 @@ def _children(processes: dict[int, tuple[int, str, float]], parent: int) -> list
 
 
 @asynccontextmanager
-async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = None,
-                         workers: int = 1) -> AsyncIterator[BenchStack]:
-    """Start everything, run ``workers`` worker processes with ``worker_env`` added to their settings, and stop it
+async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = None, workers: int = 1,
+                         background_workers: int = 0) -> AsyncIterator[BenchStack]:
+    """Start everything, run ``workers`` worker processes with ``worker_env`` added to their settings (and, with
+    ``background_workers``, that many more for the background: the first ones then answer turns only), and stop it
     all afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="companion-bench-"))
     postgres = EmbeddedPostgres(folder / "pg")
@@ -94,11 +95,12 @@ async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = No
                 data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
                 dev_server_extra_args=dev_server_config_args()) as env:
             address = env.client.service_client.config.target_host
-            for n in range(workers):
+            roles = ["turns" if background_workers else "all"] * workers + ["background"] * background_workers
+            for n, role in enumerate(roles):
                 started.append(start_worker(folder / f"worker-{n}.log", {
                     "DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": task_queue,
                     "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench", "NUDGE_QUIET_HOURS": "off",
-                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(worker_env or {})}))
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "WORKER_ROLE": role, **(worker_env or {})}))
             yield BenchStack(env.client, load_settings(temporal_task_queue=task_queue, temporal_address=address),
                              database_url, started, llm, postgres.pid)
     finally:
