@@ -185,8 +185,8 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     print(f"CPU per turn of phase (a), its remember steps left out: {_cpu_line(cpu_ms_a)}")
     print(f"CPU per turn over both phases ({all_turns} turns), remember steps included: {_cpu_line(cpu_ms)}")
     return {"users": users, "workers": workers, "background_workers": background_workers, "sandbox": sandbox,
-            "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1), "p95_ms": round(p95, 1),
-            "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
+            "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
+            "p95_ms": round(p95, 1), "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
             "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms,
             "cpu_ms_per_turn_a": cpu_ms_a}
 
