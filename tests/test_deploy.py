@@ -14,7 +14,7 @@ from core.settings import Settings, load_settings
 ROOT = Path(__file__).parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APP_SERVICES = ("migrate", "worker", "background-worker", "gateway")
+APP_SERVICES = ("migrate", "worker", "gateway")
 
 
 def test_every_service_of_the_stack_is_there() -> None:
@@ -28,24 +28,16 @@ def test_services_wait_for_what_they_need_to_be_healthy() -> None:
     for name in ("postgres", "temporal"):
         assert SERVICES[name]["healthcheck"]["test"], name
     assert SERVICES["temporal"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    for worker in ("worker", "background-worker"):
-        assert SERVICES[worker]["depends_on"] == {"temporal": {"condition": "service_healthy"},
-                                                  "migrate": {"condition": "service_completed_successfully"}}
+    assert SERVICES["worker"]["depends_on"] == {"temporal": {"condition": "service_healthy"},
+                                                "migrate": {"condition": "service_completed_successfully"}}
     assert SERVICES["gateway"]["depends_on"] == {"temporal": {"condition": "service_healthy"}}
     assert SERVICES["migrate"]["command"] == ["db", "upgrade"] and SERVICES["migrate"]["restart"] == "no"
 
 
 def test_workers_scale_they_have_no_fixed_name_or_host_port() -> None:
-    for name in ("worker", "background-worker"):
-        worker = SERVICES[name]
-        assert "container_name" not in worker and "ports" not in worker and worker["command"] == ["worker"]
-    assert SERVICES["gateway"]["command"] == ["gateway"]
-
-
-def test_turns_and_the_background_have_workers_of_their_own() -> None:
-    roles = {name: load_settings(worker_role=SERVICES[name]["environment"]["WORKER_ROLE"]).worker_role
-             for name in ("worker", "background-worker")}
-    assert roles == {"worker": "turns", "background-worker": "background"}
+    worker = SERVICES["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["command"] == ["worker"] and SERVICES["gateway"]["command"] == ["gateway"]
 
 
 def test_the_app_services_set_only_real_settings_and_a_database_url_production_accepts() -> None:
