@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     workflow_sandbox: bool = True
     # What a worker process takes from the task queue: `all`; `turns`, the workflows and the steps of a turn (local
     # activities) only; `background`, the regular activities only (remember steps, nudges written by the LLM), at a
-    # lower CPU priority, so that a burst of them never slows a reply down.
+    # lower CPU priority. It paid off beside two or more turn workers; beside a single one it did not (README).
     worker_role: WorkerRole = "all"
     # host:port where the worker serves Prometheus metrics (Temporal SDK's and the companion's); unset = none.
     metrics_address: str | None = None

@@ -56,7 +56,8 @@ ORDER BY distance LIMIT :k
 
 def _vector(name: str) -> Cast[Any]:
     """A bound vector that travels as a float4 array, in asyncpg's binary format, and becomes pgvector's type in
-    PostgreSQL. pgvector's own bind writes it as text: ~0.7 ms of CPU for 1,536 floats, here ~0.03 ms."""
+    PostgreSQL. pgvector's own bind writes it as text: a statement with a 1,536-float vector cost the worker 0.89 ms
+    of CPU that way, 0.42 ms this way (medians, measured interleaved)."""
     return cast(bindparam(name, type_=ARRAY(REAL)), Vector())  # asyncpg's dialect writes the bind as $n::REAL[]
 
 
