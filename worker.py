@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 
 from opentelemetry import trace
@@ -17,7 +18,7 @@ from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.llm import ChatModel, LocalModelServer, create_chat_model
@@ -50,13 +51,14 @@ _log = get_logger(__name__)
 
 
 def build_worker(client: Client, task_queue: str, activities: CompanionActivities,
-                 max_cached_workflows: int = 1000, sandbox: bool = True, role: WorkerRole = "all") -> Worker:
+                 max_cached_workflows: int = 1000, sandbox: bool = True, role: WorkerRole = "all",
+                 interceptors: Sequence[Interceptor] = ()) -> Worker:
     """A worker for the companion's workflow and activities on one task queue (its workflows in the sandbox unless
     ``sandbox`` is false): all of them, or only a turn's part or only the background part (``role``)."""
     return Worker(client, task_queue=task_queue, workflows=[] if role == "background" else [CompanionWorkflow],
                   activities=activities.all(), no_remote_activities=role == "turns",
                   max_cached_workflows=max_cached_workflows, graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
-                  workflow_runner=WORKFLOW_RUNNER if sandbox else UNSANDBOXED_RUNNER)
+                  workflow_runner=WORKFLOW_RUNNER if sandbox else UNSANDBOXED_RUNNER, interceptors=interceptors)
 
 
 def metrics_runtime(address: str | None) -> Runtime | None:

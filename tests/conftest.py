@@ -352,12 +352,16 @@ def chat_model(llm: FakeOpenAI) -> ChatModel:
     return model
 
 
-@pytest.fixture(autouse=True)
-async def _close_chat_models() -> AsyncIterator[None]:
-    """Close the HTTP connections of the chat models a test made (aiohttp warns of a session left open)."""
-    yield
+async def close_chat_models() -> None:
+    """Close the HTTP connections of the chat models chat_model() made (aiohttp warns of a session left open)."""
     while _CHAT_MODELS:
         await _CHAT_MODELS.pop().close()
+
+
+@pytest.fixture(autouse=True)
+async def _close_chat_models() -> AsyncIterator[None]:
+    yield
+    await close_chat_models()
 
 
 @pytest.fixture

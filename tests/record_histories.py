@@ -9,7 +9,8 @@ flood control, a nudge delivered, the bot blocked, /forget), and the companion's
 a follow-up, check-ins, quiet hours), the remember step (memories, an extraction, the summary carried over
 continue-as-new), remember steps one at a time (turns answered during a step remembered by the next one), and
 remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new;
-with the reply step run locally, the Telegram conversation again, and retried steps with a fallback reply.
+with the reply step run locally, the Telegram conversation again, and retried steps with a fallback reply; and a
+continued run whose first turn a query cut in two (every patch asked for as the run begins).
 Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
@@ -42,11 +43,11 @@ from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from storage.semantic import local_embedder
 from storage.vectors import PgVectorStore
-from tests.conftest import chat_model
+from tests.conftest import chat_model, close_chat_models
 from tests.fake_openai import Fail, FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeBotAPI
 from tests.fake_telegram import Fail as BotAPIFail
-from tests.test_workflow import FailingAfterWrite
+from tests.test_workflow import FailingAfterWrite, a_query_cuts_a_turn
 from worker import build_worker
 from workflows.client import cancel_nudge, forget, schedule_nudge, send_message, signal_message
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
@@ -250,13 +251,20 @@ async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm
         await _save(client, 1009, "remember_when_quiet", run_id=first_run)
 
 
+async def _query_mid_turn(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    run_id = await a_query_cuts_a_turn(client, SETTINGS, repository, chat_model(llm),
+                                       _message(1013, 0, "Hello again"), _message(1013, 1, "Are you still there?"))
+    await _save(client, 1013, "query_mid_turn", run_id=run_id)
+
+
 SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
              "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember,
              "remember_together": _remember_together, "remember_when_quiet": _remember_when_quiet,
              "telegram_local_delivery": lambda *args: _telegram(*args, name="telegram_local_delivery", ada=1010),
              "telegram_local_reply": lambda *args: _telegram(*args, name="telegram_local_reply", ada=1011),
              "retried_local_reply": lambda *args: _retried(*args, name="retried_local_reply", simon=1012,
-                                                           fallback=True)}
+                                                           fallback=True),
+             "query_mid_turn": _query_mid_turn}
 
 
 async def main() -> None:
@@ -275,6 +283,7 @@ async def main() -> None:
             repository = MemoryRepository(create_session_factory(engine))
             for name in sys.argv[1:] or SCENARIOS:
                 await SCENARIOS[name](env.client, repository, llm)
+            await close_chat_models()
         await engine.dispose()
     finally:
         llm.stop()

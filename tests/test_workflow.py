@@ -5,24 +5,53 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import threading
+import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import pytest
 from temporalio import activity
 from temporalio.api.sdk.v1 import WorkflowMetadata
-from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory, WorkflowUpdateFailedError
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
+from temporalio.worker import (
+    HandleQueryInput,
+    Interceptor,
+    Replayer,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+)
 
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from activities.turn import PERSONA
+from core.settings import Settings, load_settings
 from schemas.memory import Role
-from schemas.turn import ComposedReply, ComposeReplyInput, RecordedMessage, RecordMessageInput
-from tests.conftest import Stack, new_telegram_id
-from tests.fake_openai import Fail, Reply
-from workflows.companion import FAILED_REPLY, FALLBACK_REPLY, USER_ID_ATTRIBUTE
+from schemas.turn import (
+    ComposedReply,
+    ComposeReplyInput,
+    IncomingMessage,
+    RecordedMessage,
+    RecordMessageInput,
+)
+from storage.repository import MemoryRepository
+from tests.conftest import OPENAI_TEST_KEY, SharedDevServer, Stack, chat_model, new_telegram_id
+from tests.fake_openai import Fail, FakeOpenAI, Reply
+from worker import build_worker
+from workflows.client import send_message, signal_message
+from workflows.companion import (
+    FAILED_REPLY,
+    FALLBACK_REPLY,
+    USER_ID_ATTRIBUTE,
+    CompanionWorkflow,
+    workflow_id,
+)
 
 T = TypeVar("T")
 
@@ -228,6 +257,98 @@ async def test_continue_as_new_keeps_state_and_loses_no_queued_message(stack: St
     await stack.signal(stack.message(simon, "message 3", key="tg:can:3"))  # seen before the new runs began
     assert (await stack.say(simon, "last")).text == "I hear you: last"
     assert len(stack.llm.requests) == 8
+
+
+class RecordSetsAnEvent(CompanionActivities):
+    """record_message sets ``recorded`` once it has stored its row."""
+
+    def __init__(self, *args: Any, recorded: threading.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorded = recorded
+
+    @activity.defn(name="record_message")
+    async def record_message(self, data: RecordMessageInput) -> RecordedMessage:
+        stored = await super().record_message(data)
+        self.recorded.set()
+        return stored
+
+
+class LateQueries(Interceptor):
+    """A worker that answers a query late, as a busy one does: only once record_message has stored its row and the
+    worker has taken the step's result. Workflow code runs in the worker's threads and activities in its event loop,
+    so the wait holds up the query and nothing else."""
+
+    def __init__(self, recorded: threading.Event) -> None:
+        self.recorded = recorded
+
+    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> type[WorkflowInboundInterceptor]:
+        recorded = self.recorded
+
+        class AfterRecord(WorkflowInboundInterceptor):
+            def handle_query(self, input: HandleQueryInput) -> Any:
+                recorded.wait(timeout=10)
+                time.sleep(0.2)
+                return super().handle_query(input)
+
+        return AfterRecord
+
+
+async def a_query_cuts_a_turn(client: Client, settings: Settings, repository: MemoryRepository, chat: ChatModel,
+                              first: IncomingMessage, second: IncomingMessage) -> str:
+    """Answer ``first``, which ends its run (continue-as-new), then ``second`` in the new run with a query waiting.
+
+    The query waits at the server for the message's workflow task and reaches the worker with it; the worker answers
+    it after record_message, and reporting the answer ends the workflow task there: the step's marker is recorded
+    with that task, and the code after the step runs in the next one. Returns the new run's id."""
+    settings = settings.model_copy(update={"workflow_turns_per_run": 1})
+    handle = client.get_workflow_handle(workflow_id(first.user.telegram_id))
+    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, chat)):
+        await send_message(client, settings, first)
+        await eventually(lambda: handle.query(CompanionWorkflow.state), lambda state: state.turns_this_run == 0)
+        run_id = (await handle.describe()).run_id
+    await signal_message(client, settings, second)  # no worker yet: its workflow task waits, and so does the query
+    query = asyncio.create_task(handle.query(CompanionWorkflow.state, rpc_timeout=timedelta(seconds=30)))
+    await asyncio.sleep(1)
+    recorded = threading.Event()
+    async with build_worker(client, settings.temporal_task_queue, RecordSetsAnEvent(repository, chat, recorded=recorded),
+                            interceptors=[LateQueries(recorded)]):
+        assert (await query).turns == 1  # answered in the middle of the turn
+        await eventually(lambda: handle.query(CompanionWorkflow.state), lambda state: state.turns == 2)
+    return run_id
+
+
+def _local_steps(history: WorkflowHistory) -> dict[str, int]:
+    """Each local activity of a history -> the event id of the workflow task completion that recorded its marker."""
+    steps = {}
+    for event in history.events:
+        if event.marker_recorded_event_attributes.marker_name == "core_local_activity":
+            marker = event.marker_recorded_event_attributes
+            data = json.loads(marker.details["data"].payloads[0].data)
+            steps[data["activity_type"]] = marker.workflow_task_completed_event_id
+    return steps
+
+
+async def test_a_turn_a_query_cut_in_two_replays(dev_server: SharedDevServer, repo: MemoryRepository,
+                                                 fake_llm: FakeOpenAI) -> None:
+    env = await dev_server.get()
+    settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0,
+                             remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY)
+    stack = Stack(env.client, settings, repo, fake_llm, env)
+    simon = new_telegram_id()
+    fake_llm.script(Reply("first reply"), Reply("second reply"))
+    try:
+        run_id = await a_query_cuts_a_turn(env.client, settings, repo, chat_model(fake_llm),
+                                           stack.message(simon, "first"), stack.message(simon, "second"))
+        history = await stack.client.get_workflow_handle(workflow_id(simon), run_id=run_id).fetch_history()
+        steps = _local_steps(history)
+        assert steps["record_message"] < steps["compose_reply"]  # the query ended a workflow task between them
+        # What a worker does when it takes the conversation over, or after evicting it from its cache: replay it.
+        await Replayer(workflows=[CompanionWorkflow], data_converter=pydantic_data_converter).replay_workflow(history)
+        # (both messages were written before the first reply: their order by time is not the order of the turns)
+        assert sorted(await transcript(stack, simon)) == [("assistant", "first reply"), ("assistant", "second reply"),
+                                                          ("user", "first"), ("user", "second")]
+    finally:
+        await stack.handle(simon).terminate()
 
 
 async def test_a_message_for_another_user_is_rejected(stack: Stack) -> None:

@@ -78,6 +78,15 @@ DELIVER_LOCALLY = "deliver-locally"
 # and no activity task. A worker lost mid-step is replaced when that workflow task times out (10 s), as a heartbeat
 # timeout did; the step runs again there and finds the reply if the lost worker had stored it.
 REPLY_LOCALLY = "reply-locally"
+# Every patch is asked for as a run begins, in its first workflow task. A query that reaches the worker with a
+# workflow task can end that task between a local activity's result and the code that follows it: the step's marker
+# goes into the history with the task, and the code after it runs in the next one. A replay runs that code a task
+# early, before it has seen the patch markers the next task recorded, and `patched` answered False where the run had
+# answered True (tests/histories/query_mid_turn.json). A run's first task begins the same way in a replay as it did
+# live. A new patch joins RUN_PATCHES; its change reaches a conversation already running at its next run.
+PATCHES_AT_START = "patches-at-start"
+RUN_PATCHES = (TELEGRAM_DELIVERY, OWN_NUDGES, REMEMBER, REMEMBER_ONE_AT_A_TIME, REMEMBER_WHEN_QUIET, DELIVER_LOCALLY,
+               REPLY_LOCALLY)
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -115,6 +124,9 @@ class CompanionWorkflow:
     @workflow.run
     async def run(self, state: CompanionState) -> None:
         """Answer queued messages in order and fire nudges when due; continue as new between turns of a long run."""
+        if workflow.patched(PATCHES_AT_START):
+            for patch in RUN_PATCHES:
+                workflow.patched(patch)
         while True:
             self._nudges_changed = self._remember_changed = False
             try:
