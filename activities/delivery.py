@@ -7,7 +7,7 @@ sends only the parts of a long reply that had not gone out yet.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
 from temporalio.common import RetryPolicy
@@ -17,6 +17,7 @@ from activities.telegram import TelegramChannel, split_message
 from activities.turn import TurnActivities
 from core.errors import ConfigurationError, DeliveryInProgressError, InvalidMemoryDataError, UserNotFoundError
 from core.logging import get_logger
+from schemas.memory import MessageRead
 from schemas.turn import DeliverInput, Delivery, ForgetInput, Forgotten, SetUserActiveInput
 
 # Meta keys of a stored message: how many of its Telegram parts were sent; until when an attempt sending them holds
@@ -29,6 +30,11 @@ TELEGRAM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coef
                              maximum_interval=timedelta(minutes=1), maximum_attempts=10,
                              non_retryable_error_types=["TelegramBlockedError", "ConfigurationError",
                                                         "InvalidMemoryDataError"])
+# An attempt that finds the message claimed waits this long for the claim to end (the other attempt finishing its
+# send), looking every CLAIM_POLL. A claim still held after that is one a lost worker left behind: the attempt fails,
+# and its retry comes when the claim lapses, not at the next backoff step (which would spend the retries).
+CLAIM_WAIT = timedelta(seconds=2)
+CLAIM_POLL = timedelta(seconds=0.2)
 
 _log = get_logger(__name__)
 
@@ -46,13 +52,13 @@ class DeliveryActivities(TurnActivities):
         again. Progress is recorded even when the attempt is cancelled right after Telegram took a part.
         """
         telegram = self._require_telegram()
-        stored, claimed = await self._repository.claim_message(data.user_id, data.message_key, DELIVERY_CLAIM,
-                                                               TELEGRAM_TIMEOUT)
+        stored, claimed = await self._claim(data)
         context = {"user_id": data.user_id, "message_key": data.message_key}
         if stored is None:
             raise InvalidMemoryDataError(f"no stored message {data.message_key} to deliver", context=context)
         if not claimed:
-            raise DeliveryInProgressError(f"another attempt is delivering {data.message_key}", context=context)
+            raise DeliveryInProgressError(f"another attempt is delivering {data.message_key}",
+                                          context={**context, "retry_after_s": _claim_left_s(stored)})
         parts = split_message(stored.content)
         sent = done = int(stored.meta.get(PARTS_SENT, 0))
         try:
@@ -68,6 +74,16 @@ class DeliveryActivities(TurnActivities):
         _log.info("telegram.delivered", user_id=data.user_id, message_key=data.message_key, parts=len(parts),
                   resumed_at=sent, attempt=activity.info().attempt)
         return Delivery(parts=len(parts))
+
+    async def _claim(self, data: DeliverInput) -> tuple[MessageRead | None, bool]:
+        """Claim the message, waiting up to CLAIM_WAIT for another attempt's claim to end."""
+        deadline = asyncio.get_running_loop().time() + CLAIM_WAIT.total_seconds()
+        while True:
+            stored, claimed = await self._repository.claim_message(data.user_id, data.message_key, DELIVERY_CLAIM,
+                                                                   TELEGRAM_TIMEOUT)
+            if stored is None or claimed or asyncio.get_running_loop().time() >= deadline:
+                return stored, claimed
+            await asyncio.sleep(CLAIM_POLL.total_seconds())
 
     @activity.defn(name="set_user_active")
     @translate_errors
@@ -103,3 +119,13 @@ class DeliveryActivities(TurnActivities):
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
         return [*super().all(), self.deliver, self.set_user_active, self.forget_user]
+
+
+def _claim_left_s(stored: MessageRead) -> float:
+    """Seconds until another attempt's claim on ``stored`` lapses, by this worker's clock (a retry that comes early
+    waits again): at least one, at most the lease."""
+    until = stored.meta.get(DELIVERY_CLAIM)
+    if until is None:  # released since this attempt found it claimed
+        return 1.0
+    left = (datetime.fromisoformat(until) - datetime.now(UTC)).total_seconds() + CLAIM_POLL.total_seconds()
+    return min(max(left, 1.0), TELEGRAM_TIMEOUT.total_seconds())

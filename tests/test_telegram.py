@@ -23,8 +23,16 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import ActivityEnvironment
 
 import bot_gateway
+from activities.delivery import DELIVERY_CLAIM
 from activities.nudges import CompanionActivities
-from activities.telegram import MESSAGE_LIMIT, TYPING_AFTER_S, TelegramChannel, split_message, to_html, utf16_len
+from activities.telegram import (
+    MESSAGE_LIMIT,
+    TYPING_AFTER_S,
+    TelegramChannel,
+    split_message,
+    to_html,
+    utf16_len,
+)
 from core.errors import UserNotFoundError
 from core.settings import Settings, load_settings
 from schemas.memory import Channel, MessageCreate, NudgeStatus, Role, UserCreate
@@ -235,16 +243,42 @@ async def test_two_attempts_delivering_one_reply_at_once_send_it_once(tg: Telegr
     activities = CompanionActivities(tg.repo, chat, channel)
     data = DeliverInput(user_id=user.id, chat_id=ada, message_key=f"tg:{ada}:1:reply")
     try:
-        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.deliver, data) for _ in range(2)),
-                                        return_exceptions=True)
-        [refused] = [outcome for outcome in outcomes if not isinstance(outcome, Delivery)]
-        assert isinstance(refused, ApplicationError) and refused.type == "DeliveryInProgressError"
-        assert not refused.non_retryable
-        assert (await ActivityEnvironment().run(activities.deliver, data)).parts == 1  # its retry: sent already
+        # the second waits for the first's claim to end, then finds the part sent
+        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.deliver, data) for _ in range(2)))
+        assert outcomes == [Delivery(parts=1), Delivery(parts=1)]
     finally:
         await channel.close()
         await chat.close()
     assert [sent.text for sent in tg.api.messages(ada)] == ["only once"]
+
+
+async def test_a_claim_a_lost_worker_left_is_waited_out_and_the_reply_then_sent(tg: TelegramStack) -> None:
+    """A worker died while it sent, holding its claim: the next attempt retries when the claim lapses."""
+    ada = new_telegram_id()
+    user = await tg.repo.get_or_create_user(UserCreate(telegram_id=ada, first_name="Ada"))
+    key = f"tg:{ada}:1:reply"
+    await tg.repo.add_message(user.id, MessageCreate(message_key=key, role=Role.ASSISTANT, content="after the crash",
+                                                     channel=Channel.TELEGRAM, sent_at=datetime.now(UTC)))
+    _, claimed = await tg.repo.claim_message(user.id, key, DELIVERY_CLAIM, timedelta(seconds=4))  # never released
+    assert claimed
+    channel, chat = TelegramChannel.from_settings(tg.settings), chat_model(tg.llm)
+    assert channel is not None
+    activities = CompanionActivities(tg.repo, chat, channel)
+    data = DeliverInput(user_id=user.id, chat_id=ada, message_key=key)
+    try:
+        with pytest.raises(ApplicationError) as refused:
+            await ActivityEnvironment().run(activities.deliver, data)
+        assert refused.value.type == "DeliveryInProgressError" and not refused.value.non_retryable
+        # its retry comes as the claim lapses (4 s after it was taken, 2 s of which this attempt waited)
+        assert refused.value.next_retry_delay is not None
+        assert timedelta(seconds=1) <= refused.value.next_retry_delay <= timedelta(seconds=3)
+        assert tg.api.messages(ada) == []
+        await asyncio.sleep(refused.value.next_retry_delay.total_seconds())
+        assert (await ActivityEnvironment().run(activities.deliver, data)).parts == 1
+    finally:
+        await channel.close()
+        await chat.close()
+    assert [sent.text for sent in tg.api.messages(ada)] == ["after the crash"]
 
 
 async def test_a_fired_nudge_is_delivered_to_the_users_chat(tg: TelegramStack) -> None:
