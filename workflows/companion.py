@@ -78,15 +78,15 @@ DELIVER_LOCALLY = "deliver-locally"
 # and no activity task. A worker lost mid-step is replaced when that workflow task times out (10 s), as a heartbeat
 # timeout did; the step runs again there and finds the reply if the lost worker had stored it.
 REPLY_LOCALLY = "reply-locally"
-# Every patch is asked for as a run begins, in its first workflow task. A query that reaches the worker with a
-# workflow task can end that task between a local activity's result and the code that follows it: the step's marker
-# goes into the history with the task, and the code after it runs in the next one. A replay runs that code a task
-# early, before it has seen the patch markers the next task recorded, and `patched` answered False where the run had
-# answered True (tests/histories/query_mid_turn.json). A run's first task begins the same way in a replay as it did
-# live. A new patch joins RUN_PATCHES; its change reaches a conversation already running at its next run.
+# Every patch above is settled as a run begins, in its first workflow task: a run that took patches-at-start there
+# has all of them (they are older), with one marker and one search attribute update instead of one of each per patch.
+# Asked for later, after a local activity, a patch could be answered wrongly by a replay: a query that reaches the
+# worker with a workflow task can end that task between a local activity's result and the code that follows it, and
+# a replay then runs that code a task early, before it has seen the patch markers the next task recorded
+# (tests/histories/query_mid_turn.json holds a turn cut so). A run's first task begins the same way in a replay as it
+# did live. A new patch is asked for beside this one, at the start of `run`; its change reaches a conversation
+# already running at its next run.
 PATCHES_AT_START = "patches-at-start"
-RUN_PATCHES = (TELEGRAM_DELIVERY, OWN_NUDGES, REMEMBER, REMEMBER_ONE_AT_A_TIME, REMEMBER_WHEN_QUIET, DELIVER_LOCALLY,
-               REPLY_LOCALLY)
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -120,13 +120,12 @@ class CompanionWorkflow:
         # after the last turn, and a finished remember step wakes the loop to set it anew.
         self._when_quiet = False
         self._remember_changed = False
+        self._patched_at_start = False  # set as the run begins
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
         """Answer queued messages in order and fire nudges when due; continue as new between turns of a long run."""
-        if workflow.patched(PATCHES_AT_START):
-            for patch in RUN_PATCHES:
-                workflow.patched(patch)
+        self._patched_at_start = workflow.patched(PATCHES_AT_START)
         while True:
             self._nudges_changed = self._remember_changed = False
             try:
@@ -290,13 +289,13 @@ class CompanionWorkflow:
             reply = TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=FAILED_REPLY,
                               fallback=True)
         self._state.replies = [*self._state.replies, reply][-REPLIES_KEPT:]
-        if self._state.user_id is None or reply.text == FAILED_REPLY or not workflow.patched(REMEMBER):
+        if self._state.user_id is None or reply.text == FAILED_REPLY or not self._patched(REMEMBER):
             return
-        if not workflow.patched(REMEMBER_ONE_AT_A_TIME):
+        if not self._patched(REMEMBER_ONE_AT_A_TIME):
             self._start_remembering(self._state.user_id, [message.message_key])
             return
         self._unremembered.append(message.message_key)
-        if self._state.remember_after_quiet_s and workflow.patched(REMEMBER_WHEN_QUIET):
+        if self._state.remember_after_quiet_s and self._patched(REMEMBER_WHEN_QUIET):
             self._when_quiet = True
             if self._remember_due():
                 self._start_remembering(self._state.user_id, self._take_unremembered())
@@ -366,17 +365,17 @@ class CompanionWorkflow:
         await self._record(user_id, message.message_key, Role.USER, message.text, message)
         text, fallback, own_nudges = await self._compose(user_id, message)
         self._after_turn(message, text, fallback)
-        if workflow.patched(OWN_NUDGES):
+        if self._patched(OWN_NUDGES):
             for nudge in own_nudges:
                 await self._schedule_own(user_id, nudge)
             await self._plan_checkin(user_id)
-        if message.channel == Channel.TELEGRAM and workflow.patched(TELEGRAM_DELIVERY):
+        if message.channel == Channel.TELEGRAM and self._patched(TELEGRAM_DELIVERY):
             await self._deliver(user_id, message.chat_id, message.reply_key)
         return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=fallback)
 
     async def _deliver(self, user_id: int, chat_id: int, message_key: str) -> None:
         data = DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key)
-        execute = (workflow.execute_local_activity_method if workflow.patched(DELIVER_LOCALLY)
+        execute = (workflow.execute_local_activity_method if self._patched(DELIVER_LOCALLY)
                    else workflow.execute_activity_method)
         try:
             await execute(CompanionActivities.deliver, data, start_to_close_timeout=TELEGRAM_TIMEOUT,
@@ -424,7 +423,7 @@ class CompanionWorkflow:
                                  text=message.text, channel=message.channel, chat_id=message.chat_id,
                                  now=workflow.now(), summary=self._state.summary)
         try:
-            if workflow.patched(REPLY_LOCALLY):
+            if self._patched(REPLY_LOCALLY):
                 reply = await workflow.execute_local_activity_method(
                     CompanionActivities.compose_reply, data, start_to_close_timeout=LLM_TIMEOUT,
                     retry_policy=LLM_RETRY, summary="LLM reply")
@@ -513,7 +512,7 @@ class CompanionWorkflow:
             return
         _count_nudges("sent")
         self._add_transcript([f"**companion** (nudge): {_clip(fired.text)}"])
-        if self._state.channel == Channel.TELEGRAM and workflow.patched(TELEGRAM_DELIVERY):
+        if self._state.channel == Channel.TELEGRAM and self._patched(TELEGRAM_DELIVERY):
             # A nudge is personal: to the user's private chat (its id is theirs), never the group they wrote in last.
             await self._deliver(user_id, self._state.telegram_id, nudge_message_key(nudge.nudge_id))
 
@@ -555,6 +554,10 @@ class CompanionWorkflow:
             return nudge
         quiet = self._until_quiet()
         return quiet if nudge is None else min(nudge, quiet)
+
+    def _patched(self, patch: str) -> bool:
+        """Whether this run takes the change of ``patch``, one of the patches older than patches-at-start."""
+        return self._patched_at_start or workflow.patched(patch)
 
     def _may_continue_as_new(self) -> bool:
         # A waiting update (the terminal chat) must get its reply from this run, so wait for handlers to finish.
