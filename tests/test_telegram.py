@@ -231,41 +231,40 @@ async def test_telegram_server_errors_are_retried_and_the_reply_sent_once(tg: Te
     assert (await tg.state(ada)).undelivered == 0
 
 
-async def test_two_attempts_delivering_one_reply_at_once_send_it_once(tg: TelegramStack) -> None:
-    """A workflow task taken over while the first worker still sends: two attempts of the delivery overlap."""
-    ada = new_telegram_id()
+@contextlib.asynccontextmanager
+async def stored_reply(tg: TelegramStack, ada: int, content: str) -> AsyncIterator[tuple[CompanionActivities,
+                                                                                         DeliverInput]]:
+    """A reply stored for Ada, with the activities that deliver it to Telegram and the delivery's input."""
     user = await tg.repo.get_or_create_user(UserCreate(telegram_id=ada, first_name="Ada"))
-    await tg.repo.add_message(user.id, MessageCreate(message_key=f"tg:{ada}:1:reply", role=Role.ASSISTANT,
-                                                     content="only once", channel=Channel.TELEGRAM,
-                                                     sent_at=datetime.now(UTC)))
+    key = f"tg:{ada}:1:reply"
+    await tg.repo.add_message(user.id, MessageCreate(message_key=key, role=Role.ASSISTANT, content=content,
+                                                     channel=Channel.TELEGRAM, sent_at=datetime.now(UTC)))
     channel, chat = TelegramChannel.from_settings(tg.settings), chat_model(tg.llm)
     assert channel is not None
-    activities = CompanionActivities(tg.repo, chat, channel)
-    data = DeliverInput(user_id=user.id, chat_id=ada, message_key=f"tg:{ada}:1:reply")
     try:
-        # the second waits for the first's claim to end, then finds the part sent
-        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.deliver, data) for _ in range(2)))
-        assert outcomes == [Delivery(parts=1), Delivery(parts=1)]
+        yield CompanionActivities(tg.repo, chat, channel), DeliverInput(user_id=user.id, chat_id=ada, message_key=key)
     finally:
         await channel.close()
         await chat.close()
+
+
+async def test_two_attempts_delivering_one_reply_at_once_send_it_once(tg: TelegramStack) -> None:
+    """A workflow task taken over while the first worker still sends: two attempts of the delivery overlap."""
+    ada = new_telegram_id()
+    async with stored_reply(tg, ada, "only once") as (activities, data):
+        # the second waits for the first's claim to end, then finds the part sent
+        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.deliver, data) for _ in range(2)))
+        assert outcomes == [Delivery(parts=1), Delivery(parts=1)]
     assert [sent.text for sent in tg.api.messages(ada)] == ["only once"]
 
 
 async def test_a_claim_a_lost_worker_left_is_waited_out_and_the_reply_then_sent(tg: TelegramStack) -> None:
     """A worker died while it sent, holding its claim: the next attempt retries when the claim lapses."""
     ada = new_telegram_id()
-    user = await tg.repo.get_or_create_user(UserCreate(telegram_id=ada, first_name="Ada"))
-    key = f"tg:{ada}:1:reply"
-    await tg.repo.add_message(user.id, MessageCreate(message_key=key, role=Role.ASSISTANT, content="after the crash",
-                                                     channel=Channel.TELEGRAM, sent_at=datetime.now(UTC)))
-    _, claimed = await tg.repo.claim_message(user.id, key, DELIVERY_CLAIM, timedelta(seconds=4))  # never released
-    assert claimed
-    channel, chat = TelegramChannel.from_settings(tg.settings), chat_model(tg.llm)
-    assert channel is not None
-    activities = CompanionActivities(tg.repo, chat, channel)
-    data = DeliverInput(user_id=user.id, chat_id=ada, message_key=key)
-    try:
+    async with stored_reply(tg, ada, "after the crash") as (activities, data):
+        _, claimed = await tg.repo.claim_message(data.user_id, data.message_key, DELIVERY_CLAIM,
+                                                 timedelta(seconds=4))  # never released
+        assert claimed
         with pytest.raises(ApplicationError) as refused:
             await ActivityEnvironment().run(activities.deliver, data)
         assert refused.value.type == "DeliveryInProgressError" and not refused.value.non_retryable
@@ -275,9 +274,6 @@ async def test_a_claim_a_lost_worker_left_is_waited_out_and_the_reply_then_sent(
         assert tg.api.messages(ada) == []
         await asyncio.sleep(refused.value.next_retry_delay.total_seconds())
         assert (await ActivityEnvironment().run(activities.deliver, data)).parts == 1
-    finally:
-        await channel.close()
-        await chat.close()
     assert [sent.text for sent in tg.api.messages(ada)] == ["after the crash"]
 
 
