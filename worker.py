@@ -24,6 +24,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.llm import ChatModel, LocalModelServer, create_chat_model
 from activities.nudges import CompanionActivities
 from activities.telegram import TelegramChannel
+from core import payload_passes
 from core.logging import get_logger
 from core.settings import Settings, WorkerRole
 from storage.database import create_engine, create_session_factory
@@ -39,9 +40,9 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=15)
 # one is ~1.7x faster (measured with 500 workflows on the dev server). The workflow module keeps no mutable
 # module-level state, which is what per-run imports would protect.
 WORKFLOW_RUNNER = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_all_modules())
-# WORKFLOW_SANDBOX=false: most of the sandbox's cost is not the workflow code but the SDK's lookup of a serialization
-# context for every payload of an activation and its completion, each run through the sandbox. Load runs' workers
-# spent 5-17% less CPU a turn without it.
+# WORKFLOW_SANDBOX=false: load runs' workers spent 5-17% less CPU a turn without the sandbox, most of it the SDK's
+# lookup of a serialization context for every payload of an activation and its completion, each run through the
+# sandbox. The worker now skips those lookups where they cannot change a payload (core.payload_passes).
 UNSANDBOXED_RUNNER = UnsandboxedWorkflowRunner()
 # A background worker (WORKER_ROLE=background) runs at this niceness: on a busy host the processes that answer turns
 # (turn workers, Temporal, PostgreSQL) get the CPU first, and the remember steps take what is left.
@@ -55,6 +56,7 @@ def build_worker(client: Client, task_queue: str, activities: CompanionActivitie
                  interceptors: Sequence[Interceptor] = ()) -> Worker:
     """A worker for the companion's workflow and activities on one task queue (its workflows in the sandbox unless
     ``sandbox`` is false): all of them, or only a turn's part or only the background part (``role``)."""
+    payload_passes.install()
     return Worker(client, task_queue=task_queue, workflows=[] if role == "background" else [CompanionWorkflow],
                   activities=activities.all(), no_remote_activities=role == "turns",
                   max_cached_workflows=max_cached_workflows, graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
