@@ -21,6 +21,7 @@ from telegram.warnings import PTBDeprecationWarning
 
 from core.concurrency import alongside
 from core.errors import TelegramBlockedError, TelegramServiceError
+from core.http import AiohttpRequest
 from core.logging import get_logger
 from core.settings import Settings
 
@@ -121,7 +122,8 @@ class TelegramChannel:
         """The channel for TELEGRAM_BOT_TOKEN (at TELEGRAM_API_BASE_URL), or None when no token is set."""
         if settings.telegram_bot_token is None:
             return None
-        return cls(Bot(settings.telegram_bot_token.get_secret_value(), base_url=settings.telegram_api_base_url))
+        return cls(Bot(settings.telegram_bot_token.get_secret_value(), base_url=settings.telegram_api_base_url,
+                       request=AiohttpRequest()))
 
     async def send(self, chat_id: int, text: str) -> int:
         """Send one part (≤ MESSAGE_LIMIT) formatted as HTML, or as plain text when Telegram can't parse it."""

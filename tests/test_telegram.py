@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
+from telegram import Bot
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -33,7 +34,8 @@ from activities.telegram import (
     to_html,
     utf16_len,
 )
-from core.errors import UserNotFoundError
+from core.errors import TelegramServiceError, UserNotFoundError
+from core.http import AiohttpRequest
 from core.settings import Settings, load_settings
 from schemas.memory import Channel, MessageCreate, NudgeStatus, Role, UserCreate
 from schemas.turn import DeliverInput, Delivery, Nudge, clean_text
@@ -542,6 +544,57 @@ def test_splitting_prefers_paragraphs_then_sentences_then_words() -> None:
     emoji = "🙂" * 3000  # two UTF-16 units each: Telegram counts 6,000
     parts = split_message(emoji)
     assert [utf16_len(part) for part in parts] == [4096, 1904] and "".join(parts) == emoji
+
+
+# --- python-telegram-bot's requests over aiohttp (core.http.AiohttpRequest) ------------------------------------
+
+
+async def test_a_file_upload_reaches_telegram_with_its_parameters(bot_api_server: FakeBotAPI) -> None:
+    bot_api_server.reset()
+    certificate = b"-----BEGIN CERTIFICATE-----\nMIIB\x00\xff-----END CERTIFICATE-----\n"
+    async with Bot(TOKEN, base_url=bot_api_server.url, request=AiohttpRequest()) as bot:
+        assert await bot.set_webhook(WEBHOOK_URL, certificate=certificate, secret_token=WEBHOOK_SECRET)
+    method, params = bot_api_server.calls[-1]
+    assert method == "setWebhook"
+    assert (params["url"], params["secret_token"], params["certificate"]) == (WEBHOOK_URL, WEBHOOK_SECRET, certificate)
+    assert bot_api_server.webhook == {"url": WEBHOOK_URL, "secret_token": WEBHOOK_SECRET}
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """A Bot API address that takes connections and never answers; yields its base URL."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/bot"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
+async def test_a_bot_api_that_never_answers_times_out_as_a_failure_worth_retrying() -> None:
+    async with silent_server() as url:
+        channel = TelegramChannel(Bot(TOKEN, base_url=url, request=AiohttpRequest(read_timeout=0.3)))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TelegramServiceError) as failed:
+            await channel.send(42, "hello")
+        waited = asyncio.get_running_loop().time() - started
+        await channel.close()
+    assert failed.value.retryable and "Timed out" in str(failed.value)
+    assert 0.3 <= waited < 2
+
+
+async def test_a_bot_api_that_refuses_connections_is_a_failure_worth_retrying() -> None:
+    channel = TelegramChannel(Bot(TOKEN, base_url=f"http://127.0.0.1:{free_port()}/bot", request=AiohttpRequest()))
+    with pytest.raises(TelegramServiceError) as failed:
+        await channel.send(42, "hello")
+    await channel.close()
+    assert failed.value.retryable and "aiohttp.ClientConnectorError" in str(failed.value)
 
 
 # --- `companion gateway` ---------------------------------------------------------------------------------------
