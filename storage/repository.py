@@ -74,6 +74,12 @@ _NUDGE_TRANSITIONS = {
     NudgeStatus.FAILED: {NudgeStatus.FAILED, NudgeStatus.PENDING},
 }
 
+# A user seen again: the names given refresh the stored ones. Built once: the `excluded` namespace of an INSERT
+# costs ~1 ms of CPU to build for a table this wide, and a first contact built it four times.
+_USER_EXCLUDED = insert(User).excluded
+_USER_REFRESHED = {**{name: func.coalesce(getattr(_USER_EXCLUDED, name), getattr(User, name))
+                      for name in ("username", "first_name", "last_name", "language_code")},
+                   "last_seen_at": func.now()}
 
 def _now() -> datetime:
     return datetime.now().astimezone()
@@ -112,15 +118,10 @@ class MemoryRepository:
 
     async def get_or_create_user(self, data: UserCreate) -> UserRead:
         """The user with this Telegram id, created on first sight; names given here refresh the stored ones."""
-        values = data.model_dump()
-        refreshed = {name: func.coalesce(getattr(insert(User).excluded, name), getattr(User, name))
-                     for name in ("username", "first_name", "last_name", "language_code")}
+        statement = (insert(User).values(**data.model_dump(), last_seen_at=func.now())
+                     .on_conflict_do_update(index_elements=[User.telegram_id], set_=_USER_REFRESHED).returning(User))
 
         async def work(session: AsyncSession) -> UserRead:
-            statement = (insert(User).values(**values, last_seen_at=func.now())
-                         .on_conflict_do_update(index_elements=[User.telegram_id],
-                                                set_={**refreshed, "last_seen_at": func.now()})
-                         .returning(User))
             return UserRead.model_validate((await session.execute(statement)).scalar_one())
 
         return await self._tx("get_or_create_user", work, telegram_id=data.telegram_id)
