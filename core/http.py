@@ -9,6 +9,8 @@ from telegram._utils.types import ODVInput
 from telegram.error import NetworkError, TimedOut
 from telegram.request import BaseRequest, RequestData
 
+from core.logging import redact_text
+
 
 def openai_client(base_url: str | None, api_key: str, *, max_retries: int, timeout: float) -> AsyncOpenAI:
     """An openai SDK client whose requests go over aiohttp (the SDK's own option) instead of HTTPX2: a call costs
@@ -78,5 +80,5 @@ class AiohttpRequest(BaseRequest):
                 return response.status, await response.read()
         except TimeoutError as exc:
             raise TimedOut from exc
-        except aiohttp.ClientError as exc:
-            raise NetworkError(f"aiohttp.{exc.__class__.__name__}: {exc}") from exc
+        except aiohttp.ClientError as exc:  # its text may quote the URL, which holds the bot token
+            raise NetworkError(f"aiohttp.{exc.__class__.__name__}: {redact_text(str(exc))}") from exc

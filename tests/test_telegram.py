@@ -561,12 +561,15 @@ async def test_a_file_upload_reaches_telegram_with_its_parameters(bot_api_server
 
 
 @contextlib.asynccontextmanager
-async def silent_server() -> AsyncIterator[str]:
-    """A Bot API address that takes connections and never answers; yields its base URL."""
+async def silent_server(answer: bytes | None = None) -> AsyncIterator[str]:
+    """A Bot API address that takes connections and never answers, or answers every request with ``answer``; yields
+    its base URL."""
     held: list[asyncio.StreamWriter] = []
 
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
+        while answer is not None and await reader.readuntil(b"\r\n\r\n"):
+            writer.write(answer)
 
     server = await asyncio.start_server(hold, "127.0.0.1", 0)
     try:
@@ -587,6 +590,17 @@ async def test_a_bot_api_that_never_answers_times_out_as_a_failure_worth_retryin
         await channel.close()
     assert failed.value.retryable and "Timed out" in str(failed.value)
     assert 0.3 <= waited < 2
+
+
+async def test_a_failure_whose_text_quotes_the_url_never_shows_the_bot_token() -> None:
+    again = f"HTTP/1.1 307 Temporary Redirect\r\nLocation: /bot{TOKEN}/getMe\r\nContent-Length: 0\r\n\r\n"
+    async with silent_server(again.encode()) as url:  # redirects for ever: aiohttp gives up quoting the URL
+        channel = TelegramChannel(Bot(TOKEN, base_url=url, request=AiohttpRequest()))
+        with pytest.raises(TelegramServiceError) as failed:
+            await channel.send(42, "hello")
+        await channel.close()
+    assert failed.value.retryable and "TooManyRedirects" in str(failed.value)
+    assert TOKEN not in str(failed.value) and "/getMe" in str(failed.value)
 
 
 async def test_a_bot_api_that_refuses_connections_is_a_failure_worth_retrying() -> None:
