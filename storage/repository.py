@@ -81,6 +81,7 @@ _USER_REFRESHED = {**{name: func.coalesce(getattr(_USER_EXCLUDED, name), getattr
                       for name in ("username", "first_name", "last_name", "language_code")},
                    "last_seen_at": func.now()}
 
+
 def _now() -> datetime:
     return datetime.now().astimezone()
 
