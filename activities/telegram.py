@@ -167,9 +167,9 @@ class TelegramChannel:
         return self._bot
 
     async def close(self) -> None:
-        """Close the bot's HTTP connections."""
-        if self._ready:
-            await self._bot.shutdown()
+        """Close the bot's HTTP connections, also those a start that failed (Telegram unreachable) left open."""
+        await self._bot.shutdown()  # a no-op for a bot that never started
+        self._ready = False
 
 
 @contextmanager
