@@ -91,6 +91,8 @@ class User(Base):
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The user's memory vectors are in the HNSW index (they have many memories; see storage.vectors.ANN_INDEX_FROM).
+    ann_indexed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
 
 
 class ProfileFact(Base):
@@ -216,8 +218,9 @@ class Memory(Base):
         CheckConstraint(_one_of("kind", MemoryKind), name="kind"),
         Index("ix_memories_user_id_occurred_at", "user_id", "occurred_at"),
         Index("ix_memories_search", "search", postgresql_using="gin"),
+        # The HNSW index holds the vectors of users with many memories alone; everyone else is searched exactly.
         Index("ix_memories_embedding", "embedding", postgresql_using="hnsw",
-              postgresql_ops={"embedding": "vector_cosine_ops"}),
+              postgresql_ops={"embedding": "vector_cosine_ops"}, postgresql_where=text("ann_indexed")),
     )
 
     id: Mapped[int] = _id()
@@ -231,6 +234,8 @@ class Memory(Base):
         TSVECTOR, Computed(f"to_tsvector('{TEXT_SEARCH_CONFIG}'::regconfig, content)", persisted=True))
     embedding: Mapped[Any | None] = mapped_column(Vector(EMBEDDING_DIMENSION))
     embedder: Mapped[str | None] = mapped_column(Text)
+    # In the HNSW index: set for every memory of a user whose ann_indexed is set.
+    ann_indexed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     created_at: Mapped[datetime] = _created_at()
 
 

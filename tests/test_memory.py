@@ -267,7 +267,7 @@ async def test_no_search_returns_another_users_memories(
 
 
 async def test_a_user_past_the_exact_search_limit_gets_the_same_neighbours_through_the_index(
-        repo: MemoryRepository, memory: MemoryIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+        engine: AsyncEngine, repo: MemoryRepository, memory: MemoryIndex, monkeypatch: pytest.MonkeyPatch) -> None:
     lines = ["We adopted a cat called Miso", "My sister lives in Lisbon", "I play the piano on Sundays",
              "The job interview at Acme is on Friday", "I keep bees in the garden", "Tea with lemon, always"]
     user_id = await user_with_messages(repo, lines)
@@ -281,6 +281,50 @@ async def test_a_user_past_the_exact_search_limit_gets_the_same_neighbours_throu
     assert await memory.store.query(newcomer, vector, 4) == []
     assert [(hit.memory_id, round(hit.score, 5)) for hit in indexed] == [
         (hit.memory_id, round(hit.score, 5)) for hit in exact]
+    # Its vectors were not in the index (it has few memories): the search put them there first.
+    assert await _in_ann_index(engine, user_id) == (True, {True})
+
+
+async def _in_ann_index(engine: AsyncEngine, user_id: int) -> tuple[bool, set[bool]]:
+    """Whether the user is marked as in the HNSW index, and the marks their memories carry."""
+    async with engine.connect() as connection:
+        user = (await connection.execute(text("SELECT ann_indexed FROM users WHERE id = :id"),
+                                         {"id": user_id})).scalar_one()
+        rows = await connection.execute(select(Memory.ann_indexed).where(Memory.user_id == user_id))
+        return user, {row[0] for row in rows}
+
+
+async def test_the_hnsw_index_holds_the_vectors_of_users_with_many_memories_alone(
+        engine: AsyncEngine, repo: MemoryRepository, memory: MemoryIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = ["We adopted a cat called Miso", "My sister lives in Lisbon", "I play the piano on Sundays",
+             "The job interview at Acme is on Friday", "I keep bees in the garden", "Tea with lemon, always",
+             "My brother is a pilot", "We went to Porto in May"]
+    heavy, light = await user_with_messages(repo, lines), await user_with_messages(repo, lines)
+    await memory.remember_messages(light, [f"m{light}-{n}" for n in range(len(lines))], "someone")
+    first = await memory.remember_messages(heavy, [f"m{heavy}-{n}" for n in range(2)], "someone")
+    monkeypatch.setattr(vectors, "ANN_INDEX_FROM", len(first) + 1)
+    assert await _in_ann_index(engine, heavy) == (False, {False})  # searched exactly: kept out of the index
+
+    await memory.remember_messages(heavy, [f"m{heavy}-{n}" for n in range(2, 6)], "someone")
+    assert await _in_ann_index(engine, heavy) == (True, {True})  # it joined, with the memories it had before
+    await memory.remember_messages(heavy, [f"m{heavy}-{n}" for n in range(6, len(lines))], "someone")
+    assert await _in_ann_index(engine, heavy) == (True, {True})  # and later ones join as they are written
+    assert await _in_ann_index(engine, light) == (False, {False})  # the same number of memories, written earlier
+
+    vector = (await memory.embedder.embed(["my cat Miso"]))[0]
+    exact = await memory.store.query(heavy, vector, 4)
+    async with engine.connect() as connection:  # the partial index can serve the search (rolled back below)
+        await connection.execute(text("SET LOCAL enable_seqscan = off"))
+        await connection.execute(text("ALTER TABLE memories DROP CONSTRAINT uq_memories_user_id_memory_key"))
+        await connection.execute(text("DROP INDEX ix_memories_user_id_occurred_at"))
+        search = vectors.indexed_search(heavy, 4).compile(dialect=engine.dialect)
+        bound = {**search.params, "vector": vector}
+        plan = await connection.exec_driver_sql(f"EXPLAIN {search.string}",
+                                                tuple(bound[name] for name in search.positiontup or ()))
+        assert "Index Scan using ix_memories_embedding" in "\n".join(row[0] for row in plan)
+        await connection.rollback()
+    monkeypatch.setattr(vectors, "EXACT_SEARCH_LIMIT", 2)
+    assert [hit.memory_id for hit in await memory.store.query(heavy, vector, 4)] == [hit.memory_id for hit in exact]
 
 
 # --- Pinecone ----------------------------------------------------------------------------------------------------

@@ -111,3 +111,33 @@ async def test_cli_db_upgrade_creates_the_tables_in_database_url(empty_database_
         assert await _tables(engine) == TABLES
     finally:
         await engine.dispose()
+
+
+async def test_upgrading_puts_the_users_with_many_memories_in_the_hnsw_index_and_no_one_else(
+        empty_database_url: str) -> None:
+    engine = create_engine(empty_database_url)
+    try:
+        await migrate.upgrade(engine, "0002")  # the index held every vector
+        async with engine.begin() as connection:
+            await connection.execute(text("INSERT INTO users (telegram_id) VALUES (1), (2)"))
+            await connection.execute(text(
+                "INSERT INTO memories (user_id, memory_key, kind, content, occurred_at, embedding) "
+                "SELECT u.id, 'm' || n, 'conversation', 'text', now(), array_fill(0.5, ARRAY[384])::vector "
+                "FROM users u, generate_series(1, CASE u.telegram_id WHEN 1 THEN 5000 ELSE 4999 END) n"))
+        await migrate.upgrade(engine)
+        async with engine.connect() as connection:
+            users = (await connection.execute(text(
+                "SELECT u.telegram_id, u.ann_indexed, array_agg(DISTINCT m.ann_indexed) FROM users u "
+                "JOIN memories m ON m.user_id = u.id GROUP BY u.telegram_id, u.ann_indexed ORDER BY 1"))).all()
+            index = (await connection.execute(text(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_memories_embedding'"))).scalar_one()
+        assert [tuple(row) for row in users] == [(1, True, [True]), (2, False, [False])]
+        assert index.endswith("USING hnsw (embedding vector_cosine_ops) WHERE ann_indexed")
+
+        await migrate.downgrade(engine, "0002")  # back to one index over every vector
+        async with engine.connect() as connection:
+            index = (await connection.execute(text(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_memories_embedding'"))).scalar_one()
+        assert index.endswith("USING hnsw (embedding vector_cosine_ops)")
+    finally:
+        await engine.dispose()
