@@ -1,12 +1,12 @@
 """Load: many users talking at once over the Telegram path, and nothing lost or duplicated.
 
-    uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60] [--workers 1]
+    uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60] [--workers 2]
                                 [--background-workers 0]
     WORKFLOW_SANDBOX=false uv run python -m bench.load    # the workers' workflows outside Temporal's sandbox
 
 Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
-worker as its own process (`companion worker`; --workers starts more on the same task queue) delivering to the
-local Bot API server of the tests, and an OpenAI-compatible stub answering at once in its own process. Messages
+worker as processes of their own (`companion worker`, two on the same task queue by default, as docker compose runs
+them: a worker's event loop answers on one core) delivering to the local Bot API server of the tests, and an OpenAI-compatible stub answering at once in its own process. Messages
 are signalled as the gateway signals them (signal-with-start, Telegram channel); a reply counts when the Bot API
 server receives it.
 
@@ -122,7 +122,7 @@ async def _counts(database_url: str, users: range) -> tuple[int, int]:
     return lost, sum(n - 1 for n in keys.values())
 
 
-async def main(users: int, messages: int, rate: float, seconds: float, workers: int = 1,
+async def main(users: int, messages: int, rate: float, seconds: float, workers: int = 2,
                background_workers: int = 0) -> dict[str, Any]:
     configure_logging("WARNING", "console")
     api = FakeBotAPI()
@@ -206,7 +206,7 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=5)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--workers", type=int, default=1, help="`companion worker` processes (default 1)")
+    parser.add_argument("--workers", type=int, default=2, help="`companion worker` processes (default 2)")
     parser.add_argument("--background-workers", type=int, default=0,
                         help="more worker processes for the background only (WORKER_ROLE=background); the --workers "
                              "then answer turns only (WORKER_ROLE=turns)")
