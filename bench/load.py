@@ -1,12 +1,13 @@
 """Load: many users talking at once over the Telegram path, and nothing lost or duplicated.
 
     uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60] [--workers 2]
-                                [--background-workers 0]
+                                [--background-workers 1]
     WORKFLOW_SANDBOX=false uv run python -m bench.load    # the workers' workflows outside Temporal's sandbox
 
 Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
-worker as processes of their own (`companion worker`, two on the same task queue by default, as docker compose runs
-them: a worker's event loop answers on one core) delivering to the local Bot API server of the tests, and an OpenAI-compatible stub answering at once in its own process. Messages
+worker as processes of their own (`companion worker`; by default as docker compose runs them, two turn workers, since
+a worker's event loop answers on one core, and a background worker for the remember steps) delivering to the local
+Bot API server of the tests, and an OpenAI-compatible stub answering at once in its own process. Messages
 are signalled as the gateway signals them (signal-with-start, Telegram channel); a reply counts when the Bot API
 server receives it.
 
@@ -123,7 +124,7 @@ async def _counts(database_url: str, users: range) -> tuple[int, int]:
 
 
 async def main(users: int, messages: int, rate: float, seconds: float, workers: int = 2,
-               background_workers: int = 0) -> dict[str, Any]:
+               background_workers: int = 1) -> dict[str, Any]:
     configure_logging("WARNING", "console")
     api = FakeBotAPI()
     api.start()
@@ -207,9 +208,9 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--workers", type=int, default=2, help="`companion worker` processes (default 2)")
-    parser.add_argument("--background-workers", type=int, default=0,
-                        help="more worker processes for the background only (WORKER_ROLE=background); the --workers "
-                             "then answer turns only (WORKER_ROLE=turns)")
+    parser.add_argument("--background-workers", type=int, default=1,
+                        help="more worker processes for the background only (WORKER_ROLE=background; default 1); "
+                             "the --workers then answer turns only (WORKER_ROLE=turns); 0 = every worker does all")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main(args.users, args.messages, args.rate, args.seconds, args.workers,
                                       args.background_workers))))

@@ -14,7 +14,7 @@ from core.settings import Settings, load_settings
 ROOT = Path(__file__).parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APP_SERVICES = ("migrate", "worker", "gateway")
+APP_SERVICES = ("migrate", "worker", "worker-background", "gateway")
 
 
 def test_every_service_of_the_stack_is_there() -> None:
@@ -28,16 +28,27 @@ def test_services_wait_for_what_they_need_to_be_healthy() -> None:
     for name in ("postgres", "temporal"):
         assert SERVICES[name]["healthcheck"]["test"], name
     assert SERVICES["temporal"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    assert SERVICES["worker"]["depends_on"] == {"temporal": {"condition": "service_healthy"},
+    for name in ("worker", "worker-background"):
+        assert SERVICES[name]["depends_on"] == {"temporal": {"condition": "service_healthy"},
                                                 "migrate": {"condition": "service_completed_successfully"}}
     assert SERVICES["gateway"]["depends_on"] == {"temporal": {"condition": "service_healthy"}}
     assert SERVICES["migrate"]["command"] == ["db", "upgrade"] and SERVICES["migrate"]["restart"] == "no"
 
 
 def test_workers_scale_they_have_no_fixed_name_or_host_port() -> None:
-    worker = SERVICES["worker"]
-    assert "container_name" not in worker and "ports" not in worker
-    assert worker["command"] == ["worker"] and SERVICES["gateway"]["command"] == ["gateway"]
+    for name in ("worker", "worker-background"):
+        worker = SERVICES[name]
+        assert "container_name" not in worker and "ports" not in worker
+        assert worker["command"] == ["worker"]
+    assert SERVICES["gateway"]["command"] == ["gateway"]
+
+
+def test_the_stack_answers_turns_and_remembers_them() -> None:
+    # Turn workers take no regular activity: without a background worker, nothing would ever be remembered.
+    roles = {name: load_settings(worker_role=SERVICES[name]["environment"]["WORKER_ROLE"]).worker_role
+             for name in ("worker", "worker-background")}
+    assert roles == {"worker": "turns", "worker-background": "background"}
+    assert SERVICES["worker"]["deploy"]["replicas"] == 2  # a worker's turns take one core; the host has two
 
 
 def test_the_app_services_set_only_real_settings_and_a_database_url_production_accepts() -> None:
