@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -9,7 +10,6 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from core.errors import (
     CompanionError,
@@ -31,7 +31,8 @@ MAX_OVERFLOW = 10
 POOL_RECYCLE_S = 3600
 # A transient failure is retried this many times (so 1 + 3 attempts), backing off 0.1 s, 0.2 s, 0.4 s.
 TRANSIENT_RETRIES = 3
-RETRY_WAIT = wait_exponential(multiplier=0.1, min=0.1, max=2.0)
+RETRY_FIRST_WAIT_S = 0.1
+RETRY_MAX_WAIT_S = 2.0
 
 # SQLSTATEs worth another attempt: serialization failure, deadlock, server shutting down or killing the backend,
 # too many connections. Class 08 (connection exceptions) is matched by prefix.
@@ -117,23 +118,22 @@ async def run_transaction(
     upsert, say), so that a failure between two of them leaves nothing half done. Work that must write all or
     nothing, or that needs one snapshot or SET LOCAL, runs in a transaction.
     """
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(TRANSIENT_RETRIES + 1),
-        wait=RETRY_WAIT,
-        retry=retry_if_exception(is_transient),
-        reraise=True,
-        before_sleep=lambda state: _log.warning(
-            "db.transient_failure_retrying", operation=operation, attempt=state.attempt_number,
-            error=type(state.outcome.exception()).__name__ if state.outcome else None, **context),
-    )
-    try:
-        async for attempt in retrying:
-            with attempt:
-                async with _autocommitting(sessions) if autocommit else sessions.begin() as session:
-                    result = await work(session)
-        return result
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
-        raise translate(exc, operation, context) from exc
+    # A plain loop rather than a retrying library: every transaction of every turn passes through here, and the
+    # first attempt, which nearly always succeeds, then costs nothing beyond the transaction itself.
+    for attempt in range(1, TRANSIENT_RETRIES + 2):
+        try:
+            async with _autocommitting(sessions) if autocommit else sessions.begin() as session:
+                return await work(session)
+        except Exception as exc:
+            if attempt <= TRANSIENT_RETRIES and is_transient(exc):
+                _log.warning("db.transient_failure_retrying", operation=operation, attempt=attempt,
+                             error=type(exc).__name__, **context)
+                await asyncio.sleep(min(RETRY_FIRST_WAIT_S * 2 ** (attempt - 1), RETRY_MAX_WAIT_S))
+                continue
+            if isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)):
+                raise translate(exc, operation, context) from exc
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 @asynccontextmanager
