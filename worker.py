@@ -100,7 +100,8 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     """Run a worker until ``stop`` is set, then let in-flight activities finish and close every connection."""
     if settings.worker_role == "background":
         os.nice(BACKGROUND_NICENESS)  # before any thread starts: Linux sets a thread's niceness, new ones inherit it
-    engine = create_engine(database_url)
+    engine = create_engine(database_url, pool_size=settings.database_pool_size,
+                           max_overflow=settings.database_max_overflow)
     # The embedded model's server stops when this object goes away: it must live as long as the worker.
     local_model = LocalModelServer() if chat_model is None and settings.uses_local_model else None
     telegram = TelegramChannel.from_settings(settings)

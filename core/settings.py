@@ -27,6 +27,11 @@ _SECRET_FIELDS = ("openai_api_key", "pinecone_api_key", "telegram_bot_token", "t
                   "temporal_api_key", "database_url")
 _POSTGRES_SCHEMES = {"postgres", "postgresql", "postgresql+asyncpg", "postgresql+psycopg", "postgresql+psycopg2"}
 _DATABASE_URL_FORMS = ("postgresql://user:pass@host:5432/db or postgresql://user@/db?host=/socket/dir")
+# A process's PostgreSQL pool (storage.database.create_engine): connections kept open, and how many more a burst may
+# open. Two turn workers of a load run answered as many turns a second with 10 + 5 each as with 30 + 10, and held
+# 35-40 connections between them and the background worker rather than 71-78.
+DATABASE_POOL_SIZE = 10
+DATABASE_MAX_OVERFLOW = 5
 
 
 class Settings(BaseSettings):
@@ -40,6 +45,11 @@ class Settings(BaseSettings):
     companion_data_dir: Path = Path(".companion")
 
     database_url: SecretStr | None = None
+    # Connections a worker keeps open, and how many more it may open for a burst (closed again after it). Every
+    # process sharing the server counts against its max_connections (100 unless raised): docker-compose.yml
+    # budgets them.
+    database_pool_size: int = Field(default=DATABASE_POOL_SIZE, ge=1, le=500)
+    database_max_overflow: int = Field(default=DATABASE_MAX_OVERFLOW, ge=0, le=500)
 
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"

@@ -20,14 +20,16 @@ from core.errors import (
     UserNotFoundError,
 )
 from core.logging import get_logger
-from core.settings import to_async_url
+from core.settings import DATABASE_MAX_OVERFLOW, DATABASE_POOL_SIZE, to_async_url
 
 T = TypeVar("T")
 
 # Connections are kept rather than opened per burst: under load, overflow connections opened and closed for each
 # transaction (authentication, type introspection, statement preparation) cost the worker more than the queries.
-POOL_SIZE = 30
-MAX_OVERFLOW = 10
+# The pool is still small, since every process sharing the server counts against its max_connections: a turn waits
+# for a connection of its worker's pool (a queue in this process) rather than the server refusing a new one.
+POOL_SIZE = DATABASE_POOL_SIZE
+MAX_OVERFLOW = DATABASE_MAX_OVERFLOW
 POOL_RECYCLE_S = 3600
 # A transient failure is retried this many times (so 1 + 3 attempts), backing off 0.1 s, 0.2 s, 0.4 s.
 TRANSIENT_RETRIES = 3

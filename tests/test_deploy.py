@@ -51,6 +51,21 @@ def test_the_stack_answers_turns_and_remembers_them() -> None:
     assert SERVICES["worker"]["deploy"]["replicas"] == 2  # a worker's turns take one core; the host has two
 
 
+def test_the_stack_keeps_within_the_connections_postgres_allows() -> None:
+    # A server out of connections refuses new ones: every process's most, together, must fit, with the workers
+    # scaled as the file's header shows (three turn workers) and an operator's command running beside them.
+    arguments = SERVICES["postgres"]["command"]
+    allowed = int(next(arg.split("=", 1)[1] for arg in arguments if arg.startswith("max_connections=")))
+    temporal = SERVICES["temporal"]["environment"]
+    held_by_temporal = int(temporal["SQL_MAX_CONNS"]) + int(temporal["SQL_VIS_MAX_CONNS"])
+    settings = load_settings()
+    per_process = settings.database_pool_size + settings.database_max_overflow
+    assert "--scale worker=3" in (ROOT / "docker-compose.yml").read_text()
+    processes = 3 + 1 + 1 + 1  # turn workers, the background worker, the migrations, an operator's command
+    reserved_for_superusers = 3  # PostgreSQL's default
+    assert held_by_temporal + processes * per_process <= allowed - reserved_for_superusers
+
+
 def test_the_app_services_set_only_real_settings_and_a_database_url_production_accepts() -> None:
     fields = {name.upper() for name in Settings.model_fields}
     for name in APP_SERVICES:
