@@ -14,13 +14,14 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from cli.dev import dev_server_config_args
+from cli.dev import READY_TIMEOUT_S, dev_server_config_args
 from core.settings import Settings, load_settings
 from storage import migrate
 from storage.database import create_engine
@@ -93,7 +94,8 @@ async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = No
         async with await WorkflowEnvironment.start_local(
                 dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
                 data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
-                dev_server_extra_args=dev_server_config_args()) as env:
+                dev_server_extra_args=dev_server_config_args(),
+                dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S)) as env:
             address = env.client.service_client.config.target_host
             roles = ["turns" if background_workers else "all"] * workers + ["background"] * background_workers
             for n, role in enumerate(roles):

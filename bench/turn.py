@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from openai import AsyncOpenAI
@@ -28,7 +28,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
-from cli.dev import dev_server_config_args
+from cli.dev import READY_TIMEOUT_S, dev_server_config_args
 from core.logging import configure_logging
 from core.settings import load_settings
 from schemas.memory import Channel, Role
@@ -102,7 +102,7 @@ async def main(turns: int) -> dict[str, float]:
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
             data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
-            dev_server_extra_args=dev_server_config_args())
+            dev_server_extra_args=dev_server_config_args(), dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S))
         async with env:
             settings = load_settings(temporal_task_queue="bench-turn")
             async with build_worker(env.client, settings.temporal_task_queue, activities):

@@ -33,7 +33,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.llm import REQUEST_TIMEOUT_S, ChatModel
 from activities.nudges import CompanionActivities
-from cli.dev import dev_server_config_args
+from cli.dev import READY_TIMEOUT_S, dev_server_config_args
 from core.http import openai_client
 from core.logging import configure_logging, log_formatter
 from core.settings import Settings, load_settings
@@ -231,7 +231,8 @@ class SharedDevServer:
         if self.running is None:
             self.running = await WorkflowEnvironment.start_local(
                 dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
-                search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args())
+                search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args(),
+                dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S))
         return self.running
 
     async def close(self) -> None:
