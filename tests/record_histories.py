@@ -10,7 +10,8 @@ a follow-up, check-ins, quiet hours), the remember step (memories, an extraction
 continue-as-new), remember steps one at a time (turns answered during a step remembered by the next one), and
 remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new;
 with the reply step run locally, the Telegram conversation again, and retried steps with a fallback reply; and a
-continued run whose first turn a query cut in two (every patch asked for as the run begins).
+continued run whose first turn a query cut in two (every patch asked for as the run begins); and the loop's timer
+kept across turns and nudges.
 Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
@@ -32,7 +33,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.nudges import CompanionActivities
 from activities.telegram import TelegramChannel
-from cli.dev import dev_server_config_args
+from cli.dev import READY_TIMEOUT_S, dev_server_config_args
 from core.settings import load_settings
 from schemas.memory import Channel, NudgeStatus
 from schemas.turn import ChatUser, IncomingMessage, Nudge
@@ -251,6 +252,30 @@ async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm
         await _save(client, 1009, "remember_when_quiet", run_id=first_run)
 
 
+async def _kept_loop_timer(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    """The loop's timer kept while the next wake moves later: three turns whose pause before the remember step ends
+    2 s after the last (the timer rings early and is set again); then a nudge due sooner than the check-in (the
+    timer set anew), one cancelled (the timer kept), and the first one firing."""
+    settings = SETTINGS.model_copy(update={"remember_after_quiet_seconds": 2})
+    memory = MemoryIndex(repository.sessions, local_embedder(), PgVectorStore(repository.sessions))
+    async with build_worker(client, settings.temporal_task_queue,
+                            CompanionActivities(repository, chat_model(llm), memory=memory)):
+        for n in range(3):
+            await send_message(client, settings, _message(1014, n, f"About green tea, part {n}"))
+        history = client.get_workflow_handle(workflow_id(1014)).fetch_history
+        while not any(event.HasField("activity_task_completed_event_attributes") for event in (await history()).events):
+            await asyncio.sleep(0.2)  # the remember step, after the pause
+        soon = Nudge(nudge_id="tea-1", at=datetime.now(UTC) + timedelta(seconds=2), text="Time for tea!")
+        await schedule_nudge(client, settings, 1014, soon)
+        later = Nudge(nudge_id="later-2", at=datetime.now(UTC) + timedelta(hours=1), text="never sent")
+        await schedule_nudge(client, settings, 1014, later)
+        await cancel_nudge(client, 1014, "later-2")
+        while (await repository.get_scheduled_message("tea-1")).status != NudgeStatus.SENT:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # the workflow task after the nudge
+        await _save(client, 1014, "kept_loop_timer")
+
+
 async def _query_mid_turn(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
     run_id = await a_query_cuts_a_turn(client, SETTINGS, repository, chat_model(llm),
                                        _message(1013, 0, "Hello again"), _message(1013, 1, "Are you still there?"))
@@ -264,7 +289,7 @@ SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "co
              "telegram_local_reply": lambda *args: _telegram(*args, name="telegram_local_reply", ada=1011),
              "retried_local_reply": lambda *args: _retried(*args, name="retried_local_reply", simon=1012,
                                                            fallback=True),
-             "query_mid_turn": _query_mid_turn}
+             "query_mid_turn": _query_mid_turn, "kept_loop_timer": _kept_loop_timer}
 
 
 async def main() -> None:
@@ -277,7 +302,8 @@ async def main() -> None:
         await migrate.upgrade(engine)
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
-            search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args())
+            search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args(),
+            dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S))
         async with env:
             HISTORIES.mkdir(exist_ok=True)
             repository = MemoryRepository(create_session_factory(engine))

@@ -680,9 +680,15 @@ async def test_a_conversation_is_remembered_in_one_step_once_the_user_pauses(
     await stack.env.sleep(timedelta(minutes=2))
     await eventually(lambda: _conversation_sources(engine, stack.repo, ana), lambda sources: bool(sources))
 
-    [step] = _remember_steps((await stack.handle(ana).fetch_history()).events)
+    events = (await stack.handle(ana).fetch_history()).events
+    [step] = _remember_steps(events)
     turns = [*step["earlier"], step["message_key"]]
     assert len(turns) == 3 and turns == [reply.message_key for reply in state.replies]
+    # Each turn moved the pause's end later; the timer counting it was kept (and set again when it rang early, then
+    # to the check-in once the step began) rather than cancelled and started anew at every turn.
+    started = [event for event in events if event.HasField("timer_started_event_attributes")]
+    assert not [event for event in events if event.HasField("timer_canceled_event_attributes")]
+    assert 1 <= len(started) <= 3
     # Dates in the conversation are read as of its last turn, not ten minutes later.
     assert datetime.fromisoformat(step["now"]) == state.last_turn_at
     assert set(turns) | {f"{key}:reply" for key in turns} <= await _conversation_sources(engine, stack.repo, ana)

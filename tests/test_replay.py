@@ -25,7 +25,8 @@ def _history(path: Path) -> WorkflowHistory:
 
 
 def test_the_recorded_histories_are_committed() -> None:
-    assert [path.stem for path in HISTORIES] == ["continued_as_new", "nudges", "own_nudges", "plain_conversation",
+    assert [path.stem for path in HISTORIES] == ["continued_as_new", "kept_loop_timer", "nudges", "own_nudges",
+                                                 "plain_conversation",
                                                  "query_mid_turn", "remember", "remember_together",
                                                  "remember_when_quiet",
                                                  "retried_activities", "retried_local_reply", "telegram",

@@ -7,7 +7,7 @@ them in order. The state is small and bounded; the conversation's text lives in 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
@@ -87,6 +87,10 @@ REPLY_LOCALLY = "reply-locally"
 # did live. A new patch is asked for beside this one, at the start of `run`; its change reaches a conversation
 # already running at its next run.
 PATCHES_AT_START = "patches-at-start"
+# The loop's timer is kept while the next wake only moves later (the pause before a remember step does, at every
+# turn): woken early, the loop sets it again. Before, each turn cancelled the timer and started another, two events
+# and two commands a turn. Asked for at the start of `run`, beside patches-at-start.
+KEEP_LOOP_TIMER = "keep-loop-timer"
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -121,22 +125,29 @@ class CompanionWorkflow:
         self._when_quiet = False
         self._remember_changed = False
         self._patched_at_start = False  # set as the run begins
+        self._keep_timer = False  # set as the run begins: keep-loop-timer
+        self._alarm: asyncio.Task[None] | None = None  # the loop's timer (keep-loop-timer), and when it rings
+        self._alarm_at: datetime | None = None
+        self._alarm_rang = False
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
         """Answer queued messages in order and fire nudges when due; continue as new between turns of a long run."""
         self._patched_at_start = workflow.patched(PATCHES_AT_START)
+        self._keep_timer = workflow.patched(KEEP_LOOP_TIMER)
         while True:
             self._nudges_changed = self._remember_changed = False
-            try:
-                # The timer runs to the next nudge (or to the end of the pause the remember step waits for); a new or
-                # cancelled nudge, or a remember step ending, wakes the loop to set it anew.
-                await workflow.wait_condition(
-                    lambda: bool(self._state.queue) or self._may_continue_as_new() or self._nudges_changed
-                    or self._remember_changed,
-                    timeout=self._until_next_wake())
-            except TimeoutError:
-                pass
+            # The timer runs to the next nudge (or to the end of the pause the remember step waits for); a new or
+            # cancelled nudge, or a remember step ending, wakes the loop to set it anew.
+            if self._keep_timer:
+                self._set_alarm(self._until_next_wake())
+                await workflow.wait_condition(lambda: self._awake() or self._alarm_rang)
+                self._alarm_rang = False
+            else:
+                try:
+                    await workflow.wait_condition(self._awake, timeout=self._until_next_wake())
+                except TimeoutError:
+                    pass
             if self._remember_due():
                 self._start_remembering(self._state.user_id, self._take_unremembered())
             while self._may_continue_as_new() and (self._remembering or self._waiting_to_remember()):
@@ -554,6 +565,32 @@ class CompanionWorkflow:
             return nudge
         quiet = self._until_quiet()
         return quiet if nudge is None else min(nudge, quiet)
+
+    def _awake(self) -> bool:
+        """Whether the loop has something to do besides the timer's: a message, the end of a run, a change of plan."""
+        return (bool(self._state.queue) or self._may_continue_as_new() or self._nudges_changed
+                or self._remember_changed)
+
+    def _set_alarm(self, wait: timedelta | None) -> None:
+        """Have the loop woken within ``wait`` (keep-loop-timer). A timer that rings no later is kept: the loop, woken
+        early, looks again and sets the next one. Without a wait the timer is kept too: one needless wake costs less
+        than cancelling a timer at every turn."""
+        if wait is None:
+            return
+        if wait <= timedelta(0):
+            self._alarm_rang = True
+            return
+        at = workflow.now() + wait
+        if self._alarm is not None and not self._alarm.done() and self._alarm_at is not None and self._alarm_at <= at:
+            return
+        if self._alarm is not None:
+            self._alarm.cancel()
+        self._alarm_at = at
+        self._alarm = asyncio.create_task(self._ring(wait))
+
+    async def _ring(self, wait: timedelta) -> None:
+        await asyncio.sleep(wait.total_seconds())
+        self._alarm_rang = True
 
     def _patched(self, patch: str) -> bool:
         """Whether this run takes the change of ``patch``, one of the patches older than patches-at-start."""
