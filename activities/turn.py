@@ -108,6 +108,9 @@ class TurnActivities:
     @translate_errors
     async def record_message(self, data: RecordMessageInput) -> RecordedMessage:
         """Store one message of the conversation; a retry stores nothing twice."""
+        return await self._record(data)
+
+    async def _record(self, data: RecordMessageInput) -> RecordedMessage:
         stored = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.message_key, role=data.role, content=data.text, channel=data.channel,
             sent_at=data.sent_at, meta={"fallback": True} if data.fallback else {}))
@@ -126,9 +129,20 @@ class TurnActivities:
         lost) returns that reply: the user gets one reply, and the paid call is not made twice. The context is
         gathered here, not in a step of its own, which keeps the prompt out of the workflow history. A reminder
         the message asks for, or a coming event it mentions, is read here too (the reply can confirm a reminder);
-        the workflow schedules the nudges they give rise to.
+        the workflow schedules the nudges they give rise to. With ``record_sent_at`` the step stores the user's
+        message first, which spares the turn a step of its own.
         """
         info = activity.info()
+        if data.record_sent_at is not None:
+            try:
+                await self._record(RecordMessageInput(
+                    user_id=data.user_id, message_key=data.message_key, role=Role.USER, text=data.text,
+                    channel=data.channel, sent_at=data.record_sent_at))
+            except CompanionError as exc:
+                # Not retried here, where the attempts are the LLM's: the workflow stores the message in a step of
+                # its own, retried as storage steps are, then asks for the reply again.
+                exc.retryable = False
+                raise
         turn = await self.prompt_for(data)
         follow_up = await self._follow_up(data, turn.zone)
         reminder = _reminder(turn.reminder, data.message_key) if turn.reminder else None

@@ -200,6 +200,8 @@ class ComposeReplyInput(_Contract):
     chat_id: int | None = None
     now: AwareDatetime | None = None  # the workflow's time: reminders count from it
     summary: str = ""  # the running summary of older conversation, carried by the workflow
+    # Set: the step stores the user's message first (as record_message would), sent at this time.
+    record_sent_at: AwareDatetime | None = None
 
 
 class RememberInput(_Contract):

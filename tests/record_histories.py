@@ -10,8 +10,9 @@ a follow-up, check-ins, quiet hours), the remember step (memories, an extraction
 continue-as-new), remember steps one at a time (turns answered during a step remembered by the next one), and
 remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new;
 with the reply step run locally, the Telegram conversation again, and retried steps with a fallback reply; and a
-continued run whose first turn a query cut in two (every patch asked for as the run begins); and the loop's timer
-kept across turns and nudges.
+continued run whose first turn a query cut in two (every patch asked for as the run begins); the loop's timer
+kept across turns and nudges; and with the reply step storing the user's message, the Telegram conversation and the
+retried steps again.
 Name scenarios to record only those.
 Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
 """
@@ -78,7 +79,7 @@ async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI
                    simon: int = 1002, fallback: bool = False) -> None:
     settings = SETTINGS
     async with build_worker(client, settings.temporal_task_queue, FailingAfterWrite(repository, chat_model(llm))):
-        llm.script(Fail(500))  # the first LLM call fails once; record_message fails twice after writing
+        llm.script(Fail(500))  # the first LLM call fails once; storing the message fails after writing
         await send_message(client, settings, _message(simon, 0, "Something went wrong yesterday"))
         if fallback:  # every attempt fails: the fallback reply
             llm.script(Fail(500), Fail(502), Fail(500))
@@ -289,7 +290,10 @@ SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "co
              "telegram_local_reply": lambda *args: _telegram(*args, name="telegram_local_reply", ada=1011),
              "retried_local_reply": lambda *args: _retried(*args, name="retried_local_reply", simon=1012,
                                                            fallback=True),
-             "query_mid_turn": _query_mid_turn, "kept_loop_timer": _kept_loop_timer}
+             "query_mid_turn": _query_mid_turn, "kept_loop_timer": _kept_loop_timer,
+             "telegram_record_in_reply": lambda *args: _telegram(*args, name="telegram_record_in_reply", ada=1015),
+             "retried_record_in_reply": lambda *args: _retried(*args, name="retried_record_in_reply", simon=1016,
+                                                               fallback=True)}
 
 
 async def main() -> None:

@@ -31,6 +31,7 @@ from temporalio.worker import (
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
 from activities.turn import PERSONA
+from core.errors import DatabaseConnectionError
 from core.settings import Settings, load_settings
 from schemas.memory import Role
 from schemas.turn import (
@@ -139,13 +140,13 @@ async def test_the_same_message_sent_twice_gets_one_reply(stack: Stack) -> None:
 
 
 class FailingAfterWrite(CompanionActivities):
-    """record_message writes its row, then fails its first two attempts, as a dropped connection would."""
+    """Storing the user's message writes its row, then fails its first two attempts, as a dropped connection would
+    (in record_message, or in the reply step that stores the message itself)."""
 
-    @activity.defn(name="record_message")
-    async def record_message(self, data: RecordMessageInput) -> RecordedMessage:
-        stored = await super().record_message(data)
+    async def _record(self, data: RecordMessageInput) -> RecordedMessage:
+        stored = await super()._record(data)
         if activity.info().attempt <= 2:
-            raise RuntimeError("connection lost after the write")
+            raise DatabaseConnectionError("connection lost after the write")
         return stored
 
 
@@ -160,13 +161,12 @@ async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_mes
 
 
 class RefusingOneMessage(CompanionActivities):
-    """record_message refuses a message for good (a non-retryable storage error), as PostgreSQL refuses bad data."""
+    """Storing a message is refused for good (a non-retryable storage error), as PostgreSQL refuses bad data."""
 
-    @activity.defn(name="record_message")
-    async def record_message(self, data: RecordMessageInput) -> RecordedMessage:
+    async def _record(self, data: RecordMessageInput) -> RecordedMessage:
         if "refuse me" in data.text:
             raise ApplicationError("the database refused the message", type="DatabaseError", non_retryable=True)
-        return await super().record_message(data)
+        return await super()._record(data)
 
 
 @pytest.mark.parametrize("turn_activities_class", [RefusingOneMessage])
@@ -259,38 +259,38 @@ async def test_continue_as_new_keeps_state_and_loses_no_queued_message(stack: St
     assert len(stack.llm.requests) == 8
 
 
-class RecordSetsAnEvent(CompanionActivities):
-    """record_message sets ``recorded`` once it has stored its row."""
+class ReplySetsAnEvent(CompanionActivities):
+    """compose_reply sets ``replied`` once it has stored the reply."""
 
-    def __init__(self, *args: Any, recorded: threading.Event, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, replied: threading.Event, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.recorded = recorded
+        self.replied = replied
 
-    @activity.defn(name="record_message")
-    async def record_message(self, data: RecordMessageInput) -> RecordedMessage:
-        stored = await super().record_message(data)
-        self.recorded.set()
-        return stored
+    @activity.defn(name="compose_reply")
+    async def compose_reply(self, data: ComposeReplyInput) -> ComposedReply:
+        reply = await super().compose_reply(data)
+        self.replied.set()
+        return reply
 
 
 class LateQueries(Interceptor):
-    """A worker that answers a query late, as a busy one does: only once record_message has stored its row and the
+    """A worker that answers a query late, as a busy one does: only once compose_reply has stored the reply and the
     worker has taken the step's result. Workflow code runs in the worker's threads and activities in its event loop,
     so the wait holds up the query and nothing else."""
 
-    def __init__(self, recorded: threading.Event) -> None:
-        self.recorded = recorded
+    def __init__(self, replied: threading.Event) -> None:
+        self.replied = replied
 
     def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> type[WorkflowInboundInterceptor]:
-        recorded = self.recorded
+        replied = self.replied
 
-        class AfterRecord(WorkflowInboundInterceptor):
+        class AfterReply(WorkflowInboundInterceptor):
             def handle_query(self, input: HandleQueryInput) -> Any:
-                recorded.wait(timeout=10)
+                replied.wait(timeout=10)
                 time.sleep(0.2)
                 return super().handle_query(input)
 
-        return AfterRecord
+        return AfterReply
 
 
 async def a_query_cuts_a_turn(client: Client, settings: Settings, repository: MemoryRepository, chat: ChatModel,
@@ -298,7 +298,7 @@ async def a_query_cuts_a_turn(client: Client, settings: Settings, repository: Me
     """Answer ``first``, which ends its run (continue-as-new), then ``second`` in the new run with a query waiting.
 
     The query waits at the server for the message's workflow task and reaches the worker with it; the worker answers
-    it after record_message, and reporting the answer ends the workflow task there: the step's marker is recorded
+    it after compose_reply, and reporting the answer ends the workflow task there: the step's marker is recorded
     with that task, and the code after the step runs in the next one. Returns the new run's id."""
     settings = settings.model_copy(update={"workflow_turns_per_run": 1})
     handle = client.get_workflow_handle(workflow_id(first.user.telegram_id))
@@ -309,9 +309,9 @@ async def a_query_cuts_a_turn(client: Client, settings: Settings, repository: Me
     await signal_message(client, settings, second)  # no worker yet: its workflow task waits, and so does the query
     query = asyncio.create_task(handle.query(CompanionWorkflow.state, rpc_timeout=timedelta(seconds=30)))
     await asyncio.sleep(1)
-    recorded = threading.Event()
-    async with build_worker(client, settings.temporal_task_queue, RecordSetsAnEvent(repository, chat, recorded=recorded),
-                            interceptors=[LateQueries(recorded)]):
+    replied = threading.Event()
+    async with build_worker(client, settings.temporal_task_queue, ReplySetsAnEvent(repository, chat, replied=replied),
+                            interceptors=[LateQueries(replied)]):
         assert (await query).turns == 1  # answered in the middle of the turn
         await eventually(lambda: handle.query(CompanionWorkflow.state), lambda state: state.turns == 2)
     return run_id
@@ -340,8 +340,10 @@ async def test_a_turn_a_query_cut_in_two_replays(dev_server: SharedDevServer, re
         run_id = await a_query_cuts_a_turn(env.client, settings, repo, chat_model(fake_llm),
                                            stack.message(simon, "first"), stack.message(simon, "second"))
         history = await stack.client.get_workflow_handle(workflow_id(simon), run_id=run_id).fetch_history()
-        steps = _local_steps(history)
-        assert steps["record_message"] < steps["compose_reply"]  # the query ended a workflow task between them
+        remember = next(event.activity_task_scheduled_event_attributes.workflow_task_completed_event_id
+                        for event in history.events
+                        if event.activity_task_scheduled_event_attributes.activity_type.name == "remember")
+        assert _local_steps(history)["compose_reply"] < remember  # the query ended a workflow task between them
         # What a worker does when it takes the conversation over, or after evicting it from its cache: replay it.
         await Replayer(workflows=[CompanionWorkflow], data_converter=pydantic_data_converter).replay_workflow(history)
         # (both messages were written before the first reply: their order by time is not the order of the turns)

@@ -25,6 +25,16 @@ with workflow.unsafe.imports_passed_through():
         REMEMBER_RETRY,
         REMEMBER_TIMEOUT,
     )
+    from core.errors import (
+        CompanionMemoryError,
+        ConstraintViolationError,
+        DatabaseConnectionError,
+        DatabaseError,
+        DuplicateRecordError,
+        InvalidMemoryDataError,
+        RecordNotFoundError,
+        UserNotFoundError,
+    )
     from schemas.memory import Channel, NudgeCreator, NudgeKind, NudgeStatus, Role
     from schemas.turn import (
         MAX_PENDING_NUDGES,
@@ -91,6 +101,15 @@ PATCHES_AT_START = "patches-at-start"
 # turn): woken early, the loop sets it again. Before, each turn cancelled the timer and started another, two events
 # and two commands a turn. Asked for at the start of `run`, beside patches-at-start.
 KEEP_LOOP_TIMER = "keep-loop-timer"
+# The reply step stores the user's message before it gathers the prompt: one local activity a turn fewer. A reply
+# step that fails stores the message in a step of its own first, which is retried until PostgreSQL is back (or ends
+# the turn for a message that cannot be stored, as before); after a failure of PostgreSQL's the reply step runs
+# again, after the LLM's the user gets the fallback reply. Asked for at the start of `run`, beside patches-at-start.
+RECORD_IN_REPLY = "record-in-reply"
+# Failures of a reply step that are PostgreSQL's or the stored data's, not the LLM's (ApplicationError types).
+STORAGE_FAILURES = frozenset(error.__name__ for error in (
+    DatabaseError, RecordNotFoundError, ConstraintViolationError, DuplicateRecordError, DatabaseConnectionError,
+    CompanionMemoryError, UserNotFoundError, InvalidMemoryDataError))
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -129,12 +148,14 @@ class CompanionWorkflow:
         self._alarm: asyncio.Task[None] | None = None  # the loop's timer (keep-loop-timer), and when it rings
         self._alarm_at: datetime | None = None
         self._alarm_rang = False
+        self._records_in_reply = False  # likewise
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
         """Answer queued messages in order and fire nudges when due; continue as new between turns of a long run."""
         self._patched_at_start = workflow.patched(PATCHES_AT_START)
         self._keep_timer = workflow.patched(KEEP_LOOP_TIMER)
+        self._records_in_reply = workflow.patched(RECORD_IN_REPLY)
         while True:
             self._nudges_changed = self._remember_changed = False
             # The timer runs to the next nudge (or to the end of the pause the remember step waits for); a new or
@@ -373,8 +394,9 @@ class CompanionWorkflow:
         user_id = await self._ensure_user(message.user)
         if self._state.blocked:  # they wrote again, so they can be reached again
             await self._set_active(user_id, True)
-        await self._record(user_id, message.message_key, Role.USER, message.text, message)
-        text, fallback, own_nudges = await self._compose(user_id, message)
+        if not self._records_in_reply:
+            await self._record(user_id, message.message_key, Role.USER, message.text, message)
+        text, fallback, own_nudges = await self._compose(user_id, message, record=self._records_in_reply)
         self._after_turn(message, text, fallback)
         if self._patched(OWN_NUDGES):
             for nudge in own_nudges:
@@ -428,11 +450,14 @@ class CompanionWorkflow:
                                sent_at=sent_at, fallback=fallback),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
 
-    async def _compose(self, user_id: int, message: IncomingMessage) -> tuple[str, bool, list[Nudge]]:
-        """The reply's text, whether it is the fallback, and the nudges the message gave rise to."""
+    async def _compose(self, user_id: int, message: IncomingMessage,
+                       record: bool = False) -> tuple[str, bool, list[Nudge]]:
+        """The reply's text, whether it is the fallback, and the nudges the message gave rise to; with ``record``,
+        the reply step stores the user's message too (record-in-reply)."""
         data = ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
                                  text=message.text, channel=message.channel, chat_id=message.chat_id,
-                                 now=workflow.now(), summary=self._state.summary)
+                                 now=workflow.now(), summary=self._state.summary,
+                                 record_sent_at=message.sent_at if record else None)
         try:
             if self._patched(REPLY_LOCALLY):
                 reply = await workflow.execute_local_activity_method(
@@ -443,6 +468,12 @@ class CompanionWorkflow:
                     CompanionActivities.compose_reply, data, start_to_close_timeout=LLM_TIMEOUT,
                     heartbeat_timeout=LLM_HEARTBEAT, retry_policy=LLM_RETRY, summary="LLM reply")
         except FAILED_STEP as err:
+            if record:
+                # The message is kept whatever failed: its own step waits for PostgreSQL (or ends the turn).
+                await self._record(user_id, message.message_key, Role.USER, message.text, message)
+                cause = _cause(err)
+                if isinstance(cause, ApplicationError) and cause.type in STORAGE_FAILURES:
+                    return await self._compose(user_id, message)
             workflow.logger.warning("LLM failed, sending the fallback reply",
                                     extra={"message_key": message.message_key, "error": str(_cause(err))})
             self._state.fallbacks += 1
