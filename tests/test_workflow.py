@@ -109,6 +109,9 @@ async def test_a_turn_end_to_end(stack: Stack) -> None:
     # what the Temporal UI shows as the workflow's current details
     metadata = await stack.handle(simon).query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     assert metadata.current_details == "\n\n".join(state.transcript)
+    # One workflow task for the whole turn; the reply step stored the user's message too, in no step of its own.
+    steps = _local_steps(await stack.handle(simon).fetch_history())
+    assert "compose_reply" in steps and "record_message" not in steps and len(set(steps.values())) == 1
 
 
 async def test_the_conversation_carries_into_the_next_prompt(stack: Stack) -> None:
