@@ -35,7 +35,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.nudges import CompanionActivities
 from activities.telegram import TelegramChannel
 from cli.dev import READY_TIMEOUT_S, dev_server_config_args
-from core.settings import load_settings
+from core.settings import Settings, load_settings
 from schemas.memory import Channel, NudgeStatus
 from schemas.turn import ChatUser, IncomingMessage, Nudge
 from storage import migrate
@@ -110,14 +110,21 @@ async def _more(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -
         await _save(client, 1003, "continued_as_new", run_id=first_run)
 
         await send_message(client, settings, _message(1004, 0, "Remind me to stretch"))
-        soon = Nudge(nudge_id="stretch-1", at=datetime.now(UTC) + timedelta(seconds=2), text="Time to stretch!")
-        await schedule_nudge(client, settings, 1004, soon)
-        later = Nudge(nudge_id="later-1", at=datetime.now(UTC) + timedelta(hours=1), text="never sent")
-        await schedule_nudge(client, settings, 1004, later)
-        await cancel_nudge(client, 1004, "later-1")
-        while (await repository.get_scheduled_message("stretch-1")).status != NudgeStatus.SENT:
-            await asyncio.sleep(0.2)
+        await _one_nudge_sent_one_cancelled(client, settings, repository, 1004, "stretch-1", "Time to stretch!",
+                                            "later-1")
         await _save(client, 1004, "nudges")
+
+
+async def _one_nudge_sent_one_cancelled(client: Client, settings: Settings, repository: MemoryRepository,
+                                        telegram_id: int, sent: str, text: str, cancelled: str) -> None:
+    """A nudge due in 2 s, waited for until it is sent, and one due in an hour, cancelled at once."""
+    soon = Nudge(nudge_id=sent, at=datetime.now(UTC) + timedelta(seconds=2), text=text)
+    await schedule_nudge(client, settings, telegram_id, soon)
+    later = Nudge(nudge_id=cancelled, at=datetime.now(UTC) + timedelta(hours=1), text="never sent")
+    await schedule_nudge(client, settings, telegram_id, later)
+    await cancel_nudge(client, telegram_id, cancelled)
+    while (await repository.get_scheduled_message(sent)).status != NudgeStatus.SENT:
+        await asyncio.sleep(0.2)
 
 
 async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenAI, name: str = "telegram",
@@ -266,13 +273,7 @@ async def _kept_loop_timer(client: Client, repository: MemoryRepository, llm: Fa
         history = client.get_workflow_handle(workflow_id(1014)).fetch_history
         while not any(event.HasField("activity_task_completed_event_attributes") for event in (await history()).events):
             await asyncio.sleep(0.2)  # the remember step, after the pause
-        soon = Nudge(nudge_id="tea-1", at=datetime.now(UTC) + timedelta(seconds=2), text="Time for tea!")
-        await schedule_nudge(client, settings, 1014, soon)
-        later = Nudge(nudge_id="later-2", at=datetime.now(UTC) + timedelta(hours=1), text="never sent")
-        await schedule_nudge(client, settings, 1014, later)
-        await cancel_nudge(client, 1014, "later-2")
-        while (await repository.get_scheduled_message("tea-1")).status != NudgeStatus.SENT:
-            await asyncio.sleep(0.2)
+        await _one_nudge_sent_one_cancelled(client, settings, repository, 1014, "tea-1", "Time for tea!", "later-2")
         await asyncio.sleep(0.5)  # the workflow task after the nudge
         await _save(client, 1014, "kept_loop_timer")
 
