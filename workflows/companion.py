@@ -25,16 +25,7 @@ with workflow.unsafe.imports_passed_through():
         REMEMBER_RETRY,
         REMEMBER_TIMEOUT,
     )
-    from core.errors import (
-        CompanionMemoryError,
-        ConstraintViolationError,
-        DatabaseConnectionError,
-        DatabaseError,
-        DuplicateRecordError,
-        InvalidMemoryDataError,
-        RecordNotFoundError,
-        UserNotFoundError,
-    )
+    from core.errors import CompanionMemoryError, DatabaseError
     from schemas.memory import Channel, NudgeCreator, NudgeKind, NudgeStatus, Role
     from schemas.turn import (
         MAX_PENDING_NUDGES,
@@ -106,10 +97,15 @@ KEEP_LOOP_TIMER = "keep-loop-timer"
 # the turn for a message that cannot be stored, as before); after a failure of PostgreSQL's the reply step runs
 # again, after the LLM's the user gets the fallback reply. Asked for at the start of `run`, beside patches-at-start.
 RECORD_IN_REPLY = "record-in-reply"
+
+
+def _type_names(base: type) -> frozenset[str]:
+    """The names of ``base`` and of every class below it: the ApplicationError types its failures arrive as."""
+    return frozenset({base.__name__}).union(*(_type_names(sub) for sub in base.__subclasses__()))
+
+
 # Failures of a reply step that are PostgreSQL's or the stored data's, not the LLM's (ApplicationError types).
-STORAGE_FAILURES = frozenset(error.__name__ for error in (
-    DatabaseError, RecordNotFoundError, ConstraintViolationError, DuplicateRecordError, DatabaseConnectionError,
-    CompanionMemoryError, UserNotFoundError, InvalidMemoryDataError))
+STORAGE_FAILURES = _type_names(DatabaseError) | _type_names(CompanionMemoryError)
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -148,7 +144,7 @@ class CompanionWorkflow:
         self._alarm: asyncio.Task[None] | None = None  # the loop's timer (keep-loop-timer), and when it rings
         self._alarm_at: datetime | None = None
         self._alarm_rang = False
-        self._records_in_reply = False  # likewise
+        self._records_in_reply = False  # set as the run begins: record-in-reply
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
