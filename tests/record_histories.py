@@ -29,12 +29,9 @@ from pathlib import Path
 
 from telegram import Bot
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from activities.nudges import CompanionActivities
 from activities.telegram import TelegramChannel
-from cli.dev import READY_TIMEOUT_S, dev_server_config_args
 from core.settings import Settings, load_settings
 from schemas.memory import Channel, NudgeStatus
 from schemas.turn import ChatUser, IncomingMessage, Nudge
@@ -49,14 +46,14 @@ from tests.conftest import chat_model, close_chat_models
 from tests.fake_openai import Fail, FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeBotAPI
 from tests.fake_telegram import Fail as BotAPIFail
+from tests.processes import start_dev_server
 from tests.test_workflow import FailingAfterWrite, a_query_cuts_a_turn
 from worker import build_worker
 from workflows.client import cancel_nudge, forget, schedule_nudge, send_message, signal_message
-from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
+from workflows.companion import CompanionWorkflow, workflow_id
 
 HISTORIES = Path(__file__).parent / "histories"
 Fail429 = BotAPIFail(429, "Too Many Requests: retry after 1", retry_after=1)
-BIN = Path(sys.executable).parent
 
 
 def _message(telegram_id: int, n: int, text: str) -> IncomingMessage:
@@ -305,10 +302,7 @@ async def main() -> None:
     try:
         engine = create_engine(postgres.start())
         await migrate.upgrade(engine)
-        env = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
-            search_attributes=[USER_ID_ATTRIBUTE], dev_server_extra_args=dev_server_config_args(),
-            dev_server_startup_timeout=timedelta(seconds=READY_TIMEOUT_S))
+        env = await start_dev_server()
         async with env:
             HISTORIES.mkdir(exist_ok=True)
             repository = MemoryRepository(create_session_factory(engine))
