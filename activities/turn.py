@@ -19,6 +19,7 @@ from activities.errors import translate_errors
 from activities.llm import ChatModel
 from activities.remember import Rememberer, derived_key
 from activities.reminders import Reminder, follow_up_time, parse_event, parse_reminder
+from activities.sending import DELIVERY_CLAIM, TELEGRAM_TIMEOUT, TelegramSender
 from activities.telegram import TelegramChannel
 from core.concurrency import alongside
 from core.errors import CompanionError, OpenAIServiceError
@@ -94,6 +95,7 @@ class TurnActivities:
         self._repository = repository
         self._chat_model = chat_model
         self._telegram = telegram
+        self._sender = TelegramSender(repository, telegram) if telegram is not None else None
         self._memory = memory
         self._rememberer = Rememberer(repository, memory, chat_model if extract else None) if memory else None
 
@@ -130,7 +132,8 @@ class TurnActivities:
         gathered here, not in a step of its own, which keeps the prompt out of the workflow history. A reminder
         the message asks for, or a coming event it mentions, is read here too (the reply can confirm a reminder);
         the workflow schedules the nudges they give rise to. With ``record_sent_at`` the step stores the user's
-        message first, which spares the turn a step of its own.
+        message first, and with ``deliver`` it sends the reply to Telegram last, which spares the turn the steps of
+        their own.
         """
         info = activity.info()
         if data.record_sent_at is not None:
@@ -149,15 +152,51 @@ class TurnActivities:
         if turn.stored_reply is not None:
             # An earlier run stored it: a retry whose completion was lost, or the worker that takes over a turn
             # from a lost one (a local step starts again there from its first attempt).
-            return ComposedReply(text=turn.stored_reply.content, reminder=reminder, follow_up=follow_up)
+            stored_reply = ComposedReply(text=turn.stored_reply.content, reminder=reminder, follow_up=follow_up)
+            return await self._sent(data, stored_reply)
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
         async with self._typing(data), _heartbeating(info):
             reply = await self._chat_model.reply(turn.prompt, data.text)
-        stored = await self._repository.add_message(data.user_id, MessageCreate(
-            message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
-            sent_at=datetime.now(UTC)))
-        return reply.model_copy(update={"text": stored.content, "reminder": reminder, "follow_up": follow_up})
+        row = MessageCreate(message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
+                            sent_at=datetime.now(UTC))
+        held = None
+        if self._sends(data):  # stored claimed for sending, which spares the send a statement to claim it
+            stored, claimed = await self._repository.add_claimed_message(data.user_id, row, DELIVERY_CLAIM,
+                                                                         TELEGRAM_TIMEOUT)
+            held = stored if claimed else None
+        else:
+            stored = await self._repository.add_message(data.user_id, row)
+        composed = reply.model_copy(update={"text": stored.content, "reminder": reminder, "follow_up": follow_up})
+        return await self._sent(data, composed, held)
+
+    def _sends(self, data: ComposeReplyInput) -> bool:
+        """Whether the reply step sends the reply to Telegram too."""
+        return data.deliver and data.chat_id is not None and self._sender is not None
+
+    async def _sent(self, data: ComposeReplyInput, reply: ComposedReply,
+                    held: MessageRead | None = None) -> ComposedReply:
+        """The reply, sent to Telegram when the step is asked to (``held``: stored claimed by this attempt).
+
+        A failure to send is reported rather than raised: the reply is stored, the LLM's attempts are not spent on
+        Telegram, and the workflow leaves the sending to the deliver step, which waits Telegram out.
+        """
+        if not self._sends(data):
+            return reply
+        assert self._sender is not None and data.chat_id is not None
+        try:
+            # No send outlives the claim's lease, which the step's own timeout (the LLM's) would allow.
+            async with asyncio.timeout(TELEGRAM_TIMEOUT.total_seconds()):
+                await self._sender.send(data.user_id, data.chat_id, data.reply_key, held=held)
+        except (CompanionError, TimeoutError) as exc:
+            error = exc if isinstance(exc, CompanionError) else None
+            after = error.context.get("retry_after_s") if error is not None else None
+            _log.warning("telegram.delivery_deferred", user_id=data.user_id, message_key=data.reply_key,
+                         error=error.code if error is not None else "TIMEOUT",
+                         detail=error.message if error is not None else "sending took too long")
+            return reply.model_copy(update={"undelivered": type(exc).__name__,
+                                             "deliver_after_s": float(after) if after else None})
+        return reply.model_copy(update={"delivered": True})
 
     async def prompt_for(self, data: ComposeReplyInput) -> PreparedTurn:
         """The prompt the LLM gets for the message (persona, the user's quoted memory and what recall found for the

@@ -202,6 +202,8 @@ class ComposeReplyInput(_Contract):
     summary: str = ""  # the running summary of older conversation, carried by the workflow
     # Set: the step stores the user's message first (as record_message would), sent at this time.
     record_sent_at: AwareDatetime | None = None
+    # Set: the step sends the stored reply to chat_id on Telegram too (as the deliver step would).
+    deliver: bool = False
 
 
 class RememberInput(_Contract):
@@ -242,6 +244,9 @@ class ComposedReply(_Contract):
     completion_tokens: int | None = None
     reminder: Nudge | None = None  # a reminder the message asked for, for the workflow to schedule
     follow_up: Nudge | None = None  # asking how an event the message mentioned went
+    delivered: bool = False  # the step sent the reply to Telegram too (asked with ComposeReplyInput.deliver)
+    undelivered: str | None = None  # asked to and failed: the failure's type, for the workflow to act on
+    deliver_after_s: float | None = None  # asked to and failed: how long Telegram asked to wait before another try
 
 
 class RecordNudgeInput(_Contract):

@@ -263,6 +263,24 @@ class MemoryRepository:
         # The insert stands alone, and the read after it only finds a row an earlier write committed.
         return await self._write_alone("add_message", work, user_id=user_id, message_key=data.message_key)
 
+    async def add_claimed_message(self, user_id: int, data: MessageCreate, claim: str,
+                                  lease: timedelta) -> tuple[MessageRead, bool]:
+        """Store a message once, as add_message does, and claimed for ``lease`` as claim_message would claim it
+        when this call is the one that stores it: (the message, whether this caller holds it). A message stored
+        before comes back as it was, not claimed by this call; the caller claims it with claim_message.
+        """
+        async def work(session: AsyncSession) -> tuple[MessageRead, bool]:
+            values = data.model_dump()
+            meta = values.pop("meta")
+            params = {**values, "user_id": user_id, "given_meta": meta, "claim": claim, "lease": lease}
+            inserted = (await session.execute(_INSERT_CLAIMED_MESSAGE, params)).one_or_none()
+            if inserted is not None:
+                return MessageRead.model_validate(inserted), True
+            stored = (await session.execute(_SELECT_MESSAGE, {"owner": user_id, "key": data.message_key})).one()
+            return MessageRead.model_validate(stored), False
+
+        return await self._write_alone("add_claimed_message", work, user_id=user_id, message_key=data.message_key)
+
     async def get_message(self, user_id: int, message_key: str) -> MessageRead | None:
         """The message stored under this key, if any."""
 
@@ -561,13 +579,17 @@ _MERGE_MESSAGE_META = (update(_MESSAGES).where(_IS_MESSAGE)
                        .values(meta=_MESSAGES.c.meta.op("||")(bindparam("merged", type_=JSONB))))
 # A claim is the meta key it names, holding the time (PostgreSQL's clock) it lapses at.
 _CLAIM = bindparam("claim", type_=String)
+_CLAIMED = func.jsonb_build_object(_CLAIM, func.now() + bindparam("lease", type_=Interval))
 _CLAIM_MESSAGE = (
     update(_MESSAGES)
     .where(_IS_MESSAGE, or_(_MESSAGES.c.meta.op("->>")(_CLAIM).is_(None),
                             cast(_MESSAGES.c.meta.op("->>")(_CLAIM), DateTime(timezone=True)) <= func.now()))
-    .values(meta=_MESSAGES.c.meta.op("||")(func.jsonb_build_object(_CLAIM, func.now() + bindparam("lease",
-                                                                                                    type_=Interval))))
+    .values(meta=_MESSAGES.c.meta.op("||")(_CLAIMED))
     .returning(*_MESSAGES.c))
+# A message stored with a claim on it already (its meta given as "given_meta"): the reply that its step sends next.
+_INSERT_CLAIMED_MESSAGE = (insert(_MESSAGES).values(meta=bindparam("given_meta", type_=JSONB).op("||")(_CLAIMED))
+                           .on_conflict_do_nothing(index_elements=["user_id", "message_key"])
+                           .returning(*_MESSAGES.c))
 _RELEASE_MESSAGE = (update(_MESSAGES).where(_IS_MESSAGE)
                     .values(meta=_MESSAGES.c.meta.op("-")(_CLAIM).op("||")(bindparam("merged", type_=JSONB))))
 

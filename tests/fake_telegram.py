@@ -15,6 +15,7 @@ import contextlib
 import html
 import itertools
 import json
+import math
 import re
 import threading
 import time
@@ -74,6 +75,8 @@ class FakeBotAPI:
     _update_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _message_ids: itertools.count = field(default_factory=lambda: itertools.count(50_000))
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    # Flood control, as Telegram keeps it: after a 429 naming a wait, the method is refused until the wait is over.
+    _flooded_until: dict[str, float] = field(default_factory=dict)
     _by_chat: dict[int, list[Sent]] = field(default_factory=lambda: defaultdict(list))
     # Coroutines waiting for a chat's next message (wait_for), woken from the server's threads.
     _waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = field(
@@ -147,6 +150,7 @@ class FakeBotAPI:
             self.calls.clear()
             self.blocked.clear()
             self._failures.clear()
+            self._flooded_until.clear()
             self._updates.clear()
             self.webhook = None
 
@@ -166,6 +170,11 @@ class FakeBotAPI:
         with self._cond:
             self.calls.append((method, params))
             failure = self._failures[method.lower()].popleft() if self._failures[method.lower()] else None
+            wait = self._flooded_until.get(method.lower(), 0.0) - time.monotonic()
+            if failure is None and wait > 0:  # called again before the wait Telegram named is over
+                failure = Fail(429, f"Too Many Requests: retry after {math.ceil(wait)}", retry_after=math.ceil(wait))
+            elif failure is not None and failure.error_code == 429 and failure.retry_after:
+                self._flooded_until[method.lower()] = time.monotonic() + failure.retry_after
         if failure is not None and failure.html:
             return _html_error(request, failure.error_code, failure.description)
         if failure is not None:

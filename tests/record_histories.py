@@ -291,7 +291,8 @@ SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "co
              "query_mid_turn": _query_mid_turn, "kept_loop_timer": _kept_loop_timer,
              "telegram_record_in_reply": lambda *args: _telegram(*args, name="telegram_record_in_reply", ada=1015),
              "retried_record_in_reply": lambda *args: _retried(*args, name="retried_record_in_reply", simon=1016,
-                                                               fallback=True)}
+                                                               fallback=True),
+             "telegram_deliver_in_reply": lambda *args: _telegram(*args, name="telegram_deliver_in_reply", ada=1017)}
 
 
 async def main() -> None:

@@ -29,8 +29,8 @@ def test_the_recorded_histories_are_committed() -> None:
                                                  "plain_conversation", "query_mid_turn", "remember",
                                                  "remember_together", "remember_when_quiet", "retried_activities",
                                                  "retried_local_reply", "retried_record_in_reply", "telegram",
-                                                 "telegram_local_delivery", "telegram_local_reply",
-                                                 "telegram_record_in_reply"]
+                                                 "telegram_deliver_in_reply", "telegram_local_delivery",
+                                                 "telegram_local_reply", "telegram_record_in_reply"]
 
 
 @pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "unsandboxed"])
@@ -61,9 +61,9 @@ class ReorderedWorkflow(CompanionWorkflow):
     async def send(self, message: IncomingMessage) -> TurnReply:
         return await super().send(message)
 
-    async def _compose(self, user_id, message, record=False):  # type: ignore[no-untyped-def]
+    async def _compose(self, user_id, message, record=False, deliver=False):  # type: ignore[no-untyped-def]
         await workflow.sleep(1)
-        return await super()._compose(user_id, message, record)
+        return await super()._compose(user_id, message, record, deliver)
 
 
 async def test_a_changed_workflow_fails_replay_with_a_nondeterminism_error() -> None:

@@ -24,8 +24,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import ActivityEnvironment
 
 import bot_gateway
-from activities.delivery import DELIVERY_CLAIM
 from activities.nudges import CompanionActivities
+from activities.sending import DELIVERY_CLAIM
 from activities.telegram import (
     MESSAGE_LIMIT,
     TYPING_AFTER_S,
@@ -55,7 +55,7 @@ from tests.fake_telegram import (
 )
 from tests.local_http import free_port
 from tests.test_bad_input import TEXTS
-from tests.test_workflow import eventually, transcript
+from tests.test_workflow import eventually, local_steps, transcript
 from worker import build_worker
 from workflows.client import schedule_nudge
 from workflows.companion import CompanionWorkflow, workflow_id
@@ -86,6 +86,11 @@ class TelegramStack:
         client = (await self.dev_server.get()).client
         return await client.get_workflow_handle(workflow_id(telegram_id)).query(CompanionWorkflow.state,
                                                                                 rpc_timeout=QUERY_TIMEOUT)
+
+    async def steps(self, telegram_id: int) -> dict[str, int]:
+        """The local steps of the user's workflow so far (see test_workflow.local_steps)."""
+        client = (await self.dev_server.get()).client
+        return local_steps(await client.get_workflow_handle(workflow_id(telegram_id)).fetch_history())
 
     async def nudge(self, telegram_id: int, at: datetime | timedelta, text: str) -> Nudge:
         """An operator schedules a nudge for the user, at a time or this long from now."""
@@ -178,10 +183,15 @@ async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: Tel
     user = await tg.repo.get_user_by_telegram_id(ada)
     stored = {m.message_key: m for m in await tg.repo.recent_messages(user.id)}
     assert stored[key].content == "Hi, I'm Ada and I love climbing" and stored[key].channel.value == "telegram"
-    # The delivery step records its progress just after Telegram took the message: wait for that write.
+    # The reply step records its progress just after Telegram took the message: wait for that write.
     await eventually(lambda: tg.repo.get_message(user.id, f"{key}:reply"),
                      lambda reply_row: reply_row is not None and reply_row.meta.get("telegram_parts_sent") == 1)
     assert user.first_name == "Ada"
+    # The reply step sent the reply itself, with its claim released: the turn is one step, and no deliver step.
+    reply_row = await tg.repo.get_message(user.id, f"{key}:reply")
+    assert reply_row is not None and DELIVERY_CLAIM not in reply_row.meta
+    steps = await tg.steps(ada)
+    assert "compose_reply" in steps and "deliver" not in steps
 
 
 async def test_a_quick_reply_goes_out_with_no_typing_indicator(tg: TelegramStack) -> None:
@@ -216,8 +226,11 @@ async def test_flood_control_is_waited_out_and_the_reply_sent_once(tg: TelegramS
     [reply] = await tg.api.wait_for(ada, timeout=30)
     assert reply.text == "I hear you: hello"
     sends = [params for method, params in tg.api.calls if method == "sendMessage" and params["chat_id"] == str(ada)]
-    assert len(sends) == 2  # the refused one, then the one Telegram took
+    # The refused one (the reply step's), then the deliver step's once the wait was over: called sooner, Telegram
+    # would have refused again.
+    assert len(sends) == 2
     assert len(await settle(tg, ada)) == 1
+    assert "deliver" in await tg.steps(ada)
 
 
 async def test_telegram_server_errors_are_retried_and_the_reply_sent_once(tg: TelegramStack) -> None:

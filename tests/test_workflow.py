@@ -110,7 +110,7 @@ async def test_a_turn_end_to_end(stack: Stack) -> None:
     metadata = await stack.handle(simon).query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     assert metadata.current_details == "\n\n".join(state.transcript)
     # One workflow task for the whole turn; the reply step stored the user's message too, in no step of its own.
-    steps = _local_steps(await stack.handle(simon).fetch_history())
+    steps = local_steps(await stack.handle(simon).fetch_history())
     assert "compose_reply" in steps and "record_message" not in steps and len(set(steps.values())) == 1
 
 
@@ -320,7 +320,7 @@ async def a_query_cuts_a_turn(client: Client, settings: Settings, repository: Me
     return run_id
 
 
-def _local_steps(history: WorkflowHistory) -> dict[str, int]:
+def local_steps(history: WorkflowHistory) -> dict[str, int]:
     """Each local activity of a history -> the event id of the workflow task completion that recorded its marker."""
     steps = {}
     for event in history.events:
@@ -346,7 +346,7 @@ async def test_a_turn_a_query_cut_in_two_replays(dev_server: SharedDevServer, re
         remember = next(event.activity_task_scheduled_event_attributes.workflow_task_completed_event_id
                         for event in history.events
                         if event.activity_task_scheduled_event_attributes.activity_type.name == "remember")
-        assert _local_steps(history)["compose_reply"] < remember  # the query ended a workflow task between them
+        assert local_steps(history)["compose_reply"] < remember  # the query ended a workflow task between them
         # What a worker does when it takes the conversation over, or after evicting it from its cache: replay it.
         await Replayer(workflows=[CompanionWorkflow], data_converter=pydantic_data_converter).replay_workflow(history)
         # (both messages were written before the first reply: their order by time is not the order of the turns)

@@ -14,8 +14,9 @@ from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.delivery import TELEGRAM_RETRY, TELEGRAM_TIMEOUT
+    from activities.delivery import TELEGRAM_RETRY
     from activities.nudges import CompanionActivities, nudge_message_key
+    from activities.sending import TELEGRAM_TIMEOUT
     from activities.turn import (
         DB_RETRY,
         DB_TIMEOUT,
@@ -35,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         TRANSCRIPT_LINE_CHARS,
         TRANSCRIPT_LINES_KEPT,
         CompanionState,
+        ComposedReply,
         ComposeReplyInput,
         ChatUser,
         DeliverInput,
@@ -97,6 +99,12 @@ KEEP_LOOP_TIMER = "keep-loop-timer"
 # the turn for a message that cannot be stored, as before); after a failure of PostgreSQL's the reply step runs
 # again, after the LLM's the user gets the fallback reply. Asked for at the start of `run`, beside patches-at-start.
 RECORD_IN_REPLY = "record-in-reply"
+# The reply step sends the reply to Telegram too, right after storing it (stored claimed, as the deliver step would
+# claim it): a Telegram turn is one local activity. When sending fails there, the reply step reports it and the
+# deliver step sends the reply after the turn's nudges are scheduled, as before, waiting out the flood control
+# Telegram asked for; a user who blocked the bot is marked out of reach without asking Telegram again. Asked for at
+# the start of `run`, beside patches-at-start.
+DELIVER_IN_REPLY = "deliver-in-reply"
 
 
 def _type_names(base: type) -> frozenset[str]:
@@ -145,6 +153,7 @@ class CompanionWorkflow:
         self._alarm_at: datetime | None = None
         self._alarm_rang = False
         self._records_in_reply = False  # set as the run begins: record-in-reply
+        self._delivers_in_reply = False  # set as the run begins: deliver-in-reply
 
     @workflow.run
     async def run(self, state: CompanionState) -> None:
@@ -152,6 +161,7 @@ class CompanionWorkflow:
         self._patched_at_start = workflow.patched(PATCHES_AT_START)
         self._keep_timer = workflow.patched(KEEP_LOOP_TIMER)
         self._records_in_reply = workflow.patched(RECORD_IN_REPLY)
+        self._delivers_in_reply = workflow.patched(DELIVER_IN_REPLY)
         while True:
             self._nudges_changed = self._remember_changed = False
             # The timer runs to the next nudge (or to the end of the pause the remember step waits for); a new or
@@ -392,15 +402,29 @@ class CompanionWorkflow:
             await self._set_active(user_id, True)
         if not self._records_in_reply:
             await self._record(user_id, message.message_key, Role.USER, message.text, message)
-        text, fallback, own_nudges = await self._compose(user_id, message, record=self._records_in_reply)
-        self._after_turn(message, text, fallback)
+        # A run that sends in the reply step took patches-at-start, and with it telegram-delivery.
+        reply, fallback = await self._compose(user_id, message, record=self._records_in_reply,
+                                              deliver=self._delivers_in_reply and message.channel == Channel.TELEGRAM)
+        self._after_turn(message, reply.text, fallback)
         if self._patched(OWN_NUDGES):
-            for nudge in own_nudges:
-                await self._schedule_own(user_id, nudge)
+            for nudge in (reply.reminder, reply.follow_up):
+                if nudge is not None:
+                    await self._schedule_own(user_id, nudge)
             await self._plan_checkin(user_id)
-        if message.channel == Channel.TELEGRAM and self._patched(TELEGRAM_DELIVERY):
-            await self._deliver(user_id, message.chat_id, message.reply_key)
-        return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=fallback)
+        if message.channel == Channel.TELEGRAM and self._patched(TELEGRAM_DELIVERY) and not reply.delivered:
+            await self._deliver_unsent(user_id, message.chat_id, message.reply_key, reply)
+        return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=reply.text,
+                         fallback=fallback)
+
+    async def _deliver_unsent(self, user_id: int, chat_id: int, message_key: str, reply: ComposedReply) -> None:
+        """Deliver a reply the reply step did not send: it was not asked to (the fallback reply, an older run), or
+        sending failed there (deliver-in-reply)."""
+        if reply.undelivered == "TelegramBlockedError":
+            await self._set_active(user_id, False)  # as the deliver step would, without asking Telegram again
+            return
+        if reply.deliver_after_s:
+            await workflow.sleep(timedelta(seconds=reply.deliver_after_s))  # the flood control Telegram asked for
+        await self._deliver(user_id, chat_id, message_key)
 
     async def _deliver(self, user_id: int, chat_id: int, message_key: str) -> None:
         data = DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key)
@@ -446,14 +470,15 @@ class CompanionWorkflow:
                                sent_at=sent_at, fallback=fallback),
             start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY)
 
-    async def _compose(self, user_id: int, message: IncomingMessage,
-                       record: bool = False) -> tuple[str, bool, list[Nudge]]:
-        """The reply's text, whether it is the fallback, and the nudges the message gave rise to; with ``record``,
-        the reply step stores the user's message too (record-in-reply)."""
+    async def _compose(self, user_id: int, message: IncomingMessage, record: bool = False,
+                       deliver: bool = False) -> tuple[ComposedReply, bool]:
+        """The reply (with the nudges the message gave rise to) and whether it is the fallback. With ``record`` the
+        reply step stores the user's message too (record-in-reply), with ``deliver`` it sends the reply to Telegram
+        (deliver-in-reply); the fallback reply is not sent."""
         data = ComposeReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
                                  text=message.text, channel=message.channel, chat_id=message.chat_id,
                                  now=workflow.now(), summary=self._state.summary,
-                                 record_sent_at=message.sent_at if record else None)
+                                 record_sent_at=message.sent_at if record else None, deliver=deliver)
         try:
             if self._patched(REPLY_LOCALLY):
                 reply = await workflow.execute_local_activity_method(
@@ -469,13 +494,13 @@ class CompanionWorkflow:
                 await self._record(user_id, message.message_key, Role.USER, message.text, message)
                 cause = _cause(err)
                 if isinstance(cause, ApplicationError) and cause.type in STORAGE_FAILURES:
-                    return await self._compose(user_id, message)
+                    return await self._compose(user_id, message, deliver=deliver)
             workflow.logger.warning("LLM failed, sending the fallback reply",
                                     extra={"message_key": message.message_key, "error": str(_cause(err))})
             self._state.fallbacks += 1
             await self._record(user_id, message.reply_key, Role.ASSISTANT, FALLBACK_REPLY, message, fallback=True)
-            return FALLBACK_REPLY, True, []
-        return reply.text, False, [nudge for nudge in (reply.reminder, reply.follow_up) if nudge is not None]
+            return ComposedReply(text=FALLBACK_REPLY), True
+        return reply, False
 
     async def _schedule_own(self, user_id: int, nudge: Nudge) -> None:
         """Schedule a nudge the companion decided on (a reminder asked for), unless the rules refuse it."""
