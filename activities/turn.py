@@ -136,16 +136,6 @@ class TurnActivities:
         their own.
         """
         info = activity.info()
-        if data.record_sent_at is not None:
-            try:
-                await self._record(RecordMessageInput(
-                    user_id=data.user_id, message_key=data.message_key, role=Role.USER, text=data.text,
-                    channel=data.channel, sent_at=data.record_sent_at))
-            except CompanionError as exc:
-                # Not retried here, where the attempts are the LLM's: the workflow stores the message in a step of
-                # its own, retried as storage steps are, then asks for the reply again.
-                exc.retryable = False
-                raise
         turn = await self.prompt_for(data)
         follow_up = await self._follow_up(data, turn.zone)
         reminder = _reminder(turn.reminder, data.message_key) if turn.reminder else None
@@ -202,8 +192,7 @@ class TurnActivities:
         """The prompt the LLM gets for the message (persona, the user's quoted memory and what recall found for the
         message, the recent conversation), with what else the turn needs from the same reads."""
         # Recall runs beside gathering the context; memories of the recent turns are dropped once both are in.
-        context, found = await asyncio.gather(
-            self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1), self._recall(data))
+        context, found = await asyncio.gather(self._context(data), self._recall(data))
         context.summary = data.summary
         context.recalled = _within_budget(found, {m.message_key for m in context.recent_messages})
         zone = context.user.timezone_info
@@ -211,6 +200,25 @@ class TurnActivities:
         stored = next((m for m in context.recent_messages if m.message_key == data.reply_key), None)
         return PreparedTurn(_prompt(context, data.message_key, _reminder_note(reminder, zone) if reminder else None),
                             zone, reminder, stored)
+
+    async def _context(self, data: ComposeReplyInput) -> UserContextSchema:
+        """The user's context; when the step stores the message (``record_sent_at``), read by the statement that
+        stores it. The prompt leaves the message out of the conversation either way."""
+        if data.record_sent_at is None:
+            return await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        try:
+            return await self._recorded_context(data, data.record_sent_at)
+        except CompanionError as exc:
+            # Not retried here, where the attempts are the LLM's: the workflow stores the message in a step of its
+            # own, retried as storage steps are, then asks for the reply again.
+            exc.retryable = False
+            raise
+
+    async def _recorded_context(self, data: ComposeReplyInput, sent_at: datetime) -> UserContextSchema:
+        """Store the user's message (once by its key) and read their context, in one statement."""
+        message = MessageCreate(message_key=data.message_key, role=Role.USER, content=data.text, channel=data.channel,
+                                sent_at=sent_at)
+        return await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1, record=message)
 
     async def _recall(self, data: ComposeReplyInput) -> list[MemoryHit]:
         """Memories that bear on the message, best first; none when memory search fails (the turn goes on)."""

@@ -486,18 +486,23 @@ class MemoryRepository:
     # --- the context of a turn ----------------------------------------------------------------------------------
 
     async def get_user_context(self, user_id: int, message_limit: int = CONTEXT_MESSAGES,
-                               now: datetime | None = None) -> UserContextSchema:
+                               now: datetime | None = None, record: MessageCreate | None = None) -> UserContextSchema:
         """Everything the prompt needs about a user, in one statement.
 
         PostgreSQL gathers the user, facts, upcoming events, diary, pending nudges and recent messages as JSON
-        arrays of one row: one round trip instead of six, and no ORM objects to build.
+        arrays of one row: one round trip instead of six, and no ORM objects to build. With ``record``, the same
+        statement stores that message as add_message does (once by its key): the context is read as it was just
+        before, so it holds the message only when an earlier call stored it.
         """
         start = now or _now()
         params = {"user_id": user_id, "start": start, "end": start + CONTEXT_EVENT_HORIZON,
                   "message_limit": message_limit}
+        if record is not None:
+            params.update(record.model_dump())
 
         async def work(session: AsyncSession) -> UserContextSchema:
-            user, facts, events, diary, nudges, messages = (await session.execute(_CONTEXT, params)).one()
+            statement = _CONTEXT if record is None else _CONTEXT_RECORDING
+            user, facts, events, diary, nudges, messages = (await session.execute(statement, params)).one()
             if not user:
                 raise UserNotFoundError(f"no user with id {user_id}", context={"user_id": user_id})
             return UserContextSchema(user=UserRead.model_validate(user[0]), facts=facts, upcoming_events=events,
@@ -570,6 +575,11 @@ _CONTEXT = select(
 # The statements of a turn's messages, built once and run on the table rather than through the ORM: a turn stores
 # its two messages, and delivery claims the reply (reading it back) and merges its progress into the meta.
 _MESSAGES = Conversation.__table__
+# The turn's context with the user's message stored by the same statement (a data-modifying WITH, which PostgreSQL
+# runs whether or not the query reads it; the query sees the tables as they were before it).
+_CONTEXT_RECORDING = _CONTEXT.add_cte(
+    insert(_MESSAGES).values(user_id=_USER_ID, **{name: bindparam(name) for name in MessageCreate.model_fields})
+    .on_conflict_do_nothing(index_elements=["user_id", "message_key"]).cte("recorded"))
 # Bound names other than the columns': an UPDATE takes a column's own name for a value to SET.
 _IS_MESSAGE = (_MESSAGES.c.user_id == bindparam("owner")) & (_MESSAGES.c.message_key == bindparam("key"))
 _INSERT_MESSAGE = (insert(_MESSAGES).on_conflict_do_nothing(index_elements=["user_id", "message_key"])

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -33,6 +33,7 @@ from activities.nudges import CompanionActivities
 from activities.turn import PERSONA
 from core.errors import DatabaseConnectionError
 from core.settings import Settings, load_settings
+from schemas.context import UserContextSchema
 from schemas.memory import Role
 from schemas.turn import (
     ComposedReply,
@@ -152,6 +153,12 @@ class FailingAfterWrite(CompanionActivities):
             raise DatabaseConnectionError("connection lost after the write")
         return stored
 
+    async def _recorded_context(self, data: ComposeReplyInput, sent_at: datetime) -> UserContextSchema:
+        context = await super()._recorded_context(data, sent_at)
+        if activity.info().attempt <= 2:
+            raise DatabaseConnectionError("connection lost after the write")
+        return context
+
 
 @pytest.mark.parametrize("turn_activities_class", [FailingAfterWrite])
 async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_message(stack: Stack) -> None:
@@ -170,6 +177,11 @@ class RefusingOneMessage(CompanionActivities):
         if "refuse me" in data.text:
             raise ApplicationError("the database refused the message", type="DatabaseError", non_retryable=True)
         return await super()._record(data)
+
+    async def _recorded_context(self, data: ComposeReplyInput, sent_at: datetime) -> UserContextSchema:
+        if "refuse me" in data.text:
+            raise ApplicationError("the database refused the message", type="DatabaseError", non_retryable=True)
+        return await super()._recorded_context(data, sent_at)
 
 
 @pytest.mark.parametrize("turn_activities_class", [RefusingOneMessage])
