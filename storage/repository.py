@@ -119,13 +119,15 @@ class MemoryRepository:
 
     async def get_or_create_user(self, data: UserCreate) -> UserRead:
         """The user with this Telegram id, created on first sight; names given here refresh the stored ones."""
-        statement = (insert(User).values(**data.model_dump(), last_seen_at=func.now())
-                     .on_conflict_do_update(index_elements=[User.telegram_id], set_=_USER_REFRESHED).returning(User))
+        statement = (insert(_USERS).values(**data.model_dump(), last_seen_at=func.now())
+                     .on_conflict_do_update(index_elements=[User.telegram_id], set_=_USER_REFRESHED)
+                     .returning(*_USERS.c))
 
         async def work(session: AsyncSession) -> UserRead:
-            return UserRead.model_validate((await session.execute(statement)).scalar_one())
+            return UserRead.model_validate((await session.execute(statement)).one())
 
-        return await self._tx("get_or_create_user", work, telegram_id=data.telegram_id)
+        # One statement: in autocommit, with no BEGIN and COMMIT around it.
+        return await self._write_alone("get_or_create_user", work, telegram_id=data.telegram_id)
 
     async def get_user(self, user_id: int) -> UserRead:
         """The user with this internal id, or UserNotFoundError."""
@@ -414,18 +416,17 @@ class MemoryRepository:
                                         data: ScheduledMessageCreate) -> ScheduledMessageRead:
         """Cancel the pending nudge ``replaces`` (if still pending) and record ``data``, in one transaction."""
 
-        async def work(session: AsyncSession) -> ScheduledMessageRead:
-            if replaces is not None:
-                await session.execute(
-                    update(ScheduledMessage)
-                    .where(ScheduledMessage.nudge_id == replaces, ScheduledMessage.user_id == user_id,
-                           ScheduledMessage.status == NudgeStatus.PENDING.value)
-                    .values(status=NudgeStatus.CANCELLED.value, cancelled_at=_now(), error=f"replaced by {data.nudge_id}"))
-            await session.execute(insert(ScheduledMessage).values(user_id=user_id, **data.model_dump())
-                                  .on_conflict_do_nothing(index_elements=[ScheduledMessage.nudge_id]))
-            return ScheduledMessageRead.model_validate(await self._nudge_row(session, data.nudge_id))
+        params = {**{f"new_{name}": value for name, value in data.model_dump().items()}, "owner": user_id,
+                  "replaces": replaces, "now": _now(), "why": f"replaced by {data.nudge_id}"}
 
-        return await self._tx("replace_scheduled_message", work, user_id=user_id, nudge_id=data.nudge_id)
+        async def work(session: AsyncSession) -> ScheduledMessageRead:
+            row = (await session.execute(_REPLACE_NUDGE, params)).one_or_none()
+            if row is None:  # stored by a call running at the same time, after this statement's snapshot
+                row = (await session.execute(select(_NUDGES).where(_NUDGES.c.nudge_id == data.nudge_id))).one()
+            return ScheduledMessageRead.model_validate(row)
+
+        # One statement, so all or nothing without a transaction around it: in autocommit.
+        return await self._write_alone("replace_scheduled_message", work, user_id=user_id, nudge_id=data.nudge_id)
 
     async def get_scheduled_message(self, nudge_id: str) -> ScheduledMessageRead:
         """The nudge with this id, or RecordNotFoundError."""
@@ -587,6 +588,24 @@ _INSERT_MESSAGE = (insert(_MESSAGES).on_conflict_do_nothing(index_elements=["use
 _SELECT_MESSAGE = select(_MESSAGES).where(_IS_MESSAGE)
 _MERGE_MESSAGE_META = (update(_MESSAGES).where(_IS_MESSAGE)
                        .values(meta=_MESSAGES.c.meta.op("||")(bindparam("merged", type_=JSONB))))
+# A check-in moved (replace_scheduled_message) as one statement: the pending nudge it replaces cancelled, the new one
+# stored once by its id, and the new one's row returned (the query sees the table as it was before the statement,
+# so a nudge stored earlier is read from the table, one stored now from the INSERT). No bound name is a column's:
+# SQLAlchemy would add such a value to the SET and VALUES of every INSERT and UPDATE in the statement.
+_NUDGES = ScheduledMessage.__table__
+_NUDGE_STORED = (insert(_NUDGES).values(user_id=bindparam("owner"),
+                                        **{name: bindparam(f"new_{name}") for name in ScheduledMessageCreate.model_fields})
+                 .on_conflict_do_nothing(index_elements=["nudge_id"]).returning(*_NUDGES.c).cte("stored"))
+_REPLACE_NUDGE = (
+    select(*_NUDGE_STORED.c)
+    .add_cte(update(_NUDGES)
+             .where(_NUDGES.c.nudge_id == bindparam("replaces"), _NUDGES.c.user_id == bindparam("owner"),
+                    _NUDGES.c.status == NudgeStatus.PENDING.value)
+             .values(status=NudgeStatus.CANCELLED.value, cancelled_at=bindparam("now"), error=bindparam("why"))
+             .cte("cancelled"))
+    .union_all(select(_NUDGES).where(_NUDGES.c.nudge_id == bindparam("new_nudge_id"),
+                                     ~select(_NUDGE_STORED.c.id).exists())))
+_USERS = User.__table__
 # A claim is the meta key it names, holding the time (PostgreSQL's clock) it lapses at.
 _CLAIM = bindparam("claim", type_=String)
 _CLAIMED = func.jsonb_build_object(_CLAIM, func.now() + bindparam("lease", type_=Interval))

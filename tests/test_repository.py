@@ -270,6 +270,21 @@ async def test_scheduled_message_lifecycle(repo: MemoryRepository, user: UserRea
         await repo.update_scheduled_message("nope", ScheduledMessageUpdate(status=NudgeStatus.SENT))
 
 
+async def test_moving_a_check_in_cancels_the_one_it_replaces_and_a_retry_changes_nothing(
+        repo: MemoryRepository, user: UserRead) -> None:
+    first = await repo.replace_scheduled_message(user.id, None, nudge("c1", kind=NudgeKind.CHECK_IN))
+    assert first.status == NudgeStatus.PENDING and first.kind == NudgeKind.CHECK_IN
+    moved = await repo.replace_scheduled_message(user.id, "c1", nudge("c2", hours=3, kind=NudgeKind.CHECK_IN))
+    old = await repo.get_scheduled_message("c1")
+    assert old.status == NudgeStatus.CANCELLED and old.error == "replaced by c2" and old.cancelled_at is not None
+    assert moved.status == NudgeStatus.PENDING and moved.scheduled_for == NOW + timedelta(hours=3)
+    # A retried move, and moves racing each other: the same record, nothing cancelled twice or stored twice.
+    again = await asyncio.gather(*(repo.replace_scheduled_message(user.id, "c1", nudge("c2", hours=3))
+                                   for _ in range(3)))
+    assert {n.id for n in again} == {moved.id} and await repo.get_scheduled_message("c1") == old
+    assert [n.nudge_id for n in await repo.list_scheduled_messages(user.id, status=NudgeStatus.PENDING)] == ["c2"]
+
+
 async def test_a_nudge_needs_text_or_purpose_and_ids_are_per_user(repo: MemoryRepository, user: UserRead) -> None:
     with pytest.raises(InvalidMemoryDataError, match="needs its text or a purpose"):
         await repo.create_scheduled_message(user.id, nudge("n3", content=None))
