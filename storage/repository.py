@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.sql.base import ReadOnlyColumnCollection
+from sqlalchemy.sql.base import Executable, ReadOnlyColumnCollection
 
 from core.errors import InvalidMemoryDataError, RecordNotFoundError, UserNotFoundError
 from schemas.context import UserContextSchema
@@ -254,16 +254,23 @@ class MemoryRepository:
 
     async def add_message(self, user_id: int, data: MessageCreate) -> MessageRead:
         """Store a message once: writing the same message key again returns the row already stored."""
-        async def work(session: AsyncSession) -> MessageRead:
-            inserted = (await session.execute(_INSERT_MESSAGE, {**data.model_dump(), "user_id": user_id})
-                        ).one_or_none()
-            if inserted is None:
-                inserted = (await session.execute(_SELECT_MESSAGE, {"owner": user_id, "key": data.message_key})
-                            ).one()
-            return MessageRead.model_validate(inserted)
+        stored, _ = await self._store_message("add_message", user_id, data.message_key, _INSERT_MESSAGE,
+                                              {**data.model_dump(), "user_id": user_id})
+        return stored
+
+    async def _store_message(self, operation: str, user_id: int, message_key: str, insert_once: Executable,
+                             params: dict[str, Any]) -> tuple[MessageRead, bool]:
+        """Run ``insert_once`` (an INSERT ... ON CONFLICT DO NOTHING RETURNING the row); when the key was stored
+        already, read the stored row: (the row, whether this call stored it)."""
+        async def work(session: AsyncSession) -> tuple[MessageRead, bool]:
+            inserted = (await session.execute(insert_once, params)).one_or_none()
+            if inserted is not None:
+                return MessageRead.model_validate(inserted), True
+            stored = (await session.execute(_SELECT_MESSAGE, {"owner": user_id, "key": message_key})).one()
+            return MessageRead.model_validate(stored), False
 
         # The insert stands alone, and the read after it only finds a row an earlier write committed.
-        return await self._write_alone("add_message", work, user_id=user_id, message_key=data.message_key)
+        return await self._write_alone(operation, work, user_id=user_id, message_key=message_key)
 
     async def add_claimed_message(self, user_id: int, data: MessageCreate, claim: str,
                                   lease: timedelta) -> tuple[MessageRead, bool]:
@@ -271,17 +278,11 @@ class MemoryRepository:
         when this call is the one that stores it: (the message, whether this caller holds it). A message stored
         before comes back as it was, not claimed by this call; the caller claims it with claim_message.
         """
-        async def work(session: AsyncSession) -> tuple[MessageRead, bool]:
-            values = data.model_dump()
-            meta = values.pop("meta")
-            params = {**values, "user_id": user_id, "given_meta": meta, "claim": claim, "lease": lease}
-            inserted = (await session.execute(_INSERT_CLAIMED_MESSAGE, params)).one_or_none()
-            if inserted is not None:
-                return MessageRead.model_validate(inserted), True
-            stored = (await session.execute(_SELECT_MESSAGE, {"owner": user_id, "key": data.message_key})).one()
-            return MessageRead.model_validate(stored), False
-
-        return await self._write_alone("add_claimed_message", work, user_id=user_id, message_key=data.message_key)
+        values = data.model_dump()
+        meta = values.pop("meta")
+        return await self._store_message("add_claimed_message", user_id, data.message_key, _INSERT_CLAIMED_MESSAGE,
+                                         {**values, "user_id": user_id, "given_meta": meta, "claim": claim,
+                                          "lease": lease})
 
     async def get_message(self, user_id: int, message_key: str) -> MessageRead | None:
         """The message stored under this key, if any."""
@@ -414,7 +415,7 @@ class MemoryRepository:
 
     async def replace_scheduled_message(self, user_id: int, replaces: str | None,
                                         data: ScheduledMessageCreate) -> ScheduledMessageRead:
-        """Cancel the pending nudge ``replaces`` (if still pending) and record ``data``, in one transaction."""
+        """Cancel the pending nudge ``replaces`` (if still pending) and record ``data``, in one statement."""
 
         params = {**{f"new_{name}": value for name, value in data.model_dump().items()}, "owner": user_id,
                   "replaces": replaces, "now": _now(), "why": f"replaced by {data.nudge_id}"}

@@ -26,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
         REMEMBER_RETRY,
         REMEMBER_TIMEOUT,
     )
-    from core.errors import CompanionMemoryError, DatabaseError
+    from core.errors import CompanionMemoryError, DatabaseError, TelegramBlockedError
     from schemas.memory import Channel, NudgeCreator, NudgeKind, NudgeStatus, Role
     from schemas.turn import (
         MAX_PENDING_NUDGES,
@@ -114,6 +114,8 @@ def _type_names(base: type) -> frozenset[str]:
 
 # Failures of a reply step that are PostgreSQL's or the stored data's, not the LLM's (ApplicationError types).
 STORAGE_FAILURES = _type_names(DatabaseError) | _type_names(CompanionMemoryError)
+# The failure of a send to a user who blocked the bot (ApplicationError type, and ComposedReply.undelivered).
+BLOCKED = TelegramBlockedError.__name__
 # What a failed step raises in the workflow: ActivityError for a regular activity; a local activity's failure
 # arrives as the ApplicationError it raised. Either must end a turn, not the workflow.
 FAILED_STEP = (ActivityError, ApplicationError)
@@ -419,7 +421,7 @@ class CompanionWorkflow:
     async def _deliver_unsent(self, user_id: int, chat_id: int, message_key: str, reply: ComposedReply) -> None:
         """Deliver a reply the reply step did not send: it was not asked to (the fallback reply, an older run), or
         sending failed there (deliver-in-reply)."""
-        if reply.undelivered == "TelegramBlockedError":
+        if reply.undelivered == BLOCKED:
             await self._set_active(user_id, False)  # as the deliver step would, without asking Telegram again
             return
         if reply.deliver_after_s:
@@ -435,7 +437,7 @@ class CompanionWorkflow:
                           retry_policy=TELEGRAM_RETRY, summary="Telegram delivery")
         except FAILED_STEP as err:
             cause = _cause(err)
-            if isinstance(cause, ApplicationError) and cause.type == "TelegramBlockedError":
+            if isinstance(cause, ApplicationError) and cause.type == BLOCKED:
                 await self._set_active(user_id, False)
                 return
             workflow.logger.error("delivery failed", extra={"message_key": message_key, "error": str(cause)})
