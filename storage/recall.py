@@ -6,25 +6,28 @@ with the two before it (from the same sitting), so a search hit carries what "ye
 Extracted facts, events and diary entries are memories too.
 
 Search fuses two rankings by weighted reciprocal rank: cosine similarity from the vector store, and BM25 over
-PostgreSQL full text (English stemming, the user's own rows for document frequencies). Every query is scoped to one
-user. When the vector store fails, search goes on with keywords alone and says so in the log.
+PostgreSQL full text (English stemming, the user's own rows for document frequencies); with pgvector, both rankings,
+their fusion and the rows come from one statement. Every query is scoped to one user. When the vector store fails,
+search goes on with keywords alone and says so in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import REAL, bindparam, delete, select, text
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.errors import VectorStoreError
+from core.errors import CompanionError, DatabaseConnectionError, VectorStoreError
 from core.logging import get_logger
 from schemas.memory import MemoryKind, MessageRead, Role
+from storage import vectors
 from storage.database import run_transaction
 from storage.embedding import Embedder
 from storage.models import TEXT_SEARCH_CONFIG, Conversation, Memory
@@ -77,6 +80,10 @@ class SearchResult:
     elapsed_ms: float
 
 
+async def _nothing() -> None:
+    """No vector ranking (the query could not be embedded)."""
+
+
 def speaker_of(message: MessageRead, user_name: str) -> str:
     """Who said a message, as the memory text names them: a name in meta (group chats, imports) wins."""
     named = message.meta.get("speaker") if isinstance(message.meta, dict) else None
@@ -106,8 +113,10 @@ def conversation_memories(messages: Sequence[MessageRead], new_keys: set[str], u
     return memories
 
 
-_KEYWORD_SQL = text(f"""
-WITH terms AS MATERIALIZED (
+# BM25 over the user's full-text vectors: the lexemes of the query, the user's document statistics, each lexeme's
+# weight, and the memories holding any of them.
+_KEYWORD_CTES = f"""
+terms AS MATERIALIZED (
     SELECT DISTINCT lexeme,
            ('''' || replace(replace(lexeme, '\\', '\\\\'), '''', '''''') || '''')::tsquery AS term
     FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :query))
@@ -128,6 +137,8 @@ candidates AS (
     WHERE m.user_id = :user_id
       AND m.search @@ (SELECT string_agg(term::text, ' | ')::tsquery FROM terms)
 )
+"""
+_KEYWORD_RANKING = f"""
 SELECT c.id,
        sum(w.idf * array_length(u.positions, 1) * ({BM25_K1} + 1)
            / (array_length(u.positions, 1) + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * c.dl / s.avgdl))) AS score
@@ -137,8 +148,47 @@ CROSS JOIN LATERAL unnest(c.search) AS u(lexeme, positions, weights)
 JOIN weights w ON w.lexeme = u.lexeme
 GROUP BY c.id
 ORDER BY score DESC, c.id DESC
-LIMIT :limit
-""")
+LIMIT :limit"""
+_KEYWORD_SQL = text(f"WITH {_KEYWORD_CTES}{_KEYWORD_RANKING}")
+
+# Search with pgvector in one statement: the exact vector ranking (as PgVectorStore.query ranks, for a user within the
+# exact search's limit), the keyword ranking, their fusion as `search` fuses them (the same float8 sums, ties in the
+# order the fusion meets them: the vector ranking's, then the keyword ranking's) and the best rows. One row at least:
+# the count of the user's vectors, with no memory when nothing was found or the user is past the limit.
+_HYBRID_SQL = text(f"""
+WITH {_KEYWORD_CTES},
+keyword AS (
+    SELECT ranked.id, row_number() OVER (ORDER BY ranked.score DESC, ranked.id DESC) AS rank
+    FROM ({_KEYWORD_RANKING}) AS ranked
+),
+total AS (
+    SELECT count(*) AS n FROM (SELECT 1 FROM memories WHERE user_id = :user_id AND embedding IS NOT NULL
+                               LIMIT :exact_limit + 1) AS capped
+),
+mine AS MATERIALIZED (
+    SELECT id, embedding FROM memories
+    WHERE user_id = :user_id AND embedding IS NOT NULL AND (SELECT n FROM total) <= :exact_limit
+),
+dense AS (
+    SELECT near.id, row_number() OVER (ORDER BY near.distance, near.id) AS rank
+    FROM (SELECT id, embedding <=> CAST(CAST(:vector AS real[]) AS vector) AS distance FROM mine
+          ORDER BY distance, id LIMIT :limit) AS near
+),
+fused AS (
+    SELECT coalesce(d.id, kw.id) AS id, d.rank AS dense_rank, kw.rank AS keyword_rank,
+           coalesce({DENSE_WEIGHT}::float8 / ({RRF_K} + d.rank), 0)
+           + coalesce({KEYWORD_WEIGHT}::float8 / ({RRF_K} + kw.rank), 0) AS score
+    FROM dense d FULL JOIN keyword kw ON kw.id = d.id
+),
+best AS (
+    SELECT f.id, f.dense_rank, f.keyword_rank, f.score, m.kind, m.content, m.occurred_at, m.source_keys
+    FROM fused f JOIN memories m ON m.id = f.id AND m.user_id = :user_id
+    ORDER BY f.score DESC, f.dense_rank NULLS LAST, f.keyword_rank
+    LIMIT :k
+)
+SELECT total.n AS total, best.* FROM total LEFT JOIN best ON true
+ORDER BY best.score DESC, best.dense_rank NULLS LAST, best.keyword_rank
+""").bindparams(bindparam("vector", type_=ARRAY(REAL)))
 
 
 class MemoryIndex:
@@ -275,15 +325,49 @@ class MemoryIndex:
         started = time.perf_counter()
         if not query.strip():
             return SearchResult(hits=[], degraded=False, elapsed_ms=0.0)
+        if not isinstance(self.store, PgVectorStore):
+            return await self._search_apart(user_id, query, k, started)
+        # With pgvector, once the query is embedded, one statement does it all (a user past the exact search's limit
+        # excepted): two rankings and the rows cost three statements.
+        try:
+            vector = (await self.embedder.embed([query]))[0]
+        except VectorStoreError as exc:
+            self._without_vectors(user_id, exc)
+            return await self._search_apart(user_id, query, k, started, dense=_nothing())
+        hits = await self._search_at_once(user_id, query, vector, k)
+        if hits is None:
+            return await self._search_apart(user_id, query, k, started, dense=self._nearest(user_id, query, vector))
+        return SearchResult(hits=hits, degraded=False, elapsed_ms=(time.perf_counter() - started) * 1000)
 
-        async def semantic() -> list[int] | None:
-            try:
-                vector = (await self.embedder.embed([query]))[0]
-                return [hit.memory_id for hit in await self.store.query(user_id, vector, CANDIDATES)]
-            except VectorStoreError as exc:
-                _log.warning("memory.search_without_vectors", user_id=user_id, store=self.store.name,
-                             error=exc.code, detail=exc.message)
+    async def _search_at_once(self, user_id: int, query: str, vector: list[float], k: int) -> list[MemoryHit] | None:
+        """Both rankings, fused, with their rows, in one statement; None for a user past the exact search's limit
+        or when the statement fails short of PostgreSQL being out of reach (the rankings one by one then tell which
+        one failed, and search goes on with the other)."""
+        params = {"query": query, "user_id": user_id, "vector": vector, "limit": CANDIDATES, "k": k,
+                  "exact_limit": vectors.EXACT_SEARCH_LIMIT}
+
+        async def work(session: AsyncSession) -> list[MemoryHit] | None:
+            rows = (await session.execute(_HYBRID_SQL, params)).all()
+            if rows[0].total > vectors.EXACT_SEARCH_LIMIT:
                 return None
+            return [MemoryHit(memory_id=row.id, kind=MemoryKind(row.kind), content=row.content,
+                              occurred_at=row.occurred_at, source_keys=list(row.source_keys), score=row.score,
+                              via=tuple(name for name, rank in (("vector", row.dense_rank),
+                                                                ("keyword", row.keyword_rank)) if rank is not None))
+                    for row in rows if row.id is not None]
+
+        try:
+            return await self._read("memories.search", work, user_id=user_id)
+        except DatabaseConnectionError:
+            raise
+        except CompanionError as exc:
+            _log.warning("memory.search_at_once_failed", user_id=user_id, error=exc.code, detail=exc.message)
+            return None
+
+    async def _search_apart(self, user_id: int, query: str, k: int, started: float,
+                            dense: Coroutine[Any, Any, list[int] | None] | None = None) -> SearchResult:
+        """Search with the rankings asked for one by one (``dense``: the vector ranking, embedding the query unless
+        given) and fused here, then the rows of the best."""
 
         async def keyword_work(session: AsyncSession) -> list[int]:
             rows = await session.execute(_KEYWORD_SQL, {"query": query, "user_id": user_id, "limit": CANDIDATES})
@@ -291,13 +375,14 @@ class MemoryIndex:
 
         # The two rankings come from different places (the vector store, PostgreSQL): ask both at once.
         found_dense, keyword = await asyncio.gather(
-            semantic(), self._read("memories.keyword_search", keyword_work, user_id=user_id))
+            dense if dense is not None else self._nearest(user_id, query),
+            self._read("memories.keyword_search", keyword_work, user_id=user_id))
         degraded = found_dense is None
-        dense = found_dense or []
+        ranking = found_dense or []
         scores: dict[int, float] = {}
         via: dict[int, list[str]] = {}
-        for name, ranking, weight in (("vector", dense, DENSE_WEIGHT), ("keyword", keyword, KEYWORD_WEIGHT)):
-            for rank, memory_id in enumerate(ranking):
+        for name, ranked_ids, weight in (("vector", ranking, DENSE_WEIGHT), ("keyword", keyword, KEYWORD_WEIGHT)):
+            for rank, memory_id in enumerate(ranked_ids):
                 scores[memory_id] = scores.get(memory_id, 0.0) + weight / (RRF_K + rank + 1)
                 via.setdefault(memory_id, []).append(name)
         ranked = sorted(scores, key=lambda memory_id: -scores[memory_id])
@@ -315,6 +400,21 @@ class MemoryIndex:
                 if len(hits) == k:
                     break
         return SearchResult(hits=hits, degraded=degraded, elapsed_ms=(time.perf_counter() - started) * 1000)
+
+    async def _nearest(self, user_id: int, query: str, vector: list[float] | None = None) -> list[int] | None:
+        """The vector ranking: ids of the memories nearest the query (embedded here unless ``vector`` is given), best
+        first; None when the embedder or the vector store fails."""
+        try:
+            if vector is None:
+                vector = (await self.embedder.embed([query]))[0]
+            return [hit.memory_id for hit in await self.store.query(user_id, vector, CANDIDATES)]
+        except VectorStoreError as exc:
+            self._without_vectors(user_id, exc)
+            return None
+
+    def _without_vectors(self, user_id: int, exc: VectorStoreError) -> None:
+        _log.warning("memory.search_without_vectors", user_id=user_id, store=self.store.name, error=exc.code,
+                     detail=exc.message)
 
     async def _rows(self, user_id: int, ids: list[int]) -> dict[int, Memory]:
         async def work(session: AsyncSession) -> dict[int, Memory]:

@@ -55,7 +55,7 @@ mine AS MATERIALIZED (
     WHERE user_id = :user_id AND embedding IS NOT NULL AND (SELECT n FROM total) <= :limit)
 SELECT total.n AS total, mine.id, mine.embedding <=> CAST(CAST(:vector AS real[]) AS vector) AS distance
 FROM total LEFT JOIN mine ON true
-ORDER BY distance LIMIT :k
+ORDER BY distance, mine.id LIMIT :k
 """).bindparams(bindparam("vector", type_=ARRAY(REAL)))
 
 

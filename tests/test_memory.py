@@ -7,17 +7,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from activities.nudges import CompanionActivities
@@ -43,12 +45,12 @@ from schemas.turn import ChatUser, ComposeReplyInput
 from storage import vectors
 from storage.database import create_session_factory
 from storage.models import Memory
-from storage.recall import MemoryIndex, NewMemory
+from storage.recall import MemoryIndex, NewMemory, SearchResult
 from storage.repository import MemoryRepository
 from storage.semantic import create_embedder, local_embedder
 from storage.vectors import PgVectorStore, PineconeStore, namespace_of
 from tests.conftest import Stack, chat_model, libpq_url, new_telegram_id
-from tests.fake_openai import FakeOpenAI, Reply
+from tests.fake_openai import Fail, FakeOpenAI, Reply
 from tests.fake_pinecone import FakePinecone
 from tests.test_workflow import eventually
 from worker import build_worker
@@ -240,6 +242,55 @@ async def test_applying_an_extraction_twice_stores_nothing_twice(
     assert [(e.title, e.event_at.hour) for e in events] == [("engagement party", 9)]  # a bare date: 09:00 local
     assert len(await repo.recent_diary_entries(user_id)) == 1
     assert await memory_count(engine, user_id) == 3  # fact, event, diary: one memory each
+
+
+# --- search in one statement ---------------------------------------------------------------------------------
+
+
+async def test_search_with_pgvector_is_one_statement_ranking_as_the_rankings_fused_one_by_one(
+        engine: AsyncEngine, repo: MemoryRepository, memory: MemoryIndex) -> None:
+    lines = ["We adopted a cat called Miso", "Miso sleeps on the piano all day", "My sister lives in Lisbon",
+             "I play the piano on Sundays with my sister", "The job interview at Acme is on Friday",
+             "I keep bees in the garden", "The bees made honey for my sister", "Tea with lemon and honey, always"]
+    user_id = await user_with_messages(repo, lines)
+    await memory.remember_messages(user_id, [f"m{user_id}-{n}" for n in range(len(lines))], "Mia")
+    statements: list[str] = []
+
+    def sent(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    for query in ("my sister and the piano", "honey", "what is the cat called?", "Friday interview", "zebra",
+                  "the"):
+        event.listen(engine.sync_engine, "before_cursor_execute", sent)
+        try:
+            at_once = await memory.search(user_id, query, k=6)
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", sent)
+        assert len(statements) == 1, query
+        statements.clear()
+        apart = await memory._search_apart(user_id, query, 6, time.perf_counter())
+        assert not at_once.degraded and len(at_once.hits) == min(6, len(lines)), query
+        assert [(hit.memory_id, hit.score, hit.via, hit.content, hit.source_keys) for hit in at_once.hits] == [
+            (hit.memory_id, hit.score, hit.via, hit.content, hit.source_keys) for hit in apart.hits], query
+    both = await memory.search(user_id, "honey", k=6)
+    assert "honey" in both.hits[0].content and both.hits[0].via == ("vector", "keyword")
+    assert await memory.search(await user_with_messages(repo, []), "honey", k=6) == SearchResult([], False, ANY)
+
+
+async def test_with_the_embeddings_endpoint_refusing_pgvector_search_goes_on_with_keywords(
+        repo: MemoryRepository, engine: AsyncEngine, fake_llm: FakeOpenAI) -> None:
+    settings = load_settings(openai_api_key="sk-test-key", openai_base_url=fake_llm.url)
+    embedder = create_embedder(settings)
+    sessions = create_session_factory(engine)
+    index = MemoryIndex(sessions, embedder, PgVectorStore(sessions))
+    await index.store.check(embedder.dimension)
+    mia = await user_with_messages(repo, ["My favourite tea is genmaicha", "Toasty and nutty!"])
+    await index.remember_messages(mia, [f"m{mia}-0", f"m{mia}-1"], "Mia")
+    fake_llm.script(Fail(400, "The embeddings endpoint refuses this request."))
+    found = await index.search(mia, "favourite tea")
+    assert found.degraded and "genmaicha" in found.hits[0].content and found.hits[0].via == ("keyword",)
+    assert (await index.search(mia, "favourite tea")).hits[0].via == ("vector", "keyword")  # back to both
+    await embedder.close()
 
 
 # --- isolation ---------------------------------------------------------------------------------------------------
