@@ -191,8 +191,10 @@ class TurnActivities:
     async def prompt_for(self, data: ComposeReplyInput) -> PreparedTurn:
         """The prompt the LLM gets for the message (persona, the user's quoted memory and what recall found for the
         message, the recent conversation), with what else the turn needs from the same reads."""
-        # Recall runs beside gathering the context; memories of the recent turns are dropped once both are in.
-        context, found = await asyncio.gather(self._context(data), self._recall(data))
+        # Recall runs once the context is in, for a user with memories: a new user's first turns (until a remember
+        # step has run) skip the embeddings call and the search. Memories of the recent turns are dropped.
+        context = await self._context(data)
+        found = await self._recall(data) if context.has_memories else []
         context.summary = data.summary
         context.recalled = _within_budget(found, {m.message_key for m in context.recent_messages})
         zone = context.user.timezone_info

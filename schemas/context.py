@@ -53,6 +53,8 @@ class UserContextSchema(BaseModel):
     recent_messages: list[MessageRead] = Field(default_factory=list)
     recalled: list[RecalledMemory] = Field(default_factory=list)
     summary: str = ""
+    # Whether the user has memories to search (none until their first turns are remembered): not rendered.
+    has_memories: bool = True
 
     def _local(self, moment: datetime) -> str:
         return moment.astimezone(ZoneInfo(self.user.timezone)).strftime("%Y-%m-%d %H:%M")

@@ -53,7 +53,15 @@ from schemas.memory import (
     UserUpdate,
 )
 from storage.database import run_transaction
-from storage.models import Conversation, DiaryEntry, ProfileFact, ScheduledMessage, TimelineEvent, User
+from storage.models import (
+    Conversation,
+    DiaryEntry,
+    Memory,
+    ProfileFact,
+    ScheduledMessage,
+    TimelineEvent,
+    User,
+)
 
 T = TypeVar("T")
 # A query builder's argument: a value, or a bound parameter when the statement is built once and executed with values.
@@ -492,9 +500,10 @@ class MemoryRepository:
         """Everything the prompt needs about a user, in one statement.
 
         PostgreSQL gathers the user, facts, upcoming events, diary, pending nudges and recent messages as JSON
-        arrays of one row: one round trip instead of six, and no ORM objects to build. With ``record``, the same
-        statement stores that message as add_message does (once by its key): the context is read as it was just
-        before, so it holds the message only when an earlier call stored it.
+        arrays of one row, and whether the user has any memory to search: one round trip instead of seven, and no
+        ORM objects to build. With ``record``, the same statement stores that message as add_message does (once by
+        its key): the context is read as it was just before, so it holds the message only when an earlier call
+        stored it.
         """
         start = now or _now()
         params = {"user_id": user_id, "start": start, "end": start + CONTEXT_EVENT_HORIZON,
@@ -504,11 +513,12 @@ class MemoryRepository:
 
         async def work(session: AsyncSession) -> UserContextSchema:
             statement = _CONTEXT if record is None else _CONTEXT_RECORDING
-            user, facts, events, diary, nudges, messages = (await session.execute(statement, params)).one()
+            user, facts, events, diary, nudges, messages, remembered = (await session.execute(statement, params)).one()
             if not user:
                 raise UserNotFoundError(f"no user with id {user_id}", context={"user_id": user_id})
             return UserContextSchema(user=UserRead.model_validate(user[0]), facts=facts, upcoming_events=events,
-                                     diary_entries=diary, pending_nudges=nudges, recent_messages=messages)
+                                     diary_entries=diary, pending_nudges=nudges, recent_messages=messages,
+                                     has_memories=remembered)
 
         return await self._read("get_user_context", work, user_id=user_id)
 
@@ -571,7 +581,8 @@ _CONTEXT = select(
     _json_rows(_diary_query(_USER_ID, CONTEXT_DIARY), lambda rows: [rows.occurred_at.desc(), rows.id.desc()]),
     _json_rows(_nudges_query(_USER_ID, NudgeStatus.PENDING, CONTEXT_NUDGES),
                lambda rows: [rows.scheduled_for, rows.id]),
-    _json_rows(_messages_query(_USER_ID, bindparam("message_limit")), lambda rows: [rows.sent_at, rows.id]))
+    _json_rows(_messages_query(_USER_ID, bindparam("message_limit")), lambda rows: [rows.sent_at, rows.id]),
+    select(Memory.id).where(Memory.user_id == _USER_ID).exists())
 
 
 # The statements of a turn's messages, built once and run on the table rather than through the ORM: a turn stores

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.testing import ActivityEnvironment
 
 from activities.nudges import CompanionActivities
 from activities.remember import Extraction, Rememberer
@@ -137,6 +138,34 @@ async def test_the_prompt_recalls_what_the_user_said_long_before_the_recent_turn
     memories = system.split("memories that may matter now")[1]
     assert "Lisbon" in memories and "piano" in memories  # ...but recalled, quoted inside the memory block
     assert system.index("Lisbon") < system.index("</user_memory>")
+
+
+async def test_a_new_user_s_turns_ask_for_no_embedding_until_they_have_memories(
+        repo: MemoryRepository, engine: AsyncEngine, fake_llm: FakeOpenAI) -> None:
+    settings = load_settings(openai_api_key="sk-test-key", openai_base_url=fake_llm.url)
+    sessions = create_session_factory(engine)
+    index = MemoryIndex(sessions, create_embedder(settings), PgVectorStore(sessions))
+    await index.store.check(index.embedder.dimension)
+    activities = TurnActivities(repo, chat_model(fake_llm), memory=index)
+    mia = await user_with_messages(repo, [])
+
+    async def turn(key: str, text: str) -> str:
+        await ActivityEnvironment().run(activities.compose_reply, ComposeReplyInput(
+            user_id=mia, message_key=key, reply_key=f"{key}:reply", text=text, channel=Channel.CONSOLE,
+            now=datetime.now(UTC), record_sent_at=datetime.now(UTC)))
+        return fake_llm.requests[-1]["messages"][0]["content"]
+
+    await turn("a", "My favourite tea is genmaicha, toasty and nutty.")
+    assert [request for request in fake_llm.requests if "input" in request] == []  # nothing to search yet
+    # A memory from outside the recent turns (those are in the prompt already, and recall leaves them out).
+    await index.add(mia, [NewMemory(key="fact:tea", kind=MemoryKind.FACT, content="Mia's favourite tea: genmaicha",
+                                    occurred_at=datetime.now(UTC), source_keys=[])])
+    fake_llm.requests.clear()
+    system = await turn("b", "What tea do I like again?")
+    assert [request["input"] for request in fake_llm.requests if "input" in request] == [
+        ["What tea do I like again?"]]
+    assert "genmaicha" in system.split("memories that may matter now")[1]
+    await index.close()
 
 
 # --- the remember step: extraction with update semantics and provenance -----------------------------------------
