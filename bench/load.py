@@ -1,7 +1,7 @@
 """Load: many users talking at once over the Telegram path, and nothing lost or duplicated.
 
     uv run python -m bench.load [--users 200] [--messages 5] [--rate 20] [--seconds 60] [--workers 2]
-                                [--background-workers 1]
+                                [--background-workers 1] [--memories 0]
     WORKFLOW_SANDBOX=false uv run python -m bench.load    # the workers' workflows outside Temporal's sandbox
 
 Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
@@ -12,6 +12,8 @@ are signalled as the gateway signals them (signal-with-start, Telegram channel);
 server receives it.
 
 (a) capacity: every user sends --messages messages, each as soon as the reply to the previous one arrived: turns/s.
+    The users are new (their turns have no memory to recall) unless --memories gives each of them a conversation of
+    that many messages, remembered, beforehand: then every turn embeds the message and searches their memories.
 (b) latency under a steady load: --rate messages a second, spread over the users, for --seconds: p50/p95/p99 from
     the signal to the delivered reply. It starts once the remember steps that phase (a) ended with have landed.
 Both check that every message got exactly one reply, and that PostgreSQL holds each message and each reply once.
@@ -28,7 +30,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -38,13 +40,18 @@ from bench.stack import embedded_stack
 from bench.turn import _percentile
 from core.logging import configure_logging
 from core.settings import Settings
-from schemas.memory import Channel
+from schemas.memory import Channel, MessageCreate, Role, UserCreate
 from schemas.turn import ChatUser, IncomingMessage
+from storage.database import create_engine, create_session_factory
+from storage.repository import MemoryRepository
+from storage.semantic import create_memory_index
 from tests.fake_telegram import TOKEN, FakeBotAPI
 from workflows.client import signal_message
 
 TASK_QUEUE = "bench-load"
 FIRST_USER = 20_000_000
+PAST_TOPICS = ["the climbing trip with her sister", "genmaicha tea at the corner cafe", "the dentist on Tuesday",
+               "Miso the cat sleeping on the piano", "a spring trip to Lisbon", "fixing the bike's back wheel"]
 
 
 class Load:
@@ -98,7 +105,7 @@ async def _remembered(database_url: str, users: range) -> int:
     async with _connected(database_url) as connection:
         return await connection.fetchval(
             "SELECT count(DISTINCT key) FROM memories m JOIN users u ON u.id = m.user_id, unnest(m.source_keys) key "
-            "WHERE u.telegram_id >= $1 AND u.telegram_id < $2", users.start, users.stop)
+            "WHERE u.telegram_id >= $1 AND u.telegram_id < $2 AND key LIKE 'tg:%'", users.start, users.stop)
 
 
 async def _wait_remembered(database_url: str, users: range, messages: int, timeout_s: float = 120) -> float:
@@ -112,19 +119,42 @@ async def _wait_remembered(database_url: str, users: range, messages: int, timeo
 
 
 async def _counts(database_url: str, users: range) -> tuple[int, int]:
-    """(messages missing a row or a reply, rows beyond one per key) in PostgreSQL."""
+    """(messages missing a row or a reply, rows beyond one per key) in PostgreSQL, of the messages the load sent."""
     async with _connected(database_url) as connection:
         rows = await connection.fetch(
             "SELECT c.message_key, count(*) AS n FROM conversations c JOIN users u ON u.id = c.user_id "
-            "WHERE u.telegram_id >= $1 AND u.telegram_id < $2 GROUP BY c.message_key", users.start, users.stop)
+            "WHERE u.telegram_id >= $1 AND u.telegram_id < $2 AND c.message_key LIKE 'tg:%' GROUP BY c.message_key",
+            users.start, users.stop)
     keys = {row["message_key"]: row["n"] for row in rows}
     asked = [key for key in keys if not key.endswith(":reply")]
     lost = sum(f"{key}:reply" not in keys for key in asked)
     return lost, sum(n - 1 for n in keys.values())
 
 
+async def _give_memories(settings: Settings, database_url: str, users: range, memories: int) -> None:
+    """Give each user a remembered conversation of ``memories`` messages, as the remember steps would have made it
+    (the same embedder and vector store as the workers'), the last of them a day old."""
+    engine = create_engine(database_url)
+    sessions = create_session_factory(engine)
+    repo, index = MemoryRepository(sessions), create_memory_index(settings, sessions)
+    start = datetime.now(UTC) - timedelta(days=memories + 1)
+    try:
+        for user in users:
+            stored = await repo.get_or_create_user(UserCreate(telegram_id=user, first_name="Load"))
+            keys = [f"past:{user}:{n}" for n in range(memories)]
+            for n, key in enumerate(keys):
+                await repo.add_message(stored.id, MessageCreate(
+                    message_key=key, role=Role.USER if n % 2 == 0 else Role.ASSISTANT,
+                    content=f"On day {n} we talked about {PAST_TOPICS[n % len(PAST_TOPICS)]}",
+                    sent_at=start + timedelta(days=n)))
+            await index.remember_messages(stored.id, keys, "Load")
+    finally:
+        await index.close()
+        await engine.dispose()
+
+
 async def main(users: int, messages: int, rate: float, seconds: float, workers: int = 2,
-               background_workers: int = 1) -> dict[str, Any]:
+               background_workers: int = 1, memories: int = 0) -> dict[str, Any]:
     configure_logging("WARNING", "console")
     api = FakeBotAPI()
     api.start()
@@ -134,8 +164,10 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
             # (a) capacity: each user's next message when the previous reply has arrived
             load = Load(stack.client, stack.settings, api)
             sandbox = stack.settings.workflow_sandbox  # the worker reads the same environment
-            cpu_before = stack.cpu_seconds()
             capacity_users = range(FIRST_USER, FIRST_USER + users)
+            if memories:
+                await _give_memories(stack.settings, stack.database_url, capacity_users, memories)
+            cpu_before = stack.cpu_seconds()
 
             async def conversation(user: int) -> None:
                 for n in range(messages):
@@ -177,7 +209,8 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     cpu_ms = _per_turn(cpu_before, cpu_after, all_turns)
     cpu_ms_a = _per_turn(cpu_before, cpu_capacity, turns)
     p50, p95, p99 = (statistics.median(latencies), _percentile(latencies, 0.95), _percentile(latencies, 0.99))
-    print(f"(a) capacity: {turns} turns by {users} users in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
+    print(f"(a) capacity: {turns} turns by {users} {f'users with {memories} memories each' if memories else 'new users'}"
+          f" in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
           f"lost {lost_a}, duplicated rows {duplicated_a}; its remember steps landed {drained_s:.1f} s later")
     print(f"(b) {rate:g} messages/s for {seconds:g} s ({total} messages): signal to delivered reply p50 {p50:.1f} ms, "
           f"p95 {p95:.1f} ms, p99 {p99:.1f} ms; lost {lost_b}, duplicated rows {duplicated_b}, "
@@ -185,7 +218,7 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     print(f"(b) p50/p95 ms of the messages sent in each 10 s: {_by_window(arrivals, begin)}")
     print(f"CPU per turn of phase (a), its remember steps left out: {_cpu_line(cpu_ms_a)}")
     print(f"CPU per turn over both phases ({all_turns} turns), remember steps included: {_cpu_line(cpu_ms)}")
-    return {"users": users, "workers": workers, "background_workers": background_workers, "sandbox": sandbox,
+    return {"users": users, "memories": memories, "workers": workers, "background_workers": background_workers, "sandbox": sandbox,
             "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
             "p95_ms": round(p95, 1), "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
             "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms,
@@ -211,6 +244,9 @@ if __name__ == "__main__":
     parser.add_argument("--background-workers", type=int, default=1,
                         help="more worker processes for the background only (WORKER_ROLE=background; default 1); "
                              "the --workers then answer turns only (WORKER_ROLE=turns); 0 = every worker does all")
+    parser.add_argument("--memories", type=int, default=0,
+                        help="phase (a)'s users each have a remembered conversation of this many messages (default "
+                             "0: new users)")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main(args.users, args.messages, args.rate, args.seconds, args.workers,
-                                      args.background_workers))))
+                                      args.background_workers, args.memories))))

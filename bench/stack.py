@@ -93,8 +93,10 @@ async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = No
                     "DATABASE_URL": database_url, "TEMPORAL_ADDRESS": address, "TEMPORAL_TASK_QUEUE": task_queue,
                     "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench", "NUDGE_QUIET_HOURS": "off",
                     "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "WORKER_ROLE": role, **(worker_env or {})}))
-            yield BenchStack(env.client, load_settings(temporal_task_queue=task_queue, temporal_address=address),
-                             database_url, started, llm, postgres.pid)
+            # The settings the workers run with, but the worker role: the same database, LLM server and embedder.
+            settings = load_settings(temporal_task_queue=task_queue, temporal_address=address,
+                                     database_url=database_url, openai_base_url=llm_url, openai_api_key="bench")
+            yield BenchStack(env.client, settings, database_url, started, llm, postgres.pid)
     finally:
         for worker in started:
             worker.terminate()
