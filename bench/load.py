@@ -137,7 +137,7 @@ async def _give_memories(settings: Settings, database_url: str, users: range, me
     engine = create_engine(database_url)
     sessions = create_session_factory(engine)
     repo, index = MemoryRepository(sessions), create_memory_index(settings, sessions)
-    start = datetime.now(UTC) - timedelta(days=memories + 1)
+    start = datetime.now(UTC) - timedelta(days=memories)
     try:
         for user in users:
             stored = await repo.get_or_create_user(UserCreate(telegram_id=user, first_name="Load"))
@@ -209,8 +209,8 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     cpu_ms = _per_turn(cpu_before, cpu_after, all_turns)
     cpu_ms_a = _per_turn(cpu_before, cpu_capacity, turns)
     p50, p95, p99 = (statistics.median(latencies), _percentile(latencies, 0.95), _percentile(latencies, 0.99))
-    print(f"(a) capacity: {turns} turns by {users} {f'users with {memories} memories each' if memories else 'new users'}"
-          f" in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
+    who = f"users with {memories} memories each" if memories else "new users"
+    print(f"(a) capacity: {turns} turns by {users} {who} in {capacity_s:.1f} s = {turns / capacity_s:.1f} turns/s; "
           f"lost {lost_a}, duplicated rows {duplicated_a}; its remember steps landed {drained_s:.1f} s later")
     print(f"(b) {rate:g} messages/s for {seconds:g} s ({total} messages): signal to delivered reply p50 {p50:.1f} ms, "
           f"p95 {p95:.1f} ms, p99 {p99:.1f} ms; lost {lost_b}, duplicated rows {duplicated_b}, "
@@ -218,8 +218,8 @@ async def main(users: int, messages: int, rate: float, seconds: float, workers: 
     print(f"(b) p50/p95 ms of the messages sent in each 10 s: {_by_window(arrivals, begin)}")
     print(f"CPU per turn of phase (a), its remember steps left out: {_cpu_line(cpu_ms_a)}")
     print(f"CPU per turn over both phases ({all_turns} turns), remember steps included: {_cpu_line(cpu_ms)}")
-    return {"users": users, "memories": memories, "workers": workers, "background_workers": background_workers, "sandbox": sandbox,
-            "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
+    return {"users": users, "memories": memories, "workers": workers, "background_workers": background_workers,
+            "sandbox": sandbox, "turns": turns, "turns_per_s": round(turns / capacity_s, 1), "p50_ms": round(p50, 1),
             "p95_ms": round(p95, 1), "p99_ms": round(p99, 1), "lost": lost_a + lost_b,
             "duplicated": duplicated_a + duplicated_b + extra, "cpu_ms_per_turn": cpu_ms,
             "cpu_ms_per_turn_a": cpu_ms_a}
