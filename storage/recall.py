@@ -348,7 +348,7 @@ class MemoryIndex:
 
         async def work(session: AsyncSession) -> list[MemoryHit] | None:
             rows = (await session.execute(_HYBRID_SQL, params)).all()
-            if rows[0].total > vectors.EXACT_SEARCH_LIMIT:
+            if rows[0].total > params["exact_limit"]:
                 return None
             return [MemoryHit(memory_id=row.id, kind=MemoryKind(row.kind), content=row.content,
                               occurred_at=row.occurred_at, source_keys=list(row.source_keys), score=row.score,

@@ -431,7 +431,7 @@ class MemoryRepository:
         async def work(session: AsyncSession) -> ScheduledMessageRead:
             row = (await session.execute(_REPLACE_NUDGE, params)).one_or_none()
             if row is None:  # stored by a call running at the same time, after this statement's snapshot
-                row = (await session.execute(select(_NUDGES).where(_NUDGES.c.nudge_id == data.nudge_id))).one()
+                return ScheduledMessageRead.model_validate(await self._nudge_row(session, data.nudge_id))
             return ScheduledMessageRead.model_validate(row)
 
         # One statement, so all or nothing without a transaction around it: in autocommit.
@@ -605,8 +605,9 @@ _MERGE_MESSAGE_META = (update(_MESSAGES).where(_IS_MESSAGE)
 # so a nudge stored earlier is read from the table, one stored now from the INSERT). No bound name is a column's:
 # SQLAlchemy would add such a value to the SET and VALUES of every INSERT and UPDATE in the statement.
 _NUDGES = ScheduledMessage.__table__
-_NUDGE_STORED = (insert(_NUDGES).values(user_id=bindparam("owner"),
-                                        **{name: bindparam(f"new_{name}") for name in ScheduledMessageCreate.model_fields})
+_NUDGE_STORED = (insert(_NUDGES)
+                 .values(user_id=bindparam("owner"),
+                         **{name: bindparam(f"new_{name}") for name in ScheduledMessageCreate.model_fields})
                  .on_conflict_do_nothing(index_elements=["nudge_id"]).returning(*_NUDGES.c).cte("stored"))
 _REPLACE_NUDGE = (
     select(*_NUDGE_STORED.c)
