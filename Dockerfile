@@ -9,6 +9,7 @@ WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project
 COPY core core
+COPY clients clients
 COPY schemas schemas
 COPY storage storage
 COPY activities activities

@@ -32,7 +32,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from activities.telegram import telegram_errors
+from clients.telegram import telegram_errors
 from core.errors import ConfigurationError
 from core.logging import get_logger
 from core.settings import Settings

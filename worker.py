@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -13,17 +17,25 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.enums.v1.task_queue_pb2 import ROUTING_CONFIG_UPDATE_STATE_COMPLETED
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.api.workflowservice.v1 import (
+    DescribeWorkerDeploymentRequest,
+    SetWorkerDeploymentCurrentVersionRequest,
+)
 from temporalio.client import Client
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
-from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker
+from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker, WorkerDeploymentConfig
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from activities.llm import ChatModel, LocalModelServer, create_chat_model
-from activities.nudges import CompanionActivities
-from activities.telegram import TelegramChannel
+import schemas
+import workflows
+from activities.companion import CompanionActivities
+from clients.llm import ChatModel, LocalModelServer, create_chat_model
+from clients.telegram import TelegramChannel
 from core import payload_passes
 from core.logging import get_logger
 from core.settings import Settings, WorkerRole
@@ -32,6 +44,7 @@ from storage.repository import MemoryRepository
 from storage.semantic import create_memory_index
 from workflows.client import connect
 from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow
+from workflows.steps import llm_task_queue
 
 # In-flight activities get this long to finish when the worker is asked to stop.
 GRACEFUL_SHUTDOWN = timedelta(seconds=15)
@@ -53,16 +66,107 @@ BACKGROUND_NICENESS = 10
 _log = get_logger(__name__)
 
 
+class Workers:
+    """The worker of the workflow's task queue and the worker of its LLM task queue, started and stopped together."""
+
+    def __init__(self, workers: list[Worker]):
+        self.workers = workers
+        self._running = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Workers:
+        for worker in self.workers:
+            await self._running.enter_async_context(worker)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._running.aclose()
+
+
 def build_worker(client: Client, task_queue: str, activities: CompanionActivities,
                  max_cached_workflows: int = 1000, sandbox: bool = True, role: WorkerRole = "all",
-                 interceptors: Sequence[Interceptor] = ()) -> Worker:
-    """A worker for the companion's workflow and activities on one task queue (its workflows in the sandbox unless
-    ``sandbox`` is false): all of them, or only a turn's part or only the background part (``role``)."""
+                 interceptors: Sequence[Interceptor] = (), version: WorkerDeploymentVersion | None = None,
+                 llm_per_second: float | None = None) -> Workers:
+    """Workers for the companion on ``task_queue`` and its LLM task queue: all of it, or only a turn's part
+    (the workflows, their local steps and the LLM steps) or only the background part (the remember step).
+
+    Workflows run in the sandbox unless ``sandbox`` is false. With ``version`` the workers join that Worker
+    Deployment version, and a conversation is PINNED to the version it runs on (moving at continue-as-new); ``llm_per_second`` caps the LLM task
+    queue's activities a second, across every worker that polls it.
+    """
     payload_passes.install()
-    return Worker(client, task_queue=task_queue, workflows=[] if role == "background" else [CompanionWorkflow],
-                  activities=activities.all(), no_remote_activities=role == "turns",
-                  max_cached_workflows=max_cached_workflows, graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
-                  workflow_runner=WORKFLOW_RUNNER if sandbox else UNSANDBOXED_RUNNER, interceptors=interceptors)
+    deployment = WorkerDeploymentConfig(version=version, use_worker_versioning=True,
+                                        default_versioning_behavior=VersioningBehavior.PINNED) if version else None
+    common = {"client": client, "graceful_shutdown_timeout": GRACEFUL_SHUTDOWN, "interceptors": interceptors,
+              "deployment_config": deployment}
+    turns = role != "background"
+    workers = [Worker(task_queue=task_queue, workflows=[CompanionWorkflow] if turns else [],
+                      activities=[*(activities.local() if turns else []),
+                                  *(activities.background() if role != "turns" else [])],
+                      no_remote_activities=role == "turns", max_cached_workflows=max_cached_workflows,
+                      workflow_runner=WORKFLOW_RUNNER if sandbox else UNSANDBOXED_RUNNER, **common)]
+    if turns:
+        workers.append(Worker(task_queue=llm_task_queue(task_queue), activities=activities.llm(),
+                              max_task_queue_activities_per_second=llm_per_second,
+                              max_activities_per_second=llm_per_second, **common))
+    return Workers(workers)
+
+
+# What a build id is derived from: the workflow's code and the contracts its state and steps are made of.
+CODE_FOLDERS = tuple(Path(package.__file__).parent for package in (workflows, schemas))
+
+
+def code_build_id(folders: Sequence[Path] = CODE_FOLDERS) -> str:
+    """A build id derived from the workflow's code: a changed workflow gets a new id by itself."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.glob("*.py")):
+            digest.update(f"{folder.name}/{path.name}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def deployment_version(settings: Settings) -> WorkerDeploymentVersion:
+    """The Worker Deployment version this worker joins: COMPANION_BUILD_ID, or one derived from the code."""
+    return WorkerDeploymentVersion(deployment_name=settings.temporal_deployment_name,
+                                   build_id=settings.companion_build_id or code_build_id())
+
+
+async def make_current(client: Client, version: WorkerDeploymentVersion, only_if_none: bool = False,
+                       timeout_s: float = 60.0) -> bool:
+    """Make ``version`` its deployment's current version once the server has seen its workers poll every task queue
+    of the current one; new conversations start on it, and running ones move to it at their next message. With
+    ``only_if_none``, only when the deployment has no current version yet (its first build). Returns whether it
+    made it current."""
+    describe = DescribeWorkerDeploymentRequest(namespace=client.namespace, deployment_name=version.deployment_name)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    made = False
+    while True:
+        try:
+            info = (await client.workflow_service.describe_worker_deployment(describe)).worker_deployment_info
+            current = info.routing_config.current_deployment_version.build_id
+            if current == version.build_id:
+                # Made current (by this call, or before it): done once every task queue has the new routing, so
+                # that the next message of a conversation pinned to another build moves it to this one.
+                if info.routing_config_update_state == ROUTING_CONFIG_UPDATE_STATE_COMPLETED:
+                    return made
+            elif only_if_none and current:
+                return False
+            elif any(summary.deployment_version.build_id == version.build_id for summary in info.version_summaries):
+                await client.workflow_service.set_worker_deployment_current_version(
+                    SetWorkerDeploymentCurrentVersionRequest(
+                        namespace=client.namespace, deployment_name=version.deployment_name,
+                        build_id=version.build_id, identity="companion worker"))
+                _log.info("worker.made_current", deployment=version.deployment_name, build_id=version.build_id)
+                made = True
+                continue
+        except RPCError as exc:
+            # Not seen yet, or not yet polling every task queue the current version has.
+            if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+                raise
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"build {version.build_id} could not be made current within {timeout_s:.0f} s")
+        await asyncio.sleep(0.2)
 
 
 def metrics_runtime(address: str | None) -> Runtime | None:
@@ -96,8 +200,12 @@ async def ensure_search_attributes(client: Client) -> None:
 
 
 async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
-                     chat_model: ChatModel | None = None) -> None:
-    """Run a worker until ``stop`` is set, then let in-flight activities finish and close every connection."""
+                     chat_model: ChatModel | None = None, make_current_now: bool = False) -> None:
+    """Run a worker until ``stop`` is set, then let in-flight activities finish and close every connection.
+
+    The worker joins the Worker Deployment version of its build. It makes that version current when told to
+    (``make_current_now``) or when the deployment has none yet; otherwise an operator does
+    (`temporal worker deployment set-current-version`)."""
     if settings.worker_role == "background":
         os.nice(BACKGROUND_NICENESS)  # before any thread starts: Linux sets a thread's niceness, new ones inherit it
     engine = create_engine(database_url, pool_size=settings.database_pool_size,
@@ -117,14 +225,19 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
         sessions = create_session_factory(engine)
         memory = create_memory_index(settings, sessions)
         await memory.store.check(memory.embedder.dimension)
-        activities = CompanionActivities(MemoryRepository(sessions), chat_model, telegram, settings.quiet_hours,
-                                         memory=memory, extract=settings.extracts_memories)
+        activities = CompanionActivities.create(MemoryRepository(sessions), chat_model, telegram,
+                                                settings.quiet_hours, memory=memory,
+                                                extract=settings.extracts_memories)
+        version = deployment_version(settings)
         worker = build_worker(client, settings.temporal_task_queue, activities,
-                              settings.worker_max_cached_workflows, settings.workflow_sandbox, settings.worker_role)
+                              settings.worker_max_cached_workflows, settings.workflow_sandbox, settings.worker_role,
+                              version=version, llm_per_second=settings.llm_max_requests_per_second)
         async with worker:
+            await make_current(client, version, only_if_none=not make_current_now)
             _log.info("worker.started", task_queue=settings.temporal_task_queue,
                       namespace=settings.temporal_namespace, address=settings.temporal_address,
-                      sandbox=settings.workflow_sandbox, role=settings.worker_role)
+                      sandbox=settings.workflow_sandbox, role=settings.worker_role,
+                      deployment=version.deployment_name, build_id=version.build_id)
             await stop.wait()
             _log.info("worker.stopping")
     finally:

@@ -11,13 +11,11 @@ from zoneinfo import ZoneInfo
 from temporalio import activity
 
 from activities.errors import translate_errors
-from activities.llm import ChatModel
-from activities.telegram import TelegramChannel
-from activities.delivery import DeliveryActivities
+from activities.prompt import HISTORY_TURNS, build_prompt
+from clients.llm import ChatModel
 from core.logging import get_logger
 from schemas.memory import MessageCreate, NudgeStatus, Role, ScheduledMessageCreate, ScheduledMessageUpdate
 from schemas.turn import FiredNudge, FireNudgeInput, PlanCheckinInput, RecordNudgeInput, SetNudgeStatusInput
-from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 
 NUDGE_PROMPT = ("Write one short, warm message to start a conversation with the user. Its purpose: {purpose}. "
@@ -45,16 +43,16 @@ def quiet_until(now: datetime, zone: ZoneInfo, hours: tuple[time, time]) -> date
     return datetime.combine(day, end, tzinfo=zone).astimezone(UTC)
 
 
-class CompanionActivities(DeliveryActivities):
-    """Every activity of the companion: a turn's, delivery's and the nudges'.
+class NudgeActivities:
+    """The audit records of nudges and the firing of one, over an injected repository and chat model.
 
-    fire_nudge may call the LLM, so the workflow runs it with a turn's LLM timeout and capped retries.
+    fire_nudge may call the LLM: it runs on the LLM task queue, with a reply's timeouts and capped retries.
     """
 
-    def __init__(self, repository: MemoryRepository, chat_model: ChatModel, telegram: TelegramChannel | None = None,
-                 quiet_hours: tuple[time, time] | None = None, memory: MemoryIndex | None = None,
-                 extract: bool = False):
-        super().__init__(repository, chat_model, telegram, memory=memory, extract=extract)
+    def __init__(self, repository: MemoryRepository, chat_model: ChatModel,
+                 quiet_hours: tuple[time, time] | None = None):
+        self._repository = repository
+        self._chat_model = chat_model
         self._quiet_hours = quiet_hours
 
     @activity.defn(name="record_nudge")
@@ -115,10 +113,11 @@ class CompanionActivities(DeliveryActivities):
         return until
 
     async def _write(self, data: FireNudgeInput) -> str:
-        context = await self.build_context(data.user_id, nudge_message_key(data.nudge.nudge_id))
-        reply = await self._chat_model.reply(context, NUDGE_PROMPT.format(purpose=data.nudge.purpose))
+        context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        prompt = build_prompt(context, nudge_message_key(data.nudge.nudge_id))
+        reply = await self._chat_model.reply(prompt, NUDGE_PROMPT.format(purpose=data.nudge.purpose))
         return reply.text
 
-    def all(self) -> list:
-        """Every activity of this class, for registering with a worker."""
-        return [*super().all(), self.record_nudge, self.plan_checkin, self.set_nudge_status, self.fire_nudge]
+    def records(self) -> list:
+        """The audit-record steps (local activities of the workflow), for registering with a worker."""
+        return [self.record_nudge, self.plan_checkin, self.set_nudge_status]

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from temporalio import activity
+from temporalio.common import RetryPolicy
 
-from activities.llm import ChatModel
+from activities.errors import translate_errors
+from activities.reminders import parse_reminder
+from clients.llm import ChatModel
 from core.errors import OpenAIServiceError
 from core.logging import get_logger
 from schemas.context import quote
@@ -34,7 +38,7 @@ from schemas.memory import (
     TimelineEventCreate,
     UserRead,
 )
-from schemas.turn import Nudge, Remembered
+from schemas.turn import Nudge, Remembered, RememberInput
 from storage.recall import MemoryIndex, NewMemory, speaker_of
 from storage.repository import MemoryRepository
 
@@ -42,6 +46,14 @@ EXTRACTION_TURNS = 6  # messages of context the extraction reads, the turn's two
 EXTRACTION_MAX_TOKENS = 700
 SUMMARY_MAX_CHARS = 1_500
 _MAX_ITEMS = 8
+# The remember step: storing and embedding is retried until it lands; the extraction call inside it is paid, so
+# after this many attempts the step finishes without it.
+REMEMBER_TIMEOUT = timedelta(seconds=120)
+REMEMBER_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
+                             maximum_interval=timedelta(minutes=1), maximum_attempts=10,
+                             non_retryable_error_types=["InvalidMemoryDataError", "UserNotFoundError",
+                                                        "ConstraintViolationError"])
+REMEMBER_EXTRACT_ATTEMPTS = 3
 _DEFAULT_HOUR = time(9, 0)
 
 _log = get_logger(__name__)
@@ -262,3 +274,50 @@ class Rememberer:
         found = await self.extract(user, keys, now, summary)
         return await self.apply(user, keys[0], found, now)
 
+
+
+class RememberActivities:
+    """The remember step, over an injected repository, memory index and (when extraction is on) chat model."""
+
+    def __init__(self, repository: MemoryRepository, memory: MemoryIndex | None = None,
+                 chat_model: ChatModel | None = None):
+        self._repository = repository
+        self._rememberer = Rememberer(repository, memory, chat_model) if memory is not None else None
+
+    @activity.defn(name="remember")
+    @translate_errors
+    async def remember(self, data: RememberInput) -> Remembered:
+        """Keep what the turn said: its messages as searchable memories, then (when on) the LLM's extraction.
+
+        Off the reply's critical path: the workflow runs it after the reply is out. An extraction that fails leaves
+        the indexed messages in place; the turn is remembered either way.
+        """
+        if self._rememberer is None:
+            return Remembered()
+        user = await self._repository.get_user(data.user_id)
+        keys = [key for turn in data.turns for key in turn]  # a key with no stored message is passed over
+        indexed, stored = await self._rememberer.index_messages(user, keys)
+        said = {message for message, _ in data.turns}
+        messages = [message for message in stored if message.message_key in said]  # the user's, not the replies
+        if not self._rememberer.extracts or not messages or activity.info().attempt > REMEMBER_EXTRACT_ATTEMPTS:
+            return Remembered(memories=indexed)  # past its attempts, the paid call is not made again
+        try:
+            found = await self._rememberer.extract(user, keys, data.now, data.summary)
+        except OpenAIServiceError as exc:
+            if exc.retryable and activity.info().attempt < REMEMBER_EXTRACT_ATTEMPTS:
+                raise
+            _log.warning("memory.extraction_failed", user_id=data.user_id, message_key=data.message_key,
+                         error=exc.code, detail=exc.message)
+            return Remembered(memories=indexed)
+        remembered = await self._rememberer.apply(user, data.message_key, found, data.now)
+        _log.info("memory.remembered", user_id=data.user_id, message_key=data.message_key, turns=len(data.turns),
+                  memories=indexed, facts=remembered.facts, events=remembered.events,
+                  milestones=remembered.milestones, reminders=len(remembered.reminders))
+        # A reminder the plain parser already set for one of these messages (prepare_turn) is not set twice.
+        parsed = any(parse_reminder(message.content, data.now, user.timezone_info) for message in messages)
+        reminders = [] if parsed else remembered.reminders
+        return remembered.model_copy(update={"memories": indexed, "reminders": reminders, "extracted": True})
+
+    def all(self) -> list:
+        """Every activity of this class, for registering with a worker."""
+        return [self.remember]

@@ -1,8 +1,8 @@
 """Sending a stored message to a Telegram chat once: claimed while it is sent, its progress recorded part by part.
 
-Two steps send: the delivery step, and the reply step, which sends the reply it has just stored (the turn is then
-one step). Both go through TelegramSender, so a retry of either, or one running beside the other, sends only the
-parts of a message that had not gone out yet.
+The deliver step sends replies, fallback replies and nudges through TelegramSender, so a retry, or an attempt
+running beside another (a workflow task taken over while the first worker still sends), sends only the parts of a
+message that had not gone out yet.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from temporalio import activity
 
-from activities.telegram import TelegramChannel, split_message
+from clients.telegram import TelegramChannel, split_message
 from core.errors import DeliveryInProgressError, InvalidMemoryDataError
 from core.logging import get_logger
 from schemas.memory import MessageRead
@@ -39,24 +39,21 @@ class TelegramSender:
         self._repository = repository
         self._telegram = telegram
 
-    async def send(self, user_id: int, chat_id: int, message_key: str, held: MessageRead | None = None) -> int:
+    async def send(self, user_id: int, chat_id: int, message_key: str) -> int:
         """Send the stored message ``message_key``, split into Telegram-sized parts, skipping the parts sent before;
-        returns how many parts it took. ``held`` is the message when the caller stored it claimed (its claim is
-        this call's); otherwise the message is claimed first.
+        returns how many parts it took.
 
         An attempt running beside another (a workflow task taken over while the first worker still sends) waits for
         it and then finds its parts sent, instead of sending them again. Progress is recorded even when the attempt
         is cancelled right after Telegram took a part.
         """
         context = {"user_id": user_id, "message_key": message_key}
-        stored = held
+        stored, claimed = await self._claim(user_id, message_key)
         if stored is None:
-            stored, claimed = await self._claim(user_id, message_key)
-            if stored is None:
-                raise InvalidMemoryDataError(f"no stored message {message_key} to deliver", context=context)
-            if not claimed:
-                raise DeliveryInProgressError(f"another attempt is delivering {message_key}",
-                                              context={**context, "retry_after_s": _claim_left_s(stored)})
+            raise InvalidMemoryDataError(f"no stored message {message_key} to deliver", context=context)
+        if not claimed:
+            raise DeliveryInProgressError(f"another attempt is delivering {message_key}",
+                                          context={**context, "retry_after_s": _claim_left_s(stored)})
         parts = split_message(stored.content)
         sent = done = int(stored.meta.get(PARTS_SENT, 0))
         try:

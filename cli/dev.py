@@ -160,7 +160,7 @@ async def run_dev(settings: Settings, user: int, chat: bool) -> int:
             finally:
                 await engine.dispose()
             stop = asyncio.Event()
-            services = [asyncio.create_task(run_worker(settings, database_url, stop))]
+            services = [asyncio.create_task(run_worker(settings, database_url, stop, make_current_now=True))]
             if settings.telegram_bot_token is not None:
                 services.append(asyncio.create_task(run_gateway(settings, stop, client)))
             print(_banner(settings, server, user), flush=True)

@@ -106,7 +106,7 @@ async def check_postgres(settings: Settings) -> list[Result]:
 
 async def check_llm(settings: Settings) -> Result:
     """The configured chat model answers a one-word prompt (the local model is loaded to do so)."""
-    from activities.llm import LocalModelServer, create_chat_model
+    from clients.llm import LocalModelServer, create_chat_model
     from schemas.turn import TurnContext
 
     local = LocalModelServer() if settings.uses_local_model else None
@@ -131,7 +131,7 @@ async def check_telegram(settings: Settings) -> Result | None:
         return None
     from telegram import Bot
 
-    from activities.telegram import telegram_errors
+    from clients.telegram import telegram_errors
 
     bot = Bot(settings.telegram_bot_token.get_secret_value(), base_url=settings.telegram_api_base_url)
     try:

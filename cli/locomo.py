@@ -178,7 +178,7 @@ async def run_locomo(settings: Settings, path: Path, k: int = 10, extract: bool 
 
 
 async def _extractor(settings: Settings, repo: MemoryRepository, index: MemoryIndex):
-    from activities.llm import LocalModelServer, create_chat_model
+    from clients.llm import LocalModelServer, create_chat_model
     from activities.remember import Rememberer
 
     local = LocalModelServer() if settings.uses_local_model else None

@@ -35,7 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="run everything locally: Temporal, PostgreSQL, model, worker, chat")
     dev.add_argument("--user", type=int, default=DEFAULT_USER, help="who you are in the chat (default 42)")
     dev.add_argument("--no-chat", action="store_true", help="do not open the chat prompt even on a terminal")
-    commands.add_parser("worker", help="run a worker against the configured Temporal and PostgreSQL")
+    worker = commands.add_parser("worker", help="run a worker against the configured Temporal and PostgreSQL")
+    worker.add_argument("--make-current", action="store_true",
+                        help="make this build the current one: new conversations start on it, running ones move to "
+                             "it at their next message (a deployment's first build is made current anyway)")
     commands.add_parser("gateway", help="run the Telegram gateway (long polling, or the webhook if configured)")
     commands.add_parser("doctor", help="check every configured dependency and say how to fix what fails")
 
@@ -119,7 +122,7 @@ async def _db(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _worker(settings: Settings) -> int:
+async def _worker(settings: Settings, make_current: bool) -> int:
     from worker import run_worker
 
     with postgres_url(settings) as url:
@@ -127,7 +130,7 @@ async def _worker(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)  # finish in-flight work, then exit
-        await run_worker(settings, url, stop)
+        await run_worker(settings, url, stop, make_current_now=make_current)
     return 0
 
 
@@ -185,7 +188,7 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
         case "dev":
             return dev.run_dev(settings, args.user, chat=not args.no_chat and sys.stdin.isatty())
         case "worker":
-            return _worker(settings)
+            return _worker(settings, args.make_current)
         case "gateway":
             return _gateway(settings)
         case "doctor":

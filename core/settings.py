@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     temporal_api_key: SecretStr | None = None
     temporal_tls_client_cert_path: Path | None = None
     temporal_tls_client_key_path: Path | None = None
+    # Workers join this Worker Deployment with a build id: COMPANION_BUILD_ID, or one derived from the workflow's
+    # code, so that a changed workflow gets a new one by itself. A conversation stays on the build it runs on and
+    # moves to the deployment's current build at its next turn.
+    temporal_deployment_name: str = Field(default="companion", pattern=r"^[A-Za-z0-9_.-]{1,200}$")
+    companion_build_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,200}$")
     workflow_turns_per_run: int = Field(default=200, ge=1, le=10_000)
     # ~100 KB of worker memory per cached workflow; users beyond it are replayed from history when they write.
     worker_max_cached_workflows: int = Field(default=500, ge=0)
@@ -65,9 +70,9 @@ class Settings(BaseSettings):
     # they happen. It cost the worker 5-17% of its CPU a turn in load runs; off, CI's sandboxed tests and the replays
     # of the recorded histories are what guard determinism.
     workflow_sandbox: bool = True
-    # What a worker process takes from the task queue: `all`; `turns`, the workflows and the steps of a turn (local
-    # activities) only; `background`, the regular activities only (remember steps, nudges written by the LLM), at a
-    # lower CPU priority. It paid off beside two or more turn workers; beside a single one it did not (README).
+    # What a worker process takes: `all`; `turns`, the workflows, their local steps and the LLM steps (replies and
+    # nudges written by the LLM); `background`, the remember steps only, at a lower CPU priority. It paid off beside
+    # two or more turn workers; beside a single one it did not (docs/operations.md).
     worker_role: WorkerRole = "all"
     # host:port where the worker serves Prometheus metrics (Temporal SDK's and the companion's); unset = none.
     metrics_address: str | None = None
@@ -78,6 +83,10 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_chat_model: str = "gpt-4o-mini"
     openai_embedding_model: str = "text-embedding-3-small"
+    # The LLM steps' rate across every worker (the LLM task queue's activities a second); unset = no limit.
+    llm_max_requests_per_second: float | None = Field(default=None, gt=0, le=10_000)
+    # A message waits at most this long for its reply, LLM retries included; then the user gets the fallback reply.
+    reply_deadline_seconds: int = Field(default=45, ge=5, le=600)
 
     # In each remember step, an LLM call extracts facts, events, milestones and reminders (the turns' messages are
     # remembered either way). "auto" = on with OpenAI or OPENAI_BASE_URL, off with the embedded 135M model, whose

@@ -30,6 +30,7 @@ MAX_PENDING_NUDGES = 50
 # (10) stay within the prompt's recent conversation (12 messages) until they are indexed.
 REMEMBER_BATCH_TURNS = 5
 DEFAULT_REMEMBER_AFTER_QUIET_S = 60
+DEFAULT_REPLY_DEADLINE_S = 45
 
 # Keep newlines and tabs; every other control character is noise at best and a prompt trick at worst (and PostgreSQL
 # refuses a NUL in text).
@@ -138,6 +139,8 @@ class CompanionState(_Contract):
     undelivered: int = 0
     # Seconds of silence after a turn before the remember step runs; 0 = after every turn.
     remember_after_quiet_s: int = Field(default=DEFAULT_REMEMBER_AFTER_QUIET_S, ge=0)
+    # Seconds a message may wait for its reply, LLM retries included; then the user gets the fallback reply.
+    reply_deadline_s: int = Field(default=DEFAULT_REPLY_DEADLINE_S, ge=1)
 
 
 # --- activity contracts -----------------------------------------------------------------------------------------
@@ -169,12 +172,6 @@ class RecordMessageInput(_Contract):
     fallback: bool = False
 
 
-class RecordedMessage(_Contract):
-    """The stored message's id."""
-
-    message_id: int
-
-
 class ChatTurn(_Contract):
     """One earlier message, as the LLM sees it."""
 
@@ -189,8 +186,25 @@ class TurnContext(_Contract):
     history: list[ChatTurn]
 
 
-class ComposeReplyInput(_Contract):
-    """Compose and store the reply to one stored message; the activity gathers the user's memory itself."""
+class PrepareTurnInput(_Contract):
+    """The first step of a turn: the user (created, or created again, as need be) and their message, stored."""
+
+    message: IncomingMessage
+    now: AwareDatetime  # the workflow's time: reminders and events count from it
+
+
+class PreparedTurn(_Contract):
+    """The stored user the turn speaks for, and the nudges the message gave rise to."""
+
+    user: UserRef
+    reminder: Nudge | None = None  # a reminder the message asked for, for the workflow to schedule
+    follow_up: Nudge | None = None  # asking how an event the message mentioned went
+    note: str | None = None  # what the reply should say of them (a reminder set), for generate_reply
+
+
+class GenerateReplyInput(_Contract):
+    """Write and store the reply to one stored message; the step reads the user's memory itself, so the prompt
+    stays out of the workflow history."""
 
     user_id: int
     message_key: MessageKey
@@ -198,12 +212,17 @@ class ComposeReplyInput(_Contract):
     text: str
     channel: Channel
     chat_id: int | None = None
-    now: AwareDatetime | None = None  # the workflow's time: reminders count from it
     summary: str = ""  # the running summary of older conversation, carried by the workflow
-    # Set: the step stores the user's message first (as record_message would), sent at this time.
-    record_sent_at: AwareDatetime | None = None
-    # Set: the step sends the stored reply to chat_id on Telegram too (as the deliver step would).
-    deliver: bool = False
+    note: str | None = None
+
+
+class GeneratedReply(_Contract):
+    """The stored reply, and what the LLM call cost (None when an earlier attempt had already stored it)."""
+
+    text: str
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class RememberInput(_Contract):
@@ -233,20 +252,6 @@ class Remembered(_Contract):
     reminders: list[Nudge] = Field(default_factory=list)  # reminders the user asked for, for the workflow to set
     summary: str | None = None  # the updated running summary, when extraction ran
     extracted: bool = False
-
-
-class ComposedReply(_Contract):
-    """The stored reply, and what the LLM call cost (None when an earlier attempt had already stored it)."""
-
-    text: str
-    model: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    reminder: Nudge | None = None  # a reminder the message asked for, for the workflow to schedule
-    follow_up: Nudge | None = None  # asking how an event the message mentioned went
-    delivered: bool = False  # the step sent the reply to Telegram too (asked with ComposeReplyInput.deliver)
-    undelivered: str | None = None  # asked to and failed: the failure's type, for the workflow to act on
-    deliver_after_s: float | None = None  # asked to and failed: how long Telegram asked to wait before another try
 
 
 class RecordNudgeInput(_Contract):

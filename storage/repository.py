@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.sql.base import Executable, ReadOnlyColumnCollection
+from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
 from core.errors import InvalidMemoryDataError, RecordNotFoundError, UserNotFoundError
 from schemas.context import UserContextSchema
@@ -262,35 +262,17 @@ class MemoryRepository:
 
     async def add_message(self, user_id: int, data: MessageCreate) -> MessageRead:
         """Store a message once: writing the same message key again returns the row already stored."""
-        stored, _ = await self._store_message("add_message", user_id, data.message_key, _INSERT_MESSAGE,
-                                              {**data.model_dump(), "user_id": user_id})
-        return stored
+        params = {**data.model_dump(), "user_id": user_id}
 
-    async def _store_message(self, operation: str, user_id: int, message_key: str, insert_once: Executable,
-                             params: dict[str, Any]) -> tuple[MessageRead, bool]:
-        """Run ``insert_once`` (an INSERT ... ON CONFLICT DO NOTHING RETURNING the row); when the key was stored
-        already, read the stored row: (the row, whether this call stored it)."""
-        async def work(session: AsyncSession) -> tuple[MessageRead, bool]:
-            inserted = (await session.execute(insert_once, params)).one_or_none()
+        async def work(session: AsyncSession) -> MessageRead:
+            inserted = (await session.execute(_INSERT_MESSAGE, params)).one_or_none()
             if inserted is not None:
-                return MessageRead.model_validate(inserted), True
-            stored = (await session.execute(_SELECT_MESSAGE, {"owner": user_id, "key": message_key})).one()
-            return MessageRead.model_validate(stored), False
+                return MessageRead.model_validate(inserted)
+            stored = (await session.execute(_SELECT_MESSAGE, {"owner": user_id, "key": data.message_key})).one()
+            return MessageRead.model_validate(stored)
 
         # The insert stands alone, and the read after it only finds a row an earlier write committed.
-        return await self._write_alone(operation, work, user_id=user_id, message_key=message_key)
-
-    async def add_claimed_message(self, user_id: int, data: MessageCreate, claim: str,
-                                  lease: timedelta) -> tuple[MessageRead, bool]:
-        """Store a message once, as add_message does, and claimed for ``lease`` as claim_message would claim it
-        when this call is the one that stores it: (the message, whether this caller holds it). A message stored
-        before comes back as it was, not claimed by this call; the caller claims it with claim_message.
-        """
-        values = data.model_dump()
-        meta = values.pop("meta")
-        return await self._store_message("add_claimed_message", user_id, data.message_key, _INSERT_CLAIMED_MESSAGE,
-                                         {**values, "user_id": user_id, "given_meta": meta, "claim": claim,
-                                          "lease": lease})
+        return await self._write_alone("add_message", work, user_id=user_id, message_key=data.message_key)
 
     async def get_message(self, user_id: int, message_key: str) -> MessageRead | None:
         """The message stored under this key, if any."""
@@ -496,24 +478,19 @@ class MemoryRepository:
     # --- the context of a turn ----------------------------------------------------------------------------------
 
     async def get_user_context(self, user_id: int, message_limit: int = CONTEXT_MESSAGES,
-                               now: datetime | None = None, record: MessageCreate | None = None) -> UserContextSchema:
+                               now: datetime | None = None) -> UserContextSchema:
         """Everything the prompt needs about a user, in one statement.
 
         PostgreSQL gathers the user, facts, upcoming events, diary, pending nudges and recent messages as JSON
         arrays of one row, and whether the user has any memory to search: one round trip instead of seven, and no
-        ORM objects to build. With ``record``, the same statement stores that message as add_message does (once by
-        its key): the context is read as it was just before, so it holds the message only when an earlier call
-        stored it.
+        ORM objects to build.
         """
         start = now or _now()
         params = {"user_id": user_id, "start": start, "end": start + CONTEXT_EVENT_HORIZON,
                   "message_limit": message_limit}
-        if record is not None:
-            params.update(record.model_dump())
 
         async def work(session: AsyncSession) -> UserContextSchema:
-            statement = _CONTEXT if record is None else _CONTEXT_RECORDING
-            user, facts, events, diary, nudges, messages, remembered = (await session.execute(statement, params)).one()
+            user, facts, events, diary, nudges, messages, remembered = (await session.execute(_CONTEXT, params)).one()
             if not user:
                 raise UserNotFoundError(f"no user with id {user_id}", context={"user_id": user_id})
             return UserContextSchema(user=UserRead.model_validate(user[0]), facts=facts, upcoming_events=events,
@@ -588,11 +565,6 @@ _CONTEXT = select(
 # The statements of a turn's messages, built once and run on the table rather than through the ORM: a turn stores
 # its two messages, and delivery claims the reply (reading it back) and merges its progress into the meta.
 _MESSAGES = Conversation.__table__
-# The turn's context with the user's message stored by the same statement (a data-modifying WITH, which PostgreSQL
-# runs whether or not the query reads it; the query sees the tables as they were before it).
-_CONTEXT_RECORDING = _CONTEXT.add_cte(
-    insert(_MESSAGES).values(user_id=_USER_ID, **{name: bindparam(name) for name in MessageCreate.model_fields})
-    .on_conflict_do_nothing(index_elements=["user_id", "message_key"]).cte("recorded"))
 # Bound names other than the columns': an UPDATE takes a column's own name for a value to SET.
 _IS_MESSAGE = (_MESSAGES.c.user_id == bindparam("owner")) & (_MESSAGES.c.message_key == bindparam("key"))
 _INSERT_MESSAGE = (insert(_MESSAGES).on_conflict_do_nothing(index_elements=["user_id", "message_key"])
@@ -628,10 +600,6 @@ _CLAIM_MESSAGE = (
                             cast(_MESSAGES.c.meta.op("->>")(_CLAIM), DateTime(timezone=True)) <= func.now()))
     .values(meta=_MESSAGES.c.meta.op("||")(_CLAIMED))
     .returning(*_MESSAGES.c))
-# A message stored with a claim on it already (its meta given as "given_meta"): the reply that its step sends next.
-_INSERT_CLAIMED_MESSAGE = (insert(_MESSAGES).values(meta=bindparam("given_meta", type_=JSONB).op("||")(_CLAIMED))
-                           .on_conflict_do_nothing(index_elements=["user_id", "message_key"])
-                           .returning(*_MESSAGES.c))
 _RELEASE_MESSAGE = (update(_MESSAGES).where(_IS_MESSAGE)
                     .values(meta=_MESSAGES.c.meta.op("-")(_CLAIM).op("||")(bindparam("merged", type_=JSONB))))
 

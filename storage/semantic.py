@@ -30,7 +30,7 @@ def create_embedder(settings: Settings) -> Embedder:
     """OpenAI's embeddings when configured, else the offline all-MiniLM-L6-v2."""
     if not settings.uses_openai_embeddings:
         return local_embedder()
-    from core.http import openai_client
+    from clients.http import openai_client
 
     dimension = settings.embedding_dimension or OPENAI_DIMENSIONS.get(settings.openai_embedding_model)
     if dimension is None:

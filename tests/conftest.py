@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,9 +31,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.llm import REQUEST_TIMEOUT_S, ChatModel
-from activities.nudges import CompanionActivities
-from core.http import openai_client
+from clients.llm import REQUEST_TIMEOUT_S, ChatModel
+from activities.companion import CompanionActivities
+from clients.http import openai_client
 from core.logging import configure_logging, log_formatter
 from core.settings import Settings, load_settings
 from schemas.memory import Channel
@@ -363,10 +363,18 @@ async def _close_chat_models() -> AsyncIterator[None]:
     await close_chat_models()
 
 
+ActivitiesFactory = Callable[[MemoryRepository, ChatModel, MemoryIndex | None], CompanionActivities]
+
+
+def real_activities(repository: MemoryRepository, chat: ChatModel, memory: MemoryIndex | None) -> CompanionActivities:
+    """The activities the worker runs."""
+    return CompanionActivities.create(repository, chat, memory=memory)
+
+
 @pytest.fixture
-def turn_activities_class() -> type[CompanionActivities]:
-    """The activities the worker runs; a test parametrizes this to inject failures around the real ones."""
-    return CompanionActivities
+def make_activities() -> ActivitiesFactory:
+    """Makes the activities the worker runs; a test parametrizes this to inject failures around the real ones."""
+    return real_activities
 
 
 @contextlib.asynccontextmanager
@@ -391,7 +399,7 @@ async def own_time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
 
 @pytest.fixture(params=list(STACKS))
 async def stack(request: pytest.FixtureRequest, dev_server: SharedDevServer, repo: MemoryRepository,
-                fake_llm: FakeOpenAI, turn_activities_class: type[CompanionActivities],
+                fake_llm: FakeOpenAI, make_activities: ActivitiesFactory,
                 memory: MemoryIndex) -> AsyncIterator[Stack]:
     """A running worker against each Temporal flavour; `-uncached` runs it with max_cached_workflows=0."""
     kind, cache = STACKS[request.param]
@@ -408,7 +416,7 @@ async def stack(request: pytest.FixtureRequest, dev_server: SharedDevServer, rep
         chat = chat_model(fake_llm)
         stack = Stack(env.client, settings, repo, fake_llm, env, memory)
         # Extraction is off unless a test is about it: it would add an LLM call to every turn the tests count.
-        async with build_worker(env.client, task_queue, turn_activities_class(repo, chat, memory=memory),
+        async with build_worker(env.client, task_queue, make_activities(repo, chat, memory),
                                 max_cached_workflows=cache):
             yield stack
             for started in set(stack.started):

@@ -52,6 +52,7 @@ class FakeOpenAI:
 
     default: Callable[[dict[str, Any]], str] = field(default=lambda body: "I hear you: " + _last_user(body))
     requests: list[dict[str, Any]] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each chat completion request
     _script: deque = field(default_factory=deque)
     _json_script: deque = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -87,6 +88,7 @@ class FakeOpenAI:
             self._script.clear()
             self._json_script.clear()
             self.requests.clear()
+            self.arrivals.clear()
 
     def _next(self, structured: bool) -> Reply | Fail | None:
         with self._lock:
@@ -121,6 +123,7 @@ class FakeOpenAI:
         if not isinstance(body.get("messages"), list) or not body.get("model"):
             return _send_error(request, 400, "'model' and 'messages' are required properties.")
         self.requests.append(body)
+        self.arrivals.append(time.monotonic())
         schema = _json_schema(body)
         step = self._next(schema is not None)
         if isinstance(step, Fail):

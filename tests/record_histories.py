@@ -3,18 +3,14 @@
     uv run python -m tests.record_histories [SCENARIO ...]
 
 Runs the real worker against the Temporal dev server, an embedded PostgreSQL, the scripted OpenAI server and the
-local Bot API server, and saves: a plain conversation, one whose activities failed and were retried, a run that
-continued as new, one with a nudge that fired and one that was cancelled, a Telegram conversation (delivery,
-flood control, a nudge delivered, the bot blocked, /forget), and the companion's own nudges (a reminder asked for,
-a follow-up, check-ins, quiet hours), the remember step (memories, an extraction, the summary carried over
-continue-as-new), remember steps one at a time (turns answered during a step remembered by the next one), and
-remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new;
-with the reply step run locally, the Telegram conversation again, and retried steps with a fallback reply; and a
-continued run whose first turn a query cut in two (every patch asked for as the run begins); the loop's timer
-kept across turns and nudges; and with the reply step storing the user's message, the Telegram conversation and the
-retried steps again.
-Name scenarios to record only those.
-Re-record only on purpose: committed histories are what guards old runs against incompatible workflow changes.
+local Bot API server, and saves: a plain conversation; steps that failed and were retried, and an LLM that never
+answered (the fallback reply); a run that continued as new; a nudge that fired and one that was cancelled; a
+Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, /forget); the companion's own
+nudges (a reminder asked for, a follow-up, check-ins, quiet hours); remember steps with an extraction and the
+summary carried over continue-as-new; and remember steps that wait for a pause (or five turns), the turns still
+waiting remembered before continue-as-new. Name scenarios to record only those.
+Re-record on purpose only, with a new workflow design: committed histories are what guards the conversations running
+on a build against changes to its workflow code.
 """
 
 from __future__ import annotations
@@ -30,8 +26,8 @@ from pathlib import Path
 from telegram import Bot
 from temporalio.client import Client
 
-from activities.nudges import CompanionActivities
-from activities.telegram import TelegramChannel
+from activities.companion import CompanionActivities
+from clients.telegram import TelegramChannel
 from core.settings import Settings, load_settings
 from schemas.memory import Channel, NudgeStatus
 from schemas.turn import ChatUser, IncomingMessage, Nudge
@@ -47,7 +43,7 @@ from tests.fake_openai import Fail, FakeOpenAI, Reply
 from tests.fake_telegram import TOKEN, FakeBotAPI
 from tests.fake_telegram import Fail as BotAPIFail
 from tests.processes import start_dev_server
-from tests.test_workflow import FailingAfterWrite, a_query_cuts_a_turn
+from tests.test_workflow import failing_after_write
 from worker import build_worker
 from workflows.client import cancel_nudge, forget, schedule_nudge, send_message, signal_message
 from workflows.companion import CompanionWorkflow, workflow_id
@@ -72,22 +68,21 @@ async def _save(client: Client, telegram_id: int, name: str, run_id: str | None 
 SETTINGS = load_settings(temporal_task_queue="record-histories", remember_after_quiet_seconds=0)
 
 
-async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI, name: str = "retried_activities",
-                   simon: int = 1002, fallback: bool = False) -> None:
-    settings = SETTINGS
-    async with build_worker(client, settings.temporal_task_queue, FailingAfterWrite(repository, chat_model(llm))):
+async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    settings, simon = SETTINGS, 1002
+    async with build_worker(client, settings.temporal_task_queue,
+                            failing_after_write(repository, chat_model(llm), None)):
         llm.script(Fail(500))  # the first LLM call fails once; storing the message fails after writing
         await send_message(client, settings, _message(simon, 0, "Something went wrong yesterday"))
-        if fallback:  # every attempt fails: the fallback reply
-            llm.script(Fail(500), Fail(502), Fail(500))
-            await send_message(client, settings, _message(simon, 1, "Are you still there?"))
-        await _save(client, simon, name)
+        llm.script(Fail(500), Fail(502), Fail(500))  # every attempt fails: the fallback reply
+        await send_message(client, settings, _message(simon, 1, "Are you still there?"))
+        await _save(client, simon, "retried_activities")
 
 
 async def _console(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
     settings = SETTINGS
     plain = ["Hi, I'm Simon", "I have a job interview at Acme tomorrow", "Wish me luck!"]
-    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, chat_model(llm))):
+    async with build_worker(client, settings.temporal_task_queue, CompanionActivities.create(repository, chat_model(llm))):
         for n, text in enumerate(plain):
             await send_message(client, settings, _message(1001, n, text))
         await _save(client, 1001, "plain_conversation")
@@ -96,7 +91,7 @@ async def _console(client: Client, repository: MemoryRepository, llm: FakeOpenAI
 async def _more(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
     """continued_as_new and nudges."""
     settings = SETTINGS
-    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, chat_model(llm))):
+    async with build_worker(client, settings.temporal_task_queue, CompanionActivities.create(repository, chat_model(llm))):
         short = settings.model_copy(update={"workflow_turns_per_run": 2})
         for n in range(3):
             await signal_message(client, short, _message(1003, n, f"message {n}"))
@@ -124,8 +119,8 @@ async def _one_nudge_sent_one_cancelled(client: Client, settings: Settings, repo
         await asyncio.sleep(0.2)
 
 
-async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenAI, name: str = "telegram",
-                    ada: int = 1005) -> None:
+async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    ada = 1005
     api = FakeBotAPI()
     api.start()
     settings = SETTINGS.model_copy(update={"telegram_api_base_url": api.url})
@@ -142,7 +137,7 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
 
     try:
         async with build_worker(client, settings.temporal_task_queue,
-                                CompanionActivities(repository, chat_model(llm), channel)):
+                                CompanionActivities.create(repository, chat_model(llm), channel)):
             await signal_message(client, settings, message(1, "Hi, I'm Ada"))
             await delivered(1)
             api.fail_next("sendMessage", Fail429)
@@ -163,7 +158,7 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             await delivered(4)
             run_id = (await handle.describe()).run_id
             await forget(client, settings, user)  # then continues as new: the erased turns leave the open run
-            await _save(client, ada, name, run_id=run_id)
+            await _save(client, ada, "telegram", run_id=run_id)
     finally:
         await channel.close()
         api.stop()
@@ -176,7 +171,7 @@ async def _own_nudges(client: Client, repository: MemoryRepository, llm: FakeOpe
     quiet = ((now - timedelta(hours=1)).time().replace(second=0, microsecond=0),
              (now + timedelta(hours=1)).time().replace(second=0, microsecond=0))  # quiet hours around now (UTC)
     async with build_worker(client, settings.temporal_task_queue,
-                            CompanionActivities(repository, chat_model(llm), quiet_hours=quiet)):
+                            CompanionActivities.create(repository, chat_model(llm), quiet_hours=quiet)):
         await send_message(client, settings, _message(1006, 0, "Hi, I'm Simon"))
         await send_message(client, settings, _message(1006, 1, "Remind me in 2 hours to stretch"))
         await send_message(client, settings, _message(1006, 2, "I have a dentist appointment tomorrow at 10"))
@@ -200,7 +195,7 @@ async def _remember(client: Client, repository: MemoryRepository, llm: FakeOpenA
                      "events": [], "milestones": [], "reminders": [{"what": "call the bank", "when": soon.isoformat()}],
                      "summary": "Simon works at Acme."})
     async with build_worker(client, settings.temporal_task_queue,
-                            CompanionActivities(repository, chat_model(llm), memory=memory, extract=True)):
+                            CompanionActivities.create(repository, chat_model(llm), memory=memory, extract=True)):
         handle = client.get_workflow_handle(workflow_id(1007))
         await send_message(client, settings, _message(1007, 0, "I work at Acme, please don't let me forget the bank"))
         first_run = (await handle.describe()).run_id
@@ -210,25 +205,6 @@ async def _remember(client: Client, repository: MemoryRepository, llm: FakeOpenA
             await asyncio.sleep(0.1)
         assert (await handle.query(CompanionWorkflow.state)).summary
         await _save(client, 1007, "remember", run_id=first_run)
-
-
-async def _remember_together(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
-    """Remember steps one at a time: three messages written while the first turn's (slow) step runs are remembered
-    by one step, which starts from the summary the first one left."""
-    memory = MemoryIndex(repository.sessions, local_embedder(), PgVectorStore(repository.sessions))
-    llm.script_json(Reply(json.dumps({"facts": [], "events": [], "milestones": [], "reminders": [],
-                                      "summary": "Simon plans a trip to Lisbon."}), delay_s=3),
-                    {"facts": [], "events": [], "milestones": [], "reminders": [],
-                     "summary": "Simon plans a trip to Lisbon with his sister in May."})
-    async with build_worker(client, SETTINGS.temporal_task_queue,
-                            CompanionActivities(repository, chat_model(llm), memory=memory, extract=True)):
-        handle = client.get_workflow_handle(workflow_id(1008))
-        await send_message(client, SETTINGS, _message(1008, 0, "I'm planning a trip to Lisbon."))
-        for n, text in enumerate(["With my sister.", "In May.", "Any tips?"], start=1):
-            await signal_message(client, SETTINGS, _message(1008, n, text))
-        while "sister" not in (await handle.query(CompanionWorkflow.state)).summary:
-            await asyncio.sleep(0.1)
-        await _save(client, 1008, "remember_together")
 
 
 async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
@@ -242,7 +218,7 @@ async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm
                     Reply(json.dumps({**empty, "summary": "Simon has a cat called Pixel."}), delay_s=3),
                     {**empty, "summary": "Simon has a cat called Pixel, who is three."})
     async with build_worker(client, settings.temporal_task_queue,
-                            CompanionActivities(repository, chat_model(llm), memory=memory, extract=True)):
+                            CompanionActivities.create(repository, chat_model(llm), memory=memory, extract=True)):
         handle = client.get_workflow_handle(workflow_id(1009))
         for n in range(3):
             await send_message(client, settings, _message(1009, n, f"About my cat, part {n}"))
@@ -257,42 +233,9 @@ async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm
         await _save(client, 1009, "remember_when_quiet", run_id=first_run)
 
 
-async def _kept_loop_timer(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
-    """The loop's timer kept while the next wake moves later: three turns whose pause before the remember step ends
-    2 s after the last (the timer rings early and is set again); then a nudge due sooner than the check-in (the
-    timer set anew), one cancelled (the timer kept), and the first one firing."""
-    settings = SETTINGS.model_copy(update={"remember_after_quiet_seconds": 2})
-    memory = MemoryIndex(repository.sessions, local_embedder(), PgVectorStore(repository.sessions))
-    async with build_worker(client, settings.temporal_task_queue,
-                            CompanionActivities(repository, chat_model(llm), memory=memory)):
-        for n in range(3):
-            await send_message(client, settings, _message(1014, n, f"About green tea, part {n}"))
-        history = client.get_workflow_handle(workflow_id(1014)).fetch_history
-        while not any(event.HasField("activity_task_completed_event_attributes") for event in (await history()).events):
-            await asyncio.sleep(0.2)  # the remember step, after the pause
-        await _one_nudge_sent_one_cancelled(client, settings, repository, 1014, "tea-1", "Time for tea!", "later-2")
-        await asyncio.sleep(0.5)  # the workflow task after the nudge
-        await _save(client, 1014, "kept_loop_timer")
-
-
-async def _query_mid_turn(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
-    run_id = await a_query_cuts_a_turn(client, SETTINGS, repository, chat_model(llm),
-                                       _message(1013, 0, "Hello again"), _message(1013, 1, "Are you still there?"))
-    await _save(client, 1013, "query_mid_turn", run_id=run_id)
-
-
-SCENARIOS = {"retried_activities": _retried, "plain_conversation": _console, "continued_as_new": _more,
+SCENARIOS = {"plain_conversation": _console, "retried_activities": _retried, "continued_as_new": _more,
              "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember,
-             "remember_together": _remember_together, "remember_when_quiet": _remember_when_quiet,
-             "telegram_local_delivery": lambda *args: _telegram(*args, name="telegram_local_delivery", ada=1010),
-             "telegram_local_reply": lambda *args: _telegram(*args, name="telegram_local_reply", ada=1011),
-             "retried_local_reply": lambda *args: _retried(*args, name="retried_local_reply", simon=1012,
-                                                           fallback=True),
-             "query_mid_turn": _query_mid_turn, "kept_loop_timer": _kept_loop_timer,
-             "telegram_record_in_reply": lambda *args: _telegram(*args, name="telegram_record_in_reply", ada=1015),
-             "retried_record_in_reply": lambda *args: _retried(*args, name="retried_record_in_reply", simon=1016,
-                                                               fallback=True),
-             "telegram_deliver_in_reply": lambda *args: _telegram(*args, name="telegram_deliver_in_reply", ada=1017)}
+             "remember_when_quiet": _remember_when_quiet}
 
 
 async def main() -> None:

@@ -270,11 +270,12 @@ def test_the_worker_serves_metrics_and_its_log_lines_lead_to_the_workflow(tmp_pa
     assert total("companion_llm_calls", outcome="ok", purpose="reply") == 2
     assert total("companion_llm_tokens", kind="completion") > 0
     assert total("companion_llm_latency_count", purpose="reply") == 2
-    assert total("temporal_local_activity_execution_latency_count", activity_type="compose_reply") == 2  # the SDK's own
+    assert total("temporal_local_activity_execution_latency_count", activity_type="prepare_turn") == 2  # the SDK's own
+    assert total("temporal_activity_execution_latency_count", activity_type="generate_reply") == 2
 
     log = [json.loads(line) for line in (tmp_path / ".companion" / "companion.log").read_text().splitlines()]
     request = next(line for line in log if line["event"] == "llm.request")
-    assert request["workflow_id"] == "companion-user-42" and request["activity"] == "compose_reply"
+    assert request["workflow_id"] == "companion-user-42" and request["activity"] == "generate_reply"
     assert request["run_id"] and request["activity_id"] and request["attempt"] == 1
 
 
@@ -301,4 +302,4 @@ def test_the_worker_sends_traces_of_turns_to_an_otlp_collector(tmp_path: Path, d
     finally:
         assert dev.stop() == 0, dev.tail()  # the worker flushes its spans on the way out
         collector.shutdown()
-    assert {"RunActivity:ensure_user", "RunActivity:compose_reply"} <= set(spans)
+    assert {"RunActivity:prepare_turn", "RunActivity:generate_reply"} <= set(spans)

@@ -70,18 +70,6 @@ async def test_the_context_gathers_what_the_companion_knows(repo: MemoryReposito
     assert UserContextSchema.model_validate_json(context.model_dump_json()) == context
 
 
-async def test_the_context_read_that_stores_the_message_stores_it_once(repo: MemoryRepository) -> None:
-    """The reply step stores the user's message in the statement that reads their context: the context is the same
-    as read just before the message was stored, and a retry stores nothing twice."""
-    before = await _simon(repo)
-    message = MessageCreate(message_key="k2", role=Role.USER, content="It went well!", sent_at=NOW + timedelta(hours=1))
-    first = await repo.get_user_context(before.user.id, now=NOW, record=message)
-    assert first == before
-    again = await repo.get_user_context(before.user.id, now=NOW, record=message.model_copy(update={"content": "x"}))
-    assert [m.content for m in again.recent_messages][-1] == "It went well!"
-    assert [m.message_key for m in await repo.recent_messages(before.user.id)] == ["k0", "k1", "k2"]
-
-
 async def test_prompt_shows_memories_in_the_users_local_time(repo: MemoryRepository) -> None:
     prompt = (await _simon(repo)).to_prompt_context()
     assert '- work/"employer": "Globex"' in prompt

@@ -21,8 +21,8 @@ from pgserver.postgres_server import PostgresServer
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from activities.nudges import CompanionActivities
-from activities.turn import DB_TIMEOUT
+from activities.companion import CompanionActivities
+from activities.conversation import DB_TIMEOUT
 from bot_gateway import BUSY
 from cli.dev import TemporalDevServer
 from core.settings import Settings, load_settings
@@ -223,7 +223,7 @@ async def test_postgresql_crashed_and_restarted_mid_conversation_loses_no_messag
     settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0)
     chat = chat_model(fake_llm)
     async with own_postgres(tmp_path) as (postgres, repo), build_worker(
-            env.client, settings.temporal_task_queue, CompanionActivities(repo, chat)):
+            env.client, settings.temporal_task_queue, CompanionActivities.create(repo, chat)):
         ada = fresh_telegram_id()
         try:
             await signal_message(env.client, settings, message(ada, 1, "first"))

@@ -23,9 +23,10 @@ from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.testing import ActivityEnvironment
 
-from activities.nudges import CompanionActivities
+from activities.companion import CompanionActivities
 from activities.remember import Extraction, Rememberer
-from activities.turn import TurnActivities
+from activities.conversation import ConversationActivities
+from activities.reply import ReplyActivities
 from cli.doctor import check_memory
 from cli.locomo import load_conversation, new_results, score, summary
 from core.errors import ConfigurationError, VectorStoreConnectionError
@@ -42,7 +43,7 @@ from schemas.memory import (
     TimelineEventCreate,
     UserCreate,
 )
-from schemas.turn import ChatUser, ComposeReplyInput
+from schemas.turn import ChatUser, GenerateReplyInput, IncomingMessage, PrepareTurnInput
 from storage import vectors
 from storage.database import create_session_factory
 from storage.models import Memory
@@ -146,13 +147,17 @@ async def test_a_new_user_s_turns_ask_for_no_embedding_until_they_have_memories(
     sessions = create_session_factory(engine)
     index = MemoryIndex(sessions, create_embedder(settings), PgVectorStore(sessions))
     await index.store.check(index.embedder.dimension)
-    activities = TurnActivities(repo, chat_model(fake_llm), memory=index)
+    conversation, reply = ConversationActivities(repo, index), ReplyActivities(repo, chat_model(fake_llm), index)
     mia = await user_with_messages(repo, [])
+    telegram_id = (await repo.get_user(mia)).telegram_id
 
     async def turn(key: str, text: str) -> str:
-        await ActivityEnvironment().run(activities.compose_reply, ComposeReplyInput(
-            user_id=mia, message_key=key, reply_key=f"{key}:reply", text=text, channel=Channel.CONSOLE,
-            now=datetime.now(UTC), record_sent_at=datetime.now(UTC)))
+        message = IncomingMessage(message_key=key, user=ChatUser(telegram_id=telegram_id), chat_id=telegram_id,
+                                  channel=Channel.CONSOLE, text=text, sent_at=datetime.now(UTC))
+        await ActivityEnvironment().run(conversation.prepare_turn, PrepareTurnInput(message=message,
+                                                                                    now=datetime.now(UTC)))
+        await ActivityEnvironment().run(reply.generate_reply, GenerateReplyInput(
+            user_id=mia, message_key=key, reply_key=f"{key}:reply", text=text, channel=Channel.CONSOLE))
         return fake_llm.requests[-1]["messages"][0]["content"]
 
     await turn("a", "My favourite tea is genmaicha, toasty and nutty.")
@@ -188,7 +193,7 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
                    {"category": "hobbies", "key": "sport", "value": "Climbing"}],
          "events": [], "milestones": [], "reminders": [],
          "summary": "Mia left Acme for Globex; still climbs on weekends."})
-    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
+    activities = CompanionActivities.create(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
     async with build_worker(stack.client, extracting.settings.temporal_task_queue, activities):
         first = await extracting.say(mia, "Big news: I started at Acme as a designer! Also, I climb on weekends.")
         user = await stack.repo.get_user_by_telegram_id(mia)
@@ -239,7 +244,7 @@ async def test_a_reminder_set_from_the_message_is_not_set_again_by_the_extractio
         {"facts": [], "events": [], "milestones": [], "reminders": [{"what": "call the bank",
                                                                        "when": later.isoformat()}],
          "summary": "Mia asked to be reminded to stretch, and to call the bank."})
-    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
+    activities = CompanionActivities.create(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
     async with build_worker(stack.client, extracting.settings.temporal_task_queue, activities):
         await extracting.say(mia, "Remind me in 2 hours to stretch")
         await eventually(lambda: extracting.state(mia), lambda state: bool(state.summary))
@@ -456,7 +461,7 @@ async def test_with_the_vector_store_down_the_turn_completes_and_keywords_still_
     index = MemoryIndex(create_session_factory(engine), local_embedder(), store)
     down = _own_queue(stack, index, "down")
     mia = new_telegram_id()
-    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=index)
+    activities = CompanionActivities.create(stack.repo, chat_model(stack.llm), memory=index)
     async with build_worker(stack.client, down.settings.temporal_task_queue, activities):
         reply = await down.say(mia, "My grandmother's recipe uses saffron and quince.")
         assert not reply.fallback and reply.text.startswith("I hear you")
@@ -479,7 +484,7 @@ async def test_a_turns_worker_answers_and_leaves_the_remember_step_to_a_backgrou
         stack: Stack, engine: AsyncEngine, memory: MemoryIndex) -> None:
     split = _own_queue(stack, memory, "roles")
     queue, mia = split.settings.temporal_task_queue, new_telegram_id()
-    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory)
+    activities = CompanionActivities.create(stack.repo, chat_model(stack.llm), memory=memory)
     async with build_worker(stack.client, queue, activities, role="turns"):
         split.started.append(workflow_id(mia))
         reply = await send_message(stack.client, split.settings, split.message(mia, "My cat is called Pixel"))
@@ -500,7 +505,7 @@ async def test_forget_removes_the_users_rows_and_vectors(
     settings = stack.settings.model_copy(update={"temporal_task_queue": queue})
     with_pinecone = Stack(stack.client, settings, stack.repo, stack.llm, stack.env, pinecone_memory, stack.started)
     mia, other = new_telegram_id(), new_telegram_id()
-    async with build_worker(stack.client, queue, CompanionActivities(stack.repo, chat_model(stack.llm),
+    async with build_worker(stack.client, queue, CompanionActivities.create(stack.repo, chat_model(stack.llm),
                                                                      memory=pinecone_memory)):
         for who in (mia, other):
             await with_pinecone.say(who, "I keep bees on my balcony")
@@ -687,10 +692,9 @@ async def test_property_a_users_prompt_holds_nothing_of_another_user(
     await memory.add(other, [NewMemory(key=f"fact-{other}", kind=MemoryKind.FACT, content=their_fact,
                                        occurred_at=when, source_keys=[f"m{other}-0"])])
 
-    activities = TurnActivities(repo, chat_model(fake_llm), memory=memory)
-    prompt = (await activities.prompt_for(ComposeReplyInput(
-        user_id=me, message_key=f"m{me}-q", reply_key=f"m{me}-q:reply", text=query, channel=Channel.CONSOLE,
-        now=datetime.now(UTC)))).prompt
+    activities = ReplyActivities(repo, chat_model(fake_llm), memory)
+    prompt = await activities.prompt_for(GenerateReplyInput(
+        user_id=me, message_key=f"m{me}-q", reply_key=f"m{me}-q:reply", text=query, channel=Channel.CONSOLE))
     shown = "\n".join([prompt.system_prompt, *(turn.content for turn in prompt.history)])
     assert not [word for word in _OTHER_WORDS if word in shown]
     assert mine[-1] in shown  # the user's own conversation is there
@@ -706,7 +710,7 @@ async def test_turns_answered_while_a_remember_step_runs_are_remembered_together
                                             "summary": "Mia is planning a trip to Lisbon."}), delay_s=3),
                           {"facts": [], "events": [], "milestones": [], "reminders": [],
                            "summary": "Mia is planning a trip to Lisbon with her sister in May."})
-    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
+    activities = CompanionActivities.create(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
     async with build_worker(stack.client, extracting.settings.temporal_task_queue, activities):
         first = extracting.message(mia, "I'm planning a trip to Lisbon.")
         await extracting.signal(first)
@@ -797,7 +801,7 @@ async def test_turns_waiting_to_be_remembered_are_remembered_before_the_run_cont
     # the seventh ends the run.
     stack.llm.script_json(Reply(json.dumps({**empty, "summary": "Ana has a cat."}), delay_s=3),
                           {**empty, "summary": "Ana has a cat called Pixel."})
-    activities = CompanionActivities(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
+    activities = CompanionActivities.create(stack.repo, chat_model(stack.llm), memory=memory, extract=True)
     async with build_worker(stack.client, extracting.settings.temporal_task_queue, activities):
         for n in range(4):
             await extracting.say(ana, f"message {n}", key=f"console:{ana}:{n}")

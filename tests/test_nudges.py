@@ -12,9 +12,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
-from activities.nudges import CompanionActivities
+from activities.companion import CompanionActivities
+from clients.llm import ChatModel
 from schemas.memory import NudgeCreator, NudgeKind, NudgeStatus, UserUpdate
 from schemas.turn import Nudge
+from storage.recall import MemoryIndex
+from storage.repository import MemoryRepository
 from tests.conftest import Stack, chat_model, new_telegram_id
 from tests.fake_openai import FakeOpenAI
 from tests.test_workflow import eventually, transcript
@@ -120,23 +123,21 @@ async def test_a_nudge_fires_on_a_worker_that_replaced_the_one_that_scheduled_it
     replaced = Stack(stack.client, settings, stack.repo, fake_llm, stack.env, started=stack.started)
     # No sticky cache on the first worker: on the time-skipping server a task left on a dead worker's sticky queue
     # would hold the clock until its real-time timeout. The timer itself lives in Temporal either way.
-    async with build_worker(stack.client, queue, CompanionActivities(stack.repo, chat), max_cached_workflows=0):
+    async with build_worker(stack.client, queue, CompanionActivities.create(stack.repo, chat), max_cached_workflows=0):
         await replaced.say(simon, "hi")
         nudge = await schedule(replaced, simon, timedelta(hours=5), text="still there?")
-    async with build_worker(stack.client, queue, CompanionActivities(stack.repo, chat), max_cached_workflows=10):
+    async with build_worker(stack.client, queue, CompanionActivities.create(stack.repo, chat), max_cached_workflows=10):
         await stack.env.sleep(timedelta(hours=6))
         await eventually(lambda: status(stack, nudge.nudge_id), lambda s: s == NudgeStatus.SENT)
     assert (await transcript(stack, simon))[-1] == ("assistant", "still there?")
 
 
-class QuietNightActivities(CompanionActivities):
+def quiet_nights(repository: MemoryRepository, chat: ChatModel, memory: MemoryIndex | None) -> CompanionActivities:
     """The worker's activities with NUDGE_QUIET_HOURS=22:00-08:00."""
-
-    def __init__(self, repository, chat, memory=None):  # type: ignore[no-untyped-def]
-        super().__init__(repository, chat, quiet_hours=(time(22), time(8)), memory=memory)
+    return CompanionActivities.create(repository, chat, quiet_hours=(time(22), time(8)), memory=memory)
 
 
-@pytest.mark.parametrize("turn_activities_class", [QuietNightActivities])
+@pytest.mark.parametrize("make_activities", [quiet_nights])
 async def test_quiet_hours_in_the_users_time_zone_postpone_a_nudge_to_their_end(stack: Stack) -> None:
     simon = new_telegram_id()
     await stack.say(simon, "hi")

@@ -25,12 +25,8 @@ def _history(path: Path) -> WorkflowHistory:
 
 
 def test_the_recorded_histories_are_committed() -> None:
-    assert [path.stem for path in HISTORIES] == ["continued_as_new", "kept_loop_timer", "nudges", "own_nudges",
-                                                 "plain_conversation", "query_mid_turn", "remember",
-                                                 "remember_together", "remember_when_quiet", "retried_activities",
-                                                 "retried_local_reply", "retried_record_in_reply", "telegram",
-                                                 "telegram_deliver_in_reply", "telegram_local_delivery",
-                                                 "telegram_local_reply", "telegram_record_in_reply"]
+    assert [path.stem for path in HISTORIES] == ["continued_as_new", "nudges", "own_nudges", "plain_conversation",
+                                                 "remember", "remember_when_quiet", "retried_activities", "telegram"]
 
 
 @pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "unsandboxed"])
@@ -61,9 +57,9 @@ class ReorderedWorkflow(CompanionWorkflow):
     async def send(self, message: IncomingMessage) -> TurnReply:
         return await super().send(message)
 
-    async def _compose(self, user_id, message, record=False, deliver=False):  # type: ignore[no-untyped-def]
+    async def _generate(self, user_id, message, note):  # type: ignore[no-untyped-def]
         await workflow.sleep(1)
-        return await super()._compose(user_id, message, record, deliver)
+        return await super()._generate(user_id, message, note)
 
 
 async def test_a_changed_workflow_fails_replay_with_a_nondeterminism_error() -> None:

@@ -167,17 +167,16 @@ async def test_the_same_message_key_is_stored_once(repo: MemoryRepository, user:
     assert await count(engine, Conversation) == 2
 
 
-async def test_a_message_stored_claimed_is_held_by_its_writer_alone(repo: MemoryRepository, user: UserRead,
-                                                                    engine: AsyncEngine) -> None:
-    """The reply step stores its reply claimed for sending: a deliver step beside it finds the claim taken."""
+async def test_a_message_is_claimed_by_one_sender_at_a_time(repo: MemoryRepository, user: UserRead) -> None:
+    """Deliver attempts that overlap: one holds the claim, the others find it taken until it is released."""
     lease = timedelta(seconds=30)
     reply = message("tg:42:102:reply", "a reply", role=Role.ASSISTANT).model_copy(update={"meta": {"model": "m"}})
-    racing = await asyncio.gather(*(repo.add_claimed_message(user.id, reply, "sending", lease) for _ in range(4)))
-    assert sorted(held for _, held in racing) == [False, False, False, True]  # one writer stores it, and holds it
-    assert len({stored.id for stored, _ in racing}) == 1 and await count(engine, Conversation) == 1
-    stored, _ = next(result for result in racing if result[1])
+    await repo.add_message(user.id, reply)
+    racing = await asyncio.gather(*(repo.claim_message(user.id, reply.message_key, "sending", lease)
+                                    for _ in range(4)))
+    assert sorted(held for _, held in racing) == [False, False, False, True]
+    stored = next(row for row, held in racing if held)
     assert stored.meta["model"] == "m" and datetime.fromisoformat(stored.meta["sending"]) > datetime.now(UTC)
-    assert await repo.claim_message(user.id, reply.message_key, "sending", lease) == (stored, False)
     await repo.release_message(user.id, reply.message_key, "sending", {"sent": 1})
     released, held = await repo.claim_message(user.id, reply.message_key, "sending", lease)
     assert held and released.meta["sent"] == 1 and released.meta["model"] == "m"

@@ -24,9 +24,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import ActivityEnvironment
 
 import bot_gateway
-from activities.nudges import CompanionActivities
+from activities.companion import CompanionActivities
 from activities.sending import DELIVERY_CLAIM
-from activities.telegram import (
+from clients.telegram import (
     MESSAGE_LIMIT,
     TYPING_AFTER_S,
     TelegramChannel,
@@ -35,7 +35,7 @@ from activities.telegram import (
     utf16_len,
 )
 from core.errors import TelegramServiceError, UserNotFoundError
-from core.http import AiohttpRequest
+from clients.http import AiohttpRequest
 from core.settings import Settings, load_settings
 from schemas.memory import Channel, MessageCreate, NudgeStatus, Role, UserCreate
 from schemas.turn import DeliverInput, Delivery, Nudge, clean_text
@@ -55,7 +55,7 @@ from tests.fake_telegram import (
 )
 from tests.local_http import free_port
 from tests.test_bad_input import TEXTS
-from tests.test_workflow import eventually, local_steps, transcript
+from tests.test_workflow import eventually, transcript, turn_steps
 from worker import build_worker
 from workflows.client import schedule_nudge
 from workflows.companion import CompanionWorkflow, workflow_id
@@ -87,10 +87,11 @@ class TelegramStack:
         return await client.get_workflow_handle(workflow_id(telegram_id)).query(CompanionWorkflow.state,
                                                                                 rpc_timeout=QUERY_TIMEOUT)
 
-    async def steps(self, telegram_id: int) -> dict[str, int]:
-        """The local steps of the user's workflow so far (see test_workflow.local_steps)."""
+    async def steps(self, telegram_id: int) -> list[str]:
+        """The steps of the user's workflow so far, in order (see test_workflow.turn_steps)."""
         client = (await self.dev_server.get()).client
-        return local_steps(await client.get_workflow_handle(workflow_id(telegram_id)).fetch_history())
+        history = await client.get_workflow_handle(workflow_id(telegram_id)).fetch_history()
+        return [name for name, _ in turn_steps(history)]
 
     async def nudge(self, telegram_id: int, at: datetime | timedelta, text: str) -> Nudge:
         """An operator schedules a nudge for the user, at a time or this long from now."""
@@ -141,7 +142,7 @@ async def tg(bot_api_server: FakeBotAPI, dev_server: SharedDevServer, repo: Memo
     chat = chat_model(fake_llm)
     channel = TelegramChannel.from_settings(settings)  # as the worker builds it
     assert channel is not None
-    activities = CompanionActivities(repo, chat, channel)
+    activities = CompanionActivities.create(repo, chat, channel)
     stack = TelegramStack(settings, api, fake_llm, repo, dev_server)
     try:
         async with build_worker(env.client, task_queue, activities), running_gateway(settings, env.client):
@@ -183,15 +184,14 @@ async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: Tel
     user = await tg.repo.get_user_by_telegram_id(ada)
     stored = {m.message_key: m for m in await tg.repo.recent_messages(user.id)}
     assert stored[key].content == "Hi, I'm Ada and I love climbing" and stored[key].channel.value == "telegram"
-    # The reply step records its progress just after Telegram took the message: wait for that write.
+    # The deliver step records its progress just after Telegram took the message: wait for that write.
     await eventually(lambda: tg.repo.get_message(user.id, f"{key}:reply"),
                      lambda reply_row: reply_row is not None and reply_row.meta.get("telegram_parts_sent") == 1)
     assert user.first_name == "Ada"
-    # The reply step sent the reply itself, with its claim released: the turn is one step, and no deliver step.
+    # The deliver step sent the reply, with its claim released, after the reply was written.
     reply_row = await tg.repo.get_message(user.id, f"{key}:reply")
     assert reply_row is not None and DELIVERY_CLAIM not in reply_row.meta
-    steps = await tg.steps(ada)
-    assert "compose_reply" in steps and "deliver" not in steps
+    assert (await tg.steps(ada))[:3] == ["prepare_turn", "generate_reply", "deliver"]
 
 
 async def test_a_quick_reply_goes_out_with_no_typing_indicator(tg: TelegramStack) -> None:
@@ -226,8 +226,7 @@ async def test_flood_control_is_waited_out_and_the_reply_sent_once(tg: TelegramS
     [reply] = await tg.api.wait_for(ada, timeout=30)
     assert reply.text == "I hear you: hello"
     sends = [params for method, params in tg.api.calls if method == "sendMessage" and params["chat_id"] == str(ada)]
-    # The refused one (the reply step's), then the deliver step's once the wait was over: called sooner, Telegram
-    # would have refused again.
+    # The refused one, then the retry once the wait was over: called sooner, Telegram would have refused again.
     assert len(sends) == 2
     assert len(await settle(tg, ada)) == 1
     assert "deliver" in await tg.steps(ada)
@@ -257,7 +256,7 @@ async def stored_reply(tg: TelegramStack, ada: int, content: str) -> AsyncIterat
     channel, chat = TelegramChannel.from_settings(tg.settings), chat_model(tg.llm)
     assert channel is not None
     try:
-        yield CompanionActivities(tg.repo, chat, channel), DeliverInput(user_id=user.id, chat_id=ada, message_key=key)
+        yield CompanionActivities.create(tg.repo, chat, channel), DeliverInput(user_id=user.id, chat_id=ada, message_key=key)
     finally:
         await channel.close()
         await chat.close()
@@ -268,7 +267,7 @@ async def test_two_attempts_delivering_one_reply_at_once_send_it_once(tg: Telegr
     ada = new_telegram_id()
     async with stored_reply(tg, ada, "only once") as (activities, data):
         # the second waits for the first's claim to end, then finds the part sent
-        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.deliver, data) for _ in range(2)))
+        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.delivery.deliver, data) for _ in range(2)))
         assert outcomes == [Delivery(parts=1), Delivery(parts=1)]
     assert [sent.text for sent in tg.api.messages(ada)] == ["only once"]
 
@@ -281,14 +280,14 @@ async def test_a_claim_a_lost_worker_left_is_waited_out_and_the_reply_then_sent(
                                                  timedelta(seconds=4))  # never released
         assert claimed
         with pytest.raises(ApplicationError) as refused:
-            await ActivityEnvironment().run(activities.deliver, data)
+            await ActivityEnvironment().run(activities.delivery.deliver, data)
         assert refused.value.type == "DeliveryInProgressError" and not refused.value.non_retryable
         # its retry comes as the claim lapses (4 s after it was taken, 2 s of which this attempt waited)
         assert refused.value.next_retry_delay is not None
         assert timedelta(seconds=1) <= refused.value.next_retry_delay <= timedelta(seconds=3)
         assert tg.api.messages(ada) == []
         await asyncio.sleep(refused.value.next_retry_delay.total_seconds())
-        assert (await ActivityEnvironment().run(activities.deliver, data)).parts == 1
+        assert (await ActivityEnvironment().run(activities.delivery.deliver, data)).parts == 1
     assert [sent.text for sent in tg.api.messages(ada)] == ["after the crash"]
 
 
@@ -559,7 +558,7 @@ def test_splitting_prefers_paragraphs_then_sentences_then_words() -> None:
     assert [utf16_len(part) for part in parts] == [4096, 1904] and "".join(parts) == emoji
 
 
-# --- python-telegram-bot's requests over aiohttp (core.http.AiohttpRequest) ------------------------------------
+# --- python-telegram-bot's requests over aiohttp (clients.http.AiohttpRequest) ------------------------------------
 
 
 async def test_a_file_upload_reaches_telegram_with_its_parameters(bot_api_server: FakeBotAPI) -> None:

@@ -6,54 +6,35 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import pytest
 from temporalio import activity
 from temporalio.api.sdk.v1 import WorkflowMetadata
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory, WorkflowUpdateFailedError
+from temporalio.client import WorkflowExecutionStatus, WorkflowHistory, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
-from temporalio.worker import (
-    HandleQueryInput,
-    Interceptor,
-    Replayer,
-    WorkflowInboundInterceptor,
-    WorkflowInterceptorClassInput,
-)
 
-from activities.llm import ChatModel
-from activities.nudges import CompanionActivities
-from activities.turn import PERSONA
+from activities.companion import CompanionActivities
+from activities.conversation import ConversationActivities
+from activities.prompt import PERSONA
+from activities.reply import ReplyActivities
+from clients.llm import ChatModel
 from core.errors import DatabaseConnectionError
-from core.settings import Settings, load_settings
-from schemas.context import UserContextSchema
+from core.settings import load_settings
 from schemas.memory import Role
-from schemas.turn import (
-    ComposedReply,
-    ComposeReplyInput,
-    IncomingMessage,
-    RecordedMessage,
-    RecordMessageInput,
-)
+from schemas.turn import GeneratedReply, GenerateReplyInput, Nudge, RecordMessageInput
+from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from tests.conftest import OPENAI_TEST_KEY, SharedDevServer, Stack, chat_model, new_telegram_id
 from tests.fake_openai import Fail, FakeOpenAI, Reply
 from worker import build_worker
-from workflows.client import send_message, signal_message
-from workflows.companion import (
-    FAILED_REPLY,
-    FALLBACK_REPLY,
-    USER_ID_ATTRIBUTE,
-    CompanionWorkflow,
-    workflow_id,
-)
+from workflows.companion import FAILED_REPLY, FALLBACK_REPLY, USER_ID_ATTRIBUTE, CompanionWorkflow
 
 T = TypeVar("T")
 
@@ -110,9 +91,27 @@ async def test_a_turn_end_to_end(stack: Stack) -> None:
     # what the Temporal UI shows as the workflow's current details
     metadata = await stack.handle(simon).query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
     assert metadata.current_details == "\n\n".join(state.transcript)
-    # One workflow task for the whole turn; the reply step stored the user's message too, in no step of its own.
-    steps = local_steps(await stack.handle(simon).fetch_history())
-    assert "compose_reply" in steps and "record_message" not in steps and len(set(steps.values())) == 1
+    # The turn reads as its steps in the history the Temporal UI shows: the LLM step on the LLM task queue.
+    history = await stack.handle(simon).fetch_history()
+    assert [name for name, _ in turn_steps(history)][:2] == ["prepare_turn", "generate_reply"]
+    assert dict(turn_steps(history))["generate_reply"] == "generate_reply: the LLM writes the reply"
+    (scheduled,) = [event.activity_task_scheduled_event_attributes for event in history.events
+                    if event.activity_task_scheduled_event_attributes.activity_type.name == "generate_reply"]
+    assert scheduled.task_queue.name == f"{stack.settings.temporal_task_queue}-llm"
+
+
+def turn_steps(history: WorkflowHistory) -> list[tuple[str, str | None]]:
+    """The steps a history holds, in order, as the Temporal UI lists them: (activity type, summary)."""
+    steps = []
+    for event in history.events:
+        summary = (pydantic_data_converter.payload_converter.from_payload(event.user_metadata.summary, str)
+                   if event.user_metadata.HasField("summary") else None)
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            steps.append((event.activity_task_scheduled_event_attributes.activity_type.name, summary))
+        elif event.marker_recorded_event_attributes.marker_name == "core_local_activity":
+            data = json.loads(event.marker_recorded_event_attributes.details["data"].payloads[0].data)
+            steps.append((data["activity_type"], summary))
+    return steps
 
 
 async def test_the_conversation_carries_into_the_next_prompt(stack: Stack) -> None:
@@ -143,24 +142,20 @@ async def test_the_same_message_sent_twice_gets_one_reply(stack: Stack) -> None:
     assert keys == sorted([*user_keys, *(f"{key}:reply" for key in user_keys)])
 
 
-class FailingAfterWrite(CompanionActivities):
-    """Storing the user's message writes its row, then fails its first two attempts, as a dropped connection would
-    (in record_message, or in the reply step that stores the message itself)."""
+class FailingAfterWrite(ConversationActivities):
+    """Storing a message writes its row, then fails its first two attempts, as a dropped connection would."""
 
-    async def _record(self, data: RecordMessageInput) -> RecordedMessage:
-        stored = await super()._record(data)
+    async def store(self, data: RecordMessageInput) -> None:
+        await super().store(data)
         if activity.info().attempt <= 2:
             raise DatabaseConnectionError("connection lost after the write")
-        return stored
-
-    async def _recorded_context(self, data: ComposeReplyInput, sent_at: datetime) -> UserContextSchema:
-        context = await super()._recorded_context(data, sent_at)
-        if activity.info().attempt <= 2:
-            raise DatabaseConnectionError("connection lost after the write")
-        return context
 
 
-@pytest.mark.parametrize("turn_activities_class", [FailingAfterWrite])
+def failing_after_write(repo: MemoryRepository, chat: ChatModel, memory: MemoryIndex | None) -> CompanionActivities:
+    return CompanionActivities.create(repo, chat, memory=memory, conversation=FailingAfterWrite(repo, memory))
+
+
+@pytest.mark.parametrize("make_activities", [failing_after_write])
 async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_message(stack: Stack) -> None:
     simon = new_telegram_id()
     stack.llm.script(Fail(500), Fail(503, retry_after_s=0.1))
@@ -170,21 +165,20 @@ async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_mes
     assert await transcript(stack, simon) == [("user", "I got the job!"), ("assistant", reply.text)]
 
 
-class RefusingOneMessage(CompanionActivities):
+class RefusingOneMessage(ConversationActivities):
     """Storing a message is refused for good (a non-retryable storage error), as PostgreSQL refuses bad data."""
 
-    async def _record(self, data: RecordMessageInput) -> RecordedMessage:
+    async def store(self, data: RecordMessageInput) -> None:
         if "refuse me" in data.text:
             raise ApplicationError("the database refused the message", type="DatabaseError", non_retryable=True)
-        return await super()._record(data)
-
-    async def _recorded_context(self, data: ComposeReplyInput, sent_at: datetime) -> UserContextSchema:
-        if "refuse me" in data.text:
-            raise ApplicationError("the database refused the message", type="DatabaseError", non_retryable=True)
-        return await super()._recorded_context(data, sent_at)
+        await super().store(data)
 
 
-@pytest.mark.parametrize("turn_activities_class", [RefusingOneMessage])
+def refusing_one_message(repo: MemoryRepository, chat: ChatModel, memory: MemoryIndex | None) -> CompanionActivities:
+    return CompanionActivities.create(repo, chat, memory=memory, conversation=RefusingOneMessage(repo, memory))
+
+
+@pytest.mark.parametrize("make_activities", [refusing_one_message])
 async def test_a_storage_step_that_fails_for_good_ends_its_turn_not_the_conversation(stack: Stack) -> None:
     # The storage steps are local activities, whose failures reach the workflow unwrapped.
     simon = new_telegram_id()
@@ -195,18 +189,22 @@ async def test_a_storage_step_that_fails_for_good_ends_its_turn_not_the_conversa
     assert await transcript(stack, simon) == [("user", "and now?"), ("assistant", reply.text)]
 
 
-class LosingCompletion(CompanionActivities):
-    """compose_reply stores its reply, then its first attempt fails as if the worker died before reporting."""
+class LosingCompletion(ReplyActivities):
+    """generate_reply stores its reply, then its first attempt fails as if the worker died before reporting."""
 
-    @activity.defn(name="compose_reply")
-    async def compose_reply(self, data: ComposeReplyInput) -> ComposedReply:
-        reply = await super().compose_reply(data)
+    @activity.defn(name="generate_reply")
+    async def generate_reply(self, data: GenerateReplyInput) -> GeneratedReply:
+        reply = await super().generate_reply(data)
         if activity.info().attempt == 1:
             raise RuntimeError("worker lost before completing")
         return reply
 
 
-@pytest.mark.parametrize("turn_activities_class", [LosingCompletion])
+def losing_completion(repo: MemoryRepository, chat: ChatModel, memory: MemoryIndex | None) -> CompanionActivities:
+    return CompanionActivities.create(repo, chat, memory=memory, reply=LosingCompletion(repo, chat, memory))
+
+
+@pytest.mark.parametrize("make_activities", [losing_completion])
 async def test_a_retried_reply_is_the_stored_one_and_the_llm_is_not_paid_twice(stack: Stack) -> None:
     simon = new_telegram_id()
     stack.llm.script(Reply("the first and only reply"))
@@ -233,14 +231,13 @@ async def test_llm_down_gives_an_honest_fallback_that_is_recorded(stack: Stack) 
     assert (await stack.state(simon)).fallbacks == 2
 
 
-class ImpatientLLM(CompanionActivities):
+def impatient_llm(repo: MemoryRepository, chat: ChatModel, memory: MemoryIndex | None) -> CompanionActivities:
     """The worker's activities with an LLM client that gives up on a request after 0.5 s (60 s in production)."""
+    return CompanionActivities.create(repo, ChatModel(chat._client.with_options(timeout=0.5), chat.model),
+                                      memory=memory)
 
-    def __init__(self, repository, chat, memory=None):  # type: ignore[no-untyped-def]
-        super().__init__(repository, ChatModel(chat._client.with_options(timeout=0.5), chat.model), memory=memory)
 
-
-@pytest.mark.parametrize("turn_activities_class", [ImpatientLLM])
+@pytest.mark.parametrize("make_activities", [impatient_llm])
 async def test_an_llm_that_times_out_or_is_rate_limited_gets_capped_retries_then_the_fallback(stack: Stack) -> None:
     simon = new_telegram_id()
     stack.llm.script(Reply("too late", delay_s=2), Fail(429, "Rate limit reached", retry_after_s=1),
@@ -274,100 +271,6 @@ async def test_continue_as_new_keeps_state_and_loses_no_queued_message(stack: St
     assert len(stack.llm.requests) == 8
 
 
-class ReplySetsAnEvent(CompanionActivities):
-    """compose_reply sets ``replied`` once it has stored the reply."""
-
-    def __init__(self, *args: Any, replied: threading.Event, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.replied = replied
-
-    @activity.defn(name="compose_reply")
-    async def compose_reply(self, data: ComposeReplyInput) -> ComposedReply:
-        reply = await super().compose_reply(data)
-        self.replied.set()
-        return reply
-
-
-class LateQueries(Interceptor):
-    """A worker that answers a query late, as a busy one does: only once compose_reply has stored the reply and the
-    worker has taken the step's result. Workflow code runs in the worker's threads and activities in its event loop,
-    so the wait holds up the query and nothing else."""
-
-    def __init__(self, replied: threading.Event) -> None:
-        self.replied = replied
-
-    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> type[WorkflowInboundInterceptor]:
-        replied = self.replied
-
-        class AfterReply(WorkflowInboundInterceptor):
-            def handle_query(self, input: HandleQueryInput) -> Any:
-                replied.wait(timeout=10)
-                time.sleep(0.2)
-                return super().handle_query(input)
-
-        return AfterReply
-
-
-async def a_query_cuts_a_turn(client: Client, settings: Settings, repository: MemoryRepository, chat: ChatModel,
-                              first: IncomingMessage, second: IncomingMessage) -> str:
-    """Answer ``first``, which ends its run (continue-as-new), then ``second`` in the new run with a query waiting.
-
-    The query waits at the server for the message's workflow task and reaches the worker with it; the worker answers
-    it after compose_reply, and reporting the answer ends the workflow task there: the step's marker is recorded
-    with that task, and the code after the step runs in the next one. Returns the new run's id."""
-    settings = settings.model_copy(update={"workflow_turns_per_run": 1})
-    handle = client.get_workflow_handle(workflow_id(first.user.telegram_id))
-    async with build_worker(client, settings.temporal_task_queue, CompanionActivities(repository, chat)):
-        await send_message(client, settings, first)
-        await eventually(lambda: handle.query(CompanionWorkflow.state), lambda state: state.turns_this_run == 0)
-        run_id = (await handle.describe()).run_id
-    await signal_message(client, settings, second)  # no worker yet: its workflow task waits, and so does the query
-    query = asyncio.create_task(handle.query(CompanionWorkflow.state, rpc_timeout=timedelta(seconds=30)))
-    await asyncio.sleep(1)
-    replied = threading.Event()
-    async with build_worker(client, settings.temporal_task_queue, ReplySetsAnEvent(repository, chat, replied=replied),
-                            interceptors=[LateQueries(replied)]):
-        assert (await query).turns == 1  # answered in the middle of the turn
-        await eventually(lambda: handle.query(CompanionWorkflow.state), lambda state: state.turns == 2)
-    return run_id
-
-
-def local_steps(history: WorkflowHistory) -> dict[str, int]:
-    """Each local activity of a history -> the event id of the workflow task completion that recorded its marker."""
-    steps = {}
-    for event in history.events:
-        if event.marker_recorded_event_attributes.marker_name == "core_local_activity":
-            marker = event.marker_recorded_event_attributes
-            data = json.loads(marker.details["data"].payloads[0].data)
-            steps[data["activity_type"]] = marker.workflow_task_completed_event_id
-    return steps
-
-
-async def test_a_turn_a_query_cut_in_two_replays(dev_server: SharedDevServer, repo: MemoryRepository,
-                                                 fake_llm: FakeOpenAI) -> None:
-    env = await dev_server.get()
-    settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0,
-                             remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY)
-    stack = Stack(env.client, settings, repo, fake_llm, env)
-    simon = new_telegram_id()
-    fake_llm.script(Reply("first reply"), Reply("second reply"))
-    try:
-        run_id = await a_query_cuts_a_turn(env.client, settings, repo, chat_model(fake_llm),
-                                           stack.message(simon, "first"), stack.message(simon, "second"))
-        history = await stack.client.get_workflow_handle(workflow_id(simon), run_id=run_id).fetch_history()
-        remember = next(event.activity_task_scheduled_event_attributes.workflow_task_completed_event_id
-                        for event in history.events
-                        if event.activity_task_scheduled_event_attributes.activity_type.name == "remember")
-        assert local_steps(history)["compose_reply"] < remember  # the query ended a workflow task between them
-        # What a worker does when it takes the conversation over, or after evicting it from its cache: replay it.
-        await Replayer(workflows=[CompanionWorkflow], data_converter=pydantic_data_converter).replay_workflow(history)
-        # (both messages were written before the first reply: their order by time is not the order of the turns)
-        assert sorted(await transcript(stack, simon)) == [("assistant", "first reply"), ("assistant", "second reply"),
-                                                          ("user", "first"), ("user", "second")]
-    finally:
-        await stack.handle(simon).terminate()
-
-
 async def test_a_message_for_another_user_is_rejected(stack: Stack) -> None:
     simon, eve = new_telegram_id(), new_telegram_id()
     await stack.say(simon, "hi")
@@ -387,3 +290,73 @@ async def test_workflow_state_stays_bounded(stack: Stack) -> None:
     assert all(len(line) < 250 for line in state.transcript)
     assert len(state.model_dump_json()) < 20_000
     assert [role for role, _ in await transcript(stack, simon)].count(Role.ASSISTANT.value) == 24
+
+
+@pytest.mark.parametrize("stack", ["dev-server"], indirect=True)
+async def test_queries_and_updates_are_answered_while_the_llm_thinks(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "hello")
+    handle = stack.handle(simon)
+    later = Nudge(nudge_id="later", at=datetime.now(UTC) + timedelta(days=1), text="Later?")
+    await handle.execute_update(CompanionWorkflow.schedule_nudge, later)
+    stack.llm.script(Reply("a slow reply", delay_s=5))
+    await stack.signal(stack.message(simon, "think it over"))
+    await eventually(lambda: len(stack.llm.requests), lambda n: n == 2)  # generate_reply waits on the LLM
+
+    started = time.perf_counter()
+    state = await stack.state(simon)
+    queried = time.perf_counter() - started
+    started = time.perf_counter()
+    cancelled = await handle.execute_update(CompanionWorkflow.cancel_nudge, "later")
+    updated = time.perf_counter() - started
+    assert state.turns == 1 and [message.text for message in state.queue] == ["think it over"]
+    assert cancelled.nudge_id == "later" and queried < 1.0 and updated < 1.0, (queried, updated)
+    assert len(stack.llm.requests) == 2  # still thinking
+    assert (await eventually(lambda: stack.state(simon), lambda s: s.turns == 2)).nudges == []
+    assert (await transcript(stack, simon))[-1] == ("assistant", "a slow reply")
+
+
+async def test_the_llm_rate_limit_holds_across_users_and_every_one_is_answered(
+        dev_server: SharedDevServer, repo: MemoryRepository, fake_llm: FakeOpenAI) -> None:
+    env = await dev_server.get()
+    settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0,
+                             remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY,
+                             llm_max_requests_per_second=2)
+    stack = Stack(env.client, settings, repo, fake_llm, env)
+    users = [new_telegram_id() for _ in range(10)]
+    activities = CompanionActivities.create(repo, chat_model(fake_llm))
+    async with build_worker(env.client, settings.temporal_task_queue, activities,
+                            llm_per_second=settings.llm_max_requests_per_second):
+        replies = await asyncio.gather(*(stack.say(user, f"hello from {user}") for user in users))
+    assert sorted(reply.text for reply in replies) == sorted(f"I hear you: hello from {user}" for user in users)
+    arrivals = sorted(fake_llm.arrivals)
+    assert len(arrivals) == 10
+    busiest = max(sum(1 for other in arrivals if start <= other < start + 1.0) for start in arrivals)
+    assert busiest <= 3, str([round(at - arrivals[0], 2) for at in arrivals])
+    assert arrivals[-1] - arrivals[0] >= 3.0  # ten requests at two a second
+    for user in users:
+        await stack.handle(user).terminate("test finished")
+
+
+@pytest.mark.parametrize("stack", ["dev-server"], indirect=True)
+async def test_an_llm_that_never_answers_gets_the_fallback_within_the_reply_deadline(stack: Stack) -> None:
+    stack.settings = stack.settings.model_copy(update={"reply_deadline_seconds": 5})
+    simon = new_telegram_id()
+    stack.llm.script(Reply("far too late", delay_s=30))
+    started = time.perf_counter()
+    reply = await stack.say(simon, "are you there?")
+    assert reply.fallback and reply.text == FALLBACK_REPLY
+    assert time.perf_counter() - started < 5 + 5
+    assert await transcript(stack, simon) == [("user", "are you there?"), ("assistant", FALLBACK_REPLY)]
+
+
+async def test_a_user_whose_rows_were_deleted_is_answered_and_remembered_anew(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "Hi, I'm Simon")
+    before = await stack.repo.get_user_by_telegram_id(simon)
+    await stack.repo.delete_user_by_telegram_id(simon)  # an operator's deletion, or a restored older backup
+    reply = await stack.say(simon, "Still there?")
+    assert reply.text == "I hear you: Still there?" and not reply.fallback
+    after = await stack.repo.get_user_by_telegram_id(simon)
+    assert after.id != before.id and (await stack.state(simon)).user_id == after.id
+    assert await transcript(stack, simon) == [("user", "Still there?"), ("assistant", "I hear you: Still there?")]

@@ -47,7 +47,8 @@ def _start_options(settings: Settings, user: ChatUser) -> dict:
 def _initial_state(settings: Settings, telegram_id: int) -> CompanionState:
     return CompanionState(telegram_id=telegram_id, turns_per_run=settings.workflow_turns_per_run,
                           checkin_after_days=settings.checkin_after_days,
-                          remember_after_quiet_s=settings.remember_after_quiet_seconds)
+                          remember_after_quiet_s=settings.remember_after_quiet_seconds,
+                          reply_deadline_s=settings.reply_deadline_seconds)
 
 
 def _start(settings: Settings, user: ChatUser) -> WithStartWorkflowOperation:

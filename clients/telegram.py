@@ -19,9 +19,9 @@ from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.warnings import PTBDeprecationWarning
 
+from clients.http import AiohttpRequest
 from core.concurrency import alongside
 from core.errors import TelegramBlockedError, TelegramServiceError
-from core.http import AiohttpRequest
 from core.logging import get_logger
 from core.settings import Settings
 
@@ -152,7 +152,7 @@ class TelegramChannel:
                 bot = await self._started()
                 with telegram_errors(chat_id):
                     await bot.send_chat_action(chat_id, ChatAction.TYPING)
-            except Exception as exc:  # noqa: BLE001 - an indicator must never fail the reply it decorates
+            except Exception as exc:
                 _log.info("telegram.typing_failed", chat_id=chat_id, error=str(exc))
                 return
             await asyncio.sleep(TYPING_EVERY_S)

@@ -13,11 +13,11 @@ from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion
 from temporalio import activity
 
+from clients.http import openai_client
 from core.errors import ConfigurationError, OpenAIServiceError
-from core.http import openai_client
 from core.logging import get_logger
 from core.settings import Settings
-from schemas.turn import ComposedReply, TurnContext
+from schemas.turn import GeneratedReply, TurnContext
 
 # Temporal retries the call; the SDK's own retries would multiply paid attempts.
 SDK_RETRIES = 0
@@ -48,7 +48,7 @@ class ChatModel:
         """Close the client's HTTP connections."""
         await self._client.close()
 
-    async def reply(self, context: TurnContext, text: str) -> ComposedReply:
+    async def reply(self, context: TurnContext, text: str) -> GeneratedReply:
         """One chat completion; failures raise OpenAIServiceError, retryable or not by their cause."""
         messages = [{"role": "system", "content": context.system_prompt},
                     *({"role": turn.role.value, "content": turn.content} for turn in context.history),
@@ -63,7 +63,7 @@ class ChatModel:
         _log.info("llm.reply", model=self.model, duration_ms=round((time.perf_counter() - started) * 1000),
                   prompt_tokens=usage.prompt_tokens if usage else None,
                   completion_tokens=usage.completion_tokens if usage else None)
-        return ComposedReply(text=content, model=response.model or self.model,
+        return GeneratedReply(text=content, model=response.model or self.model,
                              prompt_tokens=usage.prompt_tokens if usage else None,
                              completion_tokens=usage.completion_tokens if usage else None)
 

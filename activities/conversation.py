@@ -1,0 +1,137 @@
+"""The conversation's storage steps: the user and their messages, reachability, and /forget.
+
+They run as local activities, in the workflow task that asks for them: short PostgreSQL writes, each idempotent by
+its key, retried until the database is back. Named timeouts and retry policies live here; the workflow imports them.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.common import RetryPolicy
+
+from activities.errors import translate_errors
+from activities.prompt import reminder_note
+from activities.remember import derived_key
+from activities.reminders import follow_up_time, parse_event, parse_reminder
+from core.errors import UserNotFoundError
+from core.logging import get_logger
+from schemas.memory import (
+    MessageCreate,
+    NudgeCreator,
+    NudgeKind,
+    Role,
+    TimelineEventCreate,
+    UserCreate,
+    UserRead,
+)
+from schemas.turn import (
+    EnsureUserInput,
+    ForgetInput,
+    Forgotten,
+    Nudge,
+    PreparedTurn,
+    PrepareTurnInput,
+    RecordMessageInput,
+    SetUserActiveInput,
+    UserRef,
+)
+from storage.recall import MemoryIndex
+from storage.repository import MemoryRepository
+
+DB_TIMEOUT = timedelta(seconds=10)
+DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
+                       maximum_interval=timedelta(seconds=10),
+                       non_retryable_error_types=["InvalidMemoryDataError", "UserNotFoundError",
+                                                  "ConstraintViolationError", "DuplicateRecordError"])
+
+_log = get_logger(__name__)
+
+
+class ConversationActivities:
+    """Storage steps of a conversation, over an injected repository (and the memory index /forget erases)."""
+
+    def __init__(self, repository: MemoryRepository, memory: MemoryIndex | None = None):
+        self._repository = repository
+        self._memory = memory
+
+    @activity.defn(name="ensure_user")
+    @translate_errors
+    async def ensure_user(self, data: EnsureUserInput) -> UserRef:
+        """The stored user for a channel user, created on first contact."""
+        return _ref(await self._repository.get_or_create_user(UserCreate(**data.user.model_dump())))
+
+    @activity.defn(name="prepare_turn")
+    @translate_errors
+    async def prepare_turn(self, data: PrepareTurnInput) -> PreparedTurn:
+        """Store the user's message once (creating the user, or creating them again when their rows are gone), and
+        read the reminder or coming event it mentions: an event goes on the timeline here, once."""
+        message = data.message
+        user = await self._repository.get_or_create_user(UserCreate(**message.user.model_dump()))
+        await self.store(RecordMessageInput(user_id=user.id, message_key=message.message_key, role=Role.USER,
+                                            text=message.text, channel=message.channel, sent_at=message.sent_at))
+        zone = user.timezone_info
+        prepared = PreparedTurn(user=_ref(user))
+        found = parse_reminder(message.text, data.now, zone)
+        if found is not None and found.at > data.now:
+            prepared.reminder = Nudge(nudge_id=derived_key("remind", message.message_key), at=found.at,
+                                      text=f"⏰ Reminder: {found.what}", kind=NudgeKind.REMINDER,
+                                      created_by=NudgeCreator.USER)
+            prepared.note = reminder_note(found.what, found.at, zone)
+        event = parse_event(message.text, data.now, zone)
+        if event is not None:
+            await self._repository.add_timeline_event(user.id, TimelineEventCreate(
+                title=event.what, event_at=event.at, source_keys=[message.message_key],
+                idempotency_key=derived_key("event", message.message_key)))
+            prepared.follow_up = Nudge(
+                nudge_id=derived_key("follow", message.message_key), at=follow_up_time(event.at, zone),
+                purpose=f"ask how the user's {event.what} on {event.at.astimezone(zone):%A %d %B} went",
+                kind=NudgeKind.FOLLOW_UP, created_by=NudgeCreator.COMPANION)
+        return prepared
+
+    @activity.defn(name="record_message")
+    @translate_errors
+    async def record_message(self, data: RecordMessageInput) -> None:
+        """Store one message of the conversation (the fallback reply); a retry stores nothing twice."""
+        await self.store(data)
+
+    async def store(self, data: RecordMessageInput) -> None:
+        """Store a message once by its key."""
+        await self._repository.add_message(data.user_id, MessageCreate(
+            message_key=data.message_key, role=data.role, content=data.text, channel=data.channel,
+            sent_at=data.sent_at, meta={"fallback": True} if data.fallback else {}))
+
+    @activity.defn(name="set_user_active")
+    @translate_errors
+    async def set_user_active(self, data: SetUserActiveInput) -> int:
+        """Mark the user reachable or not; returns how many pending nudges were cancelled."""
+        cancelled = await self._repository.set_user_active(data.user_id, data.active, data.reason)
+        _log.info("user.reachability", user_id=data.user_id, active=data.active, nudges_cancelled=cancelled)
+        return cancelled
+
+    @activity.defn(name="forget_user")
+    @translate_errors
+    async def forget_user(self, data: ForgetInput) -> Forgotten:
+        """Erase the user's vectors, then their row and, by cascade, every memory and nudge record of them.
+
+        Vectors go first: if the store fails, the activity is retried with the rows still there to find them by.
+        """
+        if self._memory is not None:
+            try:
+                user = await self._repository.get_user_by_telegram_id(data.telegram_id)
+            except UserNotFoundError:
+                user = None
+            if user is not None:
+                await self._memory.forget_user(user.id)
+        had_memories = await self._repository.delete_user_by_telegram_id(data.telegram_id)
+        _log.info("user.forgotten", telegram_id=data.telegram_id, had_memories=had_memories)
+        return Forgotten(had_memories=had_memories)
+
+    def all(self) -> list:
+        """Every activity of this class, for registering with a worker."""
+        return [self.ensure_user, self.prepare_turn, self.record_message, self.set_user_active, self.forget_user]
+
+
+def _ref(user: UserRead) -> UserRef:
+    return UserRef(user_id=user.id, display_name=user.display_name, timezone=user.timezone)

@@ -1,0 +1,52 @@
+"""The prompt a reply or a nudge is written from: the persona, the user's memory as quoted data, the conversation."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from schemas.context import RecalledMemory, UserContextSchema, quote
+from schemas.memory import Role
+from schemas.turn import ChatTurn, TurnContext
+from storage.recall import MemoryHit
+
+HISTORY_TURNS = 12
+RECALL_K = 8
+RECALL_BUDGET_CHARS = 2_400  # ~600 tokens of recalled memories in the prompt
+PERSONA = (
+    "You are Companion, a warm and attentive friend who talks with the user on Telegram. You remember what they "
+    "have told you and bring it up naturally. Keep replies short and conversational, ask about their life, and "
+    "never claim to have done things you cannot do."
+)
+
+
+def build_prompt(context: UserContextSchema, message_key: str, note: str | None = None) -> TurnContext:
+    """Persona and quoted memory as the system prompt, then the recent conversation without ``message_key``."""
+    # Fallback replies are failure notices, not conversation: a model shown them tends to repeat them.
+    history = [ChatTurn(role=message.role, content=message.content) for message in context.recent_messages
+               if message.message_key != message_key and message.role != Role.SYSTEM
+               and not message.meta.get("fallback")]
+    system_prompt = f"{PERSONA}\n\n{context.to_prompt_context(include_messages=False)}"
+    if note:
+        system_prompt += f"\n\n{note}"
+    return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
+
+
+def within_budget(hits: list[MemoryHit], shown: set[str]) -> list[RecalledMemory]:
+    """The best hits not made only of messages the prompt already shows, up to RECALL_K and the prompt budget."""
+    recalled, used = [], 0
+    for hit in hits:
+        if hit.source_keys and set(hit.source_keys) <= shown:
+            continue
+        if used + len(hit.content) > RECALL_BUDGET_CHARS or len(recalled) == RECALL_K:
+            break
+        used += len(hit.content)
+        recalled.append(RecalledMemory(kind=hit.kind.value, content=hit.content, occurred_at=hit.occurred_at))
+    return recalled
+
+
+def reminder_note(what: str, at: datetime, zone: ZoneInfo) -> str:
+    """What the model is told of a reminder the message just set, so that the reply confirms it."""
+    local = at.astimezone(zone)
+    return (f"You have just set a reminder the user asked for: {quote(what)} on {local:%A %d %B at %H:%M} "
+            "(their time). Confirm it in one short sentence.")

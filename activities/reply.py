@@ -1,0 +1,128 @@
+"""generate_reply: the LLM's reply to one stored message, written once and stored under its key.
+
+A regular activity on the LLM task queue (`<task queue>-llm`): its rate limit there holds across every worker, it
+heartbeats while the model thinks, and the workflow answers queries and updates meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from datetime import UTC, datetime, timedelta
+
+from temporalio import activity
+from temporalio.common import RetryPolicy
+
+from activities.errors import translate_errors
+from activities.prompt import HISTORY_TURNS, RECALL_K, build_prompt, within_budget
+from clients.llm import ChatModel
+from clients.telegram import TelegramChannel
+from core.concurrency import alongside
+from core.errors import CompanionError
+from core.logging import get_logger
+from schemas.context import UserContextSchema
+from schemas.memory import Channel, MessageCreate, Role
+from schemas.turn import GeneratedReply, GenerateReplyInput, TurnContext
+from storage.recall import MemoryHit, MemoryIndex
+from storage.repository import MemoryRepository
+
+# Each attempt may be paid for: three at most, all within the turn's deadline (the workflow's schedule-to-close).
+LLM_TIMEOUT = timedelta(seconds=90)
+LLM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                        maximum_interval=timedelta(seconds=10), maximum_attempts=3,
+                        non_retryable_error_types=["InvalidMemoryDataError", "UserNotFoundError",
+                                                   "ConfigurationError"])
+# A worker that dies mid-call is noticed within LLM_HEARTBEAT and the step retried on another worker.
+LLM_HEARTBEAT = timedelta(seconds=10)
+HEARTBEAT_EVERY_S = 2.0
+
+_log = get_logger(__name__)
+
+
+class ReplyActivities:
+    """The reply step, over an injected repository, chat model, memory index and Telegram (for "typing…")."""
+
+    def __init__(self, repository: MemoryRepository, chat_model: ChatModel, memory: MemoryIndex | None = None,
+                 telegram: TelegramChannel | None = None):
+        self._repository = repository
+        self._chat_model = chat_model
+        self._memory = memory
+        self._telegram = telegram
+
+    @activity.defn(name="generate_reply")
+    @translate_errors
+    async def generate_reply(self, data: GenerateReplyInput) -> GeneratedReply:
+        """Ask the LLM for the reply to the user's stored message and store it under the reply key.
+
+        An attempt that finds the reply already stored (an earlier attempt stored it, then its completion was lost)
+        returns that reply: the user gets one reply, and the paid call is not made twice.
+        """
+        context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        # The turn's reply is among the last messages when an earlier attempt stored it: a turn runs alone.
+        stored = next((m for m in context.recent_messages if m.message_key == data.reply_key), None)
+        if stored is not None:
+            return GeneratedReply(text=stored.content)
+        prompt = await self._prompt(data, context)
+        info = activity.info()
+        _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
+                  workflow_id=info.workflow_id)
+        async with self._typing(data), _heartbeating():
+            reply = await self._chat_model.reply(prompt, data.text)
+        saved = await self._repository.add_message(data.user_id, MessageCreate(
+            message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
+            sent_at=datetime.now(UTC)))
+        return reply.model_copy(update={"text": saved.content})
+
+    async def prompt_for(self, data: GenerateReplyInput) -> TurnContext:
+        """The prompt the LLM gets for the message: persona, the user's quoted memory and what recall found for the
+        message, the recent conversation."""
+        return await self._prompt(data, await self._repository.get_user_context(data.user_id,
+                                                                               message_limit=HISTORY_TURNS + 1))
+
+    async def _prompt(self, data: GenerateReplyInput, context: UserContextSchema) -> TurnContext:
+        # A new user's first turns (until a remember step has run) skip the embeddings call and the search.
+        found = await self._recall(data) if context.has_memories else []
+        context.summary = data.summary
+        context.recalled = within_budget(found, {m.message_key for m in context.recent_messages})
+        return build_prompt(context, data.message_key, data.note)
+
+    async def _recall(self, data: GenerateReplyInput) -> list[MemoryHit]:
+        """Memories that bear on the message, best first; none when memory search fails (the turn goes on)."""
+        if self._memory is None:
+            return []
+        try:
+            # Enough candidates that dropping those made of the recent turns still leaves RECALL_K.
+            found = await self._memory.search(data.user_id, data.text, k=RECALL_K + HISTORY_TURNS + 1)
+        except CompanionError as exc:
+            _log.warning("memory.recall_failed", user_id=data.user_id, error=exc.code, detail=exc.message)
+            return []
+        _log.info("memory.recalled", user_id=data.user_id, candidates=len(found.hits), degraded=found.degraded,
+                  duration_ms=round(found.elapsed_ms, 1))
+        return found.hits
+
+    def _typing(self, data: GenerateReplyInput) -> AbstractAsyncContextManager[None]:
+        if data.channel == Channel.TELEGRAM and data.chat_id is not None and self._telegram is not None:
+            return self._telegram.typing(data.chat_id)
+        return nullcontext()
+
+    def all(self) -> list:
+        """Every activity of this class, for registering with a worker."""
+        return [self.generate_reply]
+
+
+@asynccontextmanager
+async def _heartbeating() -> AsyncIterator[None]:
+    """Heartbeat every HEARTBEAT_EVERY_S while the block runs (the worker is alive and the step in hand).
+
+    The first beat comes after HEARTBEAT_EVERY_S, not at once: the heartbeat timeout counts from the start anyway,
+    and a reply that comes quickly then costs the server no heartbeat at all.
+    """
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            activity.heartbeat()
+
+    async with alongside(beat()):
+        yield
