@@ -36,6 +36,7 @@ from typing import Any
 import asyncpg
 from temporalio.client import Client
 
+from bench.probe import cpu_probe_s
 from bench.stack import embedded_stack
 from bench.turn import _percentile
 from core.logging import configure_logging
@@ -248,5 +249,8 @@ if __name__ == "__main__":
                         help="phase (a)'s users each have a remembered conversation of this many messages (default "
                              "0: new users)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.users, args.messages, args.rate, args.seconds, args.workers,
-                                      args.background_workers, args.memories))))
+    result = asyncio.run(main(args.users, args.messages, args.rate, args.seconds, args.workers,
+                              args.background_workers, args.memories))
+    probe = cpu_probe_s()
+    print(f"cpu probe {probe:.3f} s (bench.probe: the same fixed work on every day)")
+    print(json.dumps({**result, "cpu_probe_s": round(probe, 3)}))

@@ -28,6 +28,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench.probe import cpu_probe_s
 from bench.stack import embedded_stack
 from bench.turn import _percentile
 from core.logging import configure_logging
@@ -116,4 +117,7 @@ if __name__ == "__main__":
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--evicted", type=int, default=200)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.users, args.evicted))))
+    result = asyncio.run(main(args.users, args.evicted))
+    probe = cpu_probe_s()
+    print(f"cpu probe {probe:.3f} s (bench.probe: the same fixed work on every day)")
+    print(json.dumps({**result, "cpu_probe_s": round(probe, 3)}))

@@ -22,6 +22,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench.probe import cpu_probe_s
 from bench.stack import _children, _processes
 from core.logging import configure_logging
 from core.settings import load_settings
@@ -113,4 +114,7 @@ if __name__ == "__main__":
     parser.add_argument("--searches", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.memories, args.searches, args.rounds))))
+    result = asyncio.run(main(args.memories, args.searches, args.rounds))
+    probe = cpu_probe_s()
+    print(f"cpu probe {probe:.3f} s (bench.probe: the same fixed work on every day)")
+    print(json.dumps({**result, "cpu_probe_s": round(probe, 3)}))

@@ -22,13 +22,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from openai import AsyncOpenAI
+from temporalio.testing import ActivityEnvironment
 
-from activities.llm import ChatModel
-from activities.nudges import CompanionActivities
+from activities.companion import CompanionActivities
+from bench.probe import cpu_probe_s
+from clients.llm import ChatModel
 from core.logging import configure_logging
 from core.settings import load_settings
-from schemas.memory import Channel, Role
-from schemas.turn import ChatUser, EnsureUserInput, IncomingMessage, RecordMessageInput
+from schemas.memory import Channel
+from schemas.turn import ChatUser, GenerateReplyInput, IncomingMessage, PrepareTurnInput
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
@@ -66,18 +68,14 @@ async def _timed(turns: int, turn: Callable[[int], Awaitable[object]]) -> list[f
     return latencies
 
 
-async def direct_turn(activities: CompanionActivities, chat: ChatModel, telegram_id: int, n: int) -> str:
+async def direct_turn(activities: CompanionActivities, telegram_id: int, n: int) -> str:
     """The turn without Temporal: the same activity code, called in order in this process."""
-    message = _message(telegram_id, n)
-    user = await activities.ensure_user(EnsureUserInput(user=message.user))
-    await activities.record_message(RecordMessageInput(user_id=user.user_id, message_key=message.message_key,
-                                                       role=Role.USER, text=message.text, channel=message.channel,
-                                                       sent_at=message.sent_at))
-    context = await activities.build_context(user.user_id, message.message_key)
-    reply = await chat.reply(context, message.text)
-    await activities.record_message(RecordMessageInput(user_id=user.user_id, message_key=message.reply_key,
-                                                       role=Role.ASSISTANT, text=reply.text,
-                                                       channel=message.channel, sent_at=datetime.now(UTC)))
+    message, steps = _message(telegram_id, n), ActivityEnvironment()
+    prepared = await steps.run(activities.conversation.prepare_turn,
+                               PrepareTurnInput(message=message, now=datetime.now(UTC)))
+    reply = await steps.run(activities.reply.generate_reply, GenerateReplyInput(
+        user_id=prepared.user.user_id, message_key=message.message_key, reply_key=message.reply_key,
+        text=message.text, channel=message.channel, note=prepared.note))
     return reply.text
 
 
@@ -93,8 +91,8 @@ async def main(turns: int) -> dict[str, float]:
         sessions = create_session_factory(engine)
         # As the worker runs with an LLM server configured: recall in the prompt, the remember step with extraction.
         memory = MemoryIndex(sessions, local_embedder(), PgVectorStore(sessions))
-        activities = CompanionActivities(MemoryRepository(sessions), chat, memory=memory, extract=True)
-        direct = await _timed(turns, lambda n: direct_turn(activities, chat, 1, n))
+        activities = CompanionActivities.create(MemoryRepository(sessions), chat, memory=memory, extract=True)
+        direct = await _timed(turns, lambda n: direct_turn(activities, 1, n))
         env = await start_dev_server()
         async with env:
             settings = load_settings(temporal_task_queue="bench-turn")
@@ -116,4 +114,7 @@ async def main(turns: int) -> dict[str, float]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=300)
-    print(json.dumps(asyncio.run(main(parser.parse_args().turns))))
+    result = asyncio.run(main(parser.parse_args().turns))
+    probe = cpu_probe_s()
+    print(f"cpu probe {probe:.3f} s (bench.probe: the same fixed work on every day)")
+    print(json.dumps({**result, "cpu_probe_s": round(probe, 3)}))
