@@ -68,9 +68,9 @@ class ConversationActivities:
         """Store the user's message once (creating the user, or creating them again when their rows are gone), and
         read the reminder or coming event it mentions: an event goes on the timeline here, once."""
         message = data.message
-        user = await self._repository.get_or_create_user(UserCreate(**message.user.model_dump()))
-        await self.store(RecordMessageInput(user_id=user.id, message_key=message.message_key, role=Role.USER,
-                                            text=message.text, channel=message.channel, sent_at=message.sent_at))
+        user = await self.store_user_message(UserCreate(**message.user.model_dump()), MessageCreate(
+            message_key=message.message_key, role=Role.USER, content=message.text, channel=message.channel,
+            sent_at=message.sent_at))
         zone = user.timezone_info
         prepared = PreparedTurn(user=_ref(user))
         found = parse_reminder(message.text, data.now, zone)
@@ -101,6 +101,10 @@ class ConversationActivities:
         await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.message_key, role=data.role, content=data.text, channel=data.channel,
             sent_at=data.sent_at, meta={"fallback": True} if data.fallback else {}))
+
+    async def store_user_message(self, user: UserCreate, message: MessageCreate) -> UserRead:
+        """Store the user (created, or created again, as need be) and their message once by its key."""
+        return await self._repository.add_user_message(user, message)
 
     @activity.defn(name="set_user_active")
     @translate_errors

@@ -137,6 +137,18 @@ class MemoryRepository:
         # One statement: in autocommit, with no BEGIN and COMMIT around it.
         return await self._write_alone("get_or_create_user", work, telegram_id=data.telegram_id)
 
+    async def add_user_message(self, user: UserCreate, message: MessageCreate) -> UserRead:
+        """get_or_create_user and add_message in one statement: the user, created (or created again, when their rows
+        are gone) and refreshed, and their message stored once by its key."""
+        params = {**{f"u_{name}": value for name, value in user.model_dump().items()},
+                  **{f"m_{name}": value for name, value in message.model_dump().items()}}
+
+        async def work(session: AsyncSession) -> UserRead:
+            return UserRead.model_validate((await session.execute(_USER_WITH_MESSAGE, params)).one())
+
+        return await self._write_alone("add_user_message", work, telegram_id=user.telegram_id,
+                                       message_key=message.message_key)
+
     async def get_user(self, user_id: int) -> UserRead:
         """The user with this internal id, or UserNotFoundError."""
 
@@ -591,6 +603,18 @@ _REPLACE_NUDGE = (
     .union_all(select(_NUDGES).where(_NUDGES.c.nudge_id == bindparam("new_nudge_id"),
                                      ~select(_NUDGE_STORED.c.id).exists())))
 _USERS = User.__table__
+# A turn's first write (add_user_message): the user upserted as get_or_create_user does, and the message inserted
+# once by its key for that user, by a data-modifying WITH. Bound names are prefixed: none may be a column's.
+_KNOWN_USER = (insert(_USERS)
+               .values(**{name: bindparam(f"u_{name}") for name in UserCreate.model_fields}, last_seen_at=func.now())
+               .on_conflict_do_update(index_elements=[User.telegram_id], set_=_USER_REFRESHED)
+               .returning(*_USERS.c).cte("known"))
+_USER_WITH_MESSAGE = select(*_KNOWN_USER.c).add_cte(
+    insert(_MESSAGES)
+    .from_select(["user_id", *MessageCreate.model_fields],
+                 select(_KNOWN_USER.c.id, *(bindparam(f"m_{name}", type_=_MESSAGES.c[name].type)
+                                            for name in MessageCreate.model_fields)))
+    .on_conflict_do_nothing(index_elements=["user_id", "message_key"]).cte("recorded"))
 # A claim is the meta key it names, holding the time (PostgreSQL's clock) it lapses at.
 _CLAIM = bindparam("claim", type_=String)
 _CLAIMED = func.jsonb_build_object(_CLAIM, func.now() + bindparam("lease", type_=Interval))

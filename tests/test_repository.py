@@ -70,6 +70,19 @@ async def test_get_or_create_user_creates_once_and_refreshes_names(repo: MemoryR
     assert again.last_seen_at >= user.last_seen_at
 
 
+async def test_a_turns_first_write_stores_the_user_and_the_message_once(repo: MemoryRepository,
+                                                                          engine: AsyncEngine) -> None:
+    first = await repo.add_user_message(UserCreate(telegram_id=44, first_name="Ada"), message("tg:44:1", "hi"))
+    again = await asyncio.gather(*(repo.add_user_message(UserCreate(telegram_id=44, username="ada_l"),
+                                                         message("tg:44:1", "changed")) for _ in range(3)))
+    assert {user.id for user in again} == {first.id} and again[0].username == "ada_l" and again[0].first_name == "Ada"
+    assert [m.content for m in await repo.recent_messages(first.id)] == ["hi"]  # stored once, as first written
+    await repo.delete_user_by_telegram_id(44)  # the rows gone: the next message creates the user again
+    anew = await repo.add_user_message(UserCreate(telegram_id=44), message("tg:44:2", "back"))
+    assert anew.id != first.id and [m.content for m in await repo.recent_messages(anew.id)] == ["back"]
+    assert await count(engine, Conversation) == 1
+
+
 async def test_telegram_ids_beyond_32_bits_are_stored(repo: MemoryRepository) -> None:
     big = await repo.get_or_create_user(UserCreate(telegram_id=7_123_456_789))
     assert (await repo.get_user_by_telegram_id(7_123_456_789)).id == big.id

@@ -27,8 +27,8 @@ from activities.reply import ReplyActivities
 from clients.llm import ChatModel
 from core.errors import DatabaseConnectionError
 from core.settings import load_settings
-from schemas.memory import Role
-from schemas.turn import GeneratedReply, GenerateReplyInput, Nudge, RecordMessageInput
+from schemas.memory import MessageCreate, Role, UserCreate, UserRead
+from schemas.turn import GeneratedReply, GenerateReplyInput, Nudge
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from tests.conftest import OPENAI_TEST_KEY, SharedDevServer, Stack, chat_model, new_telegram_id
@@ -143,12 +143,13 @@ async def test_the_same_message_sent_twice_gets_one_reply(stack: Stack) -> None:
 
 
 class FailingAfterWrite(ConversationActivities):
-    """Storing a message writes its row, then fails its first two attempts, as a dropped connection would."""
+    """Storing the user's message writes its row, then fails its first two attempts, as a dropped connection would."""
 
-    async def store(self, data: RecordMessageInput) -> None:
-        await super().store(data)
+    async def store_user_message(self, user: UserCreate, message: MessageCreate) -> UserRead:
+        stored = await super().store_user_message(user, message)
         if activity.info().attempt <= 2:
             raise DatabaseConnectionError("connection lost after the write")
+        return stored
 
 
 def failing_after_write(repo: MemoryRepository, chat: ChatModel, memory: MemoryIndex | None) -> CompanionActivities:
@@ -168,10 +169,10 @@ async def test_an_activity_that_fails_twice_then_succeeds_writes_one_row_per_mes
 class RefusingOneMessage(ConversationActivities):
     """Storing a message is refused for good (a non-retryable storage error), as PostgreSQL refuses bad data."""
 
-    async def store(self, data: RecordMessageInput) -> None:
-        if "refuse me" in data.text:
+    async def store_user_message(self, user: UserCreate, message: MessageCreate) -> UserRead:
+        if "refuse me" in message.content:
             raise ApplicationError("the database refused the message", type="DatabaseError", non_retryable=True)
-        await super().store(data)
+        return await super().store_user_message(user, message)
 
 
 def refusing_one_message(repo: MemoryRepository, chat: ChatModel, memory: MemoryIndex | None) -> CompanionActivities:
