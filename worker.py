@@ -91,8 +91,9 @@ def build_worker(client: Client, task_queue: str, activities: CompanionActivitie
     (the workflows, their local steps and the LLM steps) or only the background part (the remember step).
 
     Workflows run in the sandbox unless ``sandbox`` is false. With ``version`` the workers join that Worker
-    Deployment version, and a conversation is PINNED to the version it runs on (moving at continue-as-new); ``llm_per_second`` caps the LLM task
-    queue's activities a second, across every worker that polls it.
+    Deployment version, and a conversation is PINNED to the version it runs on (it moves at continue-as-new).
+    ``llm_per_second`` caps the LLM steps a second: the task queue's limit holds across every worker that polls it,
+    and each worker's own limit smooths the burst the server's bucket allows when it is full.
     """
     payload_passes.install()
     deployment = WorkerDeploymentConfig(version=version, use_worker_versioning=True,

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
@@ -60,6 +61,13 @@ for _name in list(os.environ):
         os.environ.pop(_name)
 
 configure_logging("WARNING", "console")
+
+# The time-skipping test server does not advertise a capability the SDK's activity workers look for, and the SDK
+# warns of it at every worker start (target temporalio_sdk_core::worker); every other warning stays on.
+_QUIET_WORKER_START = ",".join([TelemetryFilter(core_level="WARN", other_level="ERROR").formatted(),
+                                "temporalio_sdk_core::worker=ERROR", "temporalio_sdk_core::worker::workflow=WARN",
+                                "temporalio_sdk_core::worker::activities=WARN"])
+Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter=_QUIET_WORKER_START))))
 
 # The OpenAI key the tests' clients and settings carry. It, the bot token and the Pinecone key are the secrets no
 # test's log line and no workflow history of the session may hold (logs_hold_no_secret, dev_server).

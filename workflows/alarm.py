@@ -37,10 +37,9 @@ class Alarm:
         self._at = at
         self._timer = asyncio.create_task(self._ring(wait, why))
 
-    def take(self) -> bool:
-        """Whether it rang since the last call."""
-        rang, self.rang = self.rang, False
-        return rang
+    def clear(self) -> None:
+        """Heard: the loop looks at what is due, then sets the alarm again."""
+        self.rang = False
 
     async def _ring(self, wait: timedelta, why: str) -> None:
         await workflow.sleep(wait, summary=why)

@@ -73,7 +73,7 @@ class CompanionWorkflow:
             self._replan = False
             self._alarm.set(*self._next_wake())
             await workflow.wait_condition(lambda: self._awake() or self._alarm.rang)
-            self._alarm.take()
+            self._alarm.clear()
             if self._to_remember.due(self._state, workflow.now()):
                 self._start_remembering()
             if self._may_move_on():
