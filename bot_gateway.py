@@ -65,6 +65,7 @@ FORGET_ASK = ("Do you want me to forget everything I know about you: our convers
               "your reminders? This can't be undone.")
 FORGET_DONE = "Done. I've forgotten everything about you. If you write again, we start afresh."
 FORGET_KEPT = "Alright, I'll keep remembering."
+FORGET_NOT_YOURS = "Only the person who asked can answer this. Send /forget yourself to erase what I know of you."
 QUIET_ON = "Okay, no more check-ins from me. Reminders you ask for still come. /quiet off brings check-ins back."
 QUIET_OFF = "Check-ins are back on: I'll say hello now and then."
 NO_NUDGES = "I have no messages planned for you right now."
@@ -103,7 +104,7 @@ class Gateway:
         application.add_handler(CommandHandler("forget", self.forget))
         application.add_handler(CommandHandler("nudges", self.nudges))
         application.add_handler(CommandHandler("quiet", self.quiet))
-        application.add_handler(CallbackQueryHandler(self.forget_answer, pattern=r"^forget:(yes|no)$"))
+        application.add_handler(CallbackQueryHandler(self.forget_answer, pattern=r"^forget:(yes|no)(:\d+)?$"))
         application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self.edited))
         application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND,
                                                self.text))
@@ -171,9 +172,11 @@ class Gateway:
         """/forget: ask for confirmation first; the buttons answer in forget_answer."""
         if (sender := await self._sender(update)) is None:
             return
-        message, _ = sender
-        buttons = InlineKeyboardMarkup([[InlineKeyboardButton("Yes, forget everything", callback_data="forget:yes"),
-                                         InlineKeyboardButton("No, keep it", callback_data="forget:no")]])
+        message, user = sender
+        # The buttons name who asked: in a group, anyone can press them, and only the asker's answer counts.
+        buttons = InlineKeyboardMarkup([[
+            InlineKeyboardButton("Yes, forget everything", callback_data=f"forget:yes:{user.id}"),
+            InlineKeyboardButton("No, keep it", callback_data=f"forget:no:{user.id}")]])
         await message.reply_text(FORGET_ASK, reply_markup=buttons)
 
     async def forget_answer(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -184,8 +187,17 @@ class Gateway:
         if not self._is_allowed(user):
             await query.answer(NOT_ALLOWED)
             return
+        answer, _, asker = (query.data or "").removeprefix("forget:").partition(":")
+        if asker:
+            mine = asker == str(user.id)
+        else:  # buttons sent before they named the asker count only in the asker's own private chat
+            mine = query.message is not None and query.message.chat.id == user.id
+        if not mine:
+            await query.answer(FORGET_NOT_YOURS, show_alert=True)
+            _log.warning("gateway.forget_refused", telegram_id=user.id, asker=asker or None)
+            return
         await query.answer()
-        if query.data != "forget:yes":
+        if answer != "yes":
             await query.edit_message_text(FORGET_KEPT)
             return
         forgotten = await forget(self._client, self._settings, chat_user(user))

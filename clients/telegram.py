@@ -103,7 +103,37 @@ def to_html(text: str) -> str:
     text = _LINK.sub(lambda m: f'<a href="{escape(m.group(2))}">{m.group(1)}</a>', text)
     text = _BOLD.sub(lambda m: f"<b>{m.group(1) or m.group(2)}</b>", text)
     text = _ITALIC.sub(lambda m: f"<i>{m.group(1) or m.group(2)}</i>", text)
-    return re.sub(r"\x00(\d+)\x00", lambda m: code[int(m.group(1))], text)
+    return re.sub(r"\x00(\d+)\x00", lambda m: code[int(m.group(1))], _nested(text))
+
+
+_STYLE_TAG = re.compile(r"<(/?)([bi])>")
+
+
+def _nested(html: str) -> str:
+    """Bold and italic made to nest, as Telegram requires: spans the substitutions above left crossing (``**a _b**
+    c_``, ``***both***``) are closed and opened again around the tag that crossed them."""
+    parts: list[str] = []
+    open_tags: list[str] = []
+    done = 0
+    for tag in _STYLE_TAG.finditer(html):
+        parts.append(html[done:tag.start()])
+        done = tag.end()
+        closing, name = tag.groups()
+        if not closing:
+            open_tags.append(name)
+            parts.append(tag.group())
+            continue
+        inner = []
+        while open_tags[-1] != name:  # every closing tag here closes one the substitutions opened
+            inner.append(open_tags.pop())
+            parts.append(f"</{inner[-1]}>")
+        open_tags.pop()
+        parts.append(tag.group())
+        for again in reversed(inner):
+            open_tags.append(again)
+            parts.append(f"<{again}>")
+    parts.append(html[done:])
+    return re.sub(r"<([bi])></\1>", "", "".join(parts))
 
 
 # --- sending -----------------------------------------------------------------------------------------------------

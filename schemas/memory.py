@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 
 def _valid_timezone(name: str) -> str:
@@ -18,6 +18,20 @@ def _valid_timezone(name: str) -> str:
     return name
 
 
+# Characters that change how text around them is shown without being seen: bidi overrides and isolates (U+202E
+# shows "gnp.exe" as "exe.png"), and zero-width spaces and joiners other than the ZWJ of emoji sequences. A name
+# holding them reads one way to the user and another in the prompt and in operators' views.
+_INVISIBLE = dict.fromkeys([0x061C, 0x200B, 0x200C, 0x200E, 0x200F, *range(0x202A, 0x202F), 0x2060,
+                            *range(0x2066, 0x206A), 0xFEFF])
+
+
+def clean_name(name: object) -> object:
+    """A name without invisible formatting characters, stripped; None when nothing is left."""
+    if not isinstance(name, str):
+        return name
+    return name.translate(_INVISIBLE).strip() or None
+
+
 def display_name(first_name: str | None, last_name: str | None, username: str | None, telegram_id: int) -> str:
     """The name to call a user by: their full name, else their username, else their id."""
     full = " ".join(part for part in (first_name, last_name) if part)
@@ -25,6 +39,7 @@ def display_name(first_name: str | None, last_name: str | None, username: str | 
 
 
 TelegramId = Annotated[int, Field(gt=0, lt=2**63)]
+UserName = Annotated[str | None, BeforeValidator(clean_name)]
 TimeZoneName = Annotated[str, AfterValidator(_valid_timezone)]
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10_000)]
@@ -123,9 +138,9 @@ class UserCreate(_Model):
     """A user as first seen on a channel."""
 
     telegram_id: TelegramId
-    username: str | None = Field(default=None, max_length=64)
-    first_name: str | None = Field(default=None, max_length=128)
-    last_name: str | None = Field(default=None, max_length=128)
+    username: UserName = Field(default=None, max_length=64)
+    first_name: UserName = Field(default=None, max_length=128)
+    last_name: UserName = Field(default=None, max_length=128)
     language_code: str | None = Field(default=None, max_length=16)
     timezone: TimeZoneName = "UTC"
 
@@ -133,9 +148,9 @@ class UserCreate(_Model):
 class UserUpdate(_Model):
     """Changes to a user; fields left unset stay as they are."""
 
-    username: str | None = Field(default=None, max_length=64)
-    first_name: str | None = Field(default=None, max_length=128)
-    last_name: str | None = Field(default=None, max_length=128)
+    username: UserName = Field(default=None, max_length=64)
+    first_name: UserName = Field(default=None, max_length=128)
+    last_name: UserName = Field(default=None, max_length=128)
     language_code: str | None = Field(default=None, max_length=16)
     timezone: TimeZoneName | None = None
     is_active: bool | None = None

@@ -15,6 +15,7 @@ from schemas.memory import (
     NudgeStatus,
     Role,
     TelegramId,
+    UserName,
     display_name,
 )
 
@@ -60,9 +61,9 @@ class ChatUser(_Contract):
     """Who sent a message, as the channel knows them."""
 
     telegram_id: TelegramId
-    username: str | None = None
-    first_name: str | None = None
-    last_name: str | None = None
+    username: UserName = None
+    first_name: UserName = None
+    last_name: UserName = None
     language_code: str | None = None
 
     @property

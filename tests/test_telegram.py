@@ -343,15 +343,18 @@ async def test_a_long_reply_is_split_at_paragraphs_and_a_429_in_between_resends_
 
 async def test_formatting_is_sent_as_html_and_falls_back_to_plain_text(tg: TelegramStack) -> None:
     ada = new_telegram_id()
-    tg.llm.script(Reply("That's **great** news & `x < y` <3"), Reply("**bold *both** italic*"))
+    tg.llm.script(Reply("That's **great** news & `x < y` <3"), Reply("**bold** and *italic*"))
     await say(tg, ada, "I got the job")
     [formatted] = await tg.api.wait_for(ada)
     assert formatted.parse_mode == "HTML"
     assert formatted.text == "That's <b>great</b> news &amp; <code>x &lt; y</code> &lt;3"
 
-    await say(tg, ada, "and a raise")  # the model's Markdown is mis-nested: Telegram can't parse the HTML
+    # Telegram refuses the HTML all the same (its parser has rules of its own): the same text goes out plain.
+    tg.api.fail_next("sendMessage", Fail(400, "Bad Request: can't parse entities: Can't find end tag corresponding "
+                                              "to start tag \"b\""))
+    await say(tg, ada, "and a raise")
     _, plain = await tg.api.wait_for(ada, count=2)
-    assert plain.parse_mode is None and plain.text == "**bold *both** italic*"
+    assert plain.parse_mode is None and plain.text == "**bold** and *italic*"
 
 
 # --- what the gateway lets through -----------------------------------------------------------------------------
@@ -398,6 +401,18 @@ async def test_overlong_text_is_refused_and_control_characters_are_stripped(tg: 
     _, reply = await tg.api.wait_for(ada, count=2)
     assert reply.text == "I hear you: hello[31m there"
     assert await transcript(tg, ada) == [("user", "hello[31m there"), ("assistant", "I hear you: hello[31m there")]
+
+
+async def test_invisible_formatting_in_a_name_reaches_neither_the_prompt_nor_the_memory(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    update = message_update(ada, "hello")
+    update["message"]["from"]["first_name"] = "Ada\u202egnp.exe\u200b"  # shown to people as "Adaexe.png"
+    tg.api.push(update)
+    await tg.api.wait_for(ada)
+    assert (await tg.repo.get_user_by_telegram_id(ada)).first_name == "Adagnp.exe"
+    system = tg.llm.requests[-1]["messages"][0]["content"]
+    assert "Adagnp.exe" in system and "\u202e" not in system and "\u200b" not in system
+    assert (await tg.state(ada)).transcript[0] == "**Adagnp.exe**: hello"
 
 
 async def test_in_a_group_the_bot_answers_only_when_mentioned_or_replied_to(tg: TelegramStack) -> None:
@@ -471,10 +486,10 @@ async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> 
     _, question = await tg.api.wait_for(ada, count=2)
     assert question.text == bot_gateway.FORGET_ASK
     buttons = [button["callback_data"] for button in question.reply_markup["inline_keyboard"][0]]
-    assert buttons == ["forget:yes", "forget:no"]
+    assert buttons == [f"forget:yes:{ada}", f"forget:no:{ada}"]
     assert await tg.repo.get_user_by_telegram_id(ada) == user  # nothing erased before the answer
 
-    tg.api.push(callback_update(ada, "forget:yes", bot_message(ada, question.message_id, question.text)))
+    tg.api.push(callback_update(ada, f"forget:yes:{ada}", bot_message(ada, question.message_id, question.text)))
     await eventually(lambda: question.text, lambda text: text == bot_gateway.FORGET_DONE)
     with pytest.raises(UserNotFoundError):
         await tg.repo.get_user_by_telegram_id(ada)
@@ -495,9 +510,38 @@ async def test_forget_can_be_declined(tg: TelegramStack) -> None:
     await tg.api.wait_for(ada)
     await say(tg, ada, "/forget")
     _, question = await tg.api.wait_for(ada, count=2)
-    tg.api.push(callback_update(ada, "forget:no", bot_message(ada, question.message_id, question.text)))
+    tg.api.push(callback_update(ada, f"forget:no:{ada}", bot_message(ada, question.message_id, question.text)))
     await eventually(lambda: question.text, lambda text: text == bot_gateway.FORGET_KEPT)
     assert ("user", "I love climbing") in await transcript(tg, ada)
+
+
+async def test_in_a_group_only_the_asker_can_confirm_forget(tg: TelegramStack) -> None:
+    ada, bob, group = new_telegram_id(), new_telegram_id(), -new_telegram_id()
+    for who in (ada, bob):
+        await say(tg, who, f"I am {who}")
+        await tg.api.wait_for(who)
+    tg.api.push(message_update(ada, "/forget", chat_id=group, chat_type="group"))
+    [question] = await tg.api.wait_for(group)
+    assert question.text == bot_gateway.FORGET_ASK
+    under_question = bot_message(group, question.message_id, question.text)
+
+    answered = len([call for call in tg.api.calls if call[0] == "answerCallbackQuery"])
+    tg.api.push(callback_update(bob, f"forget:yes:{ada}", under_question))  # Bob presses Ada's button
+    refusal = await eventually(lambda: [params for method, params in tg.api.calls
+                                        if method == "answerCallbackQuery"][answered:], lambda found: found)
+    assert refusal[0]["text"] == bot_gateway.FORGET_NOT_YOURS
+    tg.api.push(callback_update(bob, "forget:yes", under_question))  # or a button that names nobody
+    await eventually(lambda: len([call for call in tg.api.calls if call[0] == "answerCallbackQuery"]),
+                     lambda n: n == answered + 2)
+    assert question.text == bot_gateway.FORGET_ASK  # nothing happened: the question stands
+    for who in (ada, bob):
+        assert ("user", f"I am {who}") in await transcript(tg, who)
+
+    tg.api.push(callback_update(ada, f"forget:yes:{ada}", under_question))
+    await eventually(lambda: question.text, lambda text: text == bot_gateway.FORGET_DONE)
+    with pytest.raises(UserNotFoundError):
+        await tg.repo.get_user_by_telegram_id(ada)
+    assert ("user", f"I am {bob}") in await transcript(tg, bob)
 
 
 # --- webhook mode ----------------------------------------------------------------------------------------------
@@ -538,6 +582,7 @@ async def test_the_webhook_takes_updates_with_the_secret_only(tg: TelegramStack)
     ("```python\nif a < b:\n    print('&')\n```\nthen text", "if a < b:\n    print('&')\nthen text"),
     ("snake_case_names and 2*3*4 and a * star * alone", "snake_case_names and 2*3*4 and a * star * alone"),
     ("emoji 🧗‍♀️ and unicode — fine", "emoji 🧗‍♀️ and unicode — fine"),
+    ("**bold _it** x_ and ***both*** and _it **b** it_", "bold it x and both and it b it"),  # crossing spans
 ])
 def test_formatted_text_is_accepted_by_telegram_and_reads_as_meant(markdown: str, shown: str) -> None:
     assert parse_html(to_html(markdown)) == shown  # parse_html refuses what Telegram refuses
