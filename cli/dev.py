@@ -97,6 +97,11 @@ class TemporalDevServer:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _log.info("temporal.dev_server_started", pid=self._process.pid, port=self.port, ui_port=self.ui_port)
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, once started."""
+        return self._process.pid if self._process is not None else None
+
     async def wait_ready(self, settings: Settings) -> Client:
         """A client of the started server, once it answers."""
         deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
@@ -147,13 +152,47 @@ def _banner(settings: Settings, server: TemporalDevServer, user: int) -> str:
     ])
 
 
+class Reaper:
+    """`python -m cli.reaper`: stops the servers `companion dev` started once it is gone, even when it is killed."""
+
+    def __init__(self) -> None:
+        # Its own session, so that a signal to our process group leaves it to do its work.
+        self._process = subprocess.Popen([sys.executable, "-m", "cli.reaper"], stdin=subprocess.PIPE, text=True,
+                                         start_new_session=True)
+
+    def watch(self, pid: int, signum: signal.Signals) -> None:
+        """Stop process ``pid`` with ``signum`` once `companion dev` is gone."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(f"{pid} {int(signum)}\n")
+        self._process.stdin.flush()
+
+    def close(self) -> None:
+        """`companion dev` is done: the reaper stops what is still running and exits."""
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait(STOP_TIMEOUT_S)
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    """The embedded PostgreSQL's postmaster, from the first line of its postmaster.pid."""
+    try:
+        return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
 async def run_dev(settings: Settings, user: int, chat: bool) -> int:
     """Start Temporal, PostgreSQL, the model and the worker; chat or wait; stop everything on the way out."""
+    reaper = Reaper()
     server = TemporalDevServer(settings)
-    server.start()
     try:
+        server.start()
+        assert server.pid is not None
+        reaper.watch(server.pid, signal.SIGTERM)
         client = await server.wait_ready(settings)
         with postgres_url(settings) as database_url:
+            if settings.uses_embedded_postgres and (postmaster := _postmaster_pid(settings.postgres_data_dir)):
+                reaper.watch(postmaster, signal.SIGINT)  # PostgreSQL's fast shutdown
             engine = create_engine(database_url)
             try:
                 await migrate.upgrade(engine)
@@ -176,6 +215,7 @@ async def run_dev(settings: Settings, user: int, chat: bool) -> int:
                     await service
     finally:
         server.stop()
+        reaper.close()
     return 0
 
 

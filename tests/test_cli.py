@@ -20,6 +20,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from cli.nudges import parse_when
+from cli.reaper import alive
 from core.errors import InvalidInputError
 from tests.fake_openai import FakeOpenAI
 from tests.fake_telegram import TOKEN, FakeBotAPI, message_update
@@ -303,3 +304,25 @@ def test_the_worker_sends_traces_of_turns_to_an_otlp_collector(tmp_path: Path, d
         assert dev.stop() == 0, dev.tail()  # the worker flushes its spans on the way out
         collector.shutdown()
     assert {"RunActivity:prepare_turn", "RunActivity:generate_reply"} <= set(spans)
+
+
+def test_companion_dev_killed_with_sigkill_leaves_nothing_running(tmp_path: Path, dev_env: dict[str, str]) -> None:
+    dev = DevProcess(tmp_path, dev_env)
+    log = [json.loads(line) for line in (tmp_path / ".companion" / "companion.log").read_text().splitlines()]
+    temporal = next(line["pid"] for line in log if line["event"] == "temporal.dev_server_started")
+    postgres = int((tmp_path / ".companion" / "postgres" / "postmaster.pid").read_text().split()[0])
+    assert alive(temporal) and alive(postgres)
+
+    dev.process.kill()  # SIGKILL: no handler of its own runs
+    dev.process.wait(10)
+    deadline = time.monotonic() + 5
+    while (alive(temporal) or alive(postgres)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(temporal) and not alive(postgres), dev.tail()
+
+    again = DevProcess(tmp_path, dev_env)  # the ports and the data are free again, and the data is whole
+    try:
+        said = _companion("say", "--user", "42", "hello again", cwd=tmp_path, env=dev_env)
+        assert said.returncode == 0 and "I hear you: hello again" in said.stdout, said.stdout + said.stderr
+    finally:
+        assert again.stop() == 0, again.tail()
