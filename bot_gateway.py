@@ -9,6 +9,8 @@ memory (/forget, /quiet) are workflow updates. Long polling by default; a webhoo
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -16,8 +18,10 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from aiohttp import web
 from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
 from telegram.constants import ChatType, MessageEntityType
+from telegram.error import TelegramError
 from telegram.ext import (
     Application,
     ApplicationBuilder,
@@ -75,6 +79,8 @@ COMMANDS = [BotCommand("help", "what I can do"), BotCommand("nudges", "messages 
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 SIGNAL_ATTEMPTS = 4
 MAX_CONCURRENT_UPDATES = 64
+WEBHOOK_MAX_BODY = 1 << 20  # an update is a few KB; 1 MiB is far above any
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 _log = get_logger(__name__)
 
@@ -326,9 +332,62 @@ def build_application(settings: Settings, client: Client) -> Application:
     """The python-telegram-bot application of the gateway, pointed at TELEGRAM_API_BASE_URL."""
     if settings.telegram_bot_token is None:
         raise ValueError("the gateway needs TELEGRAM_BOT_TOKEN")
-    application = (ApplicationBuilder().token(settings.telegram_bot_token.get_secret_value())
-                   .base_url(settings.telegram_api_base_url).concurrent_updates(PerChatOrder()).build())
+    builder = (ApplicationBuilder().token(settings.telegram_bot_token.get_secret_value())
+               .base_url(settings.telegram_api_base_url).concurrent_updates(PerChatOrder()))
+    if settings.telegram_webhook_url:
+        builder = builder.updater(None)  # the webhook is WebhookReceiver's; the updater only polls
+    application = builder.build()
     return Gateway(settings, client).install(application)
+
+
+class WebhookReceiver:
+    """Telegram's webhook: the secret token is checked before a byte of the body is read, a body over
+    WEBHOOK_MAX_BODY is refused, and a body that is no update is a 400; each update goes to the application's queue.
+
+    python-telegram-bot's own webhook server reads the whole body first (up to ~100 MB) and answers JSON it cannot
+    decode with a 500; this is its documented custom-webhook path (updates put on ``application.update_queue``).
+    """
+
+    def __init__(self, application: Application, path: str, secret: str):
+        self._application, self._secret = application, secret.encode()
+        app = web.Application(client_max_size=WEBHOOK_MAX_BODY)
+        app.router.add_post(path, self.receive)
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self, listen: str, port: int) -> None:
+        """Listen on ``listen:port``."""
+        await self._runner.setup()
+        await web.TCPSite(self._runner, listen, port).start()
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def receive(self, request: web.Request) -> web.Response:
+        """One POST from Telegram."""
+        if not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), self._secret):
+            return _refusal(403, "wrong or missing secret token")
+        if request.content_length is not None and request.content_length > WEBHOOK_MAX_BODY:
+            return _refusal(413, "body too large")
+        try:
+            data = json.loads(await request.read())
+            update = Update.de_json(data, self._application.bot) if isinstance(data, dict) else None
+        except web.HTTPRequestEntityTooLarge:
+            return _refusal(413, "body too large")
+        except (ValueError, TypeError, KeyError, TelegramError):
+            update = None
+        if update is None:
+            _log.warning("gateway.webhook_refused", reason="not an update", size=request.content_length)
+            return web.Response(status=400, text="not an update")
+        await self._application.update_queue.put(update)
+        return web.Response(status=200)
+
+
+def _refusal(status: int, reason: str) -> web.Response:
+    """A refusal that closes the connection, so that the rest of the body is never read."""
+    _log.warning("gateway.webhook_refused", status=status, reason=reason)
+    response = web.Response(status=status, text=reason)
+    response.force_close()
+    return response
 
 
 async def run_gateway(settings: Settings, stop: asyncio.Event, client: Client | None = None,
@@ -344,12 +403,15 @@ async def run_gateway(settings: Settings, stop: asyncio.Event, client: Client | 
             await application.initialize()  # checks the token with getMe
             await application.bot.set_my_commands(COMMANDS)
         await application.start()
+        webhook = None
         try:
-            await _receive(settings, application)
+            webhook = await _receive(settings, application)
             if started is not None:
                 started.set()
             await stop.wait()
         finally:
+            if webhook is not None:
+                await webhook.stop()
             if application.updater is not None and application.updater.running:
                 await application.updater.stop()
             await application.stop()
@@ -358,24 +420,26 @@ async def run_gateway(settings: Settings, stop: asyncio.Event, client: Client | 
     _log.info("gateway.stopped")
 
 
-async def _receive(settings: Settings, application: Application) -> None:
-    updater = application.updater
-    assert updater is not None
+async def _receive(settings: Settings, application: Application) -> WebhookReceiver | None:
+    """Start receiving updates: long polling, or the webhook (returned, to be stopped)."""
     if not settings.telegram_webhook_url:
+        updater = application.updater
+        assert updater is not None
         with telegram_errors():
             await updater.start_polling(allowed_updates=ALLOWED_UPDATES)
         _log.info("gateway.started", mode="polling")
-        return
+        return None
     secret = settings.telegram_webhook_secret
     assert secret is not None  # the settings refuse a webhook without one
+    webhook = WebhookReceiver(application, urlsplit(settings.telegram_webhook_url).path or "/",
+                              secret.get_secret_value())
     try:
-        with telegram_errors():
-            await updater.start_webhook(
-                listen=settings.telegram_webhook_listen, port=settings.telegram_webhook_port,
-                url_path=urlsplit(settings.telegram_webhook_url).path.lstrip("/"),
-                webhook_url=settings.telegram_webhook_url, secret_token=secret.get_secret_value(),
-                allowed_updates=ALLOWED_UPDATES)
+        await webhook.start(settings.telegram_webhook_listen, settings.telegram_webhook_port)
     except OSError as exc:
         raise ConfigurationError(f"the webhook cannot listen on {settings.telegram_webhook_listen}:"
                                  f"{settings.telegram_webhook_port}: {exc.strerror or exc}") from exc
+    with telegram_errors():
+        await application.bot.set_webhook(settings.telegram_webhook_url, secret_token=secret.get_secret_value(),
+                                          allowed_updates=ALLOWED_UPDATES)
     _log.info("gateway.started", mode="webhook", port=settings.telegram_webhook_port)
+    return webhook
