@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateRPCTimeoutOrCancelledError
 
-from core.errors import ExternalServiceError, UserNotFoundError
+from core.errors import ExternalServiceError, InvalidArgumentError, InvalidInputError, UserNotFoundError
 from core.settings import Settings
 from schemas.memory import Channel, Role
-from schemas.turn import ChatUser, IncomingMessage, TurnReply
+from schemas.turn import MAX_MESSAGE_CHARS, ChatUser, IncomingMessage, TurnReply, clean_text
 from storage.database import create_engine, create_session_factory
 from storage.embedded import postgres_url
 from storage.repository import MemoryRepository
@@ -25,10 +25,16 @@ REPLY_TIMEOUT_S = 300.0
 
 
 def console_message(telegram_id: int, text: str) -> IncomingMessage:
-    """A terminal message from a user, keyed uniquely."""
+    """A terminal message from a user, keyed uniquely; an empty or overlong one is refused with a clear error."""
+    cleaned = str(clean_text(text))
+    if not cleaned:
+        raise InvalidArgumentError("the message is empty: give some text to send")
+    if len(cleaned) > MAX_MESSAGE_CHARS:
+        raise InvalidArgumentError(f"the message is {len(cleaned):,} characters long; at most {MAX_MESSAGE_CHARS:,} "
+                                "go in one message")
     return IncomingMessage(message_key=f"console:{telegram_id}:{uuid.uuid4().hex}",
                            user=ChatUser(telegram_id=telegram_id), chat_id=telegram_id, channel=Channel.CONSOLE,
-                           text=text, sent_at=datetime.now(UTC))
+                           text=cleaned, sent_at=datetime.now(UTC))
 
 
 async def connect_or_explain(settings: Settings) -> Client:
@@ -41,20 +47,21 @@ async def connect_or_explain(settings: Settings) -> Client:
                                    cause=exc) from None
 
 
-async def ask(client: Client, settings: Settings, telegram_id: int, text: str,
+async def ask(client: Client, settings: Settings, message: IncomingMessage,
               timeout_s: float = REPLY_TIMEOUT_S) -> TurnReply:
     """Send one message and wait for the companion's reply."""
     try:
-        return await asyncio.wait_for(send_message(client, settings, console_message(telegram_id, text)), timeout_s)
-    except TimeoutError:
-        raise ExternalServiceError(f"no reply within {timeout_s:.0f} s: is a worker running on task queue "
-                                   f"{settings.temporal_task_queue}?", context={"user": telegram_id}) from None
+        return await asyncio.wait_for(send_message(client, settings, message), timeout_s)
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        raise ExternalServiceError(f"no reply within {timeout_s:g} s: is a worker running on task queue "
+                                   f"{settings.temporal_task_queue}, and is its LLM answering?",
+                                   context={"user": message.user.telegram_id}) from None
 
 
 async def say(settings: Settings, telegram_id: int, text: str, timeout_s: float) -> int:
     """`companion say`: print the reply to one message."""
-    client = await connect_or_explain(settings)
-    reply = await ask(client, settings, telegram_id, text, timeout_s)
+    message = console_message(telegram_id, text)  # refused before anything is contacted
+    reply = await ask(await connect_or_explain(settings), settings, message, timeout_s)
     print(reply.text)
     return 0
 
@@ -83,7 +90,11 @@ async def chat_loop(client: Client, settings: Settings, telegram_id: int) -> Non
             print()
             return
         if line.strip():
-            reply = await ask(client, settings, telegram_id, line.strip())
+            try:
+                reply = await ask(client, settings, console_message(telegram_id, line))
+            except InvalidInputError as exc:  # e.g. too long: say so, and the chat goes on
+                print(f"companion: {exc}", flush=True)
+                continue
             print(f"companion> {reply.text}", flush=True)
 
 

@@ -178,8 +178,8 @@ async def run_locomo(settings: Settings, path: Path, k: int = 10, extract: bool 
 
 
 async def _extractor(settings: Settings, repo: MemoryRepository, index: MemoryIndex):
-    from clients.llm import LocalModelServer, create_chat_model
     from activities.remember import Rememberer
+    from clients.llm import LocalModelServer, create_chat_model
 
     local = LocalModelServer() if settings.uses_local_model else None
     chat = create_chat_model(settings, local.start() if local else None)

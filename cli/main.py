@@ -8,15 +8,19 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import uvloop
 from alembic.util import CommandError as AlembicCommandError
+from pydantic import ValidationError
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.errors import CompanionError, ConfigurationError, InvalidInputError
+from core.errors import CompanionError, ConfigurationError, InvalidArgumentError, InvalidInputError
 from core.logging import configure_logging, get_logger
 from core.settings import Settings, load_settings
 from storage import migrate
@@ -28,12 +32,53 @@ EXIT_USAGE = 2
 DEFAULT_USER = 42
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, answering refused input with one line (what is wrong, what is allowed) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}: expected a whole number from {low:,} to "
+                                             f"{high:,}")
+        return number
+
+    return parse
+
+
+TELEGRAM_ID = _bounded_int(1, 2**63 - 1, "a Telegram user id")
+MAX_LIMIT = 10_000
+MAX_K = 100
+MAX_TIMEOUT_S = 3_600.0
+
+
+def _timeout(value: str) -> float:
+    """An argparse type: seconds to wait, more than 0 and at most MAX_TIMEOUT_S."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected seconds, more than 0 and at most {MAX_TIMEOUT_S:g}")
+    return seconds
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="companion", description="An AI companion that remembers you.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="companion", description="An AI companion that remembers you.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     dev = commands.add_parser("dev", help="run everything locally: Temporal, PostgreSQL, model, worker, chat")
-    dev.add_argument("--user", type=int, default=DEFAULT_USER, help="who you are in the chat (default 42)")
+    dev.add_argument("--user", type=TELEGRAM_ID, default=DEFAULT_USER, help="who you are in the chat (default 42)")
     dev.add_argument("--no-chat", action="store_true", help="do not open the chat prompt even on a terminal")
     worker = commands.add_parser("worker", help="run a worker against the configured Temporal and PostgreSQL")
     worker.add_argument("--make-current", action="store_true",
@@ -43,24 +88,24 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("doctor", help="check every configured dependency and say how to fix what fails")
 
     say = commands.add_parser("say", help="send one message and print the reply")
-    say.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
-    say.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the reply (default 300)")
+    say.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
+    say.add_argument("--timeout", type=_timeout, default=300.0, help="seconds to wait for the reply (default 300)")
     say.add_argument("text", nargs="+", help="the message")
     chat = commands.add_parser("chat", help="chat interactively with a running companion")
-    chat.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    chat.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
     history = commands.add_parser("history", help="print a user's conversation from PostgreSQL")
-    history.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
-    history.add_argument("--limit", type=int, default=50, help="how many recent messages (default 50)")
+    history.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
+    history.add_argument("--limit", type=_bounded_int(1, MAX_LIMIT, "a number of messages"), default=50, help="how many recent messages (default 50)")
     replay = commands.add_parser("replay", help="replay recorded workflow histories against this code")
     replay.add_argument("files", nargs="+", type=Path, help="history JSON files (Temporal's export format)")
 
     nudges = commands.add_parser("nudges", help="list, schedule and cancel proactive messages")
     nudge_commands = nudges.add_subparsers(dest="nudge_command", required=True, metavar="ACTION")
     listing = nudge_commands.add_parser("list", help="nudges, soonest first")
-    listing.add_argument("--user", type=int, help="only this user's")
+    listing.add_argument("--user", type=TELEGRAM_ID, help="only this user's")
     listing.add_argument("--status", choices=["pending", "sent", "cancelled", "failed"], help="only in this state")
     plan = nudge_commands.add_parser("schedule", help="schedule a nudge; prints its id")
-    plan.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    plan.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
     when = plan.add_mutually_exclusive_group(required=True)
     when.add_argument("--at", help="when, ISO 8601 with a UTC offset (2026-11-25T09:00+01:00)")
     when.add_argument("--in", dest="after", help="how soon: 3s, 90m, 2h, 1d12h")
@@ -68,25 +113,25 @@ def _build_parser() -> argparse.ArgumentParser:
     what.add_argument("--text", help="the message to send as is")
     what.add_argument("--purpose", help="what the companion should write about")
     stop = nudge_commands.add_parser("cancel", help="cancel a pending nudge")
-    stop.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
+    stop.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
     stop.add_argument("nudge_id", help="the id `schedule` printed")
 
     bench = commands.add_parser("bench", help="measure the companion")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     locomo = bench_commands.add_parser("locomo", help="memory retrieval recall on LoCoMo conversations")
     locomo.add_argument("--data", type=Path, required=True, help="a LoCoMo JSON file (e.g. locomo10.json)")
-    locomo.add_argument("--k", type=int, default=10, help="memories retrieved per question to report (default 10)")
+    locomo.add_argument("--k", type=_bounded_int(1, MAX_K, "a number of memories"), default=10, help="memories retrieved per question to report (default 10)")
     locomo.add_argument("--extract", action="store_true", help="also run the LLM extraction of the remember step")
 
     memory = commands.add_parser("memory", help="manage semantic memory")
     memory_commands = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
     reindex = memory_commands.add_parser("reindex", help="embed memories again with the configured embedder")
-    reindex.add_argument("--user", type=int, help="only this user's (a Telegram user id)")
+    reindex.add_argument("--user", type=TELEGRAM_ID, help="only this user's (a Telegram user id)")
     reindex.add_argument("--missing", action="store_true",
                          help="only memories without a vector from the current embedder")
     search = memory_commands.add_parser("search", help="what the companion recalls for a query")
-    search.add_argument("--user", type=int, required=True, help="the user's id (a Telegram user id)")
-    search.add_argument("--k", type=int, default=10, help="how many memories (default 10)")
+    search.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
+    search.add_argument("--k", type=_bounded_int(1, MAX_K, "a number of memories"), default=10, help="how many memories (default 10)")
     search.add_argument("query", nargs="+", help="the query")
 
     db = commands.add_parser("db", help="manage the database schema")
@@ -95,6 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
     down = db_commands.add_parser("downgrade", help="revert migrations (one step by default)")
     down.add_argument("revision", nargs="?", default="-1", help="target revision, -N steps, or base (default: -1)")
+    down.add_argument("--yes", action="store_true",
+                      help="drop the tables of the migrations it reverts, with every row in them")
+    down.add_argument("--force", action="store_true", help="even while workers poll the task queue")
     db_commands.add_parser("current", help="print the revision the database is at")
     return parser
 
@@ -107,6 +155,7 @@ async def _db(settings: Settings, args: argparse.Namespace) -> int:
             if args.db_command == "upgrade":
                 await migrate.upgrade(engine, args.revision)
             elif args.db_command == "downgrade":
+                await _guard_downgrade(settings, engine, args)
                 await migrate.downgrade(engine, args.revision)
             after = await migrate.current_revision(engine)
         except AlembicCommandError as exc:
@@ -120,6 +169,56 @@ async def _db(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(f"database {args.db_command}d: {before or 'base'} -> {after or 'base'}")
     return 0
+
+
+# Workers long-poll for a minute at a time: one that polled within this long is running.
+POLLER_SEEN_S = 70
+_COUNTED = {"users": "users", "conversations": "messages", "memories": "memories"}
+
+
+async def _guard_downgrade(settings: Settings, engine: AsyncEngine, args: argparse.Namespace) -> None:
+    """Refuse a downgrade nobody confirmed (--yes), saying what it would drop, and one that would pull the schema
+    from under running workers (--force: they wait, retrying, until `companion db upgrade`)."""
+    async with engine.connect() as connection:
+        counts = {}
+        for table, what in _COUNTED.items():
+            if (await connection.execute(text("SELECT to_regclass(:table)"), {"table": table})).scalar():
+                counts[what] = (await connection.execute(text(f'SELECT count(*) FROM "{table}"'))).scalar_one()
+    held = ", ".join(f"{count:,} {what}" for what, count in counts.items()) or "no tables of the companion"
+    if not args.yes:
+        raise InvalidArgumentError(f"db downgrade {args.revision} drops the tables of the migrations it reverts, with "
+                                f"their rows (the database holds {held}); run it again with --yes to do it")
+    if args.force:
+        return
+    workers = await _polling_workers(settings)
+    if workers is None:
+        raise InvalidInputError(f"cannot reach Temporal at {settings.temporal_address} to see whether workers run; "
+                                "stop them and pass --force to go ahead")
+    if workers:
+        raise InvalidInputError(f"{workers} worker(s) poll task queue {settings.temporal_task_queue}: stop them "
+                                "first, or pass --force (their messages then wait for `companion db upgrade`)")
+
+
+async def _polling_workers(settings: Settings) -> int | None:
+    """How many workers polled the task queue lately; None when Temporal cannot be reached."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    from workflows.client import connect
+
+    try:
+        client = await connect(settings)
+    except RuntimeError:
+        return None
+    workers = set()
+    for kind in (TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY):
+        described = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+            namespace=client.namespace, task_queue=TaskQueue(name=settings.temporal_task_queue),
+            task_queue_type=kind))
+        workers.update(poller.identity for poller in described.pollers
+                       if time.time() - poller.last_access_time.ToSeconds() < POLLER_SEEN_S)
+    return len(workers)
 
 
 async def _worker(settings: Settings, make_current: bool) -> int:
@@ -208,8 +307,6 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
         case "bench":
             from cli.locomo import run_locomo
 
-            if args.k < 1:
-                raise InvalidInputError("--k: expected a positive number of memories")
             return run_locomo(settings, args.data, args.k, args.extract)
         case "memory":
             from cli import memory
@@ -258,12 +355,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         # uvloop: the worker spends much of its time in the event loop (sockets to Temporal, PostgreSQL, the LLM and
         # Telegram); on uvloop a load run's worker took ~20% less CPU a turn and answered ~1.3x the turns a second.
         return uvloop.run(_until_stopped(_command(settings, args)))
-    except CompanionError as exc:
-        log.info("command.failed", **exc.to_dict())
-        print(f"companion: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 0
+    except Exception as exc:  # one line for every failure; the traceback with --debug
+        if args.debug:
+            raise
+        return _report(log, exc)
+
+
+def _report(log: Any, exc: Exception) -> int:
+    """Say in one line why a command did not do its work; the exit status: 2 for refused input, else 1."""
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'input'}: {error['msg']}"
+                             for error in exc.errors(include_url=False))
+        print(f"companion: refused: {problems}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, CompanionError):
+        log.info("command.failed", **exc.to_dict())
+        print(f"companion: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, InvalidArgumentError) else EXIT_FAILURE
+    log.error("command.failed", error=type(exc).__name__, detail=str(exc))
+    print(f"companion: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'failed'} (--debug shows "
+          "the traceback)", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def run() -> None:

@@ -10,7 +10,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from cli.conversation import connect_or_explain, open_repository
-from core.errors import InvalidInputError, UserNotFoundError
+from core.errors import InvalidArgumentError, InvalidInputError, UserNotFoundError
 from core.settings import Settings
 from schemas.memory import NudgeStatus
 from schemas.turn import Nudge
@@ -20,19 +20,28 @@ _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
+MAX_AHEAD = timedelta(days=3_650)
+
+
 def parse_when(at: str | None, after: str | None, now: datetime) -> datetime:
     """The instant of `--at ISO-with-offset` or `--in 2h` / `90m` / `1d12h` / `3s`."""
     if after is not None:
         parts = _DURATION.findall(after)
         if not parts or "".join(n + unit for n, unit in parts) != after.replace(" ", ""):
-            raise InvalidInputError(f"--in {after!r}: expected a duration like 3s, 90m, 2h or 1d12h")
-        return now + sum((timedelta(**{_UNITS[unit]: int(n)}) for n, unit in parts), timedelta())
+            raise InvalidArgumentError(f"--in {after!r}: expected a duration like 3s, 90m, 2h or 1d12h")
+        try:
+            delay = sum((timedelta(**{_UNITS[unit]: int(n)}) for n, unit in parts), timedelta())
+        except OverflowError:
+            delay = MAX_AHEAD + timedelta(days=1)
+        if delay > MAX_AHEAD:
+            raise InvalidArgumentError(f"--in {after!r}: at most {MAX_AHEAD.days:,} days ahead")
+        return now + delay
     try:
         moment = datetime.fromisoformat(at or "")
     except ValueError:
-        raise InvalidInputError(f"--at {at!r}: expected an ISO time like 2026-11-25T09:00+01:00") from None
+        raise InvalidArgumentError(f"--at {at!r}: expected an ISO time like 2026-11-25T09:00+01:00") from None
     if moment.tzinfo is None:
-        raise InvalidInputError(f"--at {at!r}: give its UTC offset, e.g. {at}+00:00, so the time is unambiguous")
+        raise InvalidArgumentError(f"--at {at!r}: give its UTC offset, e.g. {at}+00:00, so the time is unambiguous")
     return moment
 
 

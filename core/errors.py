@@ -89,6 +89,14 @@ class DatabaseConnectionError(DatabaseError):
     retryable = True
 
 
+class SchemaMissingError(DatabaseError):
+    """The tables the code needs are not there (a downgrade, a restore in progress): worth retrying once an operator
+    has run `companion db upgrade`."""
+
+    code = "DATABASE_SCHEMA_MISSING"
+    retryable = True
+
+
 # --- vector store -----------------------------------------------------------------------------------------------
 
 
@@ -180,6 +188,12 @@ class InvalidInputError(CompanionValidationError):
     """Input from a user or operator that is refused."""
 
     code = "VALIDATION_INVALID_INPUT"
+
+
+class InvalidArgumentError(InvalidInputError):
+    """A command-line argument that is refused: the command did nothing (exit status 2, as for a usage error)."""
+
+    code = "VALIDATION_INVALID_ARGUMENT"
 
 
 class ConfigurationError(CompanionValidationError):

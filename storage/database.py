@@ -17,6 +17,7 @@ from core.errors import (
     DatabaseConnectionError,
     DatabaseError,
     DuplicateRecordError,
+    SchemaMissingError,
     UserNotFoundError,
 )
 from core.logging import get_logger
@@ -81,6 +82,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError))
 
 
+# undefined_table, undefined_column, invalid_schema_name: the schema is not (or no longer) the code's.
+_SCHEMA_MISSING = {"42P01", "42703", "3F000"}
+
+
 def translate(exc: BaseException, operation: str, context: dict[str, Any]) -> CompanionError:
     """The typed error for a driver failure; the one place SQLAlchemy errors become ours."""
     context = {"operation": operation, **context}
@@ -99,6 +104,9 @@ def translate(exc: BaseException, operation: str, context: dict[str, Any]) -> Co
     if isinstance(exc, IntegrityError) or (code or "").startswith("23"):
         return ConstraintViolationError(f"{operation}: the write breaks constraint {constraint or code}",
                                         context=context, cause=exc)
+    if code in _SCHEMA_MISSING:
+        return SchemaMissingError(f"{operation}: the database schema is missing or older than this code; run "
+                                  "`companion db upgrade`", context=context, cause=exc)
     if is_transient(exc):
         return DatabaseConnectionError(f"{operation}: PostgreSQL unavailable after {TRANSIENT_RETRIES} retries "
                                        f"({type(exc).__name__})", context=context, cause=exc)

@@ -326,3 +326,63 @@ def test_companion_dev_killed_with_sigkill_leaves_nothing_running(tmp_path: Path
         assert said.returncode == 0 and "I hear you: hello again" in said.stdout, said.stdout + said.stderr
     finally:
         assert again.stop() == 0, again.tail()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["say", "--user", "42", ""], "the message is empty"),
+    (["say", "--user", "42", "x" * 100_000], "at most 16,000"),
+    (["say", "--user", "-1", "hi"], "not a Telegram user id"),
+    (["say", "--user", "0", "hi"], "not a Telegram user id"),
+    (["say", "--user", "99999999999999999999", "hi"], "not a Telegram user id"),
+    (["say", "--user", "42", "--timeout", "0", "hi"], "more than 0"),
+    (["history", "--user", "42", "--limit", "-1"], "not a number of messages"),
+    (["memory", "search", "--user", "42", "--k", "-5", "tea"], "not a number of memories"),
+    (["nudges", "schedule", "--user", "42", "--in", "99999999d", "--text", "hi"], "at most 3,650 days"),
+    (["nudges", "schedule", "--user", "42", "--in", "2h", "--text", ""], "text"),
+])
+def test_refused_input_gets_one_line_and_exit_status_2(tmp_path: Path, args: list[str], says: str) -> None:
+    # Nothing runs: each is refused before anything is contacted.
+    done = _companion(*args, cwd=tmp_path, env=_env(tmp_path, TEMPORAL_ADDRESS=f"localhost:{_free_port_pair()}"))
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_a_reply_that_never_comes_ends_say_with_one_line(tmp_path: Path, dev_env: dict[str, str]) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # an LLM endpoint that takes connections and never answers
+    env = {**dev_env, "OPENAI_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/v1"}
+    dev = DevProcess(tmp_path, env)
+    try:
+        started = time.monotonic()
+        said = _companion("say", "--user", "42", "--timeout", "3", "are you there?", cwd=tmp_path, env=env)
+        assert said.returncode == 1 and time.monotonic() - started < 20, said.stderr
+        assert said.stderr.strip().splitlines() == [said.stderr.strip()] and "no reply within 3 s" in said.stderr
+        assert "Traceback" not in said.stderr and "Error" not in said.stderr
+    finally:
+        assert dev.stop() == 0, dev.tail()
+        silent.close()
+
+
+def test_a_downgrade_needs_yes_and_no_workers_and_a_message_sent_meanwhile_is_answered_after_the_upgrade(
+        tmp_path: Path, dev_env: dict[str, str]) -> None:
+    dev = DevProcess(tmp_path, dev_env)
+    try:
+        assert _companion("say", "--user", "42", "remember me", cwd=tmp_path, env=dev_env).returncode == 0
+        unconfirmed = _companion("db", "downgrade", "base", cwd=tmp_path, env=dev_env)
+        assert unconfirmed.returncode == 2 and "1 users, 2 messages" in unconfirmed.stderr, unconfirmed.stderr
+        busy = _companion("db", "downgrade", "base", "--yes", cwd=tmp_path, env=dev_env)
+        assert busy.returncode == 1 and "worker(s) poll task queue companion" in busy.stderr, busy.stderr
+        assert "remember me" in _companion("history", "--user", "42", cwd=tmp_path, env=dev_env).stdout  # intact
+
+        dropped = _companion("db", "downgrade", "base", "--yes", "--force", cwd=tmp_path, env=dev_env)
+        assert dropped.returncode == 0 and "-> base" in dropped.stdout, dropped.stderr
+        waiting = subprocess.Popen([sys.executable, "-m", "cli", "say", "--user", "42", "still there?"],
+                                   cwd=tmp_path, env=dev_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        time.sleep(3)
+        assert waiting.poll() is None  # no schema: the turn waits, retrying
+        assert _companion("db", "upgrade", cwd=tmp_path, env=dev_env).returncode == 0
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0 and "I hear you: still there?" in out, err
+    finally:
+        assert dev.stop() == 0, dev.tail()
