@@ -22,7 +22,7 @@ from core.logging import get_logger
 from core.settings import Settings
 from storage import migrate
 from storage.database import create_engine
-from storage.embedded import postgres_url
+from storage.embedded import EmbeddedPostgres, postgres
 from worker import run_worker
 from workflows.client import connect
 from workflows.companion import USER_ID_ATTRIBUTE
@@ -32,6 +32,7 @@ DEV_CONFIG = TEMPORAL_CONFIG_DIR / "development.yaml"
 UI_PORT_OFFSET = 1000
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+SUPERVISE_EVERY_S = 1.0
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "0.0.0.0", "::1"}
 
 _log = get_logger(__name__)
@@ -101,6 +102,15 @@ class TemporalDevServer:
     def pid(self) -> int | None:
         """The server's process id, once started."""
         return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """How the server ended, once it has."""
+        return self._process.returncode if self._process is not None else None
+
+    def exited(self) -> bool:
+        """Whether the server was started and has ended since."""
+        return self._process is not None and self._process.poll() is not None
 
     async def wait_ready(self, settings: Settings) -> Client:
         """A client of the started server, once it answers."""
@@ -173,12 +183,19 @@ class Reaper:
         self._process.wait(STOP_TIMEOUT_S)
 
 
-def _postmaster_pid(data_dir: Path) -> int | None:
-    """The embedded PostgreSQL's postmaster, from the first line of its postmaster.pid."""
-    try:
-        return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return None
+async def _supervise(server: TemporalDevServer, embedded: EmbeddedPostgres | None, reaper: Reaper) -> None:
+    """Start again what `companion dev` started when it dies: the Temporal dev server, the embedded PostgreSQL (the
+    model runs in the worker, in this process). The worker's clients reconnect by themselves."""
+    while True:
+        await asyncio.sleep(SUPERVISE_EVERY_S)
+        if server.exited():
+            _log.warning("temporal.dev_server_died", returncode=server.returncode)
+            server.start()
+            assert server.pid is not None
+            reaper.watch(server.pid, signal.SIGTERM)
+        if embedded is not None and (revived := await asyncio.to_thread(embedded.revive)) is not None:
+            _log.warning("postgres.embedded_restarted", pid=revived)
+            reaper.watch(revived, signal.SIGINT)
 
 
 async def run_dev(settings: Settings, user: int, chat: bool) -> int:
@@ -190,9 +207,9 @@ async def run_dev(settings: Settings, user: int, chat: bool) -> int:
         assert server.pid is not None
         reaper.watch(server.pid, signal.SIGTERM)
         client = await server.wait_ready(settings)
-        with postgres_url(settings) as database_url:
-            if settings.uses_embedded_postgres and (postmaster := _postmaster_pid(settings.postgres_data_dir)):
-                reaper.watch(postmaster, signal.SIGINT)  # PostgreSQL's fast shutdown
+        with postgres(settings) as (database_url, embedded):
+            if embedded is not None:
+                reaper.watch(embedded.pid, signal.SIGINT)  # PostgreSQL's fast shutdown
             engine = create_engine(database_url)
             try:
                 await migrate.upgrade(engine)
@@ -203,7 +220,8 @@ async def run_dev(settings: Settings, user: int, chat: bool) -> int:
             if settings.telegram_bot_token is not None:
                 services.append(asyncio.create_task(run_gateway(settings, stop, client)))
             print(_banner(settings, server, user), flush=True)
-            tasks = [*services, *([asyncio.create_task(chat_loop(client, settings, user))] if chat else [])]
+            tasks = [*services, asyncio.create_task(_supervise(server, embedded, reaper)),
+                     *([asyncio.create_task(chat_loop(client, settings, user))] if chat else [])]
             try:
                 # Leaving the chat ends the session; a worker or gateway that fails ends it too, with its error.
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -103,6 +103,23 @@ def log_formatter(fmt: str, colors: bool = False) -> logging.Formatter:
     )
 
 
+class TracebackOnce(logging.Filter):
+    """A failed activity attempt (the SDK's "Completing activity as failed") logs its traceback on the first attempt
+    only; a retry logs one line with the error. An outage retried every few seconds then costs a line an attempt,
+    not a traceback each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        activity = getattr(record, "temporal_activity", None)
+        if record.exc_info and isinstance(activity, dict) and int(activity.get("attempt", 1)) > 1:
+            error = record.exc_info[1]
+            record.error = f"{type(error).__name__}: {error}" if error is not None else None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_TRACEBACK_ONCE = TracebackOnce()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "console", stream: TextIO | None = None,
                       log_file: Path | None = None, console_level: str | None = None) -> None:
     """Route structlog and stdlib logging through one renderer: JSON lines or readable console.
@@ -125,6 +142,9 @@ def configure_logging(level: str = "INFO", fmt: str = "console", stream: TextIO 
     root.setLevel(level)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    activities = logging.getLogger("temporalio.activity")
+    if _TRACEBACK_ONCE not in activities.filters:
+        activities.addFilter(_TRACEBACK_ONCE)
 
     structlog.configure(
         processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

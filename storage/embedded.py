@@ -39,6 +39,18 @@ class EmbeddedPostgres:
         assert self._server is not None, "the server is not started"
         return self._server.get_pid()
 
+    def revive(self) -> int | None:
+        """Start the server again if its postmaster died, in the same folder and on the same socket, so that the
+        URL given out stays good; returns the new postmaster's pid, or None when it was running."""
+        assert self._server is not None, "the server is not started"
+        before = self._server.get_pid()
+        # pgserver's precondition for ensure_postgres_running: hold its lock on the folder. It starts the server
+        # only when the postmaster.pid it finds names no running process.
+        with self._server._lock:
+            self._server.ensure_postgres_running()
+        after = self._server.get_pid()
+        return after if after != before else None
+
     def stop(self) -> None:
         """Let go of the server; pgserver stops the postmaster once no other process holds it."""
         if self._server is not None:
@@ -50,12 +62,19 @@ class EmbeddedPostgres:
 @contextmanager
 def postgres_url(settings: Settings) -> Iterator[str]:
     """The database URL to use: DATABASE_URL when set, else an embedded server kept running inside the block."""
+    with postgres(settings) as (url, _):
+        yield url
+
+
+@contextmanager
+def postgres(settings: Settings) -> Iterator[tuple[str, EmbeddedPostgres | None]]:
+    """postgres_url's URL, and the embedded server behind it (None with DATABASE_URL)."""
     if settings.database_url is not None:
-        yield settings.database_url.get_secret_value()
+        yield settings.database_url.get_secret_value(), None
         return
     server = EmbeddedPostgres(settings.postgres_data_dir)
     url = server.start()
     try:
-        yield url
+        yield url, server
     finally:
         server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -384,5 +385,38 @@ def test_a_downgrade_needs_yes_and_no_workers_and_a_message_sent_meanwhile_is_an
         assert _companion("db", "upgrade", cwd=tmp_path, env=dev_env).returncode == 0
         out, err = waiting.communicate(timeout=60)
         assert waiting.returncode == 0 and "I hear you: still there?" in out, err
+    finally:
+        assert dev.stop() == 0, dev.tail()
+
+
+def test_companion_dev_starts_again_a_server_that_died(tmp_path: Path, dev_env: dict[str, str]) -> None:
+    dev = DevProcess(tmp_path, dev_env)
+    pid_file = tmp_path / ".companion" / "postgres" / "postmaster.pid"
+    try:
+        assert _companion("say", "--user", "42", "before", cwd=tmp_path, env=dev_env).returncode == 0
+        postgres = int(pid_file.read_text().split()[0])
+        os.kill(postgres, signal.SIGKILL)  # PostgreSQL dies as in a crash
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if (again := int(pid_file.read_text().split()[0])) != postgres and alive(again):
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"PostgreSQL was not started again:\n{dev.tail()}")
+        log = [json.loads(line) for line in (tmp_path / ".companion" / "companion.log").read_text().splitlines()]
+        temporal = next(line["pid"] for line in log if line["event"] == "temporal.dev_server_started")
+        os.kill(temporal, signal.SIGKILL)  # and so does the Temporal dev server
+        deadline = time.monotonic() + 30
+        while True:  # until the server started again answers
+            said = _companion("say", "--user", "42", "--timeout", "60", "after", cwd=tmp_path, env=dev_env)
+            if "nothing is running" not in said.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert said.returncode == 0 and "I hear you: after" in said.stdout, said.stderr + dev.tail()
+        history = _companion("history", "--user", "42", cwd=tmp_path, env=dev_env).stdout
+        assert "before" in history and "after" in history  # nothing lost
+        log = (tmp_path / ".companion" / "companion.log").read_text()
+        assert '"postgres.embedded_restarted"' in log and '"temporal.dev_server_died"' in log
     finally:
         assert dev.stop() == 0, dev.tail()

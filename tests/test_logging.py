@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -10,7 +11,10 @@ from datetime import datetime
 
 import pytest
 from pydantic import SecretStr
+from temporalio import activity
+from temporalio.testing import ActivityEnvironment
 
+from core.errors import DatabaseConnectionError
 from core.logging import configure_logging, get_logger
 
 BOT_TOKEN = "123456789:AAH9xYzQ1w2e3r4t5y6u7i8o9p0asdfghjk"
@@ -90,3 +94,27 @@ def test_token_counts_are_not_mistaken_for_secrets(json_lines: io.StringIO) -> N
     get_logger("companion.test").info("llm.reply", prompt_tokens=120, completion_tokens=30, bot_token="x:y")
     (record,) = _records(json_lines)
     assert (record["prompt_tokens"], record["completion_tokens"], record["bot_token"]) == (120, 30, "[REDACTED]")
+
+
+async def test_a_retried_activity_logs_its_traceback_once_then_one_line_an_attempt(json_lines: io.StringIO) -> None:
+    @activity.defn
+    async def store() -> None:
+        raise DatabaseConnectionError("PostgreSQL is down")
+
+    worker_logger = logging.getLogger("temporalio.activity")
+    for attempt in (1, 2, 3):
+        environment = ActivityEnvironment()
+        environment.info = dataclasses.replace(environment.info, attempt=attempt)
+
+        async def fail_and_log() -> None:
+            try:
+                await store()
+            except DatabaseConnectionError:  # as the SDK logs a failed attempt
+                activity.logger.warning("Completing activity as failed", exc_info=True)
+
+        await environment.run(activity.defn(name="store_and_log")(fail_and_log))
+    records = [r for r in _records(json_lines) if r["event"].startswith("Completing activity as failed")]
+    assert [r["temporal_activity"]["attempt"] for r in records] == [1, 2, 3]
+    assert records[0]["exception"][0]["exc_value"] == "PostgreSQL is down" and worker_logger.filters
+    assert all("exception" not in r and r["error"] == "DatabaseConnectionError: PostgreSQL is down"
+               for r in records[1:])
