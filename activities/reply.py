@@ -37,6 +37,9 @@ LLM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficie
 LLM_HEARTBEAT = timedelta(seconds=10)
 HEARTBEAT_EVERY_S = 2.0
 
+GROUP_NOTE = ("You are in a group chat: other people read your reply. Answer the message in front of you; you know "
+              "nothing private about anyone here, and bring up nothing from private conversations.")
+
 _log = get_logger(__name__)
 
 
@@ -63,7 +66,8 @@ class ReplyActivities:
         stored = next((m for m in context.recent_messages if m.message_key == data.reply_key), None)
         if stored is not None:
             return GeneratedReply(text=stored.content)
-        prompt = await self._prompt(data, context)
+        in_group = data.chat_id is not None and data.chat_id != context.user.telegram_id
+        prompt = _group_prompt(data, context) if in_group else await self._prompt(data, context)
         info = activity.info()
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
@@ -109,6 +113,15 @@ class ReplyActivities:
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
         return [self.generate_reply]
+
+
+def _group_prompt(data: GenerateReplyInput, context: UserContextSchema) -> TurnContext:
+    """The prompt of a turn in a group chat: the user's name and the group's own recent messages, and nothing of
+    their private conversation (no facts, events, diary, nudges, summary, recalled memories or private messages)."""
+    prefix = f"tg:{data.chat_id}:"  # the keys of the group's messages and of the replies to them
+    group = UserContextSchema(user=context.user, has_memories=False,
+                              recent_messages=[m for m in context.recent_messages if m.message_key.startswith(prefix)])
+    return build_prompt(group, data.message_key, f"{GROUP_NOTE}\n\n{data.note}" if data.note else GROUP_NOTE)
 
 
 @asynccontextmanager

@@ -39,7 +39,7 @@ from clients.telegram import (
 from core.errors import TelegramServiceError, UserNotFoundError
 from clients.http import AiohttpRequest
 from core.settings import Settings, load_settings
-from schemas.memory import Channel, MessageCreate, NudgeStatus, Role, UserCreate
+from schemas.memory import Channel, FactCategory, MessageCreate, NudgeStatus, ProfileFactCreate, Role, UserCreate
 from schemas.turn import DeliverInput, Delivery, Nudge, clean_text
 from storage.repository import MemoryRepository
 from tests.conftest import QUERY_TIMEOUT, SharedDevServer, chat_model, fresh_telegram_id, new_telegram_id
@@ -436,6 +436,29 @@ async def test_in_a_group_the_bot_answers_only_when_mentioned_or_replied_to(tg: 
     await tg.nudge(ada, timedelta(seconds=1), "psst")  # a nudge is personal: the private chat, not the group
     [private] = await tg.api.wait_for(ada)
     assert private.text == "psst" and len(tg.api.messages(group)) == 2
+
+
+async def test_a_group_turn_sees_nothing_of_the_private_chat(tg: TelegramStack) -> None:
+    ada, group = new_telegram_id(), -new_telegram_id()
+    await say(tg, ada, "Between us: my diagnosis came back positive")  # private
+    await tg.api.wait_for(ada)
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    await tg.repo.upsert_profile_fact(user.id, ProfileFactCreate(category=FactCategory.HEALTH, key="diagnosis",
+                                                                 value="positive", source_keys=[]))
+    mention = f"@{BOT_USERNAME}"
+    tg.api.push(message_update(ada, f"{mention} lunch at noon?", chat_id=group, chat_type="group",
+                               entities=[{"type": "mention", "offset": 0, "length": len(mention)}]))
+    [answer] = await tg.api.wait_for(group)
+    tg.api.push(message_update(ada, "and dessert?", chat_id=group, chat_type="group",
+                               reply_to=bot_message(group, answer.message_id, answer.text)))
+    await tg.api.wait_for(group, count=2)
+    prompt = json.dumps(tg.llm.requests[-1]["messages"])
+    assert "diagnosis" not in prompt and "positive" not in prompt  # neither the private message nor the fact
+    assert [m["content"] for m in tg.llm.requests[-1]["messages"][1:]] == [
+        "lunch at noon?", "I hear you: lunch at noon?", "and dessert?"]  # the group's own conversation
+    await say(tg, ada, "and privately?")  # the private chat still has everything
+    await eventually(lambda: tg.api.messages(ada), lambda sent: len(sent) == 2)
+    assert "diagnosis" in json.dumps(tg.llm.requests[-1]["messages"])
 
 
 async def test_a_burst_of_messages_is_answered_in_order(tg: TelegramStack) -> None:
