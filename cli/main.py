@@ -95,7 +95,8 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
     history = commands.add_parser("history", help="print a user's conversation from PostgreSQL")
     history.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
-    history.add_argument("--limit", type=_bounded_int(1, MAX_LIMIT, "a number of messages"), default=50, help="how many recent messages (default 50)")
+    history.add_argument("--limit", type=_bounded_int(1, MAX_LIMIT, "a number of messages"), default=50,
+                         help="how many recent messages (default 50)")
     replay = commands.add_parser("replay", help="replay recorded workflow histories against this code")
     replay.add_argument("files", nargs="+", type=Path, help="history JSON files (Temporal's export format)")
 
@@ -120,7 +121,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     locomo = bench_commands.add_parser("locomo", help="memory retrieval recall on LoCoMo conversations")
     locomo.add_argument("--data", type=Path, required=True, help="a LoCoMo JSON file (e.g. locomo10.json)")
-    locomo.add_argument("--k", type=_bounded_int(1, MAX_K, "a number of memories"), default=10, help="memories retrieved per question to report (default 10)")
+    locomo.add_argument("--k", type=_bounded_int(1, MAX_K, "a number of memories"), default=10,
+                        help="memories retrieved per question to report (default 10)")
     locomo.add_argument("--extract", action="store_true", help="also run the LLM extraction of the remember step")
 
     memory = commands.add_parser("memory", help="manage semantic memory")
@@ -131,7 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="only memories without a vector from the current embedder")
     search = memory_commands.add_parser("search", help="what the companion recalls for a query")
     search.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
-    search.add_argument("--k", type=_bounded_int(1, MAX_K, "a number of memories"), default=10, help="how many memories (default 10)")
+    search.add_argument("--k", type=_bounded_int(1, MAX_K, "a number of memories"), default=10,
+                        help="how many memories (default 10)")
     search.add_argument("query", nargs="+", help="the query")
 
     db = commands.add_parser("db", help="manage the database schema")

@@ -82,7 +82,8 @@ async def _retried(client: Client, repository: MemoryRepository, llm: FakeOpenAI
 async def _console(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
     settings = SETTINGS
     plain = ["Hi, I'm Simon", "I have a job interview at Acme tomorrow", "Wish me luck!"]
-    async with build_worker(client, settings.temporal_task_queue, CompanionActivities.create(repository, chat_model(llm))):
+    async with build_worker(client, settings.temporal_task_queue,
+                            CompanionActivities.create(repository, chat_model(llm))):
         for n, text in enumerate(plain):
             await send_message(client, settings, _message(1001, n, text))
         await _save(client, 1001, "plain_conversation")
@@ -91,7 +92,8 @@ async def _console(client: Client, repository: MemoryRepository, llm: FakeOpenAI
 async def _more(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
     """continued_as_new and nudges."""
     settings = SETTINGS
-    async with build_worker(client, settings.temporal_task_queue, CompanionActivities.create(repository, chat_model(llm))):
+    async with build_worker(client, settings.temporal_task_queue,
+                            CompanionActivities.create(repository, chat_model(llm))):
         short = settings.model_copy(update={"workflow_turns_per_run": 2})
         for n in range(3):
             await signal_message(client, short, _message(1003, n, f"message {n}"))

@@ -258,7 +258,8 @@ async def stored_reply(tg: TelegramStack, ada: int, content: str) -> AsyncIterat
     channel, chat = TelegramChannel.from_settings(tg.settings), chat_model(tg.llm)
     assert channel is not None
     try:
-        yield CompanionActivities.create(tg.repo, chat, channel), DeliverInput(user_id=user.id, chat_id=ada, message_key=key)
+        yield (CompanionActivities.create(tg.repo, chat, channel),
+               DeliverInput(user_id=user.id, chat_id=ada, message_key=key))
     finally:
         await channel.close()
         await chat.close()
@@ -269,7 +270,8 @@ async def test_two_attempts_delivering_one_reply_at_once_send_it_once(tg: Telegr
     ada = new_telegram_id()
     async with stored_reply(tg, ada, "only once") as (activities, data):
         # the second waits for the first's claim to end, then finds the part sent
-        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.delivery.deliver, data) for _ in range(2)))
+        outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.delivery.deliver, data)
+                                          for _ in range(2)))
         assert outcomes == [Delivery(parts=1), Delivery(parts=1)]
     assert [sent.text for sent in tg.api.messages(ada)] == ["only once"]
 
