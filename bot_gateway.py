@@ -43,7 +43,8 @@ from core.settings import Settings
 from schemas.memory import Channel
 from schemas.turn import ChatUser, CompanionState, IncomingMessage, Nudge, clean_text
 from workflows.client import connect, forget, set_checkins, signal_message
-from workflows.companion import CompanionWorkflow, workflow_id
+from workflows.companion import CompanionWorkflow
+from workflows.contract import workflow_id
 
 GREETING = (
     "Hi {name}! I'm your companion. Talk to me about anything: your day, your plans, what's on your mind. "

@@ -43,7 +43,8 @@ from storage.database import create_engine, create_session_factory
 from storage.repository import MemoryRepository
 from storage.semantic import create_memory_index
 from workflows.client import connect
-from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow
+from workflows.companion import CompanionWorkflow
+from workflows.contract import USER_ID_ATTRIBUTE
 from workflows.steps import llm_task_queue
 
 # In-flight activities get this long to finish when the worker is asked to stop.

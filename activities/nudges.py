@@ -15,18 +15,20 @@ from activities.prompt import HISTORY_TURNS, build_prompt
 from clients.llm import ChatModel
 from core.logging import get_logger
 from schemas.memory import MessageCreate, NudgeStatus, Role, ScheduledMessageCreate, ScheduledMessageUpdate
-from schemas.turn import FiredNudge, FireNudgeInput, PlanCheckinInput, RecordNudgeInput, SetNudgeStatusInput
+from schemas.turn import (
+    FiredNudge,
+    FireNudgeInput,
+    PlanCheckinInput,
+    RecordNudgeInput,
+    SetNudgeStatusInput,
+    nudge_message_key,
+)
 from storage.repository import MemoryRepository
 
 NUDGE_PROMPT = ("Write one short, warm message to start a conversation with the user. Its purpose: {purpose}. "
                 "Reply with the message only.")
 
 _log = get_logger(__name__)
-
-
-def nudge_message_key(nudge_id: str) -> str:
-    """The message key a fired nudge is stored under."""
-    return f"nudge:{nudge_id}"
 
 
 def quiet_until(now: datetime, zone: ZoneInfo, hours: tuple[time, time]) -> datetime | None:

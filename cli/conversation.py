@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from temporalio.client import Client, WorkflowUpdateRPCTimeoutOrCancelledError
 
@@ -16,10 +17,10 @@ from core.errors import ExternalServiceError, InvalidArgumentError, InvalidInput
 from core.settings import Settings
 from schemas.memory import Channel, Role
 from schemas.turn import MAX_MESSAGE_CHARS, ChatUser, IncomingMessage, TurnReply, clean_text
-from storage.database import create_engine, create_session_factory
-from storage.embedded import postgres_url
-from storage.repository import MemoryRepository
 from workflows.client import connect, send_message
+
+if TYPE_CHECKING:
+    from storage.repository import MemoryRepository
 
 REPLY_TIMEOUT_S = 300.0
 
@@ -107,6 +108,11 @@ async def chat(settings: Settings, telegram_id: int) -> int:
 @asynccontextmanager
 async def open_repository(settings: Settings) -> AsyncIterator[MemoryRepository]:
     """The memory repository on the configured (or embedded) PostgreSQL, for a short command."""
+    # Imported here: `say` and `chat` start without SQLAlchemy.
+    from storage.database import create_engine, create_session_factory
+    from storage.embedded import postgres_url
+    from storage.repository import MemoryRepository
+
     with postgres_url(settings) as url:
         engine = create_engine(url, pool_size=2, max_overflow=0)
         try:

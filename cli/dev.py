@@ -25,7 +25,7 @@ from storage.database import create_engine
 from storage.embedded import EmbeddedPostgres, postgres
 from worker import run_worker
 from workflows.client import connect
-from workflows.companion import USER_ID_ATTRIBUTE
+from workflows.contract import USER_ID_ATTRIBUTE
 
 TEMPORAL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "temporal-config"
 DEV_CONFIG = TEMPORAL_CONFIG_DIR / "development.yaml"

@@ -5,15 +5,16 @@ from __future__ import annotations
 import re
 from datetime import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
 
 from core.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 Environment = Literal["development", "staging", "production"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -140,6 +141,10 @@ class Settings(BaseSettings):
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
+        # Imported here: commands that need no database start without SQLAlchemy.
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
         try:
             url = make_url(value.get_secret_value())
         except ArgumentError:
@@ -295,6 +300,8 @@ def _is_placeholder(name: str, value: SecretStr | None) -> bool:
         return False
     secret = value.get_secret_value()
     if name == "database_url":
+        from sqlalchemy.engine import make_url
+
         password = make_url(secret).password
         return password is not None and bool(_PLACEHOLDER.match(password) or password == "postgres")
     return bool(_PLACEHOLDER.match(secret.strip()))
@@ -302,6 +309,8 @@ def _is_placeholder(name: str, value: SecretStr | None) -> bool:
 
 def to_async_url(url: str) -> URL:
     """A PostgreSQL URL in any accepted form, as the asyncpg URL SQLAlchemy needs."""
+    from sqlalchemy.engine import make_url
+
     parsed = make_url(url).set(drivername="postgresql+asyncpg")
     sslmode = parsed.query.get("sslmode")
     if sslmode is not None:  # libpq spelling; asyncpg calls it ssl

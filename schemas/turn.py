@@ -77,6 +77,11 @@ def reply_key_of(message_key: str) -> str:
     return f"{message_key}:reply"
 
 
+def nudge_message_key(nudge_id: str) -> str:
+    """The message key a fired nudge is stored under."""
+    return f"nudge:{nudge_id}"
+
+
 class IncomingMessage(_Contract):
     """One message from a user, as the gateway or the terminal hands it to the user's workflow."""
 

@@ -32,9 +32,9 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from clients.llm import REQUEST_TIMEOUT_S, ChatModel
 from activities.companion import CompanionActivities
 from clients.http import openai_client
+from clients.llm import REQUEST_TIMEOUT_S, ChatModel
 from core.logging import configure_logging, log_formatter
 from core.settings import Settings, load_settings
 from schemas.memory import Channel
@@ -52,7 +52,8 @@ from tests.fake_telegram import TOKEN
 from tests.processes import start_dev_server
 from worker import build_worker, ensure_search_attributes
 from workflows.client import send_message, signal_message
-from workflows.companion import CompanionWorkflow, workflow_id
+from workflows.companion import CompanionWorkflow
+from workflows.contract import workflow_id
 
 # Settings come from the environment: keep a developer's own .env and variables out of the tests.
 for _name in list(os.environ):

@@ -15,7 +15,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from cli.dev import READY_TIMEOUT_S, dev_server_config_args
-from workflows.companion import USER_ID_ATTRIBUTE
+from workflows.contract import USER_ID_ATTRIBUTE
 
 WORKER_START_S = 120
 

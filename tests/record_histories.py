@@ -46,7 +46,8 @@ from tests.processes import start_dev_server
 from tests.test_workflow import failing_after_write
 from worker import build_worker
 from workflows.client import cancel_nudge, forget, schedule_nudge, send_message, signal_message
-from workflows.companion import CompanionWorkflow, workflow_id
+from workflows.companion import CompanionWorkflow
+from workflows.contract import workflow_id
 
 HISTORIES = Path(__file__).parent / "histories"
 Fail429 = BotAPIFail(429, "Too Many Requests: retry after 1", retry_after=1)

@@ -13,8 +13,8 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -52,6 +52,34 @@ def test_say_with_nothing_running_explains_and_fails(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == (f"companion: nothing is running at localhost:{port}: start the companion with "
                                    "`uv run companion dev`")
+
+
+def test_help_and_say_start_without_the_libraries_of_the_worker(tmp_path: Path) -> None:
+    # The worker's libraries (the LLM and Telegram clients, SQLAlchemy and Alembic) take seconds to import; `companion
+    # --help` and `companion say` start in well under a second because they load none of them.
+    heavy = ["openai", "telegram", "sqlalchemy", "alembic", "numpy", "activities", "workflows.companion"]
+    probe = ("import sys\n"
+             "from cli import conversation, main\n"
+             "main._build_parser()\n"
+             f"print([name for name in {heavy!r} if name in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_client_speaks_the_names_the_workflow_declares() -> None:
+    from temporalio import workflow
+
+    from workflows import contract
+    from workflows.companion import CompanionWorkflow
+
+    definition = workflow._Definition.must_from_class(CompanionWorkflow)
+    assert definition.name == contract.WORKFLOW_TYPE
+    assert set(definition.signals) == {contract.MESSAGE, contract.WAKE}
+    assert set(definition.queries) == {contract.STATE, contract.NUDGES}
+    assert set(definition.updates) == {contract.SEND, contract.SCHEDULE_NUDGE, contract.CANCEL_NUDGE,
+                                       contract.SET_CHECKINS, contract.FORGET}
 
 
 class DevProcess:

@@ -49,7 +49,8 @@ from tests.test_telegram import running_gateway
 from tests.test_workflow import eventually
 from worker import build_worker
 from workflows.client import signal_message
-from workflows.companion import CompanionWorkflow, workflow_id
+from workflows.companion import CompanionWorkflow
+from workflows.contract import workflow_id
 
 
 def worker_env(database_url: str, address: str, task_queue: str, llm: FakeOpenAI) -> dict[str, str]:

@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.testing import ActivityEnvironment
 
 from activities.companion import CompanionActivities
-from activities.remember import Extraction, Rememberer
 from activities.conversation import ConversationActivities
+from activities.remember import Extraction, Rememberer
 from activities.reply import ReplyActivities
 from cli.doctor import check_memory
 from cli.locomo import load_conversation, new_results, score, summary
@@ -57,7 +57,7 @@ from tests.fake_pinecone import FakePinecone
 from tests.test_workflow import eventually
 from worker import build_worker
 from workflows.client import forget, send_message
-from workflows.companion import workflow_id
+from workflows.contract import workflow_id
 
 # A short conversation in LoCoMo's format, written for these tests (the LoCoMo data itself is the benchmark's, opt-in
 # with `companion bench locomo --data`).

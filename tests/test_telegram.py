@@ -28,6 +28,7 @@ from temporalio.testing import ActivityEnvironment
 import bot_gateway
 from activities.companion import CompanionActivities
 from activities.sending import DELIVERY_CLAIM
+from clients.http import AiohttpRequest
 from clients.telegram import (
     MESSAGE_LIMIT,
     TYPING_AFTER_S,
@@ -37,9 +38,16 @@ from clients.telegram import (
     utf16_len,
 )
 from core.errors import TelegramServiceError, UserNotFoundError
-from clients.http import AiohttpRequest
 from core.settings import Settings, load_settings
-from schemas.memory import Channel, FactCategory, MessageCreate, NudgeStatus, ProfileFactCreate, Role, UserCreate
+from schemas.memory import (
+    Channel,
+    FactCategory,
+    MessageCreate,
+    NudgeStatus,
+    ProfileFactCreate,
+    Role,
+    UserCreate,
+)
 from schemas.turn import DeliverInput, Delivery, Nudge, clean_text
 from storage.repository import MemoryRepository
 from tests.conftest import QUERY_TIMEOUT, SharedDevServer, chat_model, fresh_telegram_id, new_telegram_id
@@ -60,7 +68,8 @@ from tests.test_bad_input import TEXTS
 from tests.test_workflow import eventually, transcript, turn_steps
 from worker import build_worker
 from workflows.client import schedule_nudge
-from workflows.companion import CompanionWorkflow, workflow_id
+from workflows.companion import CompanionWorkflow
+from workflows.contract import workflow_id
 
 WEBHOOK_URL = "https://companion.example/telegram"
 WEBHOOK_SECRET = "s3cret-token_for-webhooks"

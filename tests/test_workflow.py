@@ -34,7 +34,8 @@ from storage.repository import MemoryRepository
 from tests.conftest import OPENAI_TEST_KEY, SharedDevServer, Stack, chat_model, new_telegram_id
 from tests.fake_openai import Fail, FakeOpenAI, Reply
 from worker import build_worker
-from workflows.companion import FAILED_REPLY, FALLBACK_REPLY, USER_ID_ATTRIBUTE, CompanionWorkflow
+from workflows.companion import FAILED_REPLY, FALLBACK_REPLY, CompanionWorkflow
+from workflows.contract import USER_ID_ATTRIBUTE
 
 T = TypeVar("T")
 

@@ -1,4 +1,7 @@
-"""Talking to users' workflows from outside: connect, send a message and wait for its reply, or signal it."""
+"""Talking to users' workflows from outside: connect, send a message and wait for its reply, or signal it.
+
+Workflows, signals and updates are named (workflows.contract), not imported: a command that only talks to a workflow
+starts without loading the workflow's activities and their libraries."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from temporalio.runtime import Runtime
 
 from core.settings import Settings
 from schemas.turn import ChatUser, CompanionState, Forgotten, IncomingMessage, Nudge, TurnReply
-from workflows.companion import USER_ID_ATTRIBUTE, CompanionWorkflow, workflow_id
+from workflows import contract
+from workflows.contract import USER_ID_ATTRIBUTE, workflow_id
 
 
 def connect_options(settings: Settings) -> dict[str, Any]:
@@ -52,44 +56,44 @@ def _initial_state(settings: Settings, telegram_id: int) -> CompanionState:
 
 
 def _start(settings: Settings, user: ChatUser) -> WithStartWorkflowOperation:
-    return WithStartWorkflowOperation(CompanionWorkflow.run, _initial_state(settings, user.telegram_id),
+    return WithStartWorkflowOperation(contract.WORKFLOW_TYPE, _initial_state(settings, user.telegram_id),
                                       id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                                       **_start_options(settings, user))
 
 
 async def send_message(client: Client, settings: Settings, message: IncomingMessage) -> TurnReply:
     """Deliver a message to its user's workflow (starting it if need be) and return the reply, in one call."""
-    return await client.execute_update_with_start_workflow(CompanionWorkflow.send, message,
+    return await client.execute_update_with_start_workflow(contract.SEND, message, result_type=TurnReply,
                                                            start_workflow_operation=_start(settings, message.user))
 
 
 async def signal_message(client: Client, settings: Settings, message: IncomingMessage) -> None:
     """Signal-with-start: hand a message to its user's workflow without waiting for the reply."""
-    await client.start_workflow(CompanionWorkflow.run, _initial_state(settings, message.user.telegram_id),
-                                start_signal="message", start_signal_args=[message],
+    await client.start_workflow(contract.WORKFLOW_TYPE, _initial_state(settings, message.user.telegram_id),
+                                start_signal=contract.MESSAGE, start_signal_args=[message],
                                 **_start_options(settings, message.user))
 
 
 async def schedule_nudge(client: Client, settings: Settings, telegram_id: int, request: Nudge) -> Nudge:
     """Schedule a nudge in a user's workflow, starting the workflow for a user it has not met yet."""
     return await client.execute_update_with_start_workflow(
-        CompanionWorkflow.schedule_nudge, request,
+        contract.SCHEDULE_NUDGE, request, result_type=Nudge,
         start_workflow_operation=_start(settings, ChatUser(telegram_id=telegram_id)))
 
 
 async def cancel_nudge(client: Client, telegram_id: int, nudge_id: str) -> Nudge:
     """Cancel a pending nudge of a user."""
-    return await client.get_workflow_handle(workflow_id(telegram_id)).execute_update(CompanionWorkflow.cancel_nudge,
-                                                                                     nudge_id)
+    return await client.get_workflow_handle(workflow_id(telegram_id)).execute_update(contract.CANCEL_NUDGE, nudge_id,
+                                                                                     result_type=Nudge)
 
 
 async def forget(client: Client, settings: Settings, user: ChatUser) -> Forgotten:
     """Erase everything remembered of a user (their workflow is started if need be: rows may outlive it)."""
-    return await client.execute_update_with_start_workflow(CompanionWorkflow.forget,
+    return await client.execute_update_with_start_workflow(contract.FORGET, result_type=Forgotten,
                                                            start_workflow_operation=_start(settings, user))
 
 
 async def set_checkins(client: Client, settings: Settings, user: ChatUser, enabled: bool) -> list[Nudge]:
     """Turn a user's check-ins on or off; returns the check-ins this cancelled."""
-    return await client.execute_update_with_start_workflow(CompanionWorkflow.set_checkins, enabled,
-                                                           start_workflow_operation=_start(settings, user))
+    return await client.execute_update_with_start_workflow(contract.SET_CHECKINS, enabled,
+                                                           result_type=list[Nudge], start_workflow_operation=_start(settings, user))

@@ -12,11 +12,9 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.nudges import nudge_message_key
     from core.errors import TelegramBlockedError
     from schemas.memory import Channel, NudgeKind, NudgeStatus
     from schemas.turn import (
@@ -29,15 +27,14 @@ with workflow.unsafe.imports_passed_through():
         Nudge,
         TurnReply,
         UserRef,
+        nudge_message_key,
     )
+    from workflows import contract, steps
     from workflows import nudges as book
-    from workflows import steps
     from workflows.alarm import Alarm
     from workflows.operator_view import add_transcript, clip, count
     from workflows.remembering import RememberQueue
 
-WORKFLOW_ID_PREFIX = "companion-user-"
-USER_ID_ATTRIBUTE = SearchAttributeKey.for_int("CompanionUserId")
 MAX_QUEUED = 100
 FALLBACK_REPLY = ("I'm sorry, I can't think straight right now: my language model isn't answering. I've kept your "
                   "message and I'll remember it. Could you try me again in a little while?")
@@ -47,12 +44,7 @@ BLOCKED_REASON = "the user blocked the bot"
 FAILED_STEP = (ActivityError, ApplicationError)  # a regular activity's failure; a local activity's, unwrapped
 
 
-def workflow_id(telegram_id: int) -> str:
-    """The id of a user's workflow."""
-    return f"{WORKFLOW_ID_PREFIX}{telegram_id}"
-
-
-@workflow.defn(name="CompanionWorkflow")
+@workflow.defn(name=contract.WORKFLOW_TYPE)
 class CompanionWorkflow:
     """A user's conversation with the companion: PINNED to its build by versioned workers (worker.build_worker;
     declared here, the behavior would refuse the unversioned workers of the tests)."""
@@ -91,7 +83,7 @@ class CompanionWorkflow:
 
     # --- messages, queries and updates ---------------------------------------------------------------------------
 
-    @workflow.signal(name="message")
+    @workflow.signal(name=contract.MESSAGE)
     def message(self, message: IncomingMessage) -> None:
         """A message to answer; its reply is delivered on its channel."""
         if (refusal := self._refusal(message)) is not None:  # a signal cannot be refused to its sender: log, drop
@@ -99,7 +91,7 @@ class CompanionWorkflow:
             return
         self._accept(message)
 
-    @workflow.update(name="send")
+    @workflow.update(name=contract.SEND)
     async def send(self, message: IncomingMessage) -> TurnReply:
         """A message whose reply the caller waits for (the terminal chat)."""
         self._accept(message)
@@ -116,22 +108,22 @@ class CompanionWorkflow:
         if (refusal := self._refusal(message)) is not None:
             raise ValueError(refusal)
 
-    @workflow.signal(name="wake")
+    @workflow.signal(name=contract.WAKE)
     def wake(self) -> None:
         """Look again now: a conversation whose build is no longer current moves to the current one."""
         self._replan = True
 
-    @workflow.query(name="state")
+    @workflow.query(name=contract.STATE)
     def state(self) -> CompanionState:
         """The workflow's state: queue, counters, recent replies and transcript."""
         return self._state
 
-    @workflow.query(name="nudges")
+    @workflow.query(name=contract.NUDGES)
     def nudges(self) -> list[Nudge]:
         """The pending nudges, soonest first."""
         return self._state.nudges
 
-    @workflow.update(name="schedule_nudge")
+    @workflow.update(name=contract.SCHEDULE_NUDGE)
     async def schedule_nudge(self, nudge: Nudge) -> Nudge:
         """Schedule a proactive message; its audit record is written before the timer counts."""
         user_id = await self._ensure_user()
@@ -144,7 +136,7 @@ class CompanionWorkflow:
         if (refusal := book.refusal(self._state, nudge, workflow.now())) is not None:
             raise ValueError(refusal)
 
-    @workflow.update(name="cancel_nudge")
+    @workflow.update(name=contract.CANCEL_NUDGE)
     async def cancel_nudge(self, nudge_id: str) -> Nudge:
         """Cancel a pending nudge: its timer stops counting and its record says cancelled."""
         nudge = book.pending(self._state, nudge_id)
@@ -158,7 +150,7 @@ class CompanionWorkflow:
         if (refusal := book.cancel_refusal(self._state, nudge_id)) is not None:
             raise ValueError(refusal)
 
-    @workflow.update(name="set_checkins")
+    @workflow.update(name=contract.SET_CHECKINS)
     async def set_checkins(self, enabled: bool) -> list[Nudge]:
         """Turn the companion's check-ins on or off (/quiet); turning them off cancels pending ones."""
         self._state.checkins = enabled
@@ -167,7 +159,7 @@ class CompanionWorkflow:
             await self.cancel_nudge(nudge.nudge_id)
         return cancelled
 
-    @workflow.update(name="forget")
+    @workflow.update(name=contract.FORGET)
     async def forget(self) -> Forgotten:
         """Erase everything remembered of the user (/forget): their rows, pending nudges, replies and transcript."""
         async with self._lock:  # never in the middle of a turn that is writing the rows
