@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -26,7 +27,7 @@ from temporalio.api.workflowservice.v1 import (
 from temporalio.client import Client
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker, WorkerDeploymentConfig
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -171,12 +172,17 @@ async def make_current(client: Client, version: WorkerDeploymentVersion, only_if
         await asyncio.sleep(0.2)
 
 
-def metrics_runtime(address: str | None) -> Runtime | None:
-    """A Temporal runtime serving Prometheus metrics at ``address`` (SDK metrics and the companion's own)."""
-    if address is None:
-        return None
-    _log.info("worker.metrics", address=address)
-    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+def worker_runtime(metrics_address: str | None) -> Runtime:
+    """A Temporal runtime whose Core SDK log lines go through the companion's logging (under `companion dev`, to its
+    log file instead of onto the chat), serving Prometheus metrics (SDK metrics and the companion's own) at
+    ``metrics_address`` when it is set."""
+    forwarded = LoggingConfig(filter=LoggingConfig.default.filter,
+                              forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")))
+    metrics = None
+    if metrics_address is not None:
+        _log.info("worker.metrics", address=metrics_address)
+        metrics = PrometheusConfig(bind_address=metrics_address)
+    return Runtime(telemetry=TelemetryConfig(logging=forwarded, metrics=metrics))
 
 
 def tracer_provider(endpoint: str | None) -> TracerProvider | None:
@@ -202,8 +208,10 @@ async def ensure_search_attributes(client: Client) -> None:
 
 
 async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
-                     chat_model: ChatModel | None = None, make_current_now: bool = False) -> None:
+                     chat_model: ChatModel | None = None, make_current_now: bool = False,
+                     ready: asyncio.Event | None = None) -> None:
     """Run a worker until ``stop`` is set, then let in-flight activities finish and close every connection.
+    ``ready`` is set once the worker polls and its version is current where it should be: a message is answered.
 
     The worker joins the Worker Deployment version of its build. It makes that version current when told to
     (``make_current_now``) or when the deployment has none yet; otherwise an operator does
@@ -219,7 +227,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     memory = None
     own_chat_model = chat_model is None
     try:
-        client = await connect(settings, metrics_runtime(settings.metrics_address),
+        client = await connect(settings, worker_runtime(settings.metrics_address),
                                [TracingInterceptor()] if tracer is not None else [])
         await ensure_search_attributes(client)
         if chat_model is None:
@@ -240,6 +248,8 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
                       namespace=settings.temporal_namespace, address=settings.temporal_address,
                       sandbox=settings.workflow_sandbox, role=settings.worker_role,
                       deployment=version.deployment_name, build_id=version.build_id)
+            if ready is not None:
+                ready.set()
             await stop.wait()
             _log.info("worker.stopping")
     finally:

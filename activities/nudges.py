@@ -116,7 +116,7 @@ class NudgeActivities:
 
     async def _write(self, data: FireNudgeInput) -> str:
         context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
-        prompt = build_prompt(context, nudge_message_key(data.nudge.nudge_id))
+        prompt = build_prompt(context, nudge_message_key(data.nudge.nudge_id), budget=self._chat_model.budget)
         reply = await self._chat_model.reply(prompt, NUDGE_PROMPT.format(purpose=data.nudge.purpose))
         return reply.text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from clients.llm import PromptBudget
 from schemas.context import RecalledMemory, UserContextSchema, quote
 from schemas.memory import Role
 from schemas.turn import ChatTurn, TurnContext
@@ -12,7 +13,6 @@ from storage.recall import MemoryHit
 
 HISTORY_TURNS = 12
 RECALL_K = 8
-RECALL_BUDGET_CHARS = 2_400  # ~600 tokens of recalled memories in the prompt
 PERSONA = (
     "You are Companion, a warm and attentive friend who talks with the user on Telegram. You remember what they "
     "have told you and bring it up naturally. Keep replies short and conversational, ask about their life, and "
@@ -20,25 +20,34 @@ PERSONA = (
 )
 
 
-def build_prompt(context: UserContextSchema, message_key: str, note: str | None = None) -> TurnContext:
-    """Persona and quoted memory as the system prompt, then the recent conversation without ``message_key``."""
+def build_prompt(context: UserContextSchema, message_key: str, note: str | None = None,
+                 budget: PromptBudget = PromptBudget()) -> TurnContext:
+    """Persona and quoted memory as the system prompt, then the recent conversation without ``message_key`` (the
+    newest turns that fit the budget), then the recalled memories and the note, just before the message."""
     # Fallback replies are failure notices, not conversation: a model shown them tends to repeat them.
-    history = [ChatTurn(role=message.role, content=message.content) for message in context.recent_messages
-               if message.message_key != message_key and message.role != Role.SYSTEM
-               and not message.meta.get("fallback")]
-    system_prompt = f"{PERSONA}\n\n{context.to_prompt_context(include_messages=False)}"
-    if note:
-        system_prompt += f"\n\n{note}"
-    return TurnContext(system_prompt=system_prompt, history=history[-HISTORY_TURNS:])
+    turns = [ChatTurn(role=message.role, content=message.content) for message in context.recent_messages
+             if message.message_key != message_key and message.role != Role.SYSTEM
+             and not message.meta.get("fallback")]
+    history: list[ChatTurn] = []
+    used = 0
+    for turn in reversed(turns[-budget.history_messages:]):
+        used += len(turn.content)
+        if used > budget.history_chars:
+            break
+        history.insert(0, turn)
+    system_prompt = f"{PERSONA}\n\n{context.to_prompt_context(include_messages=False, include_recalled=False)}"
+    before = "\n\n".join(part for part in (context.recalled_block(), note) if part)
+    return TurnContext(system_prompt=system_prompt, history=history, before_message=before)
 
 
-def within_budget(hits: list[MemoryHit], shown: set[str]) -> list[RecalledMemory]:
+def within_budget(hits: list[MemoryHit], shown: set[str], budget: PromptBudget = PromptBudget()
+                  ) -> list[RecalledMemory]:
     """The best hits not made only of messages the prompt already shows, up to RECALL_K and the prompt budget."""
     recalled, used = [], 0
     for hit in hits:
         if hit.source_keys and set(hit.source_keys) <= shown:
             continue
-        if used + len(hit.content) > RECALL_BUDGET_CHARS or len(recalled) == RECALL_K:
+        if used + len(hit.content) > budget.recall_chars or len(recalled) == RECALL_K:
             break
         used += len(hit.content)
         recalled.append(RecalledMemory(kind=hit.kind.value, content=hit.content, occurred_at=hit.occurred_at))

@@ -16,7 +16,7 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.prompt import HISTORY_TURNS, RECALL_K, build_prompt, within_budget
-from clients.llm import ChatModel
+from clients.llm import ChatModel, PromptBudget
 from clients.telegram import TelegramChannel
 from core.concurrency import alongside
 from core.errors import CompanionError
@@ -67,7 +67,8 @@ class ReplyActivities:
         if stored is not None:
             return GeneratedReply(text=stored.content)
         in_group = data.chat_id is not None and data.chat_id != context.user.telegram_id
-        prompt = _group_prompt(data, context) if in_group else await self._prompt(data, context)
+        prompt = (_group_prompt(data, context, self._chat_model.budget) if in_group
+                  else await self._prompt(data, context))
         info = activity.info()
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
@@ -88,8 +89,9 @@ class ReplyActivities:
         # A new user's first turns (until a remember step has run) skip the embeddings call and the search.
         found = await self._recall(data) if context.has_memories else []
         context.summary = data.summary
-        context.recalled = within_budget(found, {m.message_key for m in context.recent_messages})
-        return build_prompt(context, data.message_key, data.note)
+        budget = self._chat_model.budget
+        context.recalled = within_budget(found, {m.message_key for m in context.recent_messages}, budget)
+        return build_prompt(context, data.message_key, data.note, budget)
 
     async def _recall(self, data: GenerateReplyInput) -> list[MemoryHit]:
         """Memories that bear on the message, best first; none when memory search fails (the turn goes on)."""
@@ -115,13 +117,13 @@ class ReplyActivities:
         return [self.generate_reply]
 
 
-def _group_prompt(data: GenerateReplyInput, context: UserContextSchema) -> TurnContext:
+def _group_prompt(data: GenerateReplyInput, context: UserContextSchema, budget: PromptBudget) -> TurnContext:
     """The prompt of a turn in a group chat: the user's name and the group's own recent messages, and nothing of
     their private conversation (no facts, events, diary, nudges, summary, recalled memories or private messages)."""
     prefix = f"tg:{data.chat_id}:"  # the keys of the group's messages and of the replies to them
     group = UserContextSchema(user=context.user, has_memories=False,
                               recent_messages=[m for m in context.recent_messages if m.message_key.startswith(prefix)])
-    return build_prompt(group, data.message_key, f"{GROUP_NOTE}\n\n{data.note}" if data.note else GROUP_NOTE)
+    return build_prompt(group, data.message_key, f"{GROUP_NOTE}\n\n{data.note}" if data.note else GROUP_NOTE, budget)
 
 
 @asynccontextmanager

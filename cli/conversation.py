@@ -13,16 +13,32 @@ from typing import TYPE_CHECKING
 
 from temporalio.client import Client, WorkflowUpdateRPCTimeoutOrCancelledError
 
-from core.errors import ExternalServiceError, InvalidArgumentError, InvalidInputError, UserNotFoundError
+from core.errors import (
+    CompanionError,
+    ExternalServiceError,
+    InvalidArgumentError,
+    InvalidInputError,
+    UserNotFoundError,
+)
 from core.settings import Settings
 from schemas.memory import Channel, Role
-from schemas.turn import MAX_MESSAGE_CHARS, ChatUser, IncomingMessage, TurnReply, clean_text
+from schemas.turn import (
+    MAX_MESSAGE_CHARS,
+    ChatUser,
+    IncomingMessage,
+    TurnReply,
+    clean_text,
+    nudge_message_key,
+)
 from workflows.client import connect, send_message
 
 if TYPE_CHECKING:
     from storage.repository import MemoryRepository
 
 REPLY_TIMEOUT_S = 300.0
+NUDGE_POLL_S = 1.0
+NUDGE_LOOKBACK = 10  # the newest messages looked through for nudges
+NUDGE_KEY_PREFIX = nudge_message_key("")
 
 
 def console_message(telegram_id: int, text: str) -> IncomingMessage:
@@ -80,28 +96,103 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str | None]:
     return lines
 
 
-async def chat_loop(client: Client, settings: Settings, telegram_id: int) -> None:
-    """An interactive chat as one user, until end of input or /quit."""
-    print(f"Chatting as user {telegram_id}. Type a message; /quit or Ctrl-D to leave.")
-    lines = _stdin_lines(asyncio.get_running_loop())
-    while True:
+class _Screen:
+    """The chat on the terminal: the prompt, a "thinking…" line while a reply is awaited (on a terminal only), and
+    messages the companion starts (nudges) shown as they come, above the prompt."""
+
+    THINKING = "companion is thinking…"
+
+    def __init__(self) -> None:
+        self._live = sys.stdout.isatty()
+        self._prompting = self._thinking = False
+
+    def prompt(self) -> None:
         print("you> ", end="", flush=True)
-        line = await lines.get()
-        if line is None or line.strip() in ("/quit", "/exit"):
+        self._prompting = True
+
+    def thinking(self) -> None:
+        self._prompting = False
+        if self._live:
+            print(self.THINKING, end="", flush=True)
+            self._thinking = True
+
+    def _clear(self) -> None:
+        if self._live and (self._thinking or self._prompting):
+            print("\r\033[K", end="")  # back to the start of the line, and erase it
+        elif self._prompting:
             print()
-            return
-        if line.strip():
-            try:
-                reply = await ask(client, settings, console_message(telegram_id, line))
-            except InvalidInputError as exc:  # e.g. too long: say so, and the chat goes on
-                print(f"companion: {exc}", flush=True)
-                continue
-            print(f"companion> {reply.text}", flush=True)
+        self._thinking = False
+
+    def reply(self, text: str) -> None:
+        self._clear()
+        print(f"companion> {text}", flush=True)
+
+    def note(self, text: str) -> None:
+        self._clear()
+        print(text, flush=True)
+
+    def nudge(self, text: str) -> None:
+        """A message the companion started, shown where the chat is, and the prompt or indicator again."""
+        prompting, thinking = self._prompting, self._thinking
+        self._clear()
+        print(f"companion> {text}", flush=True)
+        if prompting:
+            self.prompt()
+        elif thinking:
+            self.thinking()
+
+
+async def _show_nudges(repository: MemoryRepository, telegram_id: int, since: datetime, screen: _Screen) -> None:
+    """Show the nudges sent to the user from ``since`` on as they are sent (the chat polls PostgreSQL for them)."""
+    shown: set[str] = set()
+    while True:
+        await asyncio.sleep(NUDGE_POLL_S)
+        try:
+            user = await repository.get_user_by_telegram_id(telegram_id)
+            messages = await repository.recent_messages(user.id, limit=NUDGE_LOOKBACK)
+        except CompanionError:  # no user yet, or the database is away for a moment: look again later
+            continue
+        for message in messages:
+            if (message.message_key.startswith(NUDGE_KEY_PREFIX) and message.sent_at >= since
+                    and message.message_key not in shown):
+                shown.add(message.message_key)
+                screen.nudge(message.content)
+
+
+async def chat_loop(client: Client, settings: Settings, telegram_id: int,
+                    repository: MemoryRepository | None = None) -> None:
+    """An interactive chat as one user, until end of input or /quit. With the repository, nudges the companion sends
+    meanwhile appear in the chat."""
+    print(f"Chatting as user {telegram_id}. Type a message; /quit or Ctrl-D to leave.")
+    screen = _Screen()
+    lines = _stdin_lines(asyncio.get_running_loop())
+    watching = (asyncio.create_task(_show_nudges(repository, telegram_id, datetime.now(UTC), screen))
+                if repository is not None else None)
+    try:
+        while True:
+            screen.prompt()
+            line = await lines.get()
+            if line is None or line.strip() in ("/quit", "/exit"):
+                print()
+                return
+            if line.strip():
+                screen.thinking()
+                try:
+                    reply = await ask(client, settings, console_message(telegram_id, line))
+                except InvalidInputError as exc:  # e.g. too long: say so, and the chat goes on
+                    screen.note(f"companion: {exc}")
+                    continue
+                screen.reply(reply.text)
+    finally:
+        if watching is not None:
+            watching.cancel()
 
 
 async def chat(settings: Settings, telegram_id: int) -> int:
     """`companion chat`: an interactive chat against a running companion."""
-    await chat_loop(await connect_or_explain(settings), settings, telegram_id)
+    client = await connect_or_explain(settings)
+    async with open_repository(settings) as repository:
+        await chat_loop(client, settings, telegram_id, repository)
     return 0
 
 

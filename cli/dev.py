@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -10,20 +11,25 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+from sqlalchemy.exc import SQLAlchemyError
 from temporalio.client import Client
 
 from bot_gateway import run_gateway
 from cli.conversation import chat_loop
-from core.errors import ConfigurationError, InvalidInputError
+from clients.llm import LOCAL_MODEL_NAME, LocalModelServer, create_chat_model, usable_cores
+from core.errors import CompanionError, ConfigurationError, InvalidInputError
 from core.logging import get_logger
 from core.settings import Settings
 from storage import migrate
-from storage.database import create_engine
+from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres, postgres
-from worker import run_worker
+from storage.repository import MemoryRepository
+from worker import deployment_version, run_worker
 from workflows.client import connect
 from workflows.contract import USER_ID_ATTRIBUTE
 
@@ -141,25 +147,77 @@ class TemporalDevServer:
 
 
 def _banner(settings: Settings, server: TemporalDevServer, user: int) -> str:
-    llm = ("local model SmolLM2-135M-Instruct (set OPENAI_API_KEY or OPENAI_BASE_URL for a better one)"
-           if settings.uses_local_model else f"{settings.openai_chat_model} at "
-           f"{settings.openai_base_url or 'OpenAI'}")
-    database = (f"embedded, {settings.postgres_data_dir}" if settings.uses_embedded_postgres else "DATABASE_URL")
     mode = (f"webhook {settings.telegram_webhook_url}" if settings.telegram_webhook_url else "long polling")
     telegram = (f"gateway on, {mode}" if settings.telegram_bot_token
                 else "off (set TELEGRAM_BOT_TOKEN to talk on Telegram)")
     return "\n".join([
         "companion is running",
-        f"  Temporal     {server.host}:{server.port}  namespace {settings.temporal_namespace}, "
-        f"task queue {settings.temporal_task_queue}",
-        f"  Temporal UI  http://localhost:{server.ui_port}",
-        f"  PostgreSQL   {database}",
-        f"  LLM          {llm}",
+        f"  Temporal UI  http://localhost:{server.ui_port}  (namespace {settings.temporal_namespace})",
         f"  Telegram     {telegram}",
         f"  Logs         {settings.companion_data_dir / 'companion.log'}",
         f"  Talk         uv run companion chat --user {user}   or   uv run companion say --user {user} \"hello\"",
         "Press Ctrl-C (or Ctrl-D in the chat) to stop.",
     ])
+
+
+class Progress:
+    """Start-up as the user sees it: a line per service, saying what it is and how long it took to be ready."""
+
+    WIDTH = 12
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[list[str]]:
+        """Time the block that starts ``name``; what the block puts in the yielded list ends its line."""
+        print(f"  {name:<{self.WIDTH}}", end="", flush=True)
+        started = time.monotonic()
+        said: list[str] = []
+        try:
+            yield said
+        except BaseException:
+            print("failed", flush=True)  # the reason follows on a line of its own
+            raise
+        print(f"{' '.join(said)}  ({time.monotonic() - started:.1f} s)", flush=True)
+
+
+def _llm_line(settings: Settings) -> str:
+    if settings.uses_local_model:
+        return f"{LOCAL_MODEL_NAME} on {usable_cores()} cores (a small local model for trying the companion offline)"
+    return f"{settings.openai_chat_model} at {settings.openai_base_url or 'OpenAI'}"
+
+
+async def _migrated(database_url: str, where: str) -> None:
+    """The database at the newest schema; an unreachable one is one line naming the setting and its fix."""
+    engine = create_engine(database_url)
+    try:
+        await migrate.upgrade(engine)
+    except (CompanionError, SQLAlchemyError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigurationError(f"cannot use PostgreSQL ({where}): {reason}. Start the server, correct DATABASE_URL "
+                                 "(host, port, user, password, database), or unset it to use the embedded "
+                                 "PostgreSQL") from None
+    finally:
+        await engine.dispose()
+
+
+async def _chat(client: Client, settings: Settings, user: int, database_url: str) -> None:
+    """The chat at the terminal, showing the nudges sent meanwhile too."""
+    engine = create_engine(database_url, pool_size=1, max_overflow=1)
+    try:
+        await chat_loop(client, settings, user, MemoryRepository(create_session_factory(engine)))
+    finally:
+        await engine.dispose()
+
+
+async def _until_ready(worker: asyncio.Task[None], ready: asyncio.Event) -> None:
+    """Wait until the worker answers messages; a worker that fails on the way raises its error."""
+    waiting = asyncio.create_task(ready.wait())
+    try:
+        await asyncio.wait([worker, waiting], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if not ready.is_set():
+        await worker  # ended before it was ready: its error, or a plain return
+        raise ConfigurationError("the worker stopped before it was ready (see the log)")
 
 
 class Reaper:
@@ -199,39 +257,62 @@ async def _supervise(server: TemporalDevServer, embedded: EmbeddedPostgres | Non
 
 
 async def run_dev(settings: Settings, user: int, chat: bool) -> int:
-    """Start Temporal, PostgreSQL, the model and the worker; chat or wait; stop everything on the way out."""
+    """Start Temporal, PostgreSQL, the model and the worker, saying each as it is ready; chat once a message can be
+    answered, or wait; stop everything on the way out."""
     reaper = Reaper()
     server = TemporalDevServer(settings)
+    progress = Progress()
+    stop = asyncio.Event()
+    services: list[asyncio.Task[None]] = []
+    chat_model = None
+    print(f"Starting the companion (full log: {dev_log_file(settings)})", flush=True)
     try:
-        server.start()
-        assert server.pid is not None
-        reaper.watch(server.pid, signal.SIGTERM)
-        client = await server.wait_ready(settings)
-        with postgres(settings) as (database_url, embedded):
-            if embedded is not None:
-                reaper.watch(embedded.pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-            engine = create_engine(database_url)
+        with progress.step("Temporal") as said:
+            server.start()
+            assert server.pid is not None
+            reaper.watch(server.pid, signal.SIGTERM)
+            client = await server.wait_ready(settings)
+            said.append(f"dev server on {server.host}:{server.port}")
+        with contextlib.ExitStack() as held:
+            with progress.step("PostgreSQL") as said:
+                database_url, embedded = held.enter_context(postgres(settings))
+                if embedded is not None:
+                    reaper.watch(embedded.pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+                where = f"embedded, {settings.postgres_data_dir}" if embedded is not None else "DATABASE_URL"
+                await _migrated(database_url, where)
+                said.append(f"{where}, schema {migrate.head_revision()}")
+            with progress.step("LLM") as said:
+                # The local model's server lives as long as this object, which outlives the worker.
+                local_model = LocalModelServer() if settings.uses_local_model else None
+                base_url = await asyncio.to_thread(local_model.start) if local_model is not None else None
+                chat_model = create_chat_model(settings, base_url)
+                said.append(_llm_line(settings))
             try:
-                await migrate.upgrade(engine)
+                with progress.step("worker") as said:
+                    ready = asyncio.Event()
+                    services.append(asyncio.create_task(run_worker(settings, database_url, stop, chat_model,
+                                                                   make_current_now=True, ready=ready)))
+                    await _until_ready(services[0], ready)
+                    said.append(f"task queue {settings.temporal_task_queue}, "
+                                f"build {deployment_version(settings).build_id}")
+                if settings.telegram_bot_token is not None:
+                    services.append(asyncio.create_task(run_gateway(settings, stop, client)))
+                print(_banner(settings, server, user), flush=True)
+                tasks = [*services, asyncio.create_task(_supervise(server, embedded, reaper)),
+                         *([asyncio.create_task(_chat(client, settings, user, database_url))] if chat else [])]
+                try:
+                    # Leaving the chat ends the session; a worker or gateway that fails ends it too, with its error.
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in tasks[len(services):]:
+                        task.cancel()
             finally:
-                await engine.dispose()
-            stop = asyncio.Event()
-            services = [asyncio.create_task(run_worker(settings, database_url, stop, make_current_now=True))]
-            if settings.telegram_bot_token is not None:
-                services.append(asyncio.create_task(run_gateway(settings, stop, client)))
-            print(_banner(settings, server, user), flush=True)
-            tasks = [*services, asyncio.create_task(_supervise(server, embedded, reaper)),
-                     *([asyncio.create_task(chat_loop(client, settings, user))] if chat else [])]
-            try:
-                # Leaving the chat ends the session; a worker or gateway that fails ends it too, with its error.
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in tasks[len(services):]:
-                    task.cancel()
                 stop.set()
                 for service in services:
                     await service
     finally:
+        if chat_model is not None:
+            await chat_model.close()
         server.stop()
         reaper.close()
     return 0

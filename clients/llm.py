@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,27 @@ LOCAL_MODEL_NAME = "SmolLM2-135M-Instruct"
 LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL_CONTEXT_TOKENS = 4096
 # A 135M model wanders off and repeats itself in long answers; short ones stay on topic.
-LOCAL_MAX_REPLY_TOKENS = 120
+LOCAL_MAX_REPLY_TOKENS = 100
+# llama.cpp's sampling options the local server takes beside OpenAI's: a penalty on repeating the last tokens keeps
+# the small model from looping.
+LOCAL_SAMPLING = {"temperature": 0.6, "repeat_penalty": 1.15, "repeat_last_n": 128}
+# Reuse cached chunks of at least this many tokens that moved in the prompt (the conversation window slid on):
+# llama.cpp then reads only what is new in each turn's prompt.
+LOCAL_CACHE_REUSE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    """How much of the conversation and of recalled memories a model's prompt holds (~4 characters a token)."""
+
+    history_messages: int = 12
+    history_chars: int = 24_000
+    recall_chars: int = 2_400  # ~600 tokens
+
+
+# The local model reads ~350 prompt tokens a second on 2 cores: a prompt of ~700 tokens keeps a turn to a few
+# seconds even when nothing of it is cached.
+LOCAL_BUDGET = PromptBudget(history_messages=8, history_chars=1_600, recall_chars=600)
 
 _log = get_logger(__name__)
 
@@ -39,10 +61,13 @@ _log = get_logger(__name__)
 class ChatModel:
     """Turns a turn's context and the user's message into a reply."""
 
-    def __init__(self, client: AsyncOpenAI, model: str, max_tokens: int = MAX_REPLY_TOKENS):
+    def __init__(self, client: AsyncOpenAI, model: str, max_tokens: int = MAX_REPLY_TOKENS,
+                 budget: PromptBudget = PromptBudget(), sampling: dict[str, Any] | None = None):
         self._client = client
         self.model = model
+        self.budget = budget
         self._max_tokens = max_tokens
+        self._sampling = sampling or {"temperature": TEMPERATURE}
 
     async def close(self) -> None:
         """Close the client's HTTP connections."""
@@ -52,10 +77,11 @@ class ChatModel:
         """One chat completion; failures raise OpenAIServiceError, retryable or not by their cause."""
         messages = [{"role": "system", "content": context.system_prompt},
                     *({"role": turn.role.value, "content": turn.content} for turn in context.history),
+                    *([{"role": "system", "content": context.before_message}] if context.before_message else []),
                     {"role": "user", "content": text}]
         started = time.perf_counter()
-        response = await self._complete({"messages": messages, "max_tokens": self._max_tokens,
-                                         "temperature": TEMPERATURE}, purpose="reply")
+        response = await self._complete({"messages": messages, "max_tokens": self._max_tokens, **self._sampling},
+                                        purpose="reply")
         content = _content(response)
         if not content:
             raise OpenAIServiceError("the LLM returned an empty reply", context={"model": self.model})
@@ -141,11 +167,20 @@ def local_model_path() -> Path:
     return Path(spec.origin).parent / LOCAL_MODEL_FILE
 
 
-class LocalModelServer:
-    """llama.cpp's OpenAI-compatible server, in this process, on a free loopback port. It lives as long as the process."""
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-    def __init__(self, threads: int = 1):
-        self._threads = threads
+
+class LocalModelServer:
+    """llama.cpp's OpenAI-compatible server, in this process, on a free loopback port. It lives as long as the process.
+
+    It answers one request at a time on every core this process may use (a reply is short; the turn waits for it),
+    and keeps the last prompt cached, so each turn reads only what is new in its prompt.
+    """
+
+    def __init__(self, threads: int | None = None):
+        self._threads = threads or usable_cores()
         self._server = None
 
     def start(self) -> str:
@@ -154,16 +189,19 @@ class LocalModelServer:
 
         params = xllamacpp.CommonParams()
         params.model.path = str(local_model_path())
+        params.model_alias = {LOCAL_MODEL_NAME}  # the name its answers give, instead of the file's path
         params.n_ctx = LOCAL_CONTEXT_TOKENS
         params.n_parallel = 1
         params.cpuparams.n_threads = self._threads
         params.cpuparams_batch.n_threads = self._threads
+        params.cache_prompt = True
+        params.n_cache_reuse = LOCAL_CACHE_REUSE_TOKENS
         params.port = 0
         params.verbosity = 0
         started = time.perf_counter()
         self._server = xllamacpp.Server(params)
         base_url = self._server.listening_address + "/v1"
-        _log.info("llm.local_model_started", model=LOCAL_MODEL_NAME, base_url=base_url,
+        _log.info("llm.local_model_started", model=LOCAL_MODEL_NAME, base_url=base_url, threads=self._threads,
                   duration_ms=round((time.perf_counter() - started) * 1000))
         return base_url
 
@@ -175,7 +213,8 @@ def create_chat_model(settings: Settings, local_base_url: str | None = None) -> 
             raise ConfigurationError("no LLM configured: set OPENAI_API_KEY or OPENAI_BASE_URL, or start the local "
                                      "model")
         client = openai_client(local_base_url, "local", max_retries=SDK_RETRIES, timeout=REQUEST_TIMEOUT_S)
-        return ChatModel(client, LOCAL_MODEL_NAME, max_tokens=LOCAL_MAX_REPLY_TOKENS)
+        return ChatModel(client, LOCAL_MODEL_NAME, max_tokens=LOCAL_MAX_REPLY_TOKENS, budget=LOCAL_BUDGET,
+                         sampling=LOCAL_SAMPLING)
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "unused"
     client = openai_client(settings.openai_base_url, api_key, max_retries=SDK_RETRIES, timeout=REQUEST_TIMEOUT_S)
     return ChatModel(client, settings.openai_chat_model)

@@ -186,10 +186,15 @@ class ChatTurn(_Contract):
 
 
 class TurnContext(_Contract):
-    """The prompt of a turn: the system prompt with the user's memory, and the recent conversation."""
+    """The prompt of a turn: the system prompt with the user's memory, the recent conversation, and what the model is
+    told just before the message (the memories recalled for it, a note on the turn).
+
+    What changes every turn comes last, so that a model server's prompt cache keeps the rest from turn to turn.
+    """
 
     system_prompt: str
     history: list[ChatTurn]
+    before_message: str = ""
 
 
 class PrepareTurnInput(_Contract):

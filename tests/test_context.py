@@ -100,3 +100,31 @@ def test_quote_escapes_everything_that_could_break_out() -> None:
         quoted = quote(text)
         assert "\n" not in quoted and "<" not in quoted and ">" not in quoted
         assert json.loads(quoted) == text
+
+
+async def test_a_small_model_s_prompt_keeps_the_newest_turns_that_fit_and_ends_with_what_changes(
+        repo: MemoryRepository) -> None:
+    from activities.prompt import build_prompt
+    from clients.llm import LOCAL_BUDGET
+    from schemas.context import RecalledMemory
+
+    user = await repo.get_or_create_user(UserCreate(telegram_id=44, first_name="Ada"))
+    for n in range(30):
+        await repo.add_message(user.id, MessageCreate(message_key=f"m{n}", role=Role.USER if n % 2 == 0 else
+                                                      Role.ASSISTANT, content=f"turn {n}: " + "words " * 40,
+                                                      sent_at=NOW + timedelta(minutes=n)))
+    context = await repo.get_user_context(user.id, message_limit=13, now=NOW)
+
+    def prompt(recalled: str, key: str):
+        context.recalled = [RecalledMemory(kind="conversation", content=recalled, occurred_at=NOW)]
+        return build_prompt(context, key, note="Confirm the reminder.", budget=LOCAL_BUDGET)
+
+    first, second = prompt("Ada's dog is called Rex", "m29"), prompt("Ada plays chess", "m28")
+    # The newest turns that fit ~1,600 characters, oldest first, without the message being answered.
+    assert [turn.content.split(":")[0] for turn in first.history] == [f"turn {n}" for n in range(23, 29)]
+    assert sum(len(turn.content) for turn in first.history) <= LOCAL_BUDGET.history_chars
+    # The system prompt holds nothing of the message at hand, so a model server's cache keeps it across turns...
+    assert first.system_prompt == second.system_prompt and "Rex" not in first.system_prompt
+    # ...and what was recalled for the message comes right before it, quoted, with the turn's note.
+    assert first.before_message.index(MEMORY_OPEN) < first.before_message.index('"Ada\'s dog is called Rex"')
+    assert first.before_message.index(MEMORY_CLOSE) < first.before_message.index("Confirm the reminder.")

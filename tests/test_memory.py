@@ -135,12 +135,13 @@ async def test_the_prompt_recalls_what_the_user_said_long_before_the_recent_turn
     await eventually(lambda: memory_count(engine, user.id, MemoryKind.CONVERSATION), lambda n: n == 30)
 
     await stack.say(mia, "Which city does my sister live in again?")
-    request = stack.llm.requests[-1]["messages"]
-    system, history = request[0]["content"], [turn["content"] for turn in request[1:]]
-    assert not any("Lisbon" in turn for turn in history)  # long gone from the recent turns...
-    memories = system.split("memories that may matter now")[1]
-    assert "Lisbon" in memories and "piano" in memories  # ...but recalled, quoted inside the memory block
-    assert system.index("Lisbon") < system.index("</user_memory>")
+    *conversation, recalled, message = stack.llm.requests[-1]["messages"]
+    assert message["content"] == "Which city does my sister live in again?"
+    assert not any("Lisbon" in turn["content"] for turn in conversation)  # long gone from the recent turns...
+    assert recalled["role"] == "system"  # ...but recalled, quoted in a memory block right before the message
+    memories = recalled["content"].split("memories that may matter now")[1]
+    assert "Lisbon" in memories and "piano" in memories
+    assert recalled["content"].index("Lisbon") < recalled["content"].index("</user_memory>")
 
 
 async def test_a_new_user_s_turns_ask_for_no_embedding_until_they_have_memories(
@@ -160,7 +161,7 @@ async def test_a_new_user_s_turns_ask_for_no_embedding_until_they_have_memories(
                                                                                     now=datetime.now(UTC)))
         await ActivityEnvironment().run(reply.generate_reply, GenerateReplyInput(
             user_id=mia, message_key=key, reply_key=f"{key}:reply", text=text, channel=Channel.CONSOLE))
-        return fake_llm.requests[-1]["messages"][0]["content"]
+        return fake_llm.requests[-1]["messages"][-2]["content"]  # what comes right before the message
 
     await turn("a", "My favourite tea is genmaicha, toasty and nutty.")
     assert [request for request in fake_llm.requests if "input" in request] == []  # nothing to search yet

@@ -176,8 +176,9 @@ async def test_a_reminder_the_user_asks_for_is_confirmed_and_fires_when_they_sai
     assert reminder.kind == NudgeKind.REMINDER and reminder.created_by == NudgeCreator.USER
     assert reminder.text == "⏰ Reminder: stretch"
     assert timedelta(hours=2) <= reminder.at - asked_at < timedelta(hours=2, minutes=1)
-    system_prompt = stack.llm.requests[-1]["messages"][0]["content"]
-    assert 'You have just set a reminder the user asked for: "stretch"' in system_prompt
+    *_, note, message = stack.llm.requests[-1]["messages"]  # the note comes right before the message
+    assert note["role"] == "system" and message["content"] == "Remind me in 2 hours to stretch, please"
+    assert 'You have just set a reminder the user asked for: "stretch"' in note["content"]
 
     await stack.env.sleep(timedelta(hours=2, minutes=5))
     await eventually(lambda: status(stack, reminder.nudge_id), lambda s: s == NudgeStatus.SENT)

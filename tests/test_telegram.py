@@ -27,6 +27,7 @@ from temporalio.testing import ActivityEnvironment
 
 import bot_gateway
 from activities.companion import CompanionActivities
+from activities.reply import GROUP_NOTE
 from activities.sending import DELIVERY_CLAIM
 from clients.http import AiohttpRequest
 from clients.telegram import (
@@ -465,8 +466,8 @@ async def test_a_group_turn_sees_nothing_of_the_private_chat(tg: TelegramStack) 
     await tg.api.wait_for(group, count=2)
     prompt = json.dumps(tg.llm.requests[-1]["messages"])
     assert "diagnosis" not in prompt and "positive" not in prompt  # neither the private message nor the fact
-    assert [m["content"] for m in tg.llm.requests[-1]["messages"][1:]] == [
-        "lunch at noon?", "I hear you: lunch at noon?", "and dessert?"]  # the group's own conversation
+    assert [m["content"] for m in tg.llm.requests[-1]["messages"][1:]] == [  # the group's own conversation
+        "lunch at noon?", "I hear you: lunch at noon?", GROUP_NOTE, "and dessert?"]
     await say(tg, ada, "and privately?")  # the private chat still has everything
     await eventually(lambda: tg.api.messages(ada), lambda sent: len(sent) == 2)
     assert "diagnosis" in json.dumps(tg.llm.requests[-1]["messages"])
