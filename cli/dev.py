@@ -22,13 +22,14 @@ from temporalio.client import Client
 from bot_gateway import run_gateway
 from cli.conversation import chat_loop
 from clients.llm import LOCAL_MODEL_NAME, LocalModelServer, create_chat_model, usable_cores
-from core.errors import CompanionError, ConfigurationError, InvalidInputError
+from core.errors import CompanionError, ConfigurationError, EmbedderChangedError, InvalidInputError
 from core.logging import get_logger
 from core.settings import Settings
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres, postgres
 from storage.repository import MemoryRepository
+from storage.semantic import create_memory_index
 from worker import deployment_version, run_worker
 from workflows.client import connect
 from workflows.contract import USER_ID_ATTRIBUTE
@@ -208,6 +209,57 @@ async def _chat(client: Client, settings: Settings, user: int, database_url: str
         await engine.dispose()
 
 
+class _Bar:
+    """A progress bar on one line of the terminal (a line per tenth elsewhere)."""
+
+    WIDTH = 30
+
+    def __init__(self, what: str) -> None:
+        self._what, self._live, self._shown = what, sys.stdout.isatty(), -1
+
+    def update(self, done: int, total: int) -> None:
+        filled = self.WIDTH * done // max(total, 1)
+        if self._live:
+            print(f"\r  {self._what} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done:,}/{total:,}", end="",
+                  flush=True)
+        elif filled * 10 // self.WIDTH > self._shown:
+            self._shown = filled * 10 // self.WIDTH
+            print(f"  {self._what}: {done:,}/{total:,}", flush=True)
+
+    def end(self) -> None:
+        if self._live:
+            print(flush=True)
+
+
+async def _embedder_fits(settings: Settings, database_url: str, reindex: bool) -> None:
+    """Memories stored by another embedder (the offline one, before OPENAI_API_KEY was set) are embedded again when
+    asked (--reindex) or confirmed at the terminal; otherwise start-up stops, saying the choices."""
+    engine = create_engine(database_url, pool_size=1, max_overflow=1)
+    index = create_memory_index(settings, create_session_factory(engine))
+    try:
+        try:
+            await index.store.check(index.embedder.dimension)
+            return
+        except EmbedderChangedError as exc:
+            question = f"{exc}.\nEmbed them again now with {index.embedder.name}? [y/N] "
+            if not reindex and not (sys.stdin.isatty() and await _confirm(question)):
+                raise
+        bar = _Bar(f"embedding memories with {index.embedder.name}")
+        done = await index.reindex(progress=bar.update)
+        bar.end()
+        print(f"  {done:,} memories embedded again", flush=True)
+    finally:
+        await index.close()
+        await engine.dispose()
+
+
+async def _confirm(question: str) -> bool:
+    """Ask a yes/no question at the terminal; only yes is yes."""
+    print(question, end="", flush=True)
+    answer = await asyncio.to_thread(sys.stdin.readline)
+    return answer.strip().lower() in ("y", "yes")
+
+
 async def _until_ready(worker: asyncio.Task[None], ready: asyncio.Event) -> None:
     """Wait until the worker answers messages; a worker that fails on the way raises its error."""
     waiting = asyncio.create_task(ready.wait())
@@ -256,7 +308,7 @@ async def _supervise(server: TemporalDevServer, embedded: EmbeddedPostgres | Non
             reaper.watch(revived, signal.SIGINT)
 
 
-async def run_dev(settings: Settings, user: int, chat: bool) -> int:
+async def run_dev(settings: Settings, user: int, chat: bool, reindex: bool = False) -> int:
     """Start Temporal, PostgreSQL, the model and the worker, saying each as it is ready; chat once a message can be
     answered, or wait; stop everything on the way out."""
     reaper = Reaper()
@@ -281,6 +333,7 @@ async def run_dev(settings: Settings, user: int, chat: bool) -> int:
                 where = f"embedded, {settings.postgres_data_dir}" if embedded is not None else "DATABASE_URL"
                 await _migrated(database_url, where)
                 said.append(f"{where}, schema {migrate.head_revision()}")
+            await _embedder_fits(settings, database_url, reindex)
             with progress.step("LLM") as said:
                 # The local model's server lives as long as this object, which outlives the worker.
                 local_model = LocalModelServer() if settings.uses_local_model else None

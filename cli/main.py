@@ -72,6 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="run everything locally: Temporal, PostgreSQL, model, worker, chat")
     dev.add_argument("--user", type=TELEGRAM_ID, default=DEFAULT_USER, help="who you are in the chat (default 42)")
     dev.add_argument("--no-chat", action="store_true", help="do not open the chat prompt even on a terminal")
+    dev.add_argument("--reindex", action="store_true",
+                     help="embed the stored memories again if the embedder changed (e.g. after setting OPENAI_API_KEY)")
     worker = commands.add_parser("worker", help="run a worker against the configured Temporal and PostgreSQL")
     worker.add_argument("--make-current", action="store_true",
                         help="make this build the current one: new conversations start on it, running ones move to "
@@ -211,7 +213,7 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
         case "dev":
             from cli import dev
 
-            return dev.run_dev(settings, args.user, chat=not args.no_chat and sys.stdin.isatty())
+            return dev.run_dev(settings, args.user, chat=not args.no_chat and sys.stdin.isatty(), reindex=args.reindex)
         case "worker":
             return _worker(settings, args.make_current)
         case "gateway":

@@ -200,3 +200,10 @@ class ConfigurationError(CompanionValidationError):
     """A setting is missing or has a bad value."""
 
     code = "VALIDATION_CONFIGURATION"
+
+
+class EmbedderChangedError(ConfigurationError):
+    """The stored memories were embedded by another embedder than the configured one, in another dimension: they must
+    be embedded again (`companion memory reindex`), or the embedder set back."""
+
+    code = "VALIDATION_EMBEDDER_CHANGED"

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import REAL, bindparam, delete, select, text
+from sqlalchemy import REAL, Select, bindparam, delete, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -427,24 +427,32 @@ class MemoryIndex:
 
     # --- maintenance --------------------------------------------------------------------------------------------
 
-    async def reindex(self, user_id: int | None = None, batch: int = 256, everything: bool = True) -> int:
+    async def reindex(self, user_id: int | None = None, batch: int = 256, everything: bool = True,
+                      progress: Callable[[int, int], None] | None = None) -> int:
         """Embed memories again with the current embedder (all of them, or only those without its vector).
 
-        With pgvector, a change of dimension first changes the column (and rebuilds the HNSW index).
-        Returns how many memories were embedded.
+        With pgvector, a change of dimension first changes the column (and rebuilds the HNSW index). ``progress`` is
+        told (done, total) after each batch. Returns how many memories were embedded.
         """
         if isinstance(self.store, PgVectorStore):
             await self.store.fit(self.embedder.dimension)
+
+        def chosen(statement: Select) -> Select:
+            if user_id is not None:
+                statement = statement.where(Memory.user_id == user_id)
+            if not everything:
+                statement = statement.where((Memory.embedder.is_(None)) | (Memory.embedder != self.embedder.name))
+            return statement
+
+        async def count(session: AsyncSession) -> int:
+            return (await session.execute(chosen(select(func.count()).select_from(Memory)))).scalar_one()
+
+        total = await self._tx("memories.reindex_count", count) if progress is not None else 0
         done, last_id = 0, 0
         while True:
             async def work(session: AsyncSession, after: int = last_id) -> list[tuple]:
-                statement = select(Memory.id, Memory.content, Memory.kind, Memory.occurred_at, Memory.source_keys,
-                                   Memory.user_id).where(Memory.id > after)
-                if user_id is not None:
-                    statement = statement.where(Memory.user_id == user_id)
-                if not everything:
-                    statement = statement.where((Memory.embedder.is_(None))
-                                                | (Memory.embedder != self.embedder.name))
+                statement = chosen(select(Memory.id, Memory.content, Memory.kind, Memory.occurred_at,
+                                          Memory.source_keys, Memory.user_id).where(Memory.id > after))
                 return [tuple(row) for row in (await session.execute(statement.order_by(Memory.id).limit(batch)))]
 
             rows = await self._tx("memories.reindex_batch", work)
@@ -459,3 +467,5 @@ class MemoryIndex:
                                            context={"user_id": owner, "done": done})
                 done += len(owned)
             last_id = rows[-1][0]
+            if progress is not None:
+                progress(done, max(total, done))

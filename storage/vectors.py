@@ -17,10 +17,16 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from core.errors import CompanionError, ConfigurationError, VectorStoreConnectionError, VectorStoreError
+from core.errors import (
+    CompanionError,
+    ConfigurationError,
+    EmbedderChangedError,
+    VectorStoreConnectionError,
+    VectorStoreError,
+)
 from core.logging import get_logger
 from storage.database import run_transaction
-from storage.models import Memory
+from storage.models import EMBEDDING_DIMENSION, Memory
 
 T = TypeVar("T")
 _log = get_logger(__name__)
@@ -234,10 +240,13 @@ class PgVectorStore:
         if stored is None or stored == dimension:
             return
         if filled:
-            raise ConfigurationError(
-                f"the memories table holds {stored}-dimensional vectors but the embedder makes {dimension}; "
-                "run `companion memory reindex` once to rebuild them", context={"stored": stored,
-                                                                               "embedder": dimension})
+            raise EmbedderChangedError(
+                f"the stored memories were embedded in {stored} dimensions, but the configured embedder makes "
+                f"{dimension}: embed them again once with `companion memory reindex` (`companion dev --reindex` does "
+                "it as it starts), or " + ("keep the offline embedder with EMBEDDING_PROVIDER=local"
+                                           if stored == EMBEDDING_DIMENSION else
+                                           "set the embedder back (EMBEDDING_PROVIDER, OPENAI_EMBEDDING_MODEL)"),
+                context={"stored": stored, "embedder": dimension})
         await self.fit(dimension)
 
     async def fit(self, dimension: int) -> bool:

@@ -85,12 +85,12 @@ def test_the_client_speaks_the_names_the_workflow_declares() -> None:
 class DevProcess:
     """`companion dev --no-chat` in the background, stopped with SIGTERM."""
 
-    def __init__(self, cwd: Path, env: dict[str, str]):
+    def __init__(self, cwd: Path, env: dict[str, str], *args: str):
         self.cwd, self.env = cwd, env
         self.output = cwd / "dev.out"
         with self.output.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "cli", "dev", "--no-chat"], cwd=cwd, env=env,
-                                            stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([sys.executable, "-m", "cli", "dev", "--no-chat", *args], cwd=cwd,
+                                            env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while "Press Ctrl-C" not in self.output.read_text():
             assert self.process.poll() is None, self.output.read_text()
@@ -133,12 +133,16 @@ def dev_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_path: Path,
                                                                           dev_env: dict[str, str]) -> None:
-    dev = DevProcess(tmp_path, dev_env)
+    # Tried offline first: the offline embedder, memories made a second after each turn.
+    offline = {**dev_env, "EMBEDDING_PROVIDER": "local", "REMEMBER_AFTER_QUIET_SECONDS": "1"}
+    dev = DevProcess(tmp_path, offline)
     try:
-        banner = dev.output.read_text()
+        started = dev.output.read_text()
+        # Each service as it is ready, then the banner: the prompt (or the banner) only once a turn can be answered.
+        assert [line.split()[0] for line in started.splitlines()[1:5]] == ["Temporal", "PostgreSQL", "LLM", "worker"]
         port = int(dev_env["TEMPORAL_ADDRESS"].rsplit(":", 1)[1])
-        assert f"Temporal UI  http://localhost:{port + 1000}" in banner
-        said = _companion("say", "--user", "42", "Hi, I'm Simon", cwd=tmp_path, env=dev_env)
+        assert f"Temporal UI  http://localhost:{port + 1000}" in started
+        said = _companion("say", "--user", "42", "Hi, I'm Simon", cwd=tmp_path, env=offline)
         assert (said.returncode, said.stdout) == (0, "I hear you: Hi, I'm Simon\n"), said.stderr
         described = subprocess.run([str(Path(sys.executable).parent / "temporal"), "workflow", "describe", "-w",
                                     "companion-user-42", "--address", dev_env["TEMPORAL_ADDRESS"], "--output", "json"],
@@ -146,7 +150,12 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
         info = json.loads(described.stdout)["workflowExecutionInfo"]
         assert info["status"] == "WORKFLOW_EXECUTION_STATUS_RUNNING"
         assert info["type"]["name"] == "CompanionWorkflow"
-        _a_second_worker_stops_gracefully_on_sigterm(tmp_path, dev_env)
+        _a_second_worker_stops_gracefully_on_sigterm(tmp_path, offline)
+        deadline = time.monotonic() + 60
+        while "2 memories" not in _companion("memory", "search", "--user", "42", "Simon", cwd=tmp_path,
+                                             env=offline).stdout:
+            assert time.monotonic() < deadline, dev.tail()
+            time.sleep(1)
     finally:
         assert dev.stop() == 0, dev.tail()
     data_dir = tmp_path / ".companion"
@@ -159,8 +168,15 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
     assert [line.split(None, 3)[2:] for line in lines] == [["user", "42    Hi, I'm Simon"],
                                                           ["companion", "I hear you: Hi, I'm Simon"]]
 
-    dev = DevProcess(tmp_path, dev_env)  # a restart keeps the conversation and the workflow
+    # With an OpenAI key the embedder changes: start-up stops with one line saying both ways on...
+    refused = _companion("dev", "--no-chat", cwd=tmp_path, env=dev_env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert "embedded in 384 dimensions, but the configured embedder makes 1536" in line
+    assert "`companion dev --reindex`" in line and "EMBEDDING_PROVIDER=local" in line
+    dev = DevProcess(tmp_path, dev_env, "--reindex")  # ...and --reindex takes one: a restart keeps everything
     try:
+        assert "2 memories embedded again" in dev.output.read_text()
         said = _companion("say", "--user", "42", "It's me again", cwd=tmp_path, env=dev_env)
         assert said.stdout == "I hear you: It's me again\n", said.stderr
     finally:
