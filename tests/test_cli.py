@@ -54,6 +54,17 @@ def test_say_with_nothing_running_explains_and_fails(tmp_path: Path) -> None:
                                    "`uv run companion dev`")
 
 
+def test_a_client_command_given_the_worker_s_llm_settings_says_they_do_not_apply(tmp_path: Path) -> None:
+    port = _free_port_pair()
+    done = _companion("say", "--user", "42", "hello", cwd=tmp_path, env=_env(
+        tmp_path, TEMPORAL_ADDRESS=f"localhost:{port}", OPENAI_BASE_URL="http://localhost:11434/v1",
+        OPENAI_CHAT_MODEL="llama3.2"))
+    note, failure = done.stderr.splitlines()
+    assert note == ("companion: note: OPENAI_BASE_URL, OPENAI_CHAT_MODEL are read by the worker, not by `companion "
+                    "say`: replies come from the LLM the running worker was started with")
+    assert failure.startswith("companion: nothing is running")
+
+
 def test_help_and_say_start_without_the_libraries_of_the_worker(tmp_path: Path) -> None:
     # The worker's libraries (the LLM and Telegram clients, SQLAlchemy and Alembic) take seconds to import; `companion
     # --help` and `companion say` start in well under a second because they load none of them.
