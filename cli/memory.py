@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +13,8 @@ from storage.embedded import postgres_url
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from storage.semantic import create_memory_index
+
+HIT_LINES = 2  # a hit's text is wrapped to this many lines at most
 
 
 @asynccontextmanager
@@ -42,10 +46,15 @@ async def search(settings: Settings, telegram_id: int, query: str, k: int) -> in
         user = await repo.get_user_by_telegram_id(telegram_id)
         found = await index.search(user.id, query, k=k)
         zone = user.timezone_info
+        width = max(40, shutil.get_terminal_size().columns)
         for hit in found.hits:
             when = hit.occurred_at.astimezone(zone).strftime("%Y-%m-%d %H:%M")
-            print(f"{hit.score:.4f} {hit.kind.value:<12} {when} [{'+'.join(hit.via)}] "
-                  + hit.content.replace("\n", " / "))
+            head = f"{hit.score:.3f}  {when}  {hit.kind.value:<12} {'+'.join(hit.via):<15} "
+            text = " ".join(hit.content.replace("\n", " / ").split())
+            lines = textwrap.wrap(text, width - len(head), max_lines=HIT_LINES, placeholder=" …") or [""]
+            print(head + lines[0])
+            for line in lines[1:]:
+                print(" " * len(head) + line)
         note = " (vector store unavailable: keywords only)" if found.degraded else ""
         print(f"{len(found.hits)} memories in {found.elapsed_ms:.1f} ms{note}")
     return 0

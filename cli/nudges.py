@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -55,8 +56,22 @@ async def schedule(settings: Settings, telegram_id: int, at: str | None, after: 
         nudge = await schedule_nudge(client, settings, telegram_id, request)
     except WorkflowUpdateFailedError as exc:
         raise InvalidInputError(f"not scheduled: {exc.cause}") from None
-    print(nudge.nudge_id)
+    print(f"{nudge.nudge_id}  due {nudge.at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC "
+          f"({_from_now(nudge.at - datetime.now(UTC))})")
     return 0
+
+
+def _from_now(delay: timedelta) -> str:
+    """A delay as people say it: in 3 s, in 2 h 5 min, in 3 days."""
+    seconds = max(0, round(delay.total_seconds()))
+    if seconds < 90:
+        return f"in {seconds} s"
+    if seconds < 90 * 60:
+        return f"in {round(seconds / 60)} min"
+    if seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"in {hours} h {minutes} min" if minutes else f"in {hours} h"
+    return f"in {round(seconds / 86400)} days"
 
 
 async def cancel(settings: Settings, telegram_id: int, nudge_id: str) -> int:
@@ -84,11 +99,25 @@ async def list_nudges(settings: Settings, telegram_id: int | None, status: str |
             return 0
         nudges = await repository.list_scheduled_messages(user_id, NudgeStatus(status) if status else None)
         users = {uid: await repository.get_user(uid) for uid in {nudge.user_id for nudge in nudges}}
+    if not nudges:
+        print("no nudges")
+        return 0
+    rows = [("ID", "USER", "STATUS", "DUE (user's time)", "BY", "WHAT")]
     for nudge in nudges:
         user = users[nudge.user_id]
         when = nudge.scheduled_for.astimezone(user.timezone_info)
-        print(f"{nudge.nudge_id:<16} {user.telegram_id:<12} {nudge.status.value:<9} {when:%Y-%m-%d %H:%M %Z}  "
-              f"{nudge.created_by.value:<9} {nudge.content or '(' + (nudge.purpose or '') + ')'}")
-    if not nudges:
-        print("no nudges")
+        what = nudge.content or f"({nudge.purpose or ''})"
+        rows.append((nudge.nudge_id, str(user.telegram_id), nudge.status.value, f"{when:%Y-%m-%d %H:%M %Z}",
+                     nudge.created_by.value, what))
+    print_table(rows)
     return 0
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows under their header, columns aligned; the last column is clipped to the terminal's width."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    room = max(20, shutil.get_terminal_size().columns - sum(widths) - 2 * len(widths))
+    for row in rows:
+        last = " ".join(row[-1].split())
+        last = last if len(last) <= room else last[:room - 1] + "…"
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), last]).rstrip())

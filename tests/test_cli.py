@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -161,12 +162,17 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
         info = json.loads(described.stdout)["workflowExecutionInfo"]
         assert info["status"] == "WORKFLOW_EXECUTION_STATUS_RUNNING"
         assert info["type"]["name"] == "CompanionWorkflow"
+        summary = json.loads(described.stdout)["executionConfig"]["userMetadata"]["summary"]  # the UI's Summary
+        assert summary == "Conversation with user 42 (Telegram id 42)"
         _a_second_worker_stops_gracefully_on_sigterm(tmp_path, offline)
         deadline = time.monotonic() + 60
-        while "2 memories" not in _companion("memory", "search", "--user", "42", "Simon", cwd=tmp_path,
-                                             env=offline).stdout:
+        while "2 memories" not in (found := _companion("memory", "search", "--user", "42", "Simon", cwd=tmp_path,
+                                                       env=offline).stdout):
             assert time.monotonic() < deadline, dev.tail()
             time.sleep(1)
+        # A line per memory: score, when (the user's time), kind, how it was found, its text.
+        assert re.match(r"\d\.\d{3}  \d{4}-\d\d-\d\d \d\d:\d\d  conversation +vector\+keyword +.*Simon",
+                        found.splitlines()[0]), found
     finally:
         assert dev.stop() == 0, dev.tail()
     data_dir = tmp_path / ".companion"
@@ -212,16 +218,20 @@ def test_operators_schedule_list_and_cancel_nudges_against_companion_dev(tmp_pat
         scheduled = _companion("nudges", "schedule", "--user", "42", "--in", "3s", "--text", "drink water",
                                cwd=tmp_path, env=dev_env)
         assert scheduled.returncode == 0, scheduled.stderr
-        nudge_id = scheduled.stdout.strip()
+        assert re.fullmatch(r"op-\w+  due \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in [23] s\)\n", scheduled.stdout)
+        nudge_id = scheduled.stdout.split()[0]
         deadline = time.monotonic() + 30
         while "drink water" not in _companion("history", "--user", "42", cwd=tmp_path, env=dev_env).stdout:
             assert time.monotonic() < deadline, "the nudge never arrived"
             time.sleep(0.5)
-        listed = _companion("nudges", "list", "--user", "42", cwd=tmp_path, env=dev_env).stdout
-        assert listed.startswith(nudge_id) and " sent " in listed
+        header, row = _companion("nudges", "list", "--user", "42", cwd=tmp_path, env=dev_env).stdout.splitlines()
+        assert header.split() == ["ID", "USER", "STATUS", "DUE", "(user's", "time)", "BY", "WHAT"]
+        assert row.split()[:3] == [nudge_id, "42", "sent"] and row.endswith("drink water")
+        assert [header.index(title) for title in ("USER", "STATUS", "BY", "WHAT")] == [  # aligned columns
+            row.index(cell) + 1 for cell in (" 42 ", " sent ", " operator ", " drink water")]
 
         later = _companion("nudges", "schedule", "--user", "42", "--in", "1h", "--text", "stretch", cwd=tmp_path,
-                           env=dev_env).stdout.strip()
+                           env=dev_env).stdout.split()[0]
         assert _companion("nudges", "cancel", "--user", "42", later, cwd=tmp_path, env=dev_env).stdout == \
             f"cancelled {later}\n"
         again = _companion("nudges", "cancel", "--user", "42", later, cwd=tmp_path, env=dev_env)
@@ -231,14 +241,14 @@ def test_operators_schedule_list_and_cancel_nudges_against_companion_dev(tmp_pat
 
         # the same update from the Temporal CLI, as an operator without our CLI would do it
         third = _companion("nudges", "schedule", "--user", "42", "--at", "2099-01-01T09:00+00:00", "--purpose",
-                           "ask about the new year", cwd=tmp_path, env=dev_env).stdout.strip()
+                           "ask about the new year", cwd=tmp_path, env=dev_env).stdout.split()[0]
         via_temporal = subprocess.run(
             [str(Path(sys.executable).parent / "temporal"), "workflow", "update", "execute", "--address",
              dev_env["TEMPORAL_ADDRESS"], "--workflow-id", "companion-user-42", "--name", "cancel_nudge",
              "--input", json.dumps(third)], capture_output=True, text=True, timeout=30)
         assert via_temporal.returncode == 0, via_temporal.stderr
         statuses = {line.split()[0]: line.split()[2] for line in
-                    _companion("nudges", "list", cwd=tmp_path, env=dev_env).stdout.splitlines()}
+                    _companion("nudges", "list", cwd=tmp_path, env=dev_env).stdout.splitlines()[1:]}
         assert statuses == {nudge_id: "sent", later: "cancelled", third: "cancelled"}
     finally:
         assert dev.stop() == 0, dev.tail()

@@ -45,6 +45,9 @@ def _start_options(settings: Settings, user: ChatUser) -> dict:
         "task_queue": settings.temporal_task_queue,
         "search_attributes": TypedSearchAttributes([SearchAttributePair(USER_ID_ATTRIBUTE, user.telegram_id)]),
         "memo": {"user_name": user.display_name, "telegram_id": user.telegram_id},
+        # The Summary the Temporal UI shows in its list and on the workflow's page (its current details hold the
+        # recent transcript).
+        "static_summary": f"Conversation with {user.display_name} (Telegram id {user.telegram_id})",
     }
 
 
