@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -199,6 +201,74 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
     finally:
         assert dev.stop() == 0, dev.tail()
     assert len(_companion("history", "--user", "42", cwd=tmp_path, env=dev_env).stdout.splitlines()) == 4
+
+
+class PtyDev:
+    """`companion dev` with its chat on a pseudo-terminal, as a person at a terminal runs it."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]):
+        self.cwd = cwd
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: become `companion dev` on the terminal
+            os.chdir(cwd)
+            os.execve(sys.executable, [sys.executable, "-m", "cli", "dev"], env)
+        self.screen = ""
+
+    def read_until(self, text: str, timeout: float = 90) -> str:
+        """Everything shown so far, once ``text`` is among it."""
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            assert time.monotonic() < deadline, f"{text!r} never appeared:\n{self.screen[-3000:]}"
+            if select.select([self.fd], [], [], 0.2)[0]:
+                try:
+                    self.screen += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:  # the terminal closed: the process ended
+                    break
+        return self.screen
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\n")
+
+    def close(self) -> int:
+        """Ctrl-D at the prompt: the chat ends and companion dev stops everything; its exit status."""
+        os.write(self.fd, b"\x04")
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                if select.select([self.fd], [], [], 0.2)[0]:
+                    self.screen += os.read(self.fd, 4096).decode(errors="replace")
+
+
+def test_the_chat_of_companion_dev_shows_the_conversation_only(tmp_path: Path, dev_env: dict[str, str]) -> None:
+    dev = PtyDev(tmp_path, dev_env)
+    try:
+        started = dev.read_until("you> ")
+        # The prompt opens once the worker answers: every service said it was ready first, and the worker polls.
+        assert started.index("  worker ") < started.index("companion is running") < started.index("you> ")
+        assert "worker.started" in (tmp_path / ".companion" / "companion.log").read_text()
+
+        dev.type("Hi, I'm Simon")
+        shown = dev.read_until("companion> I hear you: Hi, I'm Simon")
+        # While the reply is written, a thinking line, erased when the reply comes.
+        assert "companion is thinking…\r\x1b[Kcompanion> I hear you: Hi, I'm Simon" in shown
+
+        scheduled = _companion("nudges", "schedule", "--user", "42", "--in", "2s", "--text", "drink water",
+                               cwd=tmp_path, env=dev_env)
+        assert scheduled.returncode == 0, scheduled.stderr
+        # The nudge appears in the open chat, the prompt again below it.
+        dev.read_until("you> \r\x1b[Kcompanion> drink water\r\nyou> ", timeout=30)
+    finally:
+        status = dev.close()
+    assert status == 0, dev.screen[-3000:]
+    # Nothing but the conversation: no log line of the companion, its libraries or Temporal reached the terminal.
+    for marker in ("WARN", "INFO", "ERROR", "Traceback", '{"', "TMPRL"):
+        assert marker not in dev.screen, dev.screen
 
 
 def test_a_busy_port_gets_a_clear_message(tmp_path: Path, dev_env: dict[str, str]) -> None:
