@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import uuid
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from storage.repository import MemoryRepository
 
 REPLY_TIMEOUT_S = 300.0
+# Settings only the worker reads: a client command given them still gets replies from the running worker's LLM.
+WORKER_ONLY = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_CHAT_MODEL")
 NUDGE_POLL_S = 1.0
 NUDGE_LOOKBACK = 10  # the newest messages looked through for nudges
 NUDGE_KEY_PREFIX = nudge_message_key("")
@@ -75,11 +78,23 @@ async def ask(client: Client, settings: Settings, message: IncomingMessage,
                                    context={"user": message.user.telegram_id}) from None
 
 
+def worker_llm_note(settings: Settings, command: str, reply: TurnReply) -> str | None:
+    """A note for a command given LLM settings (OPENAI_BASE_URL=... companion say) whose reply another model wrote:
+    those settings are the worker's, not the command's."""
+    given = [name for name in WORKER_ONLY if os.environ.get(name)]
+    if not given or reply.model is None or reply.model.startswith(settings.chat_model_name):
+        return None
+    return (f"companion: note: {reply.model}, the running worker's LLM, wrote this reply: {', '.join(given)} given "
+            f"to `companion {command}` {'is' if len(given) == 1 else 'are'} read by the worker only")
+
+
 async def say(settings: Settings, telegram_id: int, text: str, timeout_s: float) -> int:
     """`companion say`: print the reply to one message."""
     message = console_message(telegram_id, text)  # refused before anything is contacted
     reply = await ask(await connect_or_explain(settings), settings, message, timeout_s)
     print(reply.text)
+    if (note := worker_llm_note(settings, "say", reply)) is not None:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -166,6 +181,7 @@ async def chat_loop(client: Client, settings: Settings, telegram_id: int,
     print(f"Chatting as user {telegram_id}. Type a message; /quit or Ctrl-D to leave.")
     screen = _Screen()
     lines = _stdin_lines(asyncio.get_running_loop())
+    noted = False  # the note on LLM settings given to the chat, said once
     watching = (asyncio.create_task(_show_nudges(repository, telegram_id, datetime.now(UTC), screen))
                 if repository is not None else None)
     try:
@@ -183,6 +199,9 @@ async def chat_loop(client: Client, settings: Settings, telegram_id: int,
                     screen.note(f"companion: {exc}")
                     continue
                 screen.reply(reply.text)
+                if not noted and (note := worker_llm_note(settings, "chat", reply)) is not None:
+                    screen.note(note)
+                    noted = True
     finally:
         if watching is not None:
             watching.cancel()

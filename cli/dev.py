@@ -21,7 +21,7 @@ from temporalio.client import Client
 
 from bot_gateway import run_gateway
 from cli.conversation import chat_loop
-from clients.llm import LOCAL_MODEL_NAME, LocalModelServer, create_chat_model, usable_cores
+from clients.llm import LocalModelServer, create_chat_model, usable_cores
 from core.errors import CompanionError, ConfigurationError, EmbedderChangedError, InvalidInputError
 from core.logging import get_logger
 from core.settings import Settings
@@ -182,7 +182,7 @@ class Progress:
 
 def _llm_line(settings: Settings) -> str:
     if settings.uses_local_model:
-        return f"{LOCAL_MODEL_NAME} on {usable_cores()} cores (a small local model for trying the companion offline)"
+        return f"{settings.chat_model_name} on {usable_cores()} cores (a small local model for trying the companion offline)"
     return f"{settings.openai_chat_model} at {settings.openai_base_url or 'OpenAI'}"
 
 

@@ -245,20 +245,6 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
     raise AssertionError(f"unhandled command {args.command}")
 
 
-# Settings only the worker reads: a client command that is given them still gets the running worker's LLM.
-WORKER_ONLY = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_CHAT_MODEL", "LLM_MAX_REQUESTS_PER_SECOND",
-               "REPLY_DEADLINE_SECONDS")
-
-
-def _note_worker_settings(command: str) -> None:
-    """Say when a client command is given settings that only the worker reads."""
-    given = [name for name in WORKER_ONLY if os.environ.get(name)]
-    if command in ("say", "chat") and given:
-        print(f"companion: note: {', '.join(given)} {'is' if len(given) == 1 else 'are'} read by the worker, not by "
-              f"`companion {command}`: replies come from the LLM the running worker was started with",
-              file=sys.stderr)
-
-
 def _configure_logging(settings: Settings, command: str) -> None:
     if command == "dev":
         from cli.dev import dev_log_file
@@ -292,7 +278,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"companion: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _configure_logging(settings, args.command)
-    _note_worker_settings(args.command)
     log = get_logger("companion.cli", command=args.command)
     try:
         # uvloop: the worker spends much of its time in the event loop (sockets to Temporal, PostgreSQL, the LLM and

@@ -18,7 +18,7 @@ from temporalio import activity
 from clients.http import openai_client
 from core.errors import ConfigurationError, OpenAIServiceError
 from core.logging import get_logger
-from core.settings import Settings
+from core.settings import LOCAL_MODEL_NAME, Settings
 from schemas.turn import GeneratedReply, TurnContext
 
 # Temporal retries the call; the SDK's own retries would multiply paid attempts.
@@ -29,7 +29,6 @@ TEMPERATURE = 0.7
 # Statuses that another attempt can cure: timeouts, conflicts, rate limits and server errors.
 _RETRYABLE_STATUS = {408, 409, 429}
 
-LOCAL_MODEL_NAME = "SmolLM2-135M-Instruct"
 LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL_CONTEXT_TOKENS = 4096
 # A 135M model wanders off and repeats itself in long answers; short ones stay on topic.

@@ -16,6 +16,8 @@ from core.errors import ConfigurationError
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
+LOCAL_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model (clients.llm runs it)
+
 Environment = Literal["development", "staging", "production"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["json", "console"]
@@ -253,6 +255,11 @@ class Settings(BaseSettings):
     def uses_local_model(self) -> bool:
         """True when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set and the embedded model answers."""
         return self.openai_api_key is None and self.openai_base_url is None
+
+    @property
+    def chat_model_name(self) -> str:
+        """The name of the model these settings have write replies."""
+        return LOCAL_MODEL_NAME if self.uses_local_model else self.openai_chat_model
 
     @property
     def extracts_memories(self) -> bool:

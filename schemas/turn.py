@@ -105,6 +105,7 @@ class TurnReply(_Contract):
     reply_key: str
     text: str
     fallback: bool = False
+    model: str | None = None  # the model that wrote it (None: a fallback, or an earlier attempt's stored reply)
 
 
 class Nudge(_Contract):

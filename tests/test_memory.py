@@ -29,7 +29,7 @@ from activities.remember import Extraction, Rememberer
 from activities.reply import ReplyActivities
 from cli.doctor import check_memory
 from cli.locomo import load_conversation, new_results, score, summary
-from core.errors import ConfigurationError, VectorStoreConnectionError
+from core.errors import ConfigurationError, EmbedderChangedError, VectorStoreConnectionError
 from core.settings import load_settings
 from schemas.memory import (
     Channel,
@@ -555,7 +555,7 @@ async def test_reindex_moves_pgvector_to_another_embedders_dimension(
     await memory.remember_messages(mia, [f"m{mia}-0", f"m{mia}-1"], "Mia")
     sessions = create_session_factory(engine)
     tiny = MemoryIndex(sessions, TinyEmbedder(), PgVectorStore(sessions))
-    with pytest.raises(Exception, match="run `companion memory reindex`"):
+    with pytest.raises(EmbedderChangedError, match="embed them again once with `companion memory reindex`"):
         await tiny.store.check(8)
 
     assert await tiny.reindex() == 2

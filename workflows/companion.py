@@ -210,29 +210,32 @@ class CompanionWorkflow:
         user_id = self._know(prepared.user)
         if self._state.blocked:  # they wrote again, so they can be reached again
             await self._set_active(user_id, True)
-        text, fallback = await self._generate(user_id, message, prepared.note)
-        self._after_turn(message, text, fallback)
+        reply = await self._generate(user_id, message, prepared.note)
+        self._after_turn(message, reply.text, reply.fallback)
         if message.channel == Channel.TELEGRAM:
             await self._deliver(user_id, message.chat_id, message.reply_key)
         for nudge in (prepared.reminder, prepared.follow_up):
             if nudge is not None:
                 await self._schedule_own(user_id, nudge)
         await self._plan_checkin(user_id)
-        return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=fallback)
+        return reply
 
-    async def _generate(self, user_id: int, message: IncomingMessage, note: str | None) -> tuple[str, bool]:
-        """The reply and whether it is the fallback: the LLM's, within the reply deadline, or the fallback, stored."""
+    async def _generate(self, user_id: int, message: IncomingMessage, note: str | None) -> TurnReply:
+        """The reply: the LLM's, within the reply deadline, or the fallback, stored."""
         data = GenerateReplyInput(user_id=user_id, message_key=message.message_key, reply_key=message.reply_key,
                                   text=message.text, channel=message.channel, chat_id=message.chat_id,
                                   summary=self._state.summary, note=note)
         try:
-            return (await steps.generate_reply(data, timedelta(seconds=self._state.reply_deadline_s))).text, False
+            generated = await steps.generate_reply(data, timedelta(seconds=self._state.reply_deadline_s))
+            return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=generated.text,
+                             model=generated.model)
         except ActivityError as err:
             workflow.logger.warning("LLM failed, sending the fallback reply",
                                     extra={"message_key": message.message_key, "error": str(_cause(err))})
         self._state.fallbacks += 1
         await steps.store_fallback(user_id, message, FALLBACK_REPLY)
-        return FALLBACK_REPLY, True
+        return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=FALLBACK_REPLY,
+                         fallback=True)
 
     def _after_turn(self, message: IncomingMessage, reply: str, fallback: bool) -> None:
         count("companion_turns", "conversation turns answered", channel=message.channel.value)
