@@ -182,7 +182,8 @@ class Progress:
 
 def _llm_line(settings: Settings) -> str:
     if settings.uses_local_model:
-        return f"{settings.chat_model_name} on {usable_cores()} cores (a small local model for trying the companion offline)"
+        return (f"{settings.chat_model_name} on {usable_cores()} cores (a small local model for trying the "
+                "companion offline)")
     return f"{settings.openai_chat_model} at {settings.openai_base_url or 'OpenAI'}"
 
 

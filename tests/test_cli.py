@@ -277,6 +277,18 @@ def test_a_busy_port_gets_a_clear_message(tmp_path: Path, dev_env: dict[str, str
     assert f"port {port} (TEMPORAL_ADDRESS) is already in use" in done.stderr
 
 
+def test_an_unreachable_database_url_stops_companion_dev_with_one_line(tmp_path: Path,
+                                                                       dev_env: dict[str, str]) -> None:
+    closed = free_port()
+    done = _companion("dev", "--no-chat", cwd=tmp_path,
+                      env={**dev_env, "DATABASE_URL": f"postgresql://companion:secret@127.0.0.1:{closed}/companion"})
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[-1] == "  PostgreSQL  failed"
+    [line] = done.stderr.splitlines()
+    assert line.startswith("companion: cannot use PostgreSQL (DATABASE_URL): ") and "correct DATABASE_URL" in line
+    assert "secret" not in done.stdout + done.stderr
+
+
 def test_operators_schedule_list_and_cancel_nudges_against_companion_dev(tmp_path: Path,
                                                                         dev_env: dict[str, str]) -> None:
     dev = DevProcess(tmp_path, dev_env)

@@ -98,5 +98,5 @@ async def forget(client: Client, settings: Settings, user: ChatUser) -> Forgotte
 
 async def set_checkins(client: Client, settings: Settings, user: ChatUser, enabled: bool) -> list[Nudge]:
     """Turn a user's check-ins on or off; returns the check-ins this cancelled."""
-    return await client.execute_update_with_start_workflow(contract.SET_CHECKINS, enabled,
-                                                           result_type=list[Nudge], start_workflow_operation=_start(settings, user))
+    return await client.execute_update_with_start_workflow(contract.SET_CHECKINS, enabled, result_type=list[Nudge],
+                                                           start_workflow_operation=_start(settings, user))
