@@ -7,6 +7,7 @@ heartbeats while the model thinks, and the workflow answers queries and updates 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
@@ -36,6 +37,10 @@ LLM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficie
 # A worker that dies mid-call is noticed within LLM_HEARTBEAT and the step retried on another worker.
 LLM_HEARTBEAT = timedelta(seconds=10)
 HEARTBEAT_EVERY_S = 2.0
+# The preview of a reply in a private chat: a draft at most this often, a part of at most this many characters (the
+# Bot API's 4,096 UTF-16 units, with room for characters that take two).
+DRAFT_EVERY_S = 0.4
+DRAFT_PART_CHARS = 4_000
 
 GROUP_NOTE = ("You are in a group chat: other people read your reply. Answer the message in front of you; you know "
               "nothing private about anyone here, and bring up nothing from private conversations.")
@@ -72,8 +77,9 @@ class ReplyActivities:
         info = activity.info()
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
-        async with self._typing(data), _heartbeating():
-            reply = await self._chat_model.reply(prompt, data.text)
+        preview = self._preview(data, context.user.telegram_id)
+        async with self._typing(data), _heartbeating(), alongside(preview.run()) if preview else nullcontext():
+            reply = await self._chat_model.reply(prompt, data.text, on_text=preview.show if preview else None)
         saved = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
             sent_at=datetime.now(UTC)))
@@ -107,6 +113,12 @@ class ReplyActivities:
                   duration_ms=round(found.elapsed_ms, 1))
         return found.hits
 
+    def _preview(self, data: GenerateReplyInput, telegram_id: int) -> DraftPreview | None:
+        """The draft that shows a private Telegram chat the reply as it is written; none elsewhere."""
+        if data.channel != Channel.TELEGRAM or data.chat_id != telegram_id or self._telegram is None:
+            return None
+        return DraftPreview(self._telegram, data.chat_id, data.reply_key)
+
     def _typing(self, data: GenerateReplyInput) -> AbstractAsyncContextManager[None]:
         if data.channel == Channel.TELEGRAM and data.chat_id is not None and self._telegram is not None:
             return self._telegram.typing(data.chat_id)
@@ -115,6 +127,38 @@ class ReplyActivities:
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
         return [self.generate_reply]
+
+
+class DraftPreview:
+    """The reply as the model writes it, shown in a private chat as a Telegram draft (ephemeral: the deliver step then
+    sends the message itself, formatted, once). The newest text goes out at once, then at most every DRAFT_EVERY_S;
+    past DRAFT_PART_CHARS it goes on in a draft of its own, as the sent message goes on in a part of its own. A retried
+    attempt starts the same draft again. A draft Telegram refuses ends the preview, never the reply."""
+
+    def __init__(self, telegram: TelegramChannel, chat_id: int, reply_key: str):
+        self._telegram, self._chat_id = telegram, chat_id
+        # Non-zero and the same for every attempt at this reply: Telegram animates changes of one draft.
+        self._draft_id = int(hashlib.sha256(reply_key.encode()).hexdigest()[:7], 16) | 1
+        self._text, self._shown = "", ""
+        self._grew = asyncio.Event()
+
+    def show(self, text: str) -> None:
+        """The reply so far (called as the model's stream grows)."""
+        self._text = text
+        self._grew.set()
+
+    async def run(self) -> None:
+        """Send the drafts while the reply is written (cancelled when it is)."""
+        while True:
+            await self._grew.wait()
+            self._grew.clear()
+            part = max(len(self._text) - 1, 0) // DRAFT_PART_CHARS
+            text = self._text[part * DRAFT_PART_CHARS:]
+            if text.strip() and text != self._shown:
+                if not await self._telegram.draft(self._chat_id, self._draft_id + 2 * part, text):
+                    return
+                self._shown = text
+            await asyncio.sleep(DRAFT_EVERY_S)
 
 
 def _group_prompt(data: GenerateReplyInput, context: UserContextSchema, budget: PromptBudget) -> TurnContext:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, AsyncStream
 from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from temporalio import activity
 
 from clients.http import openai_client
@@ -72,15 +73,20 @@ class ChatModel:
         """Close the client's HTTP connections."""
         await self._client.close()
 
-    async def reply(self, context: TurnContext, text: str) -> GeneratedReply:
-        """One chat completion; failures raise OpenAIServiceError, retryable or not by their cause."""
+    async def reply(self, context: TurnContext, text: str,
+                    on_text: Callable[[str], None] | None = None) -> GeneratedReply:
+        """One chat completion; failures raise OpenAIServiceError, retryable or not by their cause.
+
+        With ``on_text``, the reply is streamed and ``on_text`` is called with the text so far as it grows.
+        """
         messages = [{"role": "system", "content": context.system_prompt},
                     *({"role": turn.role.value, "content": turn.content} for turn in context.history),
                     *([{"role": "system", "content": context.before_message}] if context.before_message else []),
                     {"role": "user", "content": text}]
         started = time.perf_counter()
-        response = await self._complete({"messages": messages, "max_tokens": self._max_tokens, **self._sampling},
-                                        purpose="reply")
+        body = {"messages": messages, "max_tokens": self._max_tokens, **self._sampling}
+        response = (await self._complete(body, purpose="reply") if on_text is None
+                    else await self._stream(body, on_text))
         content = _content(response)
         if not content:
             raise OpenAIServiceError("the LLM returned an empty reply", context={"model": self.model})
@@ -125,6 +131,37 @@ class ChatModel:
                                      context={"model": self.model}, cause=exc) from exc
         _count_call(self.model, "ok", time.perf_counter() - started, response.usage, purpose=purpose)
         return response
+
+
+    async def _stream(self, body: dict[str, Any], on_text: Callable[[str], None]) -> ChatCompletion:
+        """POST /chat/completions with ``stream``: ``on_text`` sees the text grow; returns the whole completion
+        (content and usage) as the call without streaming would. Failures raise OpenAIServiceError like ``_complete``;
+        one in mid-stream is retryable (the next attempt starts again)."""
+        started = time.perf_counter()
+        text, usage, model = "", None, self.model
+        try:
+            stream = await self._client.post(
+                "/chat/completions", cast_to=ChatCompletion, stream=True, stream_cls=AsyncStream[ChatCompletionChunk],
+                body={"model": self.model, **body, "stream": True, "stream_options": {"include_usage": True}})
+            async with stream:
+                async for chunk in stream:
+                    model, usage = chunk.model or model, chunk.usage or usage
+                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    if delta:
+                        text += delta
+                        on_text(text)
+        except openai.APIStatusError as exc:
+            _count_call(self.model, "error", time.perf_counter() - started, purpose="reply")
+            raise _status_error(exc) from exc
+        except openai.APIError as exc:  # in mid-stream: the connection cut (APIConnectionError), an error event
+            _count_call(self.model, "error", time.perf_counter() - started, purpose="reply")
+            raise OpenAIServiceError(f"the LLM's stream broke off ({type(exc).__name__})",
+                                     context={"model": self.model}, cause=exc) from exc
+        _count_call(self.model, "ok", time.perf_counter() - started, usage, purpose="reply")
+        return ChatCompletion.model_validate({
+            "id": "stream", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": usage.model_dump() if usage is not None else None})
 
 
 def _content(response: ChatCompletion) -> str:

@@ -21,7 +21,7 @@ from telegram.warnings import PTBDeprecationWarning
 
 from clients.http import AiohttpRequest
 from core.concurrency import alongside
-from core.errors import TelegramBlockedError, TelegramServiceError
+from core.errors import CompanionError, TelegramBlockedError, TelegramServiceError
 from core.logging import get_logger
 from core.settings import Settings
 
@@ -167,6 +167,18 @@ class TelegramChannel:
                 _log.warning("telegram.formatting_refused", chat_id=chat_id, error=exc.message)
                 message = await bot.send_message(chat_id, text)
         return message.message_id
+
+    async def draft(self, chat_id: int, draft_id: int, text: str) -> bool:
+        """Show ``text``, plain, as draft ``draft_id`` of a private chat: the ephemeral, animated preview of a message
+        being written (Bot API sendMessageDraft; the message itself is sent as usual once written). False when
+        Telegram refuses or can't be reached: a preview is a courtesy, and the reply goes on without it."""
+        try:
+            bot = await self._started()
+            with telegram_errors(chat_id):
+                return await bot.send_message_draft(chat_id, draft_id, text)
+        except CompanionError as exc:
+            _log.info("telegram.draft_failed", chat_id=chat_id, error=exc.message)
+            return False
 
     @asynccontextmanager
     async def typing(self, chat_id: int) -> AsyncIterator[None]:

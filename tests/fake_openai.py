@@ -1,8 +1,10 @@
 """A small OpenAI-compatible chat completions server for tests and benchmarks.
 
 It speaks the real wire format (bearer auth, the chat.completion object, the {"error": {...}} envelope with HTTP
-status codes, Retry-After on 429), so the real `openai` client talks to it unchanged. Replies follow a script when
-one is given, otherwise a default that echoes the user's last message.
+status codes, Retry-After on 429, and with "stream": true server-sent chat.completion.chunk events ending in
+`data: [DONE]`, usage in a last chunk when stream_options asks for it), so the real `openai` client talks to it
+unchanged. Replies follow a script when one is given, otherwise a default that echoes the user's last message. A
+streamed reply can take its time: ``first_token_s`` before its first token, then ``tokens_per_s``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import hashlib
 import itertools
 import json
 import math
+import re
+import socket
 import struct
 import subprocess
 import sys
@@ -35,6 +39,7 @@ class Reply:
 
     text: str
     delay_s: float = 0.0
+    cut_after: int | None = None  # streamed: the connection drops after this many tokens
 
 
 @dataclass
@@ -57,6 +62,8 @@ class FakeOpenAI:
     _json_script: deque = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ids: itertools.count = field(default_factory=itertools.count)
+    first_token_s: float = 0.0  # a streamed reply's wait before its first token
+    tokens_per_s: float = 0.0  # and its pace after it (0: all at once); a token is a word and the space after it
 
     def start(self) -> str:
         """Serve on a free loopback port; returns the base URL to give the openai client."""
@@ -135,7 +142,45 @@ class FakeOpenAI:
             text = step.text
         else:
             text = json.dumps(_smallest(schema)) if schema is not None else self.default(body)
+        if body.get("stream"):
+            return self._stream(request, body, text, next(self._ids), step.cut_after if step is not None else None)
         send_json(request, 200, _completion(body, text, next(self._ids)))
+
+    def _stream(self, request: BaseHTTPRequestHandler, body: dict[str, Any], text: str, number: int,
+                cut_after: int | None = None) -> None:
+        """The reply as OpenAI streams it: chunked server-sent events, a chunk per token, then [DONE]."""
+        request.send_response(200)
+        request.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        request.send_header("Transfer-Encoding", "chunked")
+        request.end_headers()
+
+        def event(payload: dict[str, Any] | str) -> None:
+            data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+            request.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            request.wfile.flush()
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {"id": f"chatcmpl-fake{number}", "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": body["model"], "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        event(chunk({"role": "assistant", "content": ""}))
+        time.sleep(self.first_token_s)
+        for n, token in enumerate(re.findall(r"\S+\s*", text) or [text]):
+            if n == cut_after:  # the connection drops mid-reply
+                request.close_connection = True
+                request.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if n and self.tokens_per_s:
+                time.sleep(1 / self.tokens_per_s)
+            event(chunk({"content": token}))
+        event(chunk({}, "stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = _completion(body, text, number)["usage"]
+            event({**chunk({}), "choices": [], "usage": usage})
+        event("[DONE]")
+        request.wfile.write(b"0\r\n\r\n")
+        request.wfile.flush()
 
 
 EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072}

@@ -61,12 +61,23 @@ class Sent:
 
 
 @dataclass
+class Draft:
+    """A draft the bot showed: the ephemeral preview of a message being written (sendMessageDraft)."""
+
+    chat_id: int
+    draft_id: int
+    text: str
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
 class FakeBotAPI:
     """The server; tests use push_*, fail_next, block, and read sent / actions / calls."""
 
     token: str = TOKEN
     sent: list[Sent] = field(default_factory=list)
     actions: list[tuple[int, str]] = field(default_factory=list)
+    drafts: list[Draft] = field(default_factory=list)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     webhook: dict[str, Any] | None = None
     blocked: set[int] = field(default_factory=set)
@@ -147,6 +158,7 @@ class FakeBotAPI:
             self._by_chat.clear()
             self._waiters.clear()
             self.actions.clear()
+            self.drafts.clear()
             self.calls.clear()
             self.blocked.clear()
             self._failures.clear()
@@ -237,6 +249,24 @@ class FakeBotAPI:
             raise _APIError(400, "Bad Request: wrong parameter action in request")
         with self._cond:
             self.actions.append((chat_id, params["action"]))
+        return True
+
+    def _m_sendmessagedraft(self, params: dict[str, Any]) -> bool:
+        chat_id = self._chat(params)
+        if chat_id < 0:  # drafts are for private chats only
+            raise _APIError(400, "Bad Request: TEXTDRAFT_PEER_INVALID")
+        try:
+            draft_id = int(params.get("draft_id", 0))
+        except ValueError:
+            draft_id = 0
+        if not draft_id:
+            raise _APIError(400, "Bad Request: draft_id must be non-zero")
+        text = params.get("text", "")  # empty: a "Thinking…" placeholder
+        plain = parse_html(text) if (params.get("parse_mode") or "").lower() == "html" else text
+        if len(plain.encode("utf-16-le")) // 2 > MAX_TEXT:
+            raise _APIError(400, "Bad Request: text is too long")
+        with self._cond:
+            self.drafts.append(Draft(chat_id, draft_id, plain))
         return True
 
     def _m_sendmessage(self, params: dict[str, Any]) -> dict[str, Any]:

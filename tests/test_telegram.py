@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ from temporalio.testing import ActivityEnvironment
 
 import bot_gateway
 from activities.companion import CompanionActivities
-from activities.reply import GROUP_NOTE
+from activities.reply import DRAFT_EVERY_S, GROUP_NOTE
 from activities.sending import DELIVERY_CLAIM
 from clients.http import AiohttpRequest
 from clients.telegram import (
@@ -204,6 +205,50 @@ async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: Tel
     reply_row = await tg.repo.get_message(user.id, f"{key}:reply")
     assert reply_row is not None and DELIVERY_CLAIM not in reply_row.meta
     assert (await tg.steps(ada))[:3] == ["prepare_turn", "generate_reply", "deliver"]
+
+
+async def test_a_reply_is_shown_in_a_private_chat_as_it_is_written_then_sent_once(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    words = " ".join(f"word{n}" for n in range(12))
+    tg.llm.first_token_s, tg.llm.tokens_per_s = 0.3, 8.0  # a model that takes its time: ~1.7 s of writing
+    try:
+        await say(tg, ada, f"Tell me twelve words: {words}")
+        [reply] = await tg.api.wait_for(ada)
+    finally:
+        tg.llm.first_token_s, tg.llm.tokens_per_s = 0.0, 0.0
+    drafts = [draft for draft in tg.api.drafts if draft.chat_id == ada]
+    # Growing previews of one draft, plain text, each the beginning of the next...
+    assert len(drafts) >= 3 and len({draft.draft_id for draft in drafts}) == 1
+    assert all(later.text.startswith(earlier.text.rstrip()) and len(later.text) > len(earlier.text)
+               for earlier, later in itertools.pairwise(drafts))
+    # ...at most one every DRAFT_EVERY_S (with a little slack for the clock), then the one message, formatted, that
+    # holds what is stored.
+    gaps = [later.received_at - earlier.received_at for earlier, later in itertools.pairwise(drafts)]
+    assert min(gaps) >= DRAFT_EVERY_S * 0.9
+    assert reply.text == f"I hear you: Tell me twelve words: {words}" and reply.parse_mode == "HTML"
+    assert drafts[-1].received_at < reply.received_at and reply.text.startswith(drafts[-1].text.rstrip())
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    [_, stored] = await tg.repo.recent_messages(user.id)
+    assert stored.content == reply.text and len(tg.api.messages(ada)) == 1
+    assert any(request.get("stream") for request in tg.llm.requests)  # the reply was streamed
+
+
+async def test_a_stream_cut_off_mid_reply_is_written_again_and_sent_once(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    tg.llm.tokens_per_s = 10.0
+    try:
+        tg.llm.script(Reply("I hear you: one two three four five six", cut_after=6))  # the first attempt breaks off
+        await say(tg, ada, "one two three four five six")
+        [reply] = await tg.api.wait_for(ada)
+    finally:
+        tg.llm.tokens_per_s = 0.0
+    # The retried attempt shows the same draft from its start again; the chat gets the complete reply once.
+    drafts = [draft for draft in tg.api.drafts if draft.chat_id == ada]
+    assert len({draft.draft_id for draft in drafts}) == 1
+    assert any(len(later.text) < len(earlier.text) for earlier, later in itertools.pairwise(drafts))
+    assert reply.text == "I hear you: one two three four five six"
+    await settle(tg, ada)
+    assert [m.text for m in tg.api.messages(ada)].count(reply.text) == 1
 
 
 async def test_a_quick_reply_goes_out_with_no_typing_indicator(tg: TelegramStack) -> None:
@@ -468,6 +513,7 @@ async def test_a_group_turn_sees_nothing_of_the_private_chat(tg: TelegramStack) 
     assert "diagnosis" not in prompt and "positive" not in prompt  # neither the private message nor the fact
     assert [m["content"] for m in tg.llm.requests[-1]["messages"][1:]] == [  # the group's own conversation
         "lunch at noon?", "I hear you: lunch at noon?", GROUP_NOTE, "and dessert?"]
+    assert not [draft for draft in tg.api.drafts if draft.chat_id == group]  # drafts are for private chats
     await say(tg, ada, "and privately?")  # the private chat still has everything
     await eventually(lambda: tg.api.messages(ada), lambda sent: len(sent) == 2)
     assert "diagnosis" in json.dumps(tg.llm.requests[-1]["messages"])
