@@ -7,6 +7,7 @@ heartbeats while the model thinks, and the workflow answers queries and updates 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -17,8 +18,9 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.prompt import HISTORY_TURNS, RECALL_K, build_prompt, within_budget
+from activities.sending import PREVIEW_MESSAGES
 from clients.llm import ChatModel, PromptBudget
-from clients.telegram import TelegramChannel
+from clients.telegram import TelegramChannel, split_message
 from core.concurrency import alongside
 from core.errors import CompanionError
 from core.logging import get_logger
@@ -37,10 +39,12 @@ LLM_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficie
 # A worker that dies mid-call is noticed within LLM_HEARTBEAT and the step retried on another worker.
 LLM_HEARTBEAT = timedelta(seconds=10)
 HEARTBEAT_EVERY_S = 2.0
-# The preview of a reply in a private chat: a draft at most this often, a part of at most this many characters (the
-# Bot API's 4,096 UTF-16 units, with room for characters that take two).
+# The preview of a reply as it is written: shown this long after the model's first words (a reply done by then goes
+# out whole), then renewed at most this often: a draft in a private chat; an edit in a group, where Telegram's flood
+# control is stricter.
+PREVIEW_AFTER_S = 0.1
 DRAFT_EVERY_S = 0.4
-DRAFT_PART_CHARS = 4_000
+EDIT_EVERY_S = 1.0
 
 GROUP_NOTE = ("You are in a group chat: other people read your reply. Answer the message in front of you; you know "
               "nothing private about anyone here, and bring up nothing from private conversations.")
@@ -77,8 +81,8 @@ class ReplyActivities:
         info = activity.info()
         _log.info("llm.request", user_id=data.user_id, message_key=data.message_key, attempt=info.attempt,
                   workflow_id=info.workflow_id)
-        preview = self._preview(data, context.user.telegram_id)
-        async with self._typing(data), _heartbeating(), alongside(preview.run()) if preview else nullcontext():
+        preview = self._preview(data, context)
+        async with self._typing(data), _heartbeating(), preview.running() if preview else nullcontext():
             reply = await self._chat_model.reply(prompt, data.text, on_text=preview.show if preview else None)
         saved = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
@@ -113,11 +117,16 @@ class ReplyActivities:
                   duration_ms=round(found.elapsed_ms, 1))
         return found.hits
 
-    def _preview(self, data: GenerateReplyInput, telegram_id: int) -> DraftPreview | None:
-        """The draft that shows a private Telegram chat the reply as it is written; none elsewhere."""
-        if data.channel != Channel.TELEGRAM or data.chat_id != telegram_id or self._telegram is None:
+    def _preview(self, data: GenerateReplyInput, context: UserContextSchema) -> Preview | None:
+        """What shows a Telegram chat the reply as it is written: a draft in the private chat, messages edited as
+        they grow in a group; none elsewhere."""
+        if data.channel != Channel.TELEGRAM or data.chat_id is None or self._telegram is None:
             return None
-        return DraftPreview(self._telegram, data.chat_id, data.reply_key)
+        if data.chat_id == context.user.telegram_id:
+            return DraftPreview(self._telegram, data.chat_id, data.reply_key)
+        message = next((m for m in context.recent_messages if m.message_key == data.message_key), None)
+        sent = message.meta.get(PREVIEW_MESSAGES, []) if message is not None else []  # by an earlier attempt
+        return EditPreview(self._telegram, self._repository, data.user_id, data.chat_id, data.message_key, sent)
 
     def _typing(self, data: GenerateReplyInput) -> AbstractAsyncContextManager[None]:
         if data.channel == Channel.TELEGRAM and data.chat_id is not None and self._telegram is not None:
@@ -129,36 +138,111 @@ class ReplyActivities:
         return [self.generate_reply]
 
 
-class DraftPreview:
-    """The reply as the model writes it, shown in a private chat as a Telegram draft (ephemeral: the deliver step then
-    sends the message itself, formatted, once). The newest text goes out at once, then at most every DRAFT_EVERY_S;
-    past DRAFT_PART_CHARS it goes on in a draft of its own, as the sent message goes on in a part of its own. A retried
-    attempt starts the same draft again. A draft Telegram refuses ends the preview, never the reply."""
+class Preview:
+    """The reply as the model writes it, shown in the chat while it is written (plain text; the deliver step then
+    makes it the formatted message, once). The text appears PREVIEW_AFTER_S after the model's first words (a reply
+    written quicker goes out whole, with no preview), then changes at most every ``every_s``. It is cut into parts as
+    the sent message is (clients.telegram.split_message: a part, once the text outgrows it, never changes again), so
+    a long reply goes on in a part of its own. A part Telegram refuses ends the preview, never the reply."""
 
-    def __init__(self, telegram: TelegramChannel, chat_id: int, reply_key: str):
-        self._telegram, self._chat_id = telegram, chat_id
-        # Non-zero and the same for every attempt at this reply: Telegram animates changes of one draft.
-        self._draft_id = int(hashlib.sha256(reply_key.encode()).hexdigest()[:7], 16) | 1
-        self._text, self._shown = "", ""
-        self._grew = asyncio.Event()
+    every_s: float
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._shown: list[str] = []
+        self._grew, self._closed = asyncio.Event(), asyncio.Event()
 
     def show(self, text: str) -> None:
         """The reply so far (called as the model's stream grows)."""
         self._text = text
         self._grew.set()
 
-    async def run(self) -> None:
-        """Send the drafts while the reply is written (cancelled when it is)."""
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Show the reply while the block writes it. At the end, a part being shown is let finish (its message
+        recorded) rather than cut off: the deliver step then finds every message the preview sent."""
+        task = asyncio.create_task(self._run())
+        try:
+            yield
+        finally:
+            self._closed.set()
+            self._grew.set()
+            await task
+
+    async def _run(self) -> None:
+        await self._grew.wait()
+        if await self._pause(PREVIEW_AFTER_S):
+            return
         while True:
             await self._grew.wait()
             self._grew.clear()
-            part = max(len(self._text) - 1, 0) // DRAFT_PART_CHARS
-            text = self._text[part * DRAFT_PART_CHARS:]
-            if text.strip() and text != self._shown:
-                if not await self._telegram.draft(self._chat_id, self._draft_id + 2 * part, text):
-                    return
-                self._shown = text
-            await asyncio.sleep(DRAFT_EVERY_S)
+            if self._closed.is_set():
+                return
+            for index, part in enumerate(split_message(self._text)):
+                if self._shown[index:index + 1] != [part]:
+                    if not await self._put(index, part):
+                        return
+                    self._shown[index:index + 1] = [part]
+            if await self._pause(self.every_s):
+                return
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``; True when the reply is written meanwhile (the preview is over)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), seconds)
+        return self._closed.is_set()
+
+    async def _put(self, index: int, text: str) -> bool:
+        """Show part ``index`` of the reply as ``text``; False when it can't be shown."""
+        raise NotImplementedError
+
+
+class DraftPreview(Preview):
+    """The preview in a private chat: a Telegram draft (sendMessageDraft), ephemeral and animated, one per part. A
+    retried attempt starts the same draft again."""
+
+    every_s = DRAFT_EVERY_S
+
+    def __init__(self, telegram: TelegramChannel, chat_id: int, reply_key: str):
+        super().__init__()
+        self._telegram, self._chat_id = telegram, chat_id
+        # Non-zero and the same for every attempt at this reply: Telegram animates changes of one draft.
+        self._draft_id = int(hashlib.sha256(reply_key.encode()).hexdigest()[:7], 16) | 1
+
+    async def _put(self, index: int, text: str) -> bool:
+        return await self._telegram.draft(self._chat_id, self._draft_id + 2 * index, text)
+
+
+class EditPreview(Preview):
+    """The preview in a group (drafts are for private chats): a message per part, sent then edited. The ids of the
+    messages are stored on the user's message (PREVIEW_MESSAGES) as soon as Telegram gives them: a retried attempt
+    edits the messages the first one sent, and the deliver step makes them the reply, so the chat never gets a
+    second copy."""
+
+    every_s = EDIT_EVERY_S
+
+    def __init__(self, telegram: TelegramChannel, repository: MemoryRepository, user_id: int, chat_id: int,
+                 message_key: str, sent: list[int]):
+        super().__init__()
+        self._telegram, self._repository = telegram, repository
+        self._user_id, self._chat_id, self._message_key = user_id, chat_id, message_key
+        self._ids = list(sent)
+
+    async def _put(self, index: int, text: str) -> bool:
+        try:
+            if index < len(self._ids):
+                return await self._telegram.edit(self._chat_id, self._ids[index], text, formatted=False)
+            # Sent and recorded together, even when the step is cancelled meanwhile.
+            await asyncio.shield(self._send(text))
+        except CompanionError as exc:
+            _log.info("telegram.preview_failed", chat_id=self._chat_id, error=exc.message)
+            return False
+        return True
+
+    async def _send(self, text: str) -> None:
+        self._ids.append(await self._telegram.send(self._chat_id, text, formatted=False))
+        await self._repository.update_message_meta(self._user_id, self._message_key,
+                                                   {PREVIEW_MESSAGES: self._ids})
 
 
 def _group_prompt(data: GenerateReplyInput, context: UserContextSchema, budget: PromptBudget) -> TurnContext:

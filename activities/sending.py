@@ -16,12 +16,16 @@ from clients.telegram import TelegramChannel, split_message
 from core.errors import DeliveryInProgressError, InvalidMemoryDataError
 from core.logging import get_logger
 from schemas.memory import MessageRead
+from schemas.turn import replied_key_of
 from storage.repository import MemoryRepository
 
 # Meta keys of a stored message: how many of its Telegram parts were sent; until when an attempt sending them holds
 # it (no attempt outlives TELEGRAM_TIMEOUT, so neither does a claim a lost worker left behind).
 PARTS_SENT = "telegram_parts_sent"
 DELIVERY_CLAIM = "telegram_delivery_claimed_until"
+# Meta key of a user's message in a group: the ids of the messages that showed the reply to it while it was written
+# (activities.reply.EditPreview), one per part. Delivering the reply edits them instead of sending it again.
+PREVIEW_MESSAGES = "telegram_preview_messages"
 TELEGRAM_TIMEOUT = timedelta(seconds=30)
 # An attempt that finds the message claimed waits this long for the claim to end (the other attempt finishing its
 # send), looking every CLAIM_POLL. A claim still held after that is one a lost worker left behind: the attempt fails,
@@ -56,9 +60,11 @@ class TelegramSender:
                                           context={**context, "retry_after_s": _claim_left_s(stored)})
         parts = split_message(stored.content)
         sent = done = int(stored.meta.get(PARTS_SENT, 0))
+        shown = await self._previews(user_id, chat_id, message_key)
         try:
             for index in range(sent, len(parts)):
-                await self._telegram.send(chat_id, parts[index])
+                if index >= len(shown) or not await self._telegram.edit(chat_id, shown[index], parts[index]):
+                    await self._telegram.send(chat_id, parts[index])
                 done = index + 1
                 if done < len(parts):
                     await asyncio.shield(self._repository.update_message_meta(user_id, message_key,
@@ -66,9 +72,20 @@ class TelegramSender:
         finally:
             await asyncio.shield(self._repository.release_message(user_id, message_key, DELIVERY_CLAIM,
                                                                   {PARTS_SENT: done}))
+        for extra in shown[len(parts):]:  # a preview of a longer reply (an earlier attempt's) is not left behind
+            await self._telegram.delete(chat_id, extra)
         _log.info("telegram.delivered", user_id=user_id, message_key=message_key, parts=len(parts), resumed_at=sent,
-                  attempt=activity.info().attempt)
+                  edited=min(len(shown), len(parts)), attempt=activity.info().attempt)
         return len(parts)
+
+    async def _previews(self, user_id: int, chat_id: int, message_key: str) -> list[int]:
+        """The messages that showed this reply in a group while it was written (none in a private chat, whose
+        preview is a draft, nor for a nudge)."""
+        replied = replied_key_of(message_key)
+        if chat_id > 0 or replied is None:  # Telegram's group chats have negative ids
+            return []
+        message = await self._repository.get_message(user_id, replied)
+        return list(message.meta.get(PREVIEW_MESSAGES, [])) if message is not None else []
 
     async def _claim(self, user_id: int, message_key: str) -> tuple[MessageRead | None, bool]:
         """Claim the message, waiting up to CLAIM_WAIT for another attempt's claim to end."""

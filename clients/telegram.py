@@ -155,10 +155,13 @@ class TelegramChannel:
         return cls(Bot(settings.telegram_bot_token.get_secret_value(), base_url=settings.telegram_api_base_url,
                        request=AiohttpRequest()))
 
-    async def send(self, chat_id: int, text: str) -> int:
-        """Send one part (≤ MESSAGE_LIMIT) formatted as HTML, or as plain text when Telegram can't parse it."""
+    async def send(self, chat_id: int, text: str, *, formatted: bool = True) -> int:
+        """Send one part (≤ MESSAGE_LIMIT) formatted as HTML, or as plain text when Telegram can't parse it (or
+        when not ``formatted``: a preview); returns the message's id."""
         bot = await self._started()
         with telegram_errors(chat_id):
+            if not formatted:
+                return (await bot.send_message(chat_id, text)).message_id
             try:
                 message = await bot.send_message(chat_id, to_html(text), parse_mode=ParseMode.HTML)
             except BadRequest as exc:
@@ -167,6 +170,42 @@ class TelegramChannel:
                 _log.warning("telegram.formatting_refused", chat_id=chat_id, error=exc.message)
                 message = await bot.send_message(chat_id, text)
         return message.message_id
+
+    async def edit(self, chat_id: int, message_id: int, text: str, *, formatted: bool = True) -> bool:
+        """Make a message the bot sent read ``text`` (formatted as ``send`` formats it); a message that already
+        reads so counts as edited. False when the message can't be edited any more (deleted, or too old)."""
+        bot = await self._started()
+        with telegram_errors(chat_id):
+            try:
+                if formatted:
+                    try:
+                        await bot.edit_message_text(to_html(text), chat_id=chat_id, message_id=message_id,
+                                                    parse_mode=ParseMode.HTML)
+                        return True
+                    except BadRequest as exc:
+                        if "can't parse entities" not in exc.message.lower():
+                            raise
+                        _log.warning("telegram.formatting_refused", chat_id=chat_id, error=exc.message)
+                await bot.edit_message_text(text, chat_id=chat_id, message_id=message_id)
+            except BadRequest as exc:
+                refusal = exc.message.lower()
+                if "message is not modified" in refusal:
+                    return True
+                if "message to edit not found" in refusal or "message can't be edited" in refusal:
+                    return False
+                raise
+        return True
+
+    async def delete(self, chat_id: int, message_id: int) -> None:
+        """Delete a message the bot sent; one already gone (or too old to delete) is left as it is."""
+        bot = await self._started()
+        with telegram_errors(chat_id):
+            try:
+                await bot.delete_message(chat_id, message_id)
+            except BadRequest as exc:
+                refusal = exc.message.lower()
+                if "message to delete not found" not in refusal and "message can't be deleted" not in refusal:
+                    raise
 
     async def draft(self, chat_id: int, draft_id: int, text: str) -> bool:
         """Show ``text``, plain, as draft ``draft_id`` of a private chat: the ephemeral, animated preview of a message

@@ -72,9 +72,17 @@ class ChatUser(_Contract):
         return display_name(self.first_name, self.last_name, self.username, self.telegram_id)
 
 
+_REPLY = ":reply"
+
+
 def reply_key_of(message_key: str) -> str:
     """The message key of the companion's reply to the message with this key."""
-    return f"{message_key}:reply"
+    return f"{message_key}{_REPLY}"
+
+
+def replied_key_of(message_key: str) -> str | None:
+    """The key of the message that the message with this key replies to; None when it is no reply (a nudge)."""
+    return message_key.removesuffix(_REPLY) if message_key.endswith(_REPLY) else None
 
 
 def nudge_message_key(nudge_id: str) -> str:

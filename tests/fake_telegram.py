@@ -4,8 +4,9 @@ Faithful where the companion relies on it: `/bot<token>/<method>` URLs; paramete
 (url-encoded or multipart) or JSON, so every value arrives as a string and structured ones as JSON text; the
 `{"ok": true, "result": ...}` envelope and `{"ok": false, "error_code", "description", "parameters"}` errors;
 `getUpdates` long polling with offsets, refused (409) while a webhook is set; HTML parse mode checked as Telegram
-checks it; the 4,096-character limit after entity parsing; 403 from a chat that blocked the bot; 429 with
-`parameters.retry_after`. Tests push updates, script failures and read what the bot sent.
+checks it; the 4,096-character limit after entity parsing; drafts (`sendMessageDraft`) in private chats only; edits
+refused when they change nothing ("message is not modified") and deletions of messages that are gone; 403 from a chat
+that blocked the bot; 429 with `parameters.retry_after`. Tests push updates, script failures and read what the bot sent.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ class Draft:
 
 
 @dataclass
+class Edit:
+    """An edit of a message the bot sent (editMessageText): the text it made the message show."""
+
+    chat_id: int
+    message_id: int
+    text: str
+    parse_mode: str | None
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
 class FakeBotAPI:
     """The server; tests use push_*, fail_next, block, and read sent / actions / calls."""
 
@@ -78,6 +90,8 @@ class FakeBotAPI:
     sent: list[Sent] = field(default_factory=list)
     actions: list[tuple[int, str]] = field(default_factory=list)
     drafts: list[Draft] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
+    deleted: list[Sent] = field(default_factory=list)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     webhook: dict[str, Any] | None = None
     blocked: set[int] = field(default_factory=set)
@@ -159,6 +173,8 @@ class FakeBotAPI:
             self._waiters.clear()
             self.actions.clear()
             self.drafts.clear()
+            self.edits.clear()
+            self.deleted.clear()
             self.calls.clear()
             self.blocked.clear()
             self._failures.clear()
@@ -272,13 +288,7 @@ class FakeBotAPI:
     def _m_sendmessage(self, params: dict[str, Any]) -> dict[str, Any]:
         chat_id = self._chat(params)
         text, parse_mode = params.get("text", ""), params.get("parse_mode")
-        plain = parse_html(text) if parse_mode and parse_mode.lower() == "html" else text
-        if parse_mode and parse_mode.lower() not in ("html", "markdownv2", "markdown"):
-            raise _APIError(400, "Bad Request: unsupported parse_mode")
-        if not plain.strip():
-            raise _APIError(400, "Bad Request: message text is empty")
-        if len(plain.encode("utf-16-le")) // 2 > MAX_TEXT:
-            raise _APIError(400, "Bad Request: message is too long")
+        plain = self._text(text, parse_mode, too_long="message is too long")
         sent = Sent(chat_id, next(self._message_ids), text, parse_mode, _json(params, "reply_markup"))
         with self._cond:
             self.sent.append(sent)
@@ -291,14 +301,48 @@ class FakeBotAPI:
 
     def _m_editmessagetext(self, params: dict[str, Any]) -> dict[str, Any]:
         chat_id = self._chat(params)
-        message_id = int(params["message_id"])
+        text, parse_mode = params.get("text", ""), params.get("parse_mode")
+        plain = self._text(text, parse_mode, too_long="MESSAGE_TOO_LONG")
         with self._cond:
-            target = next((sent for sent in self.sent if sent.chat_id == chat_id and sent.message_id == message_id),
-                          None)
-            if target is None:
-                raise _APIError(400, "Bad Request: message to edit not found")
-            target.text, target.reply_markup = params.get("text", ""), _json(params, "reply_markup")
-        return self._message(chat_id, message_id, target.text)
+            target = self._sent_message(chat_id, params.get("message_id"), "message to edit not found")
+            markup = _json(params, "reply_markup")
+            same = _rendered(target.text, target.parse_mode) == _rendered(text, parse_mode)
+            if same and markup == target.reply_markup:
+                raise _APIError(400, "Bad Request: message is not modified: specified new message content and reply "
+                                     "markup are exactly the same as a current content and reply markup of the message")
+            target.text, target.parse_mode, target.reply_markup = text, parse_mode, markup
+            self.edits.append(Edit(chat_id, target.message_id, text, parse_mode))
+        return self._message(chat_id, target.message_id, plain)
+
+    def _m_deletemessage(self, params: dict[str, Any]) -> bool:
+        chat_id = self._chat(params)
+        with self._cond:
+            target = self._sent_message(chat_id, params.get("message_id"), "message to delete not found")
+            self.sent.remove(target)
+            self._by_chat[chat_id].remove(target)
+            self.deleted.append(target)
+        return True
+
+    def _sent_message(self, chat_id: int, message_id: str | None, missing: str) -> Sent:
+        """The bot's message ``message_id`` in the chat (the caller holds the lock)."""
+        if not message_id:
+            raise _APIError(400, "Bad Request: message identifier is not specified")
+        found = next((sent for sent in self._by_chat.get(chat_id, ()) if sent.message_id == int(message_id)), None)
+        if found is None:
+            raise _APIError(400, f"Bad Request: {missing}")
+        return found
+
+    @staticmethod
+    def _text(text: str, parse_mode: str | None, too_long: str) -> str:
+        """A message's text as the chat shows it, refused as Telegram refuses it."""
+        if parse_mode and parse_mode.lower() not in ("html", "markdownv2", "markdown"):
+            raise _APIError(400, "Bad Request: unsupported parse_mode")
+        plain = parse_html(text) if parse_mode and parse_mode.lower() == "html" else text
+        if not plain.strip():
+            raise _APIError(400, "Bad Request: message text is empty")
+        if len(plain.encode("utf-16-le")) // 2 > MAX_TEXT:
+            raise _APIError(400, f"Bad Request: {too_long}")
+        return plain
 
     def _m_answercallbackquery(self, params: dict[str, Any]) -> bool:
         if not params.get("callback_query_id"):
@@ -402,6 +446,19 @@ def _json(params: dict[str, Any], name: str) -> Any:
         return json.loads(params[name])
     except json.JSONDecodeError:
         raise _APIError(400, f"Bad Request: can't parse {name} JSON object") from None
+
+
+def _rendered(text: str, parse_mode: str | None) -> tuple[str, list[tuple[str, int]]]:
+    """What a chat shows of a message: its plain text and where its formatting tags sit in it (two texts that
+    render alike are the same content to Telegram, however they were written)."""
+    if not parse_mode or parse_mode.lower() != "html":
+        return text, []
+    tags, plain_length, position = [], 0, 0
+    for match in _TAG.finditer(text):
+        plain_length += len(html.unescape(text[position:match.start()]))
+        tags.append((match.group(0).split()[0].lower().rstrip(">"), plain_length))
+        position = match.end()
+    return parse_html(text), tags
 
 
 def _flag(value: str | None) -> bool:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +28,7 @@ from temporalio.testing import ActivityEnvironment
 
 import bot_gateway
 from activities.companion import CompanionActivities
-from activities.reply import DRAFT_EVERY_S, GROUP_NOTE
+from activities.reply import DRAFT_EVERY_S, EDIT_EVERY_S, GROUP_NOTE
 from activities.sending import DELIVERY_CLAIM
 from clients.http import AiohttpRequest
 from clients.telegram import (
@@ -173,6 +173,20 @@ async def say(tg: TelegramStack, user_id: int, text: str, **fields: object) -> d
     return tg.api.push(message_update(user_id, text, **fields))
 
 
+async def delivered(tg: TelegramStack, chat_id: int, count: int = 1) -> list[Sent]:
+    """The chat's first ``count`` replies once delivered: a slow reply in a group shows first as a plain preview,
+    which the deliver step then makes the formatted message (by an edit, which changes nothing when the reply has no
+    formatting)."""
+    return await eventually(lambda: tg.api.messages(chat_id)[:count], lambda sent: len(sent) == count and all(
+        m.parse_mode == "HTML" or m.message_id in formatted_edits(tg, chat_id) for m in sent))
+
+
+def formatted_edits(tg: TelegramStack, chat_id: int) -> list[int]:
+    """The messages of a chat the bot asked to show formatted text by an edit, in the order it asked."""
+    return [int(params["message_id"]) for method, params in tg.api.calls
+            if method == "editMessageText" and int(params["chat_id"]) == chat_id and "parse_mode" in params]
+
+
 async def settle(tg: TelegramStack, user_id: int) -> list[Sent]:
     """Everything the chat got up to now: a marker message is answered after anything signalled before it."""
     before = len(tg.api.messages(user_id))
@@ -180,6 +194,22 @@ async def settle(tg: TelegramStack, user_id: int) -> list[Sent]:
     await eventually(lambda: tg.api.messages(user_id), lambda sent: any(
         m.text.endswith("marker") for m in sent[before:]))
     return [m for m in tg.api.messages(user_id) if not m.text.endswith("marker")]
+
+
+@contextlib.contextmanager
+def slow_model(tg: TelegramStack, first_token_s: float = 0.0, tokens_per_s: float = 0.0) -> Iterator[None]:
+    """The stub LLM streams its replies at a model's pace for the block."""
+    tg.llm.first_token_s, tg.llm.tokens_per_s = first_token_s, tokens_per_s
+    try:
+        yield
+    finally:
+        tg.llm.first_token_s, tg.llm.tokens_per_s = 0.0, 0.0
+
+
+async def last_reply(tg: TelegramStack, telegram_id: int) -> str:
+    """The text of the newest reply stored for the user."""
+    user = await tg.repo.get_user_by_telegram_id(telegram_id)
+    return [m.content for m in await tg.repo.recent_messages(user.id) if m.role == Role.ASSISTANT][-1]
 
 
 # --- a turn, and what the user sees ----------------------------------------------------------------------------
@@ -211,12 +241,9 @@ async def test_a_message_is_answered_on_telegram_with_a_typing_indicator(tg: Tel
 async def test_a_reply_is_shown_in_a_private_chat_as_it_is_written_then_sent_once(tg: TelegramStack) -> None:
     ada = new_telegram_id()
     words = " ".join(f"word{n}" for n in range(12))
-    tg.llm.first_token_s, tg.llm.tokens_per_s = 0.3, 8.0  # a model that takes its time: ~1.7 s of writing
-    try:
+    with slow_model(tg, first_token_s=0.3, tokens_per_s=8.0):  # a model that takes its time: ~1.7 s of writing
         await say(tg, ada, f"Tell me twelve words: {words}")
         [reply] = await tg.api.wait_for(ada)
-    finally:
-        tg.llm.first_token_s, tg.llm.tokens_per_s = 0.0, 0.0
     drafts = [draft for draft in tg.api.drafts if draft.chat_id == ada]
     # Growing previews of one draft, plain text, each the beginning of the next...
     assert len(drafts) >= 3 and len({draft.draft_id for draft in drafts}) == 1
@@ -236,17 +263,15 @@ async def test_a_reply_is_shown_in_a_private_chat_as_it_is_written_then_sent_onc
 
 async def test_a_stream_cut_off_mid_reply_is_written_again_and_sent_once(tg: TelegramStack) -> None:
     ada = new_telegram_id()
-    tg.llm.tokens_per_s = 10.0
-    try:
-        tg.llm.script(Reply("I hear you: one two three four five six", cut_after=6))  # the first attempt breaks off
+    tg.llm.script(Reply("I hear you: one two three four five six", cut_after=6))  # the first attempt breaks off
+    with slow_model(tg, tokens_per_s=10.0):
         await say(tg, ada, "one two three four five six")
         [reply] = await tg.api.wait_for(ada)
-    finally:
-        tg.llm.tokens_per_s = 0.0
-    # The retried attempt shows the same draft from its start again; the chat gets the complete reply once.
+    # The retried attempt shows the same draft from its start again (an attempt shows only a text that grew); the
+    # chat gets the complete reply once.
     drafts = [draft for draft in tg.api.drafts if draft.chat_id == ada]
     assert len({draft.draft_id for draft in drafts}) == 1
-    assert any(len(later.text) < len(earlier.text) for earlier, later in itertools.pairwise(drafts))
+    assert any(len(later.text) <= len(earlier.text) for earlier, later in itertools.pairwise(drafts))
     assert reply.text == "I hear you: one two three four five six"
     await settle(tg, ada)
     assert [m.text for m in tg.api.messages(ada)].count(reply.text) == 1
@@ -481,12 +506,12 @@ async def test_in_a_group_the_bot_answers_only_when_mentioned_or_replied_to(tg: 
     tg.api.push(message_update(ada, "lunch at noon, everyone?", chat_id=group, chat_type="group"))
     tg.api.push(message_update(ada, f"{mention} what do you think?", chat_id=group, chat_type="group",
                                entities=[{"type": "mention", "offset": 0, "length": len(mention)}]))
-    [answer] = await tg.api.wait_for(group)
+    [answer] = await delivered(tg, group)
     assert answer.text == "I hear you: what do you think?"
 
     tg.api.push(message_update(ada, "and dessert?", chat_id=group, chat_type="group",
                                reply_to=bot_message(group, answer.message_id, answer.text)))
-    _, second = await tg.api.wait_for(group, count=2)
+    _, second = await delivered(tg, group, count=2)
     assert second.text == "I hear you: and dessert?"
     assert [text for role, text in await transcript(tg, ada) if role == "user"] == ["what do you think?",
                                                                                   "and dessert?"]
@@ -506,10 +531,10 @@ async def test_a_group_turn_sees_nothing_of_the_private_chat(tg: TelegramStack) 
     mention = f"@{BOT_USERNAME}"
     tg.api.push(message_update(ada, f"{mention} lunch at noon?", chat_id=group, chat_type="group",
                                entities=[{"type": "mention", "offset": 0, "length": len(mention)}]))
-    [answer] = await tg.api.wait_for(group)
+    [answer] = await delivered(tg, group)
     tg.api.push(message_update(ada, "and dessert?", chat_id=group, chat_type="group",
                                reply_to=bot_message(group, answer.message_id, answer.text)))
-    await tg.api.wait_for(group, count=2)
+    await delivered(tg, group, count=2)
     prompt = json.dumps(tg.llm.requests[-1]["messages"])
     assert "diagnosis" not in prompt and "positive" not in prompt  # neither the private message nor the fact
     assert [m["content"] for m in tg.llm.requests[-1]["messages"][1:]] == [  # the group's own conversation
@@ -518,6 +543,68 @@ async def test_a_group_turn_sees_nothing_of_the_private_chat(tg: TelegramStack) 
     await say(tg, ada, "and privately?")  # the private chat still has everything
     await eventually(lambda: tg.api.messages(ada), lambda sent: len(sent) == 2)
     assert "diagnosis" in json.dumps(tg.llm.requests[-1]["messages"])
+
+
+def ask_in_group(tg: TelegramStack, user_id: int, group: int, text: str) -> None:
+    """The user asks the bot in a group, mentioning it."""
+    mention = f"@{BOT_USERNAME}"
+    tg.api.push(message_update(user_id, f"{mention} {text}", chat_id=group, chat_type="group",
+                               entities=[{"type": "mention", "offset": 0, "length": len(mention)}]))
+
+
+async def test_in_a_group_a_reply_grows_in_one_message_edited_at_most_once_a_second(tg: TelegramStack) -> None:
+    ada, group = new_telegram_id(), -new_telegram_id()
+    words = " ".join(f"**word{n}**" for n in range(24))
+    with slow_model(tg, tokens_per_s=8.0):  # ~3.5 s of writing
+        ask_in_group(tg, ada, group, words)
+        [reply] = await delivered(tg, group)
+    # The reply first showed as a plain message that grew by edits, at most one a second (with a little slack for
+    # the clock)...
+    previews = [edit for edit in tg.api.edits if edit.chat_id == group and edit.parse_mode is None]
+    assert len(previews) >= 2 and all(edit.message_id == reply.message_id for edit in previews)
+    assert all(later.text.startswith(earlier.text) and len(later.text) > len(earlier.text)
+               for earlier, later in itertools.pairwise(previews))
+    gaps = [later.received_at - earlier.received_at for earlier, later in itertools.pairwise(previews)]
+    assert min(gaps) >= EDIT_EVERY_S * 0.9
+    # ...then became, by one more edit, the formatted reply: what is stored, and the group's only message.
+    assert tg.api.edits[-1].parse_mode == "HTML" and tg.api.edits[-1].message_id == reply.message_id
+    assert parse_html(reply.text) == (await last_reply(tg, ada)).replace("**", "")
+    assert "<b>word23</b>" in reply.text and len(tg.api.messages(group)) == 1
+
+
+def previews_sent(tg: TelegramStack, chat_id: int) -> list[str]:
+    """The texts of the plain messages the bot sent to a chat (a preview's first text)."""
+    return [params["text"] for method, params in tg.api.calls
+            if method == "sendMessage" and int(params["chat_id"]) == chat_id and "parse_mode" not in params]
+
+
+LONG = " ".join(["lorem"] * 500)  # 2,999 characters: two paragraphs of it outgrow one message
+
+
+async def test_in_a_group_a_long_reply_streams_on_into_a_second_message(tg: TelegramStack) -> None:
+    ada, group = new_telegram_id(), -new_telegram_id()
+    tg.llm.script(Reply(f"{LONG}\n\n{LONG}"))
+    with slow_model(tg, tokens_per_s=200.0):  # 5 s of writing; the first part is full after 3.4 s
+        ask_in_group(tg, ada, group, "tell me a lot")
+        first, second = await delivered(tg, group, count=2)
+    assert [first.text, second.text] == split_message(await last_reply(tg, ada)) == [LONG, LONG]
+    # Both parts showed while the reply was written, each in the message it ended in; nothing more was sent.
+    assert len(previews_sent(tg, group)) == 2 and len(tg.api.messages(group)) == 2 and not tg.api.deleted
+    assert formatted_edits(tg, group) == [first.message_id, second.message_id]
+
+
+async def test_in_a_group_a_retried_reply_finishes_the_message_it_started(tg: TelegramStack) -> None:
+    ada, group = new_telegram_id(), -new_telegram_id()
+    # The first attempt writes into a second part and breaks off; the retried one writes a short reply.
+    tg.llm.script(Reply(f"{LONG}\n\n{LONG}\n\n{LONG}", cut_after=1200), Reply("Short, after all."))
+    with slow_model(tg, tokens_per_s=300.0):  # the first part is full after 2.3 s, the cut comes at 4 s
+        ask_in_group(tg, ada, group, "tell me a lot")
+        [reply] = await delivered(tg, group)
+        await eventually(lambda: tg.api.deleted, lambda deleted: len(deleted) == 1)
+    # The message the first attempt started is the reply; the second part it had begun is gone.
+    assert len(previews_sent(tg, group)) == 2 and tg.api.deleted[0].message_id > reply.message_id
+    assert reply.text == "Short, after all." == await last_reply(tg, ada)
+    assert [m.text for m in tg.api.messages(group)] == ["Short, after all."]
 
 
 async def test_a_burst_of_messages_is_answered_in_order(tg: TelegramStack) -> None:
