@@ -42,7 +42,7 @@ from tests.conftest import (
     leaked,
 )
 from tests.fake_openai import FakeOpenAI, Reply
-from tests.fake_telegram import TOKEN, Fail, FakeBotAPI, message_update
+from tests.fake_telegram import BOT_USERNAME, TOKEN, Fail, FakeBotAPI, message_update
 from tests.local_http import free_port
 from tests.processes import running_worker, stop
 from tests.test_telegram import running_gateway
@@ -143,6 +143,48 @@ async def test_a_worker_killed_after_storing_the_reply_is_replaced_and_the_reply
             await asyncio.sleep(1)  # a second delivery would arrive by now
             assert len(api.messages(ada)) == 1
     finally:
+        api.stop()
+        await _terminate(client, ada)
+
+
+async def test_a_worker_killed_mid_stream_in_a_group_leaves_one_complete_message(
+        tmp_path: Path, dev_server: SharedDevServer, database_url: str, repo: MemoryRepository,
+        fake_llm: FakeOpenAI) -> None:
+    """The reply shows in the group as it is written, and the worker dies mid-stream. The worker that takes over
+    writes the reply again into the message the first one started: the group gets one message, the whole reply."""
+    client = (await dev_server.get()).client
+    address, task_queue = client.service_client.config.target_host, f"test-{uuid.uuid4()}"
+    api = FakeBotAPI()
+    api.start()
+    env = {**worker_env(database_url, address, task_queue, fake_llm), "TELEGRAM_BOT_TOKEN": TOKEN,
+           "TELEGRAM_API_BASE_URL": api.url}
+    settings = load_settings(temporal_task_queue=task_queue, temporal_address=address, telegram_bot_token=TOKEN,
+                             telegram_api_base_url=api.url)
+    log, ada, group = tmp_path / "worker.log", fresh_telegram_id(), -fresh_telegram_id()
+    words = " ".join(f"w{n}" for n in range(60))
+    fake_llm.tokens_per_s = 15.0  # about 4 s of writing
+    mention, asked = f"@{BOT_USERNAME}", _chat_requests(fake_llm)
+    try:
+        async with running_gateway(settings, client):
+            with running_worker(log, env) as first:
+                api.push(message_update(ada, f"{mention} {words}", chat_id=group, chat_type="group",
+                                        entities=[{"type": "mention", "offset": 0, "length": len(mention)}]))
+                # The preview has grown by an edit: the worker is mid-stream.
+                await eventually(lambda: api.edits, lambda edits: any(e.chat_id == group for e in edits))
+                first.send_signal(signal.SIGKILL)
+                first.wait(10)
+            [preview] = api.messages(group)
+            assert preview.parse_mode is None and not preview.text.endswith("w59")
+            with running_worker(log, env):
+                # The reply step's heartbeat times out (10 s) and it runs again on the new worker.
+                await eventually(lambda: api.messages(group), lambda sent: sent[0].parse_mode == "HTML", timeout_s=60)
+                await asyncio.sleep(1)  # a second message would arrive by now
+        [reply] = api.messages(group)
+        assert reply.message_id == preview.message_id and reply.text == f"I hear you: {words}"
+        assert [content for key, content in await rows(repo, ada) if key.endswith(":reply")] == [reply.text]
+        assert _chat_requests(fake_llm) == asked + 2 and not api.deleted  # the lost worker's call, and the new one
+    finally:
+        fake_llm.tokens_per_s = 0.0
         api.stop()
         await _terminate(client, ada)
 
