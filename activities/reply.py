@@ -26,7 +26,13 @@ from core.errors import CompanionError
 from core.logging import get_logger
 from schemas.context import UserContextSchema
 from schemas.memory import Channel, MessageCreate, Role
-from schemas.turn import GeneratedReply, GenerateReplyInput, TurnContext
+from schemas.turn import (
+    GeneratedReply,
+    GenerateReplyInput,
+    ReplyPreviewChunk,
+    TurnContext,
+    reply_preview_channel,
+)
 from storage.recall import MemoryHit, MemoryIndex
 from storage.repository import MemoryRepository
 
@@ -45,6 +51,9 @@ HEARTBEAT_EVERY_S = 2.0
 PREVIEW_AFTER_S = 0.1
 DRAFT_EVERY_S = 0.4
 EDIT_EVERY_S = 1.0
+TERMINAL_EVERY_S = 0.05
+# A notification carries at most 8,000 bytes: this many characters, JSON-encoded, fit.
+NOTIFY_CHARS = 1_500
 
 GROUP_NOTE = ("You are in a group chat: other people read your reply. Answer the message in front of you; you know "
               "nothing private about anyone here, and bring up nothing from private conversations.")
@@ -118,8 +127,12 @@ class ReplyActivities:
         return found.hits
 
     def _preview(self, data: GenerateReplyInput, context: UserContextSchema) -> Preview | None:
-        """What shows a Telegram chat the reply as it is written: a draft in the private chat, messages edited as
-        they grow in a group; none elsewhere."""
+        """What shows the chat the reply as it is written: a draft in a private Telegram chat, messages edited as
+        they grow in a group, the text as it comes in a terminal."""
+        if not self._chat_model.streams:
+            return None
+        if data.channel == Channel.CONSOLE:
+            return TerminalPreview(self._repository, context.user.telegram_id, data.reply_key)
         if data.channel != Channel.TELEGRAM or data.chat_id is None or self._telegram is None:
             return None
         if data.chat_id == context.user.telegram_id:
@@ -178,7 +191,7 @@ class Preview:
             self._grew.clear()
             if self._closed.is_set():
                 return
-            for index, part in enumerate(split_message(self._text)):
+            for index, part in enumerate(self._parts(self._text)):
                 if self._shown[index:index + 1] != [part]:
                     if not await self._put(index, part):
                         return
@@ -191,6 +204,10 @@ class Preview:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closed.wait(), seconds)
         return self._closed.is_set()
+
+    def _parts(self, text: str) -> list[str]:
+        """The reply so far, cut as it will be sent."""
+        return split_message(text)
 
     async def _put(self, index: int, text: str) -> bool:
         """Show part ``index`` of the reply as ``text``; False when it can't be shown."""
@@ -243,6 +260,35 @@ class EditPreview(Preview):
         self._ids.append(await self._telegram.send(self._chat_id, text, formatted=False))
         await self._repository.update_message_meta(self._user_id, self._message_key,
                                                    {PREVIEW_MESSAGES: self._ids})
+
+
+class TerminalPreview(Preview):
+    """The preview in a terminal chat (`companion chat`, `companion dev`): the new text, as PostgreSQL notifications
+    on the user's channel (schemas.turn.reply_preview_channel), which the chat prints as they come. Nobody
+    listening: they are dropped."""
+
+    every_s = TERMINAL_EVERY_S
+
+    def __init__(self, repository: MemoryRepository, telegram_id: int, reply_key: str):
+        super().__init__()
+        self._repository, self._reply_key = repository, reply_key
+        self._channel = reply_preview_channel(telegram_id)
+        self._sent = ""
+
+    def _parts(self, text: str) -> list[str]:
+        return [text.strip()]  # a terminal takes any length
+
+    async def _put(self, index: int, text: str) -> bool:
+        at = len(self._sent) if text.startswith(self._sent) else 0
+        try:
+            for start in range(at, len(text), NOTIFY_CHARS):
+                chunk = ReplyPreviewChunk(reply_key=self._reply_key, at=start, text=text[start:start + NOTIFY_CHARS])
+                await self._repository.notify(self._channel, chunk.model_dump_json())
+        except CompanionError as exc:
+            _log.info("terminal.preview_failed", reply_key=self._reply_key, error=exc.message)
+            return False
+        self._sent = text
+        return True
 
 
 def _group_prompt(data: GenerateReplyInput, context: UserContextSchema, budget: PromptBudget) -> TurnContext:

@@ -27,9 +27,11 @@ from schemas.turn import (
     MAX_MESSAGE_CHARS,
     ChatUser,
     IncomingMessage,
+    ReplyPreviewChunk,
     TurnReply,
     clean_text,
     nudge_message_key,
+    reply_preview_channel,
 )
 from workflows.client import connect, send_message
 
@@ -112,14 +114,16 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str | None]:
 
 
 class _Screen:
-    """The chat on the terminal: the prompt, a "thinking…" line while a reply is awaited (on a terminal only), and
-    messages the companion starts (nudges) shown as they come, above the prompt."""
+    """The chat on the terminal: the prompt, a "thinking…" line while a reply is awaited (on a terminal only), the
+    reply as it is written, and messages the companion starts (nudges) shown as they come, above the prompt."""
 
     THINKING = "companion is thinking…"
 
     def __init__(self) -> None:
         self._live = sys.stdout.isatty()
         self._prompting = self._thinking = False
+        self._expected: str | None = None  # the reply awaited
+        self._grown: str | None = None  # what was printed of it as it was written
 
     def prompt(self) -> None:
         print("you> ", end="", flush=True)
@@ -138,7 +142,34 @@ class _Screen:
             print()
         self._thinking = False
 
+    def expect(self, reply_key: str) -> None:
+        """The reply to the message just sent is the one to show as it grows."""
+        self._expected, self._grown = reply_key, None
+
+    def grow(self, chunk: ReplyPreviewChunk) -> None:
+        """More of the reply being written, printed as it comes. A retried attempt starts again on a new line; after
+        a piece missed, the rest comes with the reply."""
+        if chunk.reply_key != self._expected:
+            return
+        if chunk.at == 0:
+            if self._grown:
+                print()
+            self._clear()
+            print("companion> ", end="")
+            self._grown = ""
+        elif self._grown is None or chunk.at != len(self._grown):
+            return
+        print(chunk.text, end="", flush=True)
+        self._grown += chunk.text
+
     def reply(self, text: str) -> None:
+        """The reply, written: the rest of it after what was printed as it grew, or all of it."""
+        grown, self._expected, self._grown = self._grown, None, None
+        if grown is not None and text.startswith(grown):
+            print(text[len(grown):], flush=True)
+            return
+        if grown is not None:
+            print()
         self._clear()
         print(f"companion> {text}", flush=True)
 
@@ -149,12 +180,16 @@ class _Screen:
     def nudge(self, text: str) -> None:
         """A message the companion started, shown where the chat is, and the prompt or indicator again."""
         prompting, thinking = self._prompting, self._thinking
+        if self._grown is not None:
+            print()
         self._clear()
         print(f"companion> {text}", flush=True)
         if prompting:
             self.prompt()
         elif thinking:
             self.thinking()
+        elif self._grown is not None:
+            print(f"companion> {self._grown}", end="", flush=True)
 
 
 async def _show_nudges(repository: MemoryRepository, telegram_id: int, since: datetime, screen: _Screen) -> None:
@@ -174,16 +209,27 @@ async def _show_nudges(repository: MemoryRepository, telegram_id: int, since: da
                 screen.nudge(message.content)
 
 
+async def _show_growing(repository: MemoryRepository, telegram_id: int, screen: _Screen) -> None:
+    """Show replies as they are written: the worker sends the new text as PostgreSQL notifications. Without them
+    (the database away for a moment) a reply shows once written."""
+    try:
+        async with repository.listening(reply_preview_channel(telegram_id)) as heard:
+            while True:
+                screen.grow(ReplyPreviewChunk.model_validate_json(await heard.get()))
+    except CompanionError:
+        return
+
+
 async def chat_loop(client: Client, settings: Settings, telegram_id: int,
                     repository: MemoryRepository | None = None) -> None:
-    """An interactive chat as one user, until end of input or /quit. With the repository, nudges the companion sends
-    meanwhile appear in the chat."""
+    """An interactive chat as one user, until end of input or /quit. With the repository, replies show as they are
+    written, and nudges the companion sends meanwhile appear in the chat."""
     print(f"Chatting as user {telegram_id}. Type a message; /quit or Ctrl-D to leave.")
     screen = _Screen()
     lines = _stdin_lines(asyncio.get_running_loop())
     noted = False  # the note on LLM settings given to the chat, said once
-    watching = (asyncio.create_task(_show_nudges(repository, telegram_id, datetime.now(UTC), screen))
-                if repository is not None else None)
+    watching = [asyncio.create_task(_show_nudges(repository, telegram_id, datetime.now(UTC), screen)),
+                asyncio.create_task(_show_growing(repository, telegram_id, screen))] if repository is not None else []
     try:
         while True:
             screen.prompt()
@@ -194,7 +240,9 @@ async def chat_loop(client: Client, settings: Settings, telegram_id: int,
             if line.strip():
                 screen.thinking()
                 try:
-                    reply = await ask(client, settings, console_message(telegram_id, line))
+                    message = console_message(telegram_id, line)
+                    screen.expect(message.reply_key)
+                    reply = await ask(client, settings, message)
                 except InvalidInputError as exc:  # e.g. too long: say so, and the chat goes on
                     screen.note(f"companion: {exc}")
                     continue
@@ -203,8 +251,8 @@ async def chat_loop(client: Client, settings: Settings, telegram_id: int,
                     screen.note(note)
                     noted = True
     finally:
-        if watching is not None:
-            watching.cancel()
+        for task in watching:
+            task.cancel()
 
 
 async def chat(settings: Settings, telegram_id: int) -> int:

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_chat_model: str = "gpt-4o-mini"
     openai_embedding_model: str = "text-embedding-3-small"
+    # Replies are streamed from the LLM and shown as they are written (a Telegram draft, a message edited as it
+    # grows in a group, the terminal chat); false for an OpenAI-compatible server that cannot stream.
+    llm_stream: bool = True
     # The LLM steps' rate across every worker (the LLM task queue's activities a second); unset = no limit.
     llm_max_requests_per_second: float | None = Field(default=None, gt=0, le=10_000)
     # A message waits at most this long for its reply, LLM retries included; then the user gets the fallback reply.

@@ -85,6 +85,21 @@ def replied_key_of(message_key: str) -> str | None:
     return message_key.removesuffix(_REPLY) if message_key.endswith(_REPLY) else None
 
 
+def reply_preview_channel(telegram_id: int) -> str:
+    """The PostgreSQL notification channel on which a terminal chat with the user hears replies as they are
+    written."""
+    return f"companion_reply_{telegram_id}"
+
+
+class ReplyPreviewChunk(_Contract):
+    """A piece of a reply being written, for a terminal chat: ``text`` goes at character ``at`` of the reply so far
+    (0 again: a retried attempt starts it over)."""
+
+    reply_key: str
+    at: int
+    text: str
+
+
 def nudge_message_key(nudge_id: str) -> str:
     """The message key a fired nudge is stored under."""
     return f"nudge:{nudge_id}"

@@ -8,7 +8,9 @@ key: a message key, an idempotency key, a nudge id.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, Union
 
@@ -29,6 +31,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
@@ -52,7 +55,7 @@ from schemas.memory import (
     UserRead,
     UserUpdate,
 )
-from storage.database import run_transaction
+from storage.database import run_transaction, translate
 from storage.models import (
     Conversation,
     DiaryEntry,
@@ -329,6 +332,35 @@ class MemoryRepository:
                                                      "merged": meta})
 
         await self._write_alone("release_message", work, user_id=user_id, message_key=message_key)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Send ``payload`` (at most 8,000 bytes) to whoever listens on ``channel`` now (PostgreSQL NOTIFY): a
+        message to the moment, not stored."""
+
+        async def work(session: AsyncSession) -> None:
+            await session.execute(select(func.pg_notify(channel, payload)))
+
+        await self._write_alone("notify", work, channel=channel)
+
+    @asynccontextmanager
+    async def listening(self, channel: str) -> AsyncIterator[asyncio.Queue[str]]:
+        """The payloads sent to ``channel`` (``notify``) while the block runs, in the order they were sent; the block
+        holds one connection of the pool."""
+        engine = self._sessions.kw["bind"]
+        heard: asyncio.Queue[str] = asyncio.Queue()
+
+        def received(_connection: object, _pid: int, _channel: str, payload: str) -> None:
+            heard.put_nowait(payload)
+
+        async with AsyncExitStack() as stack:
+            try:
+                connection = await stack.enter_async_context(engine.connect())
+                driver = (await connection.get_raw_connection()).driver_connection
+                await driver.add_listener(channel, received)
+            except (SQLAlchemyError, OSError) as exc:
+                raise translate(exc, "listen", {"channel": channel}) from exc
+            stack.push_async_callback(driver.remove_listener, channel, received)
+            yield heard
 
     async def recent_messages(self, user_id: int, limit: int = CONTEXT_MESSAGES) -> list[MessageRead]:
         """The last ``limit`` messages, oldest first."""

@@ -125,13 +125,19 @@ def _a_second_worker_stops_gracefully_on_sigterm(cwd: Path, env: dict[str, str])
 
 
 @pytest.fixture
-def dev_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+def dev_llm() -> Iterator[FakeOpenAI]:
+    """The LLM `companion dev` is pointed at (dev_env)."""
     llm = FakeOpenAI()
     llm.start()
-    # No quiet hours: "in 3s" must arrive in 3 s whatever the hour the tests run at.
-    yield _env(tmp_path, TEMPORAL_ADDRESS=f"localhost:{_free_port_pair()}", OPENAI_BASE_URL=llm.url,
-               OPENAI_API_KEY="test-key", NUDGE_QUIET_HOURS="off")
+    yield llm
     llm.stop()
+
+
+@pytest.fixture
+def dev_env(tmp_path: Path, dev_llm: FakeOpenAI) -> dict[str, str]:
+    # No quiet hours: "in 3s" must arrive in 3 s whatever the hour the tests run at.
+    return _env(tmp_path, TEMPORAL_ADDRESS=f"localhost:{_free_port_pair()}", OPENAI_BASE_URL=dev_llm.url,
+                OPENAI_API_KEY="test-key", NUDGE_QUIET_HOURS="off")
 
 
 def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_path: Path,
@@ -241,7 +247,8 @@ class PtyDev:
                     self.screen += os.read(self.fd, 4096).decode(errors="replace")
 
 
-def test_the_chat_of_companion_dev_shows_the_conversation_only(tmp_path: Path, dev_env: dict[str, str]) -> None:
+def test_the_chat_of_companion_dev_shows_the_conversation_only(tmp_path: Path, dev_env: dict[str, str],
+                                                               dev_llm: FakeOpenAI) -> None:
     dev = PtyDev(tmp_path, dev_env)
     try:
         started = dev.read_until("you> ")
@@ -251,8 +258,18 @@ def test_the_chat_of_companion_dev_shows_the_conversation_only(tmp_path: Path, d
 
         dev.type("Hi, I'm Simon")
         shown = dev.read_until("companion> I hear you: Hi, I'm Simon")
-        # While the reply is written, a thinking line, erased when the reply comes.
+        # While the reply is awaited, a thinking line, erased when the reply comes.
         assert "companion is thinking…\r\x1b[Kcompanion> I hear you: Hi, I'm Simon" in shown
+
+        # A reply that takes its time shows as it is written, and ends up whole, once.
+        dev_llm.tokens_per_s = 4.0  # 3 s of writing
+        words = "one two three four five six seven eight nine ten"
+        dev.type(words)
+        growing = dev.read_until("companion> I hear", timeout=30)
+        assert f"I hear you: {words}" not in growing
+        shown = dev.read_until(f"I hear you: {words}\r\nyou> ", timeout=30)
+        assert shown.count(f"I hear you: {words}") == 1 and "companion is thinking…\r\x1b[Kcompanion> I hear" in shown
+        dev_llm.tokens_per_s = 0.0
 
         scheduled = _companion("nudges", "schedule", "--user", "42", "--in", "2s", "--text", "drink water",
                                cwd=tmp_path, env=dev_env)
