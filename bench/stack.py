@@ -72,13 +72,13 @@ def _children(processes: dict[int, tuple[int, str, float]], parent: int) -> list
 
 @asynccontextmanager
 async def embedded_stack(task_queue: str, worker_env: dict[str, str] | None = None, workers: int = 1,
-                         background_workers: int = 0) -> AsyncIterator[BenchStack]:
+                         background_workers: int = 0, llm_args: tuple[str, ...] = ()) -> AsyncIterator[BenchStack]:
     """Start everything, run ``workers`` worker processes with ``worker_env`` added to their settings (and, with
     ``background_workers``, that many more for the background: the first ones then answer turns only), and stop it
-    all afterwards."""
+    all afterwards. ``llm_args`` go to the LLM stub's command line (`python -m tests.fake_openai --help`)."""
     folder = Path(tempfile.mkdtemp(prefix="companion-bench-"))
     postgres = EmbeddedPostgres(folder / "pg")
-    llm_url, llm = serve_in_subprocess()
+    llm_url, llm = serve_in_subprocess(*llm_args)
     started: list[subprocess.Popen[bytes]] = []
     try:
         database_url = postgres.start()

@@ -4,7 +4,8 @@ It speaks the real wire format (bearer auth, the chat.completion object, the {"e
 status codes, Retry-After on 429, and with "stream": true server-sent chat.completion.chunk events ending in
 `data: [DONE]`, usage in a last chunk when stream_options asks for it), so the real `openai` client talks to it
 unchanged. Replies follow a script when one is given, otherwise a default that echoes the user's last message. A
-streamed reply can take its time: ``first_token_s`` before its first token, then ``tokens_per_s``.
+reply can take its time: ``first_token_s`` before its first token, then ``tokens_per_s`` (streamed, token by token;
+otherwise the whole reply once its last token is written).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class FakeOpenAI:
     _ids: itertools.count = field(default_factory=itertools.count)
     first_token_s: float = 0.0  # a streamed reply's wait before its first token
     tokens_per_s: float = 0.0  # and its pace after it (0: all at once); a token is a word and the space after it
+    # Each complete reply that took its time: the user's message it answered, when its first and its last token were
+    # written (time.perf_counter(), a clock every process of the machine shares); appended to this file as JSON lines.
+    streams: list[tuple[str, float, float]] = field(default_factory=list)
+    streams_log: str | None = None
 
     def start(self) -> str:
         """Serve on a free loopback port; returns the base URL to give the openai client."""
@@ -96,6 +101,13 @@ class FakeOpenAI:
             self._json_script.clear()
             self.requests.clear()
             self.arrivals.clear()
+
+    def _streamed(self, message: str, first: float, last: float) -> None:
+        with self._lock:
+            self.streams.append((message, first, last))
+            if self.streams_log is not None:
+                with open(self.streams_log, "a") as log:
+                    log.write(json.dumps({"message": message, "first_token_at": first, "last_token_at": last}) + "\n")
 
     def _next(self, structured: bool) -> Reply | Fail | None:
         with self._lock:
@@ -144,6 +156,12 @@ class FakeOpenAI:
             text = json.dumps(_smallest(schema)) if schema is not None else self.default(body)
         if body.get("stream"):
             return self._stream(request, body, text, next(self._ids), step.cut_after if step is not None else None)
+        if self.first_token_s or self.tokens_per_s:  # the model takes as long as it would streaming
+            time.sleep(self.first_token_s)
+            first = time.perf_counter()
+            tokens = len(re.findall(r"\S+\s*", text))
+            time.sleep((tokens - 1) / self.tokens_per_s if self.tokens_per_s and tokens else 0.0)
+            self._streamed(_last_user(body), first, time.perf_counter())
         send_json(request, 200, _completion(body, text, next(self._ids)))
 
     def _stream(self, request: BaseHTTPRequestHandler, body: dict[str, Any], text: str, number: int,
@@ -166,14 +184,16 @@ class FakeOpenAI:
 
         event(chunk({"role": "assistant", "content": ""}))
         time.sleep(self.first_token_s)
+        first = time.perf_counter()
         for n, token in enumerate(re.findall(r"\S+\s*", text) or [text]):
             if n == cut_after:  # the connection drops mid-reply
                 request.close_connection = True
                 request.connection.shutdown(socket.SHUT_RDWR)
                 return
-            if n and self.tokens_per_s:
-                time.sleep(1 / self.tokens_per_s)
+            if n and self.tokens_per_s:  # token n is due n / tokens_per_s after the first, however long writes take
+                time.sleep(max(0.0, first + n / self.tokens_per_s - time.perf_counter()))
             event(chunk({"content": token}))
+        self._streamed(_last_user(body), first, time.perf_counter())
         event(chunk({}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = _completion(body, text, number)["usage"]
@@ -261,14 +281,23 @@ def _send_error(request: BaseHTTPRequestHandler, status: int, message: str,
                                            "code": None}}, headers)
 
 
-def serve_in_subprocess() -> tuple[str, subprocess.Popen[str]]:
-    """Run the default-answering server in a process of its own (for benchmarks: no GIL shared with the worker)."""
-    process = subprocess.Popen([sys.executable, "-m", "tests.fake_openai"], stdout=subprocess.PIPE, text=True)
+def serve_in_subprocess(*args: str) -> tuple[str, subprocess.Popen[str]]:
+    """Run the default-answering server in a process of its own (for benchmarks: no GIL shared with the worker);
+    ``args`` as this module's command line takes them."""
+    process = subprocess.Popen([sys.executable, "-m", "tests.fake_openai", *args], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     return process.stdout.readline().strip(), process
 
 
 if __name__ == "__main__":
-    server = FakeOpenAI()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the OpenAI-compatible stub, serving until killed")
+    parser.add_argument("--first-token-s", type=float, default=0.0)
+    parser.add_argument("--tokens-per-s", type=float, default=0.0)
+    parser.add_argument("--streams-log", help="append each complete stream's timing here, a JSON line each")
+    args = parser.parse_args()
+    server = FakeOpenAI(first_token_s=args.first_token_s, tokens_per_s=args.tokens_per_s,
+                        streams_log=args.streams_log)
     print(server.start(), flush=True)
     threading.Event().wait()
