@@ -116,11 +116,7 @@ async def test_a_worker_killed_after_storing_the_reply_is_replaced_and_the_reply
     """The reply is stored, Telegram is failing, and the worker dies while it waits to send again. The worker that
     takes over runs the turn's steps again from their first attempt: it finds the stored reply and sends that one."""
     client = (await dev_server.get()).client
-    address, task_queue = client.service_client.config.target_host, f"test-{uuid.uuid4()}"
-    api = FakeBotAPI()
-    api.start()
-    env = {**worker_env(database_url, address, task_queue, fake_llm), "TELEGRAM_BOT_TOKEN": TOKEN,
-           "TELEGRAM_API_BASE_URL": api.url}
+    address, task_queue, api, env = _telegram_worker(client, database_url, fake_llm)
     log = tmp_path / "worker.log"
     ada = fresh_telegram_id()
     try:
@@ -153,11 +149,7 @@ async def test_a_worker_killed_mid_stream_in_a_group_leaves_one_complete_message
     """The reply shows in the group as it is written, and the worker dies mid-stream. The worker that takes over
     writes the reply again into the message the first one started: the group gets one message, the whole reply."""
     client = (await dev_server.get()).client
-    address, task_queue = client.service_client.config.target_host, f"test-{uuid.uuid4()}"
-    api = FakeBotAPI()
-    api.start()
-    env = {**worker_env(database_url, address, task_queue, fake_llm), "TELEGRAM_BOT_TOKEN": TOKEN,
-           "TELEGRAM_API_BASE_URL": api.url}
+    address, task_queue, api, env = _telegram_worker(client, database_url, fake_llm)
     settings = load_settings(temporal_task_queue=task_queue, temporal_address=address, telegram_bot_token=TOKEN,
                              telegram_api_base_url=api.url)
     log, ada, group = tmp_path / "worker.log", fresh_telegram_id(), -fresh_telegram_id()
@@ -187,6 +179,18 @@ async def test_a_worker_killed_mid_stream_in_a_group_leaves_one_complete_message
         fake_llm.tokens_per_s = 0.0
         api.stop()
         await _terminate(client, ada)
+
+
+def _telegram_worker(client: Client, database_url: str,
+                     fake_llm: FakeOpenAI) -> tuple[str, str, FakeBotAPI, dict[str, str]]:
+    """A task queue of its own on the dev server, a local Bot API server (started), and the environment of a worker
+    that delivers to it: (address, task queue, Bot API server, environment)."""
+    address, task_queue = client.service_client.config.target_host, f"test-{uuid.uuid4()}"
+    api = FakeBotAPI()
+    api.start()
+    env = {**worker_env(database_url, address, task_queue, fake_llm), "TELEGRAM_BOT_TOKEN": TOKEN,
+           "TELEGRAM_API_BASE_URL": api.url}
+    return address, task_queue, api, env
 
 
 def _sends(api: FakeBotAPI, chat_id: int) -> int:
