@@ -37,12 +37,21 @@ from temporalio.service import RPCError, RPCStatusCode
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from clients.telegram import telegram_errors
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, UnknownTimezoneError
 from core.logging import get_logger
 from core.settings import Settings
+from core.zones import zone_at, zone_named
 from schemas.memory import Channel
-from schemas.turn import ChatUser, CompanionState, IncomingMessage, Nudge, clean_text
-from workflows.client import connect, forget, set_checkins, signal_message
+from schemas.turn import (
+    ChatUser,
+    CompanionState,
+    IncomingMessage,
+    Nudge,
+    TimezoneChange,
+    TimezoneSource,
+    clean_text,
+)
+from workflows.client import connect, forget, set_checkins, set_timezone, signal_message
 from workflows.companion import CompanionWorkflow
 from workflows.contract import workflow_id
 
@@ -55,6 +64,7 @@ HELP = (
     "Just write to me. I can also:\n"
     "/nudges: the messages I plan to send you\n"
     "/quiet: no more check-ins from me (/quiet off brings them back; reminders you ask for still come)\n"
+    "/timezone: where you are, so reminders come at your time (/timezone Paris; or share a location)\n"
     "/forget: erase everything I remember about you\n"
     "/help: this list"
 )
@@ -74,8 +84,15 @@ FORGET_NOT_YOURS = "Only the person who asked can answer this. Send /forget your
 QUIET_ON = "Okay, no more check-ins from me. Reminders you ask for still come. /quiet off brings check-ins back."
 QUIET_OFF = "Check-ins are back on: I'll say hello now and then."
 NO_NUDGES = "I have no messages planned for you right now."
+TIMEZONE_NOW = ("Your time zone is {zone}: it's {time} there. To change it, send /timezone and your city "
+                "(/timezone Paris), a zone (/timezone Europe/Paris) or an offset (/timezone +02:00), or share a "
+                "location with me.")
+TIMEZONE_SET = "Got it: your time zone is {zone}, where it's {time}."
+TIMEZONE_MOVED = "I moved what I planned to your time:"
+TIMEZONE_PRIVATE = "Tell me your time zone in our private chat: in a group, everyone would see it."
 
 COMMANDS = [BotCommand("help", "what I can do"), BotCommand("nudges", "messages I plan to send you"),
+            BotCommand("timezone", "your time zone (/timezone Paris)"),
             BotCommand("quiet", "no check-ins (/quiet off to undo)"), BotCommand("forget", "erase my memory of you")]
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 SIGNAL_ATTEMPTS = 4
@@ -111,10 +128,13 @@ class Gateway:
         application.add_handler(CommandHandler("forget", self.forget))
         application.add_handler(CommandHandler("nudges", self.nudges))
         application.add_handler(CommandHandler("quiet", self.quiet))
+        application.add_handler(CommandHandler("timezone", self.timezone))
         application.add_handler(CallbackQueryHandler(self.forget_answer, pattern=r"^forget:(yes|no)(:\d+)?$"))
         application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self.edited))
         application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND,
                                                self.text))
+        application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.LOCATION & filters.ChatType.PRIVATE,
+                                               self.location))
         application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.COMMAND, self.unsupported))
         application.add_error_handler(self.error)
         return application
@@ -216,12 +236,7 @@ class Gateway:
         if (sender := await self._sender(update)) is None:
             return
         message, user = sender
-        try:
-            state = await self._client.get_workflow_handle(workflow_id(user.id)).query(CompanionWorkflow.state)
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
-            state = None
+        state = await self._state(user.id)
         await message.reply_text(describe_nudges(state) if state is not None and state.nudges else NO_NUDGES)
 
     async def quiet(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -232,6 +247,56 @@ class Gateway:
         enable = [arg.lower() for arg in context.args or []] == ["off"]
         await set_checkins(self._client, self._settings, chat_user(user), enable)
         await message.reply_text(QUIET_OFF if enable else QUIET_ON)
+
+    async def timezone(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/timezone CITY, ZONE or OFFSET sets the user's time zone; /timezone alone says which it is."""
+        if (sender := await self._sender(update)) is None:
+            return
+        message, user = sender
+        if message.chat.type != ChatType.PRIVATE:
+            await message.reply_text(TIMEZONE_PRIVATE)
+            return
+        typed = " ".join(context.args or [])
+        if not typed:
+            state = await self._state(user.id)
+            zone = state.timezone if state is not None else "UTC"
+            await message.reply_text(TIMEZONE_NOW.format(zone=zone, time=_local_time(zone)))
+            return
+        try:
+            zone = await asyncio.to_thread(zone_named, typed)  # the first question loads the cities (a second)
+        except UnknownTimezoneError as exc:
+            await message.reply_text(f"{exc.message[0].upper()}{exc.message[1:]}.")
+            return
+        await self._set_timezone(message, user, TimezoneChange(zone=zone, source=TimezoneSource.COMMAND))
+
+    async def location(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A location shared in the private chat: its time zone becomes the user's (the place itself is not kept)."""
+        if (sender := await self._sender(update)) is None or sender[0].location is None:
+            return
+        message, user = sender
+        place = message.location
+        zone = await asyncio.to_thread(zone_at, place.latitude, place.longitude)
+        await self._set_timezone(message, user, TimezoneChange(zone=zone, source=TimezoneSource.LOCATION))
+
+    async def _set_timezone(self, message: Message, user: User, change: TimezoneChange) -> None:
+        changed = await set_timezone(self._client, self._settings, chat_user(user), change)
+        _log.info("gateway.timezone_set", telegram_id=user.id, source=change.source.value,
+                  nudges_moved=len(changed.moved))
+        lines = [TIMEZONE_SET.format(zone=changed.zone, time=_local_time(changed.zone))]
+        if changed.moved:
+            zone = ZoneInfo(changed.zone)
+            lines += ["", TIMEZONE_MOVED, *(f"• {_when(nudge, zone)}: {nudge.text or nudge.purpose}"
+                                            for nudge in changed.moved)]
+        await message.reply_text("\n".join(lines))
+
+    async def _state(self, telegram_id: int) -> CompanionState | None:
+        """The user's workflow state; None when they have none."""
+        try:
+            return await self._client.get_workflow_handle(workflow_id(telegram_id)).query(CompanionWorkflow.state)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return None
 
     async def error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log a handler's failure; the gateway goes on with the next update."""
@@ -288,6 +353,12 @@ def describe_nudges(state: CompanionState) -> str:
     lines = ["Here's what I plan to send you:"]
     lines += [f"• {_when(nudge, zone)}: {nudge.text or nudge.purpose}" for nudge in state.nudges]
     return "\n".join(lines)
+
+
+def _local_time(zone: str) -> str:
+    """What the clocks say in ``zone`` now."""
+    now = datetime.now(ZoneInfo(zone))
+    return f"{now:%H:%M} on {now:%A}"
 
 
 def _when(nudge: Nudge, zone: ZoneInfo) -> str:

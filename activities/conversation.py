@@ -7,6 +7,7 @@ its key, retried until the database is back. Named timeouts and retry policies l
 from __future__ import annotations
 
 from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 from temporalio import activity
 from temporalio.common import RetryPolicy
@@ -14,10 +15,11 @@ from temporalio.common import RetryPolicy
 from activities.errors import translate_errors
 from activities.prompt import reminder_note
 from activities.remember import derived_key
-from activities.reminders import follow_up_time, parse_event, parse_reminder
+from activities.reminders import follow_up_time, parse_event, parse_reminder, same_time_of_day
 from core.errors import UserNotFoundError
 from core.logging import get_logger
 from schemas.memory import (
+    TIMEZONE_ASKED,
     MessageCreate,
     NudgeCreator,
     NudgeKind,
@@ -25,6 +27,7 @@ from schemas.memory import (
     TimelineEventCreate,
     UserCreate,
     UserRead,
+    UserUpdate,
 )
 from schemas.turn import (
     EnsureUserInput,
@@ -34,7 +37,9 @@ from schemas.turn import (
     PreparedTurn,
     PrepareTurnInput,
     RecordMessageInput,
+    SetTimezoneInput,
     SetUserActiveInput,
+    TimezoneChanged,
     UserRef,
 )
 from storage.recall import MemoryIndex
@@ -77,8 +82,13 @@ class ConversationActivities:
         if found is not None and found.at > data.now:
             prepared.reminder = Nudge(nudge_id=derived_key("remind", message.message_key), at=found.at,
                                       text=f"⏰ Reminder: {found.what}", kind=NudgeKind.REMINDER,
-                                      created_by=NudgeCreator.USER)
-            prepared.note = reminder_note(found.what, found.at, zone)
+                                      created_by=NudgeCreator.USER, local_time=found.local_time)
+            # Asked once: a user who never said where they live is asked at their first reminder at a time of day.
+            ask_zone = found.local_time and not user.timezone_known and not user.preferences.get(TIMEZONE_ASKED)
+            prepared.note = reminder_note(found.what, found.at, zone, ask_zone)
+            if ask_zone:
+                await self._repository.update_user(user.id, UserUpdate(
+                    preferences={**user.preferences, TIMEZONE_ASKED: True}))
         event = parse_event(message.text, data.now, zone)
         if event is not None:
             await self._repository.add_timeline_event(user.id, TimelineEventCreate(
@@ -87,7 +97,7 @@ class ConversationActivities:
             prepared.follow_up = Nudge(
                 nudge_id=derived_key("follow", message.message_key), at=follow_up_time(event.at, zone),
                 purpose=f"ask how the user's {event.what} on {event.at.astimezone(zone):%A %d %B} went",
-                kind=NudgeKind.FOLLOW_UP, created_by=NudgeCreator.COMPANION)
+                kind=NudgeKind.FOLLOW_UP, created_by=NudgeCreator.COMPANION, local_time=True)
         return prepared
 
     @activity.defn(name="record_message")
@@ -114,6 +124,17 @@ class ConversationActivities:
         _log.info("user.reachability", user_id=data.user_id, active=data.active, nudges_cancelled=cancelled)
         return cancelled
 
+    @activity.defn(name="set_timezone")
+    @translate_errors
+    async def set_timezone(self, data: SetTimezoneInput) -> TimezoneChanged:
+        """Store the user's time zone, and move their reminders and follow-ups to the same time of day there."""
+        moved = same_time_of_day(data.pending, ZoneInfo(data.previous), ZoneInfo(data.change.zone), data.now)
+        await self._repository.set_timezone(data.user_id, data.change.zone, data.change.source.value,
+                                            {nudge.nudge_id: nudge.at for nudge in moved})
+        _log.info("user.timezone_set", user_id=data.user_id, zone=data.change.zone, source=data.change.source.value,
+                  nudges_moved=len(moved))
+        return TimezoneChanged(zone=data.change.zone, previous=data.previous, moved=moved)
+
     @activity.defn(name="forget_user")
     @translate_errors
     async def forget_user(self, data: ForgetInput) -> Forgotten:
@@ -134,7 +155,8 @@ class ConversationActivities:
 
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
-        return [self.ensure_user, self.prepare_turn, self.record_message, self.set_user_active, self.forget_user]
+        return [self.ensure_user, self.prepare_turn, self.record_message, self.set_user_active, self.set_timezone,
+                self.forget_user]
 
 
 def _ref(user: UserRead) -> UserRef:

@@ -54,8 +54,14 @@ def within_budget(hits: list[MemoryHit], shown: set[str], budget: PromptBudget =
     return recalled
 
 
-def reminder_note(what: str, at: datetime, zone: ZoneInfo) -> str:
-    """What the model is told of a reminder the message just set, so that the reply confirms it."""
+ASK_ZONE = (" You don't know the user's time zone yet, so the time is UTC's: in the same reply, ask them once for "
+            "the city they live in (or to send /timezone and their city, or to share a location); the reminder will "
+            "move to their time.")
+
+
+def reminder_note(what: str, at: datetime, zone: ZoneInfo, ask_zone: bool = False) -> str:
+    """What the model is told of a reminder the message just set, so that the reply confirms it (and, with
+    ``ask_zone``, asks where the user lives)."""
     local = at.astimezone(zone)
     return (f"You have just set a reminder the user asked for: {quote(what)} on {local:%A %d %B at %H:%M} "
-            "(their time). Confirm it in one short sentence.")
+            f"(their time). Confirm it in one short sentence.{ASK_ZONE if ask_zone else ''}")

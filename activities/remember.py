@@ -259,7 +259,7 @@ class Rememberer:
                 continue
             reminders.append(Nudge(nudge_id=derived_key("remind", source_key, reminder.what), at=at,
                                    text=f"⏰ Reminder: {reminder.what}", kind=NudgeKind.REMINDER,
-                                   created_by=NudgeCreator.USER))
+                                   created_by=NudgeCreator.USER, local_time=True))
         await self._index.add(user.id, memories)
         return Remembered(facts=facts, events=events, milestones=milestones, reminders=reminders,
                           summary=found.summary or None)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from schemas.turn import Nudge
+
 _WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 _NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "ten": 10,
             "twenty": 20, "thirty": 30}
@@ -64,6 +66,13 @@ def parse_event(text: str, now: datetime, zone: ZoneInfo) -> Event | None:
     return Event(at=at, what=what)
 
 
+def same_time_of_day(nudges: list[Nudge], old: ZoneInfo, new: ZoneInfo, now: datetime) -> list[Nudge]:
+    """The nudges due at a time of day where the user is (``local_time``), due at that time of day in ``new`` rather
+    than ``old``: 9:00 stays 9:00 where they now are. One that would then be past is due ``now``."""
+    return [nudge.model_copy(update={"at": max(nudge.at.astimezone(old).replace(tzinfo=new), now)})
+            for nudge in nudges if nudge.local_time]
+
+
 def follow_up_time(event_at: datetime, zone: ZoneInfo) -> datetime:
     """When to ask how an event went: the next day at 10:00, the user's time."""
     day = event_at.astimezone(zone).date() + timedelta(days=1)
@@ -72,10 +81,12 @@ def follow_up_time(event_at: datetime, zone: ZoneInfo) -> datetime:
 
 @dataclass(frozen=True)
 class Reminder:
-    """What to remind the user of, and when (UTC)."""
+    """What to remind the user of, and when (UTC): at a time of day where they are ("tomorrow at 9"), or after a
+    while ("in 2 hours")."""
 
     at: datetime
     what: str
+    local_time: bool
 
 
 def parse_reminder(text: str, now: datetime, zone: ZoneInfo) -> Reminder | None:
@@ -85,11 +96,12 @@ def parse_reminder(text: str, now: datetime, zone: ZoneInfo) -> Reminder | None:
         return None
     rest = text[asked.end():]
     spans: list[tuple[int, int]] = []
-    at = _relative(rest, now, spans) or _calendar(rest, now.astimezone(zone), zone, spans)
+    after = _relative(rest, now, spans)
+    at = after or _calendar(rest, now.astimezone(zone), zone, spans)
     if at is None:
         return None
     what = _what(rest, spans)
-    return Reminder(at=at, what=what) if what else None
+    return Reminder(at=at, what=what, local_time=after is None) if what else None
 
 
 def _relative(rest: str, now: datetime, spans: list[tuple[int, int]]) -> datetime | None:

@@ -111,6 +111,12 @@ def _build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
     stop.add_argument("nudge_id", help="the id `schedule` printed")
 
+    users = commands.add_parser("users", help="change a user's settings")
+    user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    change = user_commands.add_parser("set", help="set a user's time zone (their reminders move with it)")
+    change.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
+    change.add_argument("--timezone", required=True, help="a city (Paris), a zone (Europe/Paris) or an offset (+02:00)")
+
     bench = commands.add_parser("bench", help="measure the companion")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     locomo = bench_commands.add_parser("locomo", help="memory retrieval recall on LoCoMo conversations")
@@ -232,6 +238,10 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
             return _replay(args.files)
         case "nudges":
             return _nudges(settings, args)
+        case "users":
+            from cli.users import set_user
+
+            return set_user(settings, args.user, args.timezone)
         case "bench":
             from cli.locomo import run_locomo
 
@@ -252,7 +262,7 @@ def _configure_logging(settings: Settings, command: str) -> None:
         # The terminal belongs to the chat: full logs go to a file, the console shows errors only.
         configure_logging(settings.log_level, settings.effective_log_format, log_file=dev_log_file(settings),
                           console_level="ERROR")
-    elif command in ("say", "chat", "history", "replay", "nudges", "doctor", "bench", "memory"):
+    elif command in ("say", "chat", "history", "replay", "nudges", "users", "doctor", "bench", "memory"):
         configure_logging("WARNING", settings.effective_log_format)
     else:
         configure_logging(settings.log_level, settings.effective_log_format)

@@ -196,6 +196,12 @@ class InvalidArgumentError(InvalidInputError):
     code = "VALIDATION_INVALID_ARGUMENT"
 
 
+class UnknownTimezoneError(InvalidInputError):
+    """What a user or operator typed names no time zone (core.zones)."""
+
+    code = "VALIDATION_UNKNOWN_TIMEZONE"
+
+
 class ConfigurationError(CompanionValidationError):
     """A setting is missing or has a bad value."""
 

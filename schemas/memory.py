@@ -157,6 +157,12 @@ class UserUpdate(_Model):
     preferences: dict[str, Any] | None = None
 
 
+# Keys of a user's preferences: who set their time zone (absent: nobody, and it is UTC by default), and whether the
+# companion has asked them for it.
+TIMEZONE_SOURCE = "timezone_source"
+TIMEZONE_ASKED = "timezone_asked"
+
+
 class UserRead(_Read):
     """A stored user."""
 
@@ -182,6 +188,11 @@ class UserRead(_Read):
     def timezone_info(self) -> ZoneInfo:
         """The user's time zone, for showing them times."""
         return ZoneInfo(self.timezone)
+
+    @property
+    def timezone_known(self) -> bool:
+        """Whether the user's time zone was set (by them or an operator), rather than UTC by default."""
+        return TIMEZONE_SOURCE in self.preferences
 
 
 # --- profile facts ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
@@ -15,6 +16,7 @@ from schemas.memory import (
     NudgeStatus,
     Role,
     TelegramId,
+    TimeZoneName,
     UserName,
     display_name,
 )
@@ -140,6 +142,9 @@ class Nudge(_Contract):
     purpose: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1_000)] | None = None
     kind: NudgeKind = NudgeKind.CUSTOM
     created_by: NudgeCreator = NudgeCreator.OPERATOR
+    # Due at a time of day where the user is ("tomorrow at 9"): when their time zone changes, 9:00 stays 9:00 there.
+    # Not a nudge due after a while ("in 2 hours", a check-in after days of silence) or at a moment an operator chose.
+    local_time: bool = False
 
 
 class CompanionState(_Contract):
@@ -361,3 +366,36 @@ class Forgotten(_Contract):
 
     had_memories: bool
     nudges_cancelled: int = 0
+
+
+class TimezoneSource(StrEnum):
+    """Who said where the user lives."""
+
+    COMMAND = "command"  # /timezone
+    LOCATION = "location"  # a location the user shared
+    OPERATOR = "operator"  # companion users set
+
+
+class TimezoneChange(_Contract):
+    """The user's time zone, from now on (an IANA name: core.zones makes one of what people type)."""
+
+    zone: TimeZoneName
+    source: TimezoneSource
+
+
+class TimezoneChanged(_Contract):
+    """The zone set, the one before, and the pending nudges that moved with it (soonest first)."""
+
+    zone: str
+    previous: str
+    moved: list[Nudge] = Field(default_factory=list)
+
+
+class SetTimezoneInput(_Contract):
+    """Store the user's time zone; the pending nudges due at a time of day where they are move with it."""
+
+    user_id: int
+    change: TimezoneChange
+    previous: str  # the zone the pending nudges' times were set in
+    pending: list[Nudge] = Field(default_factory=list)
+    now: AwareDatetime

@@ -38,6 +38,7 @@ from sqlalchemy.sql.base import ReadOnlyColumnCollection
 from core.errors import InvalidMemoryDataError, RecordNotFoundError, UserNotFoundError
 from schemas.context import UserContextSchema
 from schemas.memory import (
+    TIMEZONE_SOURCE,
     DiaryEntryCreate,
     DiaryEntryRead,
     FactCategory,
@@ -183,6 +184,23 @@ class MemoryRepository:
             return UserRead.model_validate(row)
 
         return await self._tx("update_user", work, user_id=user_id)
+
+    async def set_timezone(self, user_id: int, zone: str, source: str, moved: dict[str, datetime]) -> UserRead:
+        """Set the user's time zone (``source``, who said so, goes in their preferences: the zone is known from then
+        on) and the new times of their pending nudges that move with it, in one transaction."""
+
+        async def work(session: AsyncSession) -> UserRead:
+            row = await self._user_row(session, user_id)
+            row.timezone, row.preferences = zone, {**row.preferences, TIMEZONE_SOURCE: source}
+            for nudge_id, at in moved.items():
+                await session.execute(update(ScheduledMessage).where(
+                    ScheduledMessage.nudge_id == nudge_id, ScheduledMessage.user_id == user_id,
+                    ScheduledMessage.status == NudgeStatus.PENDING.value).values(scheduled_for=at))
+            await session.flush()
+            await session.refresh(row)
+            return UserRead.model_validate(row)
+
+        return await self._tx("set_timezone", work, user_id=user_id, zone=zone)
 
     async def set_user_active(self, user_id: int, active: bool, reason: str | None = None) -> int:
         """Mark a user reachable or not; an unreachable user's pending nudges are cancelled. Returns how many."""

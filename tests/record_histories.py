@@ -6,9 +6,9 @@ Runs the real worker against the Temporal dev server, an embedded PostgreSQL, th
 local Bot API server, and saves: a plain conversation; steps that failed and were retried, and an LLM that never
 answered (the fallback reply); a run that continued as new; a nudge that fired and one that was cancelled; a
 Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, /forget); the companion's own
-nudges (a reminder asked for, a follow-up, check-ins, quiet hours); remember steps with an extraction and the
-summary carried over continue-as-new; and remember steps that wait for a pause (or five turns), the turns still
-waiting remembered before continue-as-new. Name scenarios to record only those.
+nudges (a reminder asked for, a follow-up, check-ins, quiet hours, a new time zone); remember steps with an
+extraction and the summary carried over continue-as-new; and remember steps that wait for a pause (or five turns),
+the turns still waiting remembered before continue-as-new. Name scenarios to record only those.
 Re-record on purpose only, with a new workflow design: committed histories are what guards the conversations running
 on a build against changes to its workflow code.
 """
@@ -29,8 +29,8 @@ from temporalio.client import Client
 from activities.companion import CompanionActivities
 from clients.telegram import TelegramChannel
 from core.settings import Settings, load_settings
-from schemas.memory import Channel, NudgeStatus
-from schemas.turn import ChatUser, IncomingMessage, Nudge
+from schemas.memory import Channel, NudgeKind, NudgeStatus
+from schemas.turn import ChatUser, IncomingMessage, Nudge, TimezoneChange, TimezoneSource
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
@@ -45,7 +45,7 @@ from tests.fake_telegram import Fail as BotAPIFail
 from tests.processes import start_dev_server
 from tests.test_workflow import failing_after_write
 from worker import build_worker
-from workflows.client import cancel_nudge, forget, schedule_nudge, send_message, signal_message
+from workflows.client import cancel_nudge, forget, schedule_nudge, send_message, set_timezone, signal_message
 from workflows.companion import CompanionWorkflow
 from workflows.contract import workflow_id
 
@@ -168,7 +168,8 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
 
 
 async def _own_nudges(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
-    """A reminder asked for, a follow-up on an event, check-ins planned and moved, a nudge postponed by quiet hours."""
+    """A reminder asked for, a follow-up on an event, check-ins planned and moved, a nudge postponed by quiet hours,
+    and a new time zone, which moves the follow-up (at 10:00 the user's time) and not the reminder (in 2 hours)."""
     settings = SETTINGS.model_copy(update={"checkin_after_days": 3})
     now = datetime.now(UTC)
     quiet = ((now - timedelta(hours=1)).time().replace(second=0, microsecond=0),
@@ -185,6 +186,9 @@ async def _own_nudges(client: Client, repository: MemoryRepository, llm: FakeOpe
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)  # the workflow task after the postponement
         assert len(await handle.query(CompanionWorkflow.nudges)) == 4  # reminder, follow-up, check-in, late-1
+        changed = await set_timezone(client, settings, ChatUser(telegram_id=1006),
+                                     TimezoneChange(zone="Asia/Tokyo", source=TimezoneSource.COMMAND))
+        assert [nudge.kind for nudge in changed.moved] == [NudgeKind.FOLLOW_UP]
         await _save(client, 1006, "own_nudges")
 
 

@@ -82,7 +82,7 @@ def test_the_client_speaks_the_names_the_workflow_declares() -> None:
     assert set(definition.signals) == {contract.MESSAGE, contract.WAKE}
     assert set(definition.queries) == {contract.STATE, contract.NUDGES}
     assert set(definition.updates) == {contract.SEND, contract.SCHEDULE_NUDGE, contract.CANCEL_NUDGE,
-                                       contract.SET_CHECKINS, contract.FORGET}
+                                       contract.SET_CHECKINS, contract.SET_TIMEZONE, contract.FORGET}
 
 
 class DevProcess:
@@ -345,6 +345,13 @@ def test_operators_schedule_list_and_cancel_nudges_against_companion_dev(tmp_pat
         statuses = {line.split()[0]: line.split()[2] for line in
                     _companion("nudges", "list", cwd=tmp_path, env=dev_env).stdout.splitlines()[1:]}
         assert statuses == {nudge_id: "sent", later: "cancelled", third: "cancelled"}
+
+        # The user's time zone, set through their workflow as /timezone sets it.
+        zoned = _companion("users", "set", "--user", "42", "--timezone", "paris", cwd=tmp_path, env=dev_env)
+        assert zoned.returncode == 0, zoned.stderr
+        assert re.fullmatch(r"user 42: time zone Europe/Paris \(was UTC; \d\d:\d\d there now\)\n", zoned.stdout)
+        *_, row = _companion("nudges", "list", "--user", "42", cwd=tmp_path, env=dev_env).stdout.splitlines()
+        assert re.search(r" CES?T ", row)  # times shown in the user's zone now
     finally:
         assert dev.stop() == 0, dev.tail()
 
@@ -500,6 +507,8 @@ def test_companion_dev_killed_with_sigkill_leaves_nothing_running(tmp_path: Path
     (["memory", "search", "--user", "42", "--k", "-5", "tea"], "not a number of memories"),
     (["nudges", "schedule", "--user", "42", "--in", "99999999d", "--text", "hi"], "at most 3,650 days"),
     (["nudges", "schedule", "--user", "42", "--in", "2h", "--text", ""], "text"),
+    (["users", "set", "--user", "42", "--timezone", "Nowhereville"], "I don't know the time zone of 'Nowhereville'"),
+    (["users", "set", "--user", "42", "--timezone", "+05:30"], "send your city instead"),
 ])
 def test_refused_input_gets_one_line_and_exit_status_2(tmp_path: Path, args: list[str], says: str) -> None:
     # Nothing runs: each is refused before anything is contacted.

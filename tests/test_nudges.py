@@ -13,9 +13,10 @@ import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
 from activities.companion import CompanionActivities
+from activities.prompt import ASK_ZONE
 from clients.llm import ChatModel
 from schemas.memory import NudgeCreator, NudgeKind, NudgeStatus, UserUpdate
-from schemas.turn import Nudge
+from schemas.turn import Nudge, TimezoneChange, TimezoneSource
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from tests.conftest import Stack, chat_model, new_telegram_id
@@ -236,3 +237,48 @@ async def test_an_event_the_user_mentions_is_remembered_and_followed_up_the_day_
     await eventually(lambda: status(stack, follow_up.nudge_id), lambda s: s == NudgeStatus.SENT)
     role, text = (await transcript(stack, simon))[-1]
     assert role == "assistant" and "ask how the user's job interview on" in text  # the stub echoes its purpose
+
+
+async def test_a_reminder_fires_at_its_time_in_the_users_zone_and_moves_when_the_zone_changes(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "hi")
+    paris, tokyo = ZoneInfo("Europe/Paris"), ZoneInfo("Asia/Tokyo")
+    changed = await stack.handle(simon).execute_update(
+        CompanionWorkflow.set_timezone, TimezoneChange(zone="Europe/Paris", source=TimezoneSource.COMMAND))
+    assert (changed.zone, changed.previous, changed.moved) == ("Europe/Paris", "UTC", [])
+
+    await stack.say(simon, "remind me tomorrow at 9 to call mom")
+    await stack.say(simon, "and remind me in 3 hours to stretch")
+    asked = (await stack.env.get_current_time()).astimezone(paris)
+    call_mom = datetime.combine(asked.date() + timedelta(days=1), time(9), tzinfo=paris)
+    reminder, stretch = sorted(await stack.handle(simon).query(CompanionWorkflow.nudges), key=lambda n: n.text != (
+        "⏰ Reminder: call mom"))
+    assert reminder.at == call_mom and reminder.local_time and not stretch.local_time
+
+    # They move to Tokyo: 9:00 stays 9:00 there (the same day, Tokyo's), "in 3 hours" stays when it was.
+    changed = await stack.handle(simon).execute_update(
+        CompanionWorkflow.set_timezone, TimezoneChange(zone="Asia/Tokyo", source=TimezoneSource.COMMAND))
+    in_tokyo = datetime.combine(call_mom.date(), time(9), tzinfo=tokyo)
+    assert [(n.nudge_id, n.at) for n in changed.moved] == [(reminder.nudge_id, in_tokyo)]
+    pending = {n.nudge_id: n.at for n in await stack.handle(simon).query(CompanionWorkflow.nudges)}
+    assert pending == {reminder.nudge_id: in_tokyo, stretch.nudge_id: stretch.at}
+    assert (await stack.repo.get_scheduled_message(reminder.nudge_id)).scheduled_for == in_tokyo
+    user = await stack.repo.get_user_by_telegram_id(simon)
+    assert user.timezone == "Asia/Tokyo" and user.timezone_known
+
+    # Quiet hours are Tokyo's too (22:00-08:00): 9:00 there is not in them, and the reminder comes on the minute.
+    await stack.env.sleep(in_tokyo - timedelta(minutes=1) - await stack.env.get_current_time())
+    assert await status(stack, reminder.nudge_id) == NudgeStatus.PENDING
+    await stack.env.sleep(timedelta(minutes=2))
+    await eventually(lambda: status(stack, reminder.nudge_id), lambda s: s == NudgeStatus.SENT)
+    assert ("assistant", "⏰ Reminder: call mom") in await transcript(stack, simon)
+
+
+async def test_a_user_whose_zone_is_unknown_is_asked_for_it_at_their_first_reminder_only(stack: Stack) -> None:
+    simon = new_telegram_id()
+    await stack.say(simon, "remind me tomorrow at 9 to call mom")
+    *_, note, _ = stack.llm.requests[-1]["messages"]
+    assert ASK_ZONE in note["content"]
+    await stack.say(simon, "remind me on friday at 18:00 to buy flowers")
+    *_, note, _ = stack.llm.requests[-1]["messages"]
+    assert "buy flowers" in note["content"] and ASK_ZONE not in note["content"]

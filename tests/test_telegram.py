@@ -15,7 +15,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from datetime import time as clock
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -644,6 +646,54 @@ async def test_nudges_lists_pending_ones_and_quiet_turns_check_ins_off(tg: Teleg
     await say(tg, ada, "/quiet off")
     *_, loud = await tg.api.wait_for(ada, count=4)
     assert loud.text == bot_gateway.QUIET_OFF and (await tg.state(ada)).checkins
+
+
+async def test_timezone_sets_the_users_zone_moves_their_reminders_and_a_shared_location_sets_it_too(
+        tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "/timezone")
+    [current] = await tg.api.wait_for(ada)
+    assert current.text.startswith("Your time zone is UTC: it's ")
+
+    await say(tg, ada, "/timezone Paris")
+    _, paris = await tg.api.wait_for(ada, count=2)
+    assert paris.text.startswith("Got it: your time zone is Europe/Paris, where it's ")
+    assert (await tg.repo.get_user_by_telegram_id(ada)).timezone == "Europe/Paris"
+
+    await say(tg, ada, "remind me tomorrow at 9 to call mom")
+    await tg.api.wait_for(ada, count=3)
+    [reminder] = (await tg.state(ada)).nudges
+    at_nine = reminder.at.astimezone(ZoneInfo("Europe/Paris"))
+    assert (at_nine.hour, at_nine.minute) == (9, 0) and reminder.text == "⏰ Reminder: call mom"
+
+    # They move to New York: the reminder moves to 9:00 there, and they are told.
+    await say(tg, ada, "/timezone new york")
+    *_, moved = await tg.api.wait_for(ada, count=4)
+    in_new_york = datetime.combine(at_nine.date(), clock(9), tzinfo=ZoneInfo("America/New_York"))
+    assert moved.text.endswith("I moved what I planned to your time:\n"
+                               f"• {in_new_york:%a %d %b, %H:%M} ({in_new_york.tzname()}): ⏰ Reminder: call mom")
+    assert [n.at for n in (await tg.state(ada)).nudges] == [in_new_york]
+
+    # A place nobody knows changes nothing, and says what would do.
+    await say(tg, ada, "/timezone Nowhereville")
+    *_, unknown = await tg.api.wait_for(ada, count=5)
+    assert unknown.text.startswith("I don't know the time zone of 'Nowhereville': try the nearest big city")
+    assert (await tg.repo.get_user_by_telegram_id(ada)).timezone == "America/New_York"
+
+    # A location shared in the private chat (Lyon's): its zone, and the place itself kept nowhere.
+    tg.api.push(message_update(ada, location={"latitude": 45.764, "longitude": 4.8357}))
+    *_, located = await tg.api.wait_for(ada, count=6)
+    assert located.text.startswith("Got it: your time zone is Europe/Paris")
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    assert user.timezone == "Europe/Paris" and user.preferences["timezone_source"] == "location"
+    assert "45.764" not in json.dumps([m.content for m in await tg.repo.recent_messages(user.id)])
+
+    # In a group everyone would read it: the command says to use the private chat.
+    group = -new_telegram_id()
+    await say(tg, ada, "/timezone Tokyo", chat_id=group, chat_type="group")
+    [in_group] = await tg.api.wait_for(group)
+    assert in_group.text == bot_gateway.TIMEZONE_PRIVATE
+    assert (await tg.repo.get_user_by_telegram_id(ada)).timezone == "Europe/Paris"
 
 
 async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> None:

@@ -9,19 +9,24 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+from temporalio import workflow
 from temporalio.api.enums.v1 import VersioningBehavior
 from temporalio.client import WorkflowHandle
 from temporalio.common import WorkerDeploymentVersion
 
+import worker
 from activities.companion import CompanionActivities
 from core.settings import load_settings
-from schemas.turn import Nudge
+from schemas.turn import ChatUser, Nudge, TimezoneChange, TimezoneSource
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from tests.conftest import OPENAI_TEST_KEY, SharedDevServer, Stack, chat_model, new_telegram_id
 from tests.fake_openai import FakeOpenAI
 from tests.test_workflow import eventually, replies_by_key
 from worker import CODE_FOLDERS, build_worker, code_build_id, deployment_version, make_current
+from workflows import contract
+from workflows.client import set_timezone
 from workflows.companion import CompanionWorkflow
 
 
@@ -91,3 +96,39 @@ def test_the_build_id_follows_the_workflow_code(tmp_path: Path) -> None:
 
     assert deployment_version(load_settings()) == WorkerDeploymentVersion("companion", code_build_id())
     assert deployment_version(load_settings(companion_build_id="v2-test")).build_id == "v2-test"
+
+
+def _before_timezones() -> type:
+    """CompanionWorkflow as a build from before the set_timezone update had it: the same class without it."""
+    members = {name: value for name, value in vars(CompanionWorkflow).items()
+               if name not in ("set_timezone", "__dict__", "__weakref__") and not name.startswith("__temporal")}
+    # Named as the original: temporalio checks that the run method is defined on the class of that name.
+    return workflow.defn(name=contract.WORKFLOW_TYPE)(type("CompanionWorkflow", (), members))
+
+
+async def test_an_update_a_conversations_build_lacks_moves_it_to_the_current_build_first(
+        dev_server: SharedDevServer, repo: MemoryRepository, fake_llm: FakeOpenAI, memory: MemoryIndex,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    env = await dev_server.get()
+    deployment = f"companion-test-{uuid.uuid4().hex[:8]}"
+    a, b = (WorkerDeploymentVersion(deployment_name=deployment, build_id=build) for build in ("build-a", "build-b"))
+    settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0,
+                             remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY)
+    stack = Stack(env.client, settings, repo, fake_llm, env, memory)
+    simon = new_telegram_id()
+    activities = CompanionActivities.create(repo, chat_model(fake_llm), memory=memory)
+    with monkeypatch.context() as patch:
+        patch.setattr(worker, "CompanionWorkflow", _before_timezones())
+        old = build_worker(env.client, settings.temporal_task_queue, activities, version=a, sandbox=False)
+    async with old:
+        assert await make_current(env.client, a)
+        await stack.say(simon, "remind me tomorrow at 9 to call mom")
+        async with build_worker(env.client, settings.temporal_task_queue, activities, version=b):
+            assert await make_current(env.client, b)
+            assert (await build_of(stack.handle(simon)))[0] == "build-a"  # idle since the deploy
+            changed = await set_timezone(env.client, settings, ChatUser(telegram_id=simon),
+                                         TimezoneChange(zone="Asia/Tokyo", source=TimezoneSource.OPERATOR))
+            assert changed.previous == "UTC" and [n.text for n in changed.moved] == ["⏰ Reminder: call mom"]
+            assert (await build_of(stack.handle(simon)))[0] == "build-b"
+            assert (await stack.state(simon)).nudges == changed.moved
+    await stack.handle(simon).terminate("test finished")

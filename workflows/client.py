@@ -5,19 +5,34 @@ starts without loading the workflow's activities and their libraries."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from temporalio.client import Client, Interceptor, WithStartWorkflowOperation
+from temporalio.client import Client, Interceptor, WithStartWorkflowOperation, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfigProfile
 from temporalio.runtime import Runtime
 
 from core.settings import Settings
-from schemas.turn import ChatUser, CompanionState, Forgotten, IncomingMessage, Nudge, TurnReply
+from schemas.turn import (
+    ChatUser,
+    CompanionState,
+    Forgotten,
+    IncomingMessage,
+    Nudge,
+    TimezoneChange,
+    TimezoneChanged,
+    TurnReply,
+)
 from workflows import contract
 from workflows.contract import USER_ID_ATTRIBUTE, workflow_id
+
+# How a workflow refuses an update its build lacks (temporalio's wording), and how often to wake it and ask again.
+NO_HANDLER = "expected but not found"
+MOVE_ON_TRIES = 5
+MOVE_ON_WAIT_S = 0.5
 
 
 def connect_options(settings: Settings) -> dict[str, Any]:
@@ -94,6 +109,27 @@ async def forget(client: Client, settings: Settings, user: ChatUser) -> Forgotte
     """Erase everything remembered of a user (their workflow is started if need be: rows may outlive it)."""
     return await client.execute_update_with_start_workflow(contract.FORGET, result_type=Forgotten,
                                                            start_workflow_operation=_start(settings, user))
+
+
+async def set_timezone(client: Client, settings: Settings, user: ChatUser, change: TimezoneChange) -> TimezoneChanged:
+    """Set a user's time zone (their workflow is started if need be); returns the nudges that moved with it.
+
+    A conversation still on a build from before this update (idle since a deploy) refuses it: it is woken, which
+    moves it to the current build at once, and asked again.
+    """
+    def update() -> Awaitable[TimezoneChanged]:
+        return client.execute_update_with_start_workflow(contract.SET_TIMEZONE, change, result_type=TimezoneChanged,
+                                                         start_workflow_operation=_start(settings, user))
+
+    for _ in range(MOVE_ON_TRIES - 1):
+        try:
+            return await update()
+        except WorkflowUpdateFailedError as exc:
+            if NO_HANDLER not in str(exc.cause):
+                raise
+        await client.get_workflow_handle(workflow_id(user.telegram_id)).signal(contract.WAKE)
+        await asyncio.sleep(MOVE_ON_WAIT_S)
+    return await update()
 
 
 async def set_checkins(client: Client, settings: Settings, user: ChatUser, enabled: bool) -> list[Nudge]:

@@ -25,6 +25,8 @@ with workflow.unsafe.imports_passed_through():
         GenerateReplyInput,
         IncomingMessage,
         Nudge,
+        TimezoneChange,
+        TimezoneChanged,
         TurnReply,
         UserRef,
         nudge_message_key,
@@ -158,6 +160,19 @@ class CompanionWorkflow:
         for nudge in cancelled:
             await self.cancel_nudge(nudge.nudge_id)
         return cancelled
+
+    @workflow.update(name=contract.SET_TIMEZONE)
+    async def set_timezone(self, change: TimezoneChange) -> TimezoneChanged:
+        """Set the user's time zone (/timezone, a shared location, an operator): from then on their messages are
+        read, and their quiet hours kept, in it, and their reminders and follow-ups move to the same time of day
+        there."""
+        async with self._lock:  # not while a turn reads the zone or a nudge fires
+            user_id = await self._ensure_user()
+            changed = await steps.set_timezone(user_id, change, self._state.timezone, self._state.nudges)
+            self._state.timezone = changed.zone
+            book.move(self._state, changed.moved)
+            self._replan = True
+        return changed
 
     @workflow.update(name=contract.FORGET)
     async def forget(self) -> Forgotten:

@@ -21,6 +21,7 @@ SEND = "send"
 SCHEDULE_NUDGE = "schedule_nudge"
 CANCEL_NUDGE = "cancel_nudge"
 SET_CHECKINS = "set_checkins"
+SET_TIMEZONE = "set_timezone"
 FORGET = "forget"
 
 

@@ -54,6 +54,12 @@ def add(state: CompanionState, nudge: Nudge) -> None:
     state.nudges = sorted([*state.nudges, nudge], key=lambda waiting: waiting.at)
 
 
+def move(state: CompanionState, moved: list[Nudge]) -> None:
+    """Pending nudges at new times (same ids), in order of time."""
+    new = {nudge.nudge_id: nudge for nudge in moved}
+    state.nudges = sorted((new.get(nudge.nudge_id, nudge) for nudge in state.nudges), key=lambda waiting: waiting.at)
+
+
 def drop(state: CompanionState, nudge_ids: list[str], outcome: str | None) -> None:
     """Out of the pending list and into the done ones (sent, cancelled, failed or replaced: never again), counted
     by ``outcome``."""

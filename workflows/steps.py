@@ -40,7 +40,10 @@ with workflow.unsafe.imports_passed_through():
         Remembered,
         RememberInput,
         SetNudgeStatusInput,
+        SetTimezoneInput,
         SetUserActiveInput,
+        TimezoneChange,
+        TimezoneChanged,
         UserRef,
         reply_key_of,
     )
@@ -97,6 +100,14 @@ async def ensure_user(telegram_id: int) -> UserRef:
     return await workflow.execute_local_activity_method(
         ConversationActivities.ensure_user, EnsureUserInput(user=ChatUser(telegram_id=telegram_id)),
         summary="find the user", **_STORE)
+
+
+async def set_timezone(user_id: int, change: TimezoneChange, previous: str, pending: list[Nudge]) -> TimezoneChanged:
+    """Store the user's time zone, and the new times of the pending nudges that move with it."""
+    return await workflow.execute_local_activity_method(
+        ConversationActivities.set_timezone,
+        SetTimezoneInput(user_id=user_id, change=change, previous=previous, pending=pending, now=workflow.now()),
+        summary=f"time zone {change.zone} (from {previous}, by {change.source.value})", **_STORE)
 
 
 async def forget_user(telegram_id: int) -> Forgotten:
