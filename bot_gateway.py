@@ -36,12 +36,12 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from clients.telegram import telegram_errors
+from clients.telegram import split_message, telegram_errors
 from core.errors import ConfigurationError, UnknownTimezoneError
 from core.logging import get_logger
 from core.settings import Settings
 from core.zones import zone_at, zone_named
-from schemas.memory import Channel
+from schemas.memory import Channel, MemoryItem, describe_memory
 from schemas.turn import (
     ChatUser,
     CompanionState,
@@ -51,7 +51,7 @@ from schemas.turn import (
     TimezoneSource,
     clean_text,
 )
-from workflows.client import connect, forget, set_checkins, set_timezone, signal_message
+from workflows.client import connect, forget, forget_item, memory, set_checkins, set_timezone, signal_message
 from workflows.companion import CompanionWorkflow
 from workflows.contract import workflow_id
 
@@ -62,6 +62,7 @@ GREETING = (
 )
 HELP = (
     "Just write to me. I can also:\n"
+    "/memory: what I remember of you, and a button to forget any of it (/memory forget 3)\n"
     "/nudges: the messages I plan to send you\n"
     "/quiet: no more check-ins from me (/quiet off brings them back; reminders you ask for still come)\n"
     "/timezone: where you are, so reminders come at your time (/timezone Paris; or share a location)\n"
@@ -90,8 +91,14 @@ TIMEZONE_NOW = ("Your time zone is {zone}: it's {time} there. To change it, send
 TIMEZONE_SET = "Got it: your time zone is {zone}, where it's {time}."
 TIMEZONE_MOVED = "I moved what I planned to your time:"
 TIMEZONE_PRIVATE = "Tell me your time zone in our private chat: in a group, everyone would see it."
+MEMORY_PRIVATE = "Ask me what I remember of you in our private chat: in a group, everyone would see it."
+MEMORY_BUTTONS = "Tap a number to make me forget it, or send /memory forget and its number."
+MEMORY_WHICH = "Which one? Send /memory forget and a number from 1 to {count} (/memory lists them)."
+MEMORY_FORGOTTEN = "Forgotten: {text}"
+MEMORY_GONE = "That one is forgotten already."
 
-COMMANDS = [BotCommand("help", "what I can do"), BotCommand("nudges", "messages I plan to send you"),
+COMMANDS = [BotCommand("help", "what I can do"), BotCommand("memory", "what I remember of you"),
+            BotCommand("nudges", "messages I plan to send you"),
             BotCommand("timezone", "your time zone (/timezone Paris)"),
             BotCommand("quiet", "no check-ins (/quiet off to undo)"), BotCommand("forget", "erase my memory of you")]
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
@@ -99,6 +106,10 @@ SIGNAL_ATTEMPTS = 4
 MAX_CONCURRENT_UPDATES = 64
 WEBHOOK_MAX_BODY = 1 << 20  # an update is a few KB; 1 MiB is far above any
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+# Inline keyboards: a button's callback data is at most 64 bytes; /memory's buttons, five a row, at most 100.
+CALLBACK_BYTES = 64
+BUTTONS_A_ROW = 5
+MAX_BUTTONS = 100
 
 _log = get_logger(__name__)
 
@@ -129,6 +140,8 @@ class Gateway:
         application.add_handler(CommandHandler("nudges", self.nudges))
         application.add_handler(CommandHandler("quiet", self.quiet))
         application.add_handler(CommandHandler("timezone", self.timezone))
+        application.add_handler(CommandHandler("memory", self.memory))
+        application.add_handler(CallbackQueryHandler(self.memory_answer, pattern=r"^mem:"))
         application.add_handler(CallbackQueryHandler(self.forget_answer, pattern=r"^forget:(yes|no)(:\d+)?$"))
         application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self.edited))
         application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & ~filters.COMMAND,
@@ -268,6 +281,59 @@ class Gateway:
             await message.reply_text(f"{exc.message[0].upper()}{exc.message[1:]}.")
             return
         await self._set_timezone(message, user, TimezoneChange(zone=zone, source=TimezoneSource.COMMAND))
+
+    async def memory(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/memory: what the companion remembers of the user, numbered, a button to forget each; /memory forget N
+        forgets the Nth."""
+        if (sender := await self._sender(update)) is None:
+            return
+        message, user = sender
+        if message.chat.type != ChatType.PRIVATE:
+            await message.reply_text(MEMORY_PRIVATE)
+            return
+        listing = await memory(self._client, self._settings, chat_user(user))
+        args = [arg.lower() for arg in context.args or []]
+        if args[:1] == ["forget"]:
+            number = int(args[1]) if len(args) == 2 and args[1].isdigit() else 0
+            if not 1 <= number <= len(listing.items):
+                await message.reply_text(MEMORY_WHICH.format(count=len(listing.items)))
+                return
+            await message.reply_text(await self._forget_item(user, listing.items[number - 1]))
+            return
+        parts = split_message(describe_memory(listing.items, ZoneInfo(listing.timezone)))
+        for part in parts[:-1]:
+            await message.reply_text(part)
+        buttons = [InlineKeyboardButton(str(number), callback_data=f"mem:{item.ref}")
+                   for number, item in enumerate(listing.items, start=1) if len(f"mem:{item.ref}") <= CALLBACK_BYTES]
+        if not buttons:
+            await message.reply_text(parts[-1])
+            return
+        rows = [buttons[start:start + BUTTONS_A_ROW] for start in range(0, min(len(buttons), MAX_BUTTONS),
+                                                                         BUTTONS_A_ROW)]
+        await message.reply_text(f"{parts[-1]}\n\n{MEMORY_BUTTONS}", reply_markup=InlineKeyboardMarkup(rows))
+
+    async def memory_answer(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A button under /memory's list: forget that item (only its owner can, in their private chat)."""
+        query, user = update.callback_query, update.effective_user
+        if query is None or user is None:
+            return
+        if query.message is None or query.message.chat.id != user.id:
+            await query.answer()
+            return
+        if not self._is_allowed(user):
+            await query.answer(NOT_ALLOWED)
+            return
+        ref = (query.data or "").removeprefix("mem:")
+        listing = await memory(self._client, self._settings, chat_user(user))
+        item = next((item for item in listing.items if item.ref == ref), None)
+        answer = await self._forget_item(user, item) if item is not None else MEMORY_GONE
+        await query.answer(answer[:200])
+        await query.message.reply_text(answer)
+
+    async def _forget_item(self, user: User, item: MemoryItem) -> str:
+        forgotten = await forget_item(self._client, self._settings, chat_user(user), item.ref)
+        _log.info("gateway.memory_item_forgotten", telegram_id=user.id, kind=item.kind.value, forgotten=forgotten)
+        return MEMORY_FORGOTTEN.format(text=item.text) if forgotten else MEMORY_GONE
 
     async def location(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """A location shared in the private chat: its time zone becomes the user's (the place itself is not kept)."""

@@ -16,7 +16,7 @@ from activities.errors import translate_errors
 from activities.prompt import reminder_note
 from activities.remember import derived_key
 from activities.reminders import follow_up_time, parse_event, parse_reminder, same_time_of_day
-from core.errors import UserNotFoundError
+from core.errors import RecordNotFoundError, UserNotFoundError
 from core.logging import get_logger
 from schemas.memory import (
     TIMEZONE_ASKED,
@@ -32,7 +32,10 @@ from schemas.memory import (
 from schemas.turn import (
     EnsureUserInput,
     ForgetInput,
+    ForgetItemInput,
     Forgotten,
+    ListMemoryInput,
+    MemoryListing,
     Nudge,
     PreparedTurn,
     PrepareTurnInput,
@@ -135,6 +138,26 @@ class ConversationActivities:
                   nudges_moved=len(moved))
         return TimezoneChanged(zone=data.change.zone, previous=data.previous, moved=moved)
 
+    @activity.defn(name="list_memory")
+    @translate_errors
+    async def list_memory(self, data: ListMemoryInput) -> MemoryListing:
+        """What the companion remembers of the user, as /memory shows it."""
+        user = await self._repository.get_user(data.user_id)
+        return MemoryListing(timezone=user.timezone, items=await self._repository.memory_items(user.id, data.now))
+
+    @activity.defn(name="forget_item")
+    @translate_errors
+    async def forget_item(self, data: ForgetItemInput) -> bool:
+        """Forget one fact, event or diary entry, with the memories that repeat it; False when it was gone."""
+        try:
+            memories = await self._repository.forget_memory_item(data.user_id, data.ref)
+        except RecordNotFoundError:
+            return False
+        if self._memory is not None:
+            await self._memory.store.delete(data.user_id, memories)  # their rows went with the item
+        _log.info("memory.item_forgotten", user_id=data.user_id, ref=data.ref, memories=len(memories))
+        return True
+
     @activity.defn(name="forget_user")
     @translate_errors
     async def forget_user(self, data: ForgetInput) -> Forgotten:
@@ -156,7 +179,7 @@ class ConversationActivities:
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
         return [self.ensure_user, self.prepare_turn, self.record_message, self.set_user_active, self.set_timezone,
-                self.forget_user]
+                self.list_memory, self.forget_item, self.forget_user]
 
 
 def _ref(user: UserRead) -> UserRef:

@@ -127,6 +127,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     memory = commands.add_parser("memory", help="manage semantic memory")
     memory_commands = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
+    listed = memory_commands.add_parser("list", help="what the companion remembers of a user, as /memory shows it")
+    listed.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
     reindex = memory_commands.add_parser("reindex", help="embed memories again with the configured embedder")
     reindex.add_argument("--user", type=TELEGRAM_ID, help="only this user's (a Telegram user id)")
     reindex.add_argument("--missing", action="store_true",
@@ -249,6 +251,8 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
         case "memory":
             from cli import memory
 
+            if args.memory_command == "list":
+                return memory.list_memory(settings, args.user)
             if args.memory_command == "reindex":
                 return memory.reindex(settings, args.user, args.missing)
             return memory.search(settings, args.user, " ".join(args.query), args.k)

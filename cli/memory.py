@@ -1,4 +1,5 @@
-"""`companion memory`: rebuild vectors after an embedder change, and see what the companion recalls for a query."""
+"""`companion memory`: what the companion remembers of a user, what it recalls for a query, and rebuilding vectors
+after an embedder change."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from cli.conversation import open_repository
+from core.errors import UserNotFoundError
 from core.settings import Settings
+from schemas.memory import describe_memory
 from storage.database import create_engine, create_session_factory
 from storage.embedded import postgres_url
 from storage.recall import MemoryIndex
@@ -57,4 +61,16 @@ async def search(settings: Settings, telegram_id: int, query: str, k: int) -> in
                 print(" " * len(head) + line)
         note = " (vector store unavailable: keywords only)" if found.degraded else ""
         print(f"{len(found.hits)} memories in {found.elapsed_ms:.1f} ms{note}")
+    return 0
+
+
+async def list_memory(settings: Settings, telegram_id: int) -> int:
+    """`companion memory list`: what the user sees with /memory, numbered the same, in their time zone."""
+    async with open_repository(settings) as repo:
+        try:
+            user = await repo.get_user_by_telegram_id(telegram_id)
+        except UserNotFoundError:
+            print(f"nothing remembered: user {telegram_id} is unknown")
+            return 0
+        print(describe_memory(await repo.memory_items(user.id), user.timezone_info))
     return 0

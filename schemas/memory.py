@@ -355,3 +355,52 @@ class ScheduledMessageRead(_Read):
     updated_at: datetime
     sent_at: datetime | None
     cancelled_at: datetime | None
+
+
+# --- what the user sees of their memory (/memory) ---------------------------------------------------------------
+
+
+class MemoryItemKind(StrEnum):
+    """The kinds of things /memory lists, in the order it lists them."""
+
+    FACT = "fact"
+    EVENT = "event"
+    DIARY = "diary"
+    NUDGE = "nudge"
+
+
+class MemoryItem(_Model):
+    """One thing the companion remembers of a user, as they see it: ``ref`` ("fact:12", "nudge:remind-…") names it
+    for forgetting, ``source`` is the message it was learned from."""
+
+    ref: str
+    kind: MemoryItemKind
+    text: str
+    at: datetime | None = None  # when it happens: an event, a nudge
+    learned_at: datetime
+    source: str | None = None
+
+
+_MEMORY_HEADINGS = {MemoryItemKind.FACT: "About you", MemoryItemKind.EVENT: "Coming up",
+                    MemoryItemKind.DIARY: "Moments that mattered", MemoryItemKind.NUDGE: "Messages I plan to send you"}
+
+
+def describe_memory(items: list[MemoryItem], zone: ZoneInfo) -> str:
+    """The items as a person reads them on a phone, numbered as /memory forget takes them, under a heading per kind,
+    each with when it was learned and the message it came from; times in ``zone``."""
+    if not items:
+        return "I don't remember anything about you yet."
+    lines = ["What I remember of you:"]
+    for number, item in enumerate(items, start=1):
+        if number == 1 or items[number - 2].kind != item.kind:
+            lines += ["", _MEMORY_HEADINGS[item.kind]]
+        when = f"{item.at.astimezone(zone):%a %d %b %Y, %H:%M}: " if item.at is not None else ""
+        lines.append(f"{number}. {when}{_clip(item.text, 200)}")
+        source = f' from "{_clip(item.source, 80)}"' if item.source else ""
+        lines.append(f"    learned {item.learned_at.astimezone(zone):%a %d %b %Y}{source}")
+    return "\n".join(lines)
+
+
+def _clip(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"

@@ -10,6 +10,7 @@ from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Fiel
 
 from schemas.memory import (
     Channel,
+    MemoryItem,
     MessageKey,
     NudgeCreator,
     NudgeKind,
@@ -399,3 +400,24 @@ class SetTimezoneInput(_Contract):
     previous: str  # the zone the pending nudges' times were set in
     pending: list[Nudge] = Field(default_factory=list)
     now: AwareDatetime
+
+
+class ListMemoryInput(_Contract):
+    """List what the companion remembers of a user (/memory)."""
+
+    user_id: int
+    now: AwareDatetime
+
+
+class MemoryListing(_Contract):
+    """What the companion remembers of a user, in the order /memory numbers it, and their time zone to show it in."""
+
+    timezone: str
+    items: list[MemoryItem] = Field(default_factory=list)
+
+
+class ForgetItemInput(_Contract):
+    """Forget one fact, event or diary entry /memory listed (its ref)."""
+
+    user_id: int
+    ref: str

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ScalarSelect,
     Select,
     String,
+    and_,
     bindparam,
     cast,
     delete,
@@ -42,6 +43,9 @@ from schemas.memory import (
     DiaryEntryCreate,
     DiaryEntryRead,
     FactCategory,
+    MemoryItem,
+    MemoryItemKind,
+    MemoryKind,
     MessageCreate,
     MessageRead,
     NudgeStatus,
@@ -77,6 +81,8 @@ CONTEXT_EVENTS = 10
 CONTEXT_EVENT_HORIZON = timedelta(days=30)
 CONTEXT_DIARY = 5
 CONTEXT_NUDGES = 5
+# What /memory lists of each kind at most: a phone screen's worth.
+MEMORY_ITEMS = 30
 
 # A nudge leaves "pending" once; a repeated transition to the same state is a retried write and allowed.
 _NUDGE_TRANSITIONS = {
@@ -290,6 +296,79 @@ class MemoryRepository:
             await session.delete(fact)
 
         await self._tx("delete_profile_fact", work, user_id=user_id, fact_id=fact_id)
+
+    # --- what the user sees of their memory ----------------------------------------------------------------------
+
+    async def memory_items(self, user_id: int, now: datetime | None = None) -> list[MemoryItem]:
+        """What the companion knows of the user, as they may see and correct it (/memory): current facts by category
+        and key, coming events, diary entries (newest first), pending nudges; each with when and from which message
+        it was learned. At most MEMORY_ITEMS of each kind."""
+        start = now or _now()
+
+        async def work(session: AsyncSession) -> list[MemoryItem]:
+            facts = (await _facts(session, user_id))[:MEMORY_ITEMS]
+            events = await _events_between(session, user_id, start, start + timedelta(days=3_650), MEMORY_ITEMS)
+            diary = await _recent_diary(session, user_id, MEMORY_ITEMS)
+            nudges = await _nudges(session, user_id, NudgeStatus.PENDING, MEMORY_ITEMS)
+            first_sources = [item.source_keys[0] for item in [*facts, *events, *diary, *nudges] if item.source_keys]
+            said = dict((await session.execute(select(Conversation.message_key, Conversation.content).where(
+                Conversation.user_id == user_id, Conversation.message_key.in_(first_sources)))).all())
+
+            def source(keys: list[str]) -> str | None:
+                return said.get(keys[0]) if keys else None
+
+            return [
+                *(MemoryItem(ref=f"fact:{f.id}", kind=MemoryItemKind.FACT, learned_at=f.valid_from,
+                             text=f"{f.key.replace('_', ' ')} ({f.category.value}): {f.value}",
+                             source=source(f.source_keys)) for f in facts),
+                *(MemoryItem(ref=f"event:{e.id}", kind=MemoryItemKind.EVENT, text=e.title, at=e.event_at,
+                             learned_at=e.created_at, source=source(e.source_keys)) for e in events),
+                *(MemoryItem(ref=f"diary:{d.id}", kind=MemoryItemKind.DIARY, text=f"{d.title}: {d.content}",
+                             at=d.occurred_at, learned_at=d.created_at, source=source(d.source_keys))
+                  for d in diary),
+                *(MemoryItem(ref=f"nudge:{n.nudge_id}", kind=MemoryItemKind.NUDGE, text=n.content or n.purpose or "",
+                             at=n.scheduled_for, learned_at=n.created_at, source=source(n.source_keys))
+                  for n in nudges)]
+
+        return await self._read("memory_items", work, user_id=user_id)
+
+    async def forget_memory_item(self, user_id: int, ref: str) -> list[int]:
+        """Delete a fact (every version of it), an event or a diary entry by its /memory ref, with the memories made
+        of it and the conversation memories around the messages it was learned from that repeat it (their text
+        holds its value or title), which recall would otherwise bring back. Returns the ids of the memories deleted
+        (their vectors are the memory index's to delete); RecordNotFoundError when the item is gone."""
+        kind, _, number = ref.partition(":")
+        models = {MemoryItemKind.FACT.value: ProfileFact, MemoryItemKind.EVENT.value: TimelineEvent,
+                  MemoryItemKind.DIARY.value: DiaryEntry}
+        if kind not in models or not number.isdigit():
+            raise InvalidMemoryDataError(f"{ref!r} is not a fact, event or diary entry of /memory",
+                                         context={"ref": ref[:100]})
+
+        async def work(session: AsyncSession) -> list[int]:
+            model = models[kind]
+            row = (await session.execute(select(model).where(model.id == int(number), model.user_id == user_id)
+                                         .with_for_update())).scalar_one_or_none()
+            if row is None:
+                raise RecordNotFoundError(f"nothing remembered as {ref}", context={"user_id": user_id, "ref": ref})
+            if isinstance(row, ProfileFact):
+                versions = select(ProfileFact).where(ProfileFact.user_id == user_id,
+                                                     ProfileFact.category == row.category, ProfileFact.key == row.key)
+                rows, said = list((await session.execute(versions)).scalars()), row.value
+                own = [f"fact:{row.category}:{row.key}"]
+            else:
+                rows, said = [row], row.title
+                own = [f"{kind}:{row.idempotency_key}"] if row.idempotency_key else []
+            sources = sorted({key for version in rows for key in version.source_keys})
+            repeating = or_(Memory.memory_key.in_(own), and_(
+                Memory.kind == MemoryKind.CONVERSATION.value, Memory.source_keys.overlap(sources),
+                Memory.content.icontains(said, autoescape=True)))
+            deleted = await session.execute(delete(Memory).where(Memory.user_id == user_id, repeating)
+                                            .returning(Memory.id))
+            for version in rows:
+                await session.delete(version)
+            return list(deleted.scalars())
+
+        return await self._tx("forget_memory_item", work, user_id=user_id, ref=ref)
 
     # --- conversations ------------------------------------------------------------------------------------------
 

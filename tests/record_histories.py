@@ -5,10 +5,11 @@
 Runs the real worker against the Temporal dev server, an embedded PostgreSQL, the scripted OpenAI server and the
 local Bot API server, and saves: a plain conversation; steps that failed and were retried, and an LLM that never
 answered (the fallback reply); a run that continued as new; a nudge that fired and one that was cancelled; a
-Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, /forget); the companion's own
-nudges (a reminder asked for, a follow-up, check-ins, quiet hours, a new time zone); remember steps with an
-extraction and the summary carried over continue-as-new; and remember steps that wait for a pause (or five turns),
-the turns still waiting remembered before continue-as-new. Name scenarios to record only those.
+Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, /memory and two items
+forgotten from it, /forget); the companion's own nudges (a reminder asked for, a follow-up, check-ins, quiet hours, a
+new time zone); remember steps with an extraction and the summary carried over continue-as-new; and remember steps
+that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new. Name scenarios
+to record only those.
 Re-record on purpose only, with a new workflow design: committed histories are what guards the conversations running
 on a build against changes to its workflow code.
 """
@@ -29,7 +30,7 @@ from temporalio.client import Client
 from activities.companion import CompanionActivities
 from clients.telegram import TelegramChannel
 from core.settings import Settings, load_settings
-from schemas.memory import Channel, NudgeKind, NudgeStatus
+from schemas.memory import Channel, FactCategory, MemoryItemKind, NudgeKind, NudgeStatus, ProfileFactCreate
 from schemas.turn import ChatUser, IncomingMessage, Nudge, TimezoneChange, TimezoneSource
 from storage import migrate
 from storage.database import create_engine, create_session_factory
@@ -45,7 +46,16 @@ from tests.fake_telegram import Fail as BotAPIFail
 from tests.processes import start_dev_server
 from tests.test_workflow import failing_after_write
 from worker import build_worker
-from workflows.client import cancel_nudge, forget, schedule_nudge, send_message, set_timezone, signal_message
+from workflows.client import (
+    cancel_nudge,
+    forget,
+    forget_item,
+    memory,
+    schedule_nudge,
+    send_message,
+    set_timezone,
+    signal_message,
+)
 from workflows.companion import CompanionWorkflow
 from workflows.contract import workflow_id
 
@@ -159,6 +169,17 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             api.blocked.clear()
             await signal_message(client, settings, message(4, "I'm back"))
             await delivered(4)
+            # /memory, and one fact and one nudge forgotten from it
+            stored = await repository.get_user_by_telegram_id(ada)
+            await repository.upsert_profile_fact(stored.id, ProfileFactCreate(
+                category=FactCategory.HOBBIES, key="sport", value="climbing", source_keys=[f"tg:{ada}:2"]))
+            await schedule_nudge(client, settings, ada, Nudge(
+                nudge_id="tea-3", at=datetime.now(UTC) + timedelta(hours=1), text="Tea time?"))
+            listing = await memory(client, settings, user)
+            chosen = [item for item in listing.items if item.kind == MemoryItemKind.FACT or item.ref == "nudge:tea-3"]
+            assert len(chosen) == 2
+            for item in chosen:
+                assert await forget_item(client, settings, user, item.ref)
             run_id = (await handle.describe()).run_id
             await forget(client, settings, user)  # then continues as new: the erased turns leave the open run
             await _save(client, ada, "telegram", run_id=run_id)

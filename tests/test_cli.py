@@ -82,7 +82,8 @@ def test_the_client_speaks_the_names_the_workflow_declares() -> None:
     assert set(definition.signals) == {contract.MESSAGE, contract.WAKE}
     assert set(definition.queries) == {contract.STATE, contract.NUDGES}
     assert set(definition.updates) == {contract.SEND, contract.SCHEDULE_NUDGE, contract.CANCEL_NUDGE,
-                                       contract.SET_CHECKINS, contract.SET_TIMEZONE, contract.FORGET}
+                                       contract.SET_CHECKINS, contract.SET_TIMEZONE, contract.MEMORY,
+                                       contract.FORGET_ITEM, contract.FORGET}
 
 
 class DevProcess:
@@ -352,6 +353,15 @@ def test_operators_schedule_list_and_cancel_nudges_against_companion_dev(tmp_pat
         assert re.fullmatch(r"user 42: time zone Europe/Paris \(was UTC; \d\d:\d\d there now\)\n", zoned.stdout)
         *_, row = _companion("nudges", "list", "--user", "42", cwd=tmp_path, env=dev_env).stdout.splitlines()
         assert re.search(r" CES?T ", row)  # times shown in the user's zone now
+
+        # What the user sees with /memory, as an operator reads it.
+        _companion("nudges", "schedule", "--user", "42", "--in", "2h", "--text", "hydrate", cwd=tmp_path, env=dev_env)
+        listed = _companion("memory", "list", "--user", "42", cwd=tmp_path, env=dev_env)
+        assert listed.returncode == 0, listed.stderr
+        assert re.match(r"What I remember of you:\n\nMessages I plan to send you\n1\. \w{3} \d\d \w{3} \d{4}, "
+                        r"\d\d:\d\d: hydrate\n    learned ", listed.stdout)
+        nobody = _companion("memory", "list", "--user", "43", cwd=tmp_path, env=dev_env)
+        assert nobody.returncode == 0 and nobody.stdout == "nothing remembered: user 43 is unknown\n"
     finally:
         assert dev.stop() == 0, dev.tail()
 

@@ -29,7 +29,13 @@ from activities.remember import Extraction, Rememberer
 from activities.reply import ReplyActivities
 from cli.doctor import check_memory
 from cli.locomo import load_conversation, new_results, score, summary
-from core.errors import ConfigurationError, EmbedderChangedError, VectorStoreConnectionError
+from core.errors import (
+    ConfigurationError,
+    EmbedderChangedError,
+    InvalidMemoryDataError,
+    RecordNotFoundError,
+    VectorStoreConnectionError,
+)
 from core.settings import load_settings
 from schemas.memory import (
     Channel,
@@ -836,3 +842,40 @@ async def test_turns_waiting_to_be_remembered_are_forgotten_with_the_rest(
     await eventually(lambda: _conversation_sources(engine, stack.repo, ana), lambda sources: bool(sources))
     [step] = _remember_steps((await stack.handle(ana).fetch_history()).events)
     assert (step["message_key"], step["earlier"]) == (f"console:{ana}:hello", [])
+
+
+async def test_forgetting_an_event_or_a_diary_entry_removes_it_and_the_memories_that_repeat_it(
+        repo: MemoryRepository, memory: MemoryIndex) -> None:
+    user_id = await user_with_messages(repo, ["My sister's wedding is on June 6", "How lovely!",
+                                              "I also got promoted today", "Congratulations!"])
+    await memory.remember_messages(user_id, [f"m{user_id}-{n}" for n in range(4)], "Mia")
+    wedding = await repo.add_timeline_event(user_id, TimelineEventCreate(
+        title="sister's wedding", event_at=datetime(2031, 6, 6, 14, tzinfo=UTC), source_keys=[f"m{user_id}-0"],
+        idempotency_key="xevent-wedding"))
+    promotion = await repo.add_diary_entry(user_id, DiaryEntryCreate(
+        title="promoted", content="Mia got promoted", source_keys=[f"m{user_id}-2"], idempotency_key="diary-promo",
+        occurred_at=datetime(2026, 5, 1, 18, 2, tzinfo=UTC)))
+    await memory.add(user_id, [
+        NewMemory(key="event:xevent-wedding", kind=MemoryKind.EVENT, content="2031-06-06 14:00: sister's wedding",
+                  occurred_at=wedding.event_at, source_keys=wedding.source_keys),
+        NewMemory(key="diary:diary-promo", kind=MemoryKind.DIARY, content="promoted: Mia got promoted",
+                  occurred_at=promotion.occurred_at, source_keys=promotion.source_keys)])
+    items = await repo.memory_items(user_id, now=datetime(2026, 5, 2, tzinfo=UTC))
+    assert [(item.ref, item.source) for item in items] == [
+        (f"event:{wedding.id}", "My sister's wedding is on June 6"),
+        (f"diary:{promotion.id}", "I also got promoted today")]
+
+    # The event's own memory and every conversation memory that says "sister's wedding" go; recall finds neither.
+    await repo.forget_memory_item(user_id, f"event:{wedding.id}")
+    left = [hit.content for hit in (await memory.search(user_id, "sister's wedding in June", k=20)).hits]
+    assert left and not any("wedding" in content for content in left)
+    assert "promoted: Mia got promoted" in left  # the diary's own memory stays
+    assert [item.ref for item in await repo.memory_items(user_id)] == [f"diary:{promotion.id}"]
+
+    await repo.forget_memory_item(user_id, f"diary:{promotion.id}")
+    assert await repo.memory_items(user_id) == []
+    assert not any("promoted" in hit.content for hit in (await memory.search(user_id, "promoted", k=20)).hits)
+    with pytest.raises(RecordNotFoundError):
+        await repo.forget_memory_item(user_id, f"diary:{promotion.id}")
+    with pytest.raises(InvalidMemoryDataError):
+        await repo.forget_memory_item(user_id, "user:1")

@@ -53,6 +53,7 @@ from schemas.memory import (
     UserCreate,
 )
 from schemas.turn import DeliverInput, Delivery, Nudge, clean_text
+from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from tests.conftest import QUERY_TIMEOUT, SharedDevServer, chat_model, fresh_telegram_id, new_telegram_id
 from tests.fake_openai import FakeOpenAI, Reply
@@ -96,6 +97,7 @@ class TelegramStack:
     llm: FakeOpenAI
     repo: MemoryRepository
     dev_server: SharedDevServer
+    memory: MemoryIndex
 
     async def state(self, telegram_id: int):
         client = (await self.dev_server.get()).client
@@ -147,7 +149,8 @@ def gateway_settings(request: pytest.FixtureRequest) -> dict[str, object]:
 
 @pytest.fixture
 async def tg(bot_api_server: FakeBotAPI, dev_server: SharedDevServer, repo: MemoryRepository,
-             fake_llm: FakeOpenAI, gateway_settings: dict[str, object]) -> AsyncIterator[TelegramStack]:
+             fake_llm: FakeOpenAI, memory: MemoryIndex,
+             gateway_settings: dict[str, object]) -> AsyncIterator[TelegramStack]:
     env = await dev_server.get()
     api = bot_api_server
     api.reset()
@@ -157,8 +160,10 @@ async def tg(bot_api_server: FakeBotAPI, dev_server: SharedDevServer, repo: Memo
     chat = chat_model(fake_llm)
     channel = TelegramChannel.from_settings(settings)  # as the worker builds it
     assert channel is not None
-    activities = CompanionActivities.create(repo, chat, channel)
-    stack = TelegramStack(settings, api, fake_llm, repo, dev_server)
+    # The remember step (its extraction too) runs after a minute's pause, which no test waits for unless it sets
+    # REMEMBER_AFTER_QUIET_SECONDS.
+    activities = CompanionActivities.create(repo, chat, channel, memory=memory, extract=True)
+    stack = TelegramStack(settings, api, fake_llm, repo, dev_server, memory)
     try:
         async with build_worker(env.client, task_queue, activities), running_gateway(settings, env.client):
             yield stack
@@ -694,6 +699,75 @@ async def test_timezone_sets_the_users_zone_moves_their_reminders_and_a_shared_l
     [in_group] = await tg.api.wait_for(group)
     assert in_group.text == bot_gateway.TIMEZONE_PRIVATE
     assert (await tg.repo.get_user_by_telegram_id(ada)).timezone == "Europe/Paris"
+
+
+@pytest.mark.parametrize("gateway_settings", [{"remember_after_quiet_seconds": 0}], indirect=True)
+async def test_memory_lists_what_was_learned_and_forgets_an_item_from_prompt_and_recall(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    tg.llm.script_json({"facts": [{"category": "location", "key": "home_city", "value": "Lyon"},
+                                  {"category": "hobbies", "key": "sport", "value": "climbing"}],
+                        "events": [], "milestones": [], "reminders": [], "summary": "Ada lives in Lyon."})
+    await say(tg, ada, "I moved to Lyon last week, and I climb on Sundays")
+    await tg.api.wait_for(ada)
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    await eventually(lambda: tg.repo.list_profile_facts(user.id), lambda facts: len(facts) == 2)  # remembered
+    assert "Lyon" in str((await tg.memory.search(user.id, "Lyon")).hits)
+
+    await say(tg, ada, "/memory")
+    _, listing = await tg.api.wait_for(ada, count=2)
+    learned = "learned " + datetime.now(UTC).strftime("%a %d %b %Y")
+    assert listing.text.startswith("What I remember of you:\n\nAbout you\n1. sport (hobbies): climbing\n")
+    assert (f'2. home city (location): Lyon\n    {learned} from "I moved to Lyon last week, and I climb on Sundays"'
+            in listing.text)
+    facts = {fact.key: fact.id for fact in await tg.repo.list_profile_facts(user.id)}
+    buttons = [button["callback_data"] for row in listing.reply_markup["inline_keyboard"] for button in row]
+    assert buttons == [f"mem:fact:{facts['sport']}", f"mem:fact:{facts['home_city']}"]
+
+    # By number: the fact goes from the prompt and from recall, with the conversation memory that repeats it.
+    await say(tg, ada, "/memory forget 2")
+    *_, forgotten = await tg.api.wait_for(ada, count=3)
+    assert forgotten.text == "Forgotten: home city (location): Lyon"
+    assert [fact.key for fact in await tg.repo.list_profile_facts(user.id, include_history=True)] == ["sport"]
+    assert "Lyon" not in str((await tg.memory.search(user.id, "Lyon")).hits)
+    await say(tg, ada, "where do I live?")
+    await eventually(lambda: tg.api.messages(ada), lambda sent: sent[-1].text == "I hear you: where do I live?")
+    system = tg.llm.requests[-1]["messages"][0]["content"]
+    assert "climbing" in system and "home city" not in system
+
+    # By its button: the other one. Pressed again, it is gone already.
+    await say(tg, ada, "/memory")
+    *_, again = await tg.api.wait_for(ada, count=5)
+    assert again.text.startswith("What I remember of you:\n\nAbout you\n1. sport (hobbies): climbing\n")
+    tg.api.push(callback_update(ada, f"mem:fact:{facts['sport']}", bot_message(ada, again.message_id, again.text)))
+    *_, pressed = await tg.api.wait_for(ada, count=6)
+    assert pressed.text == "Forgotten: sport (hobbies): climbing"
+    assert await tg.repo.list_profile_facts(user.id) == []
+    tg.api.push(callback_update(ada, f"mem:fact:{facts['sport']}", bot_message(ada, again.message_id, again.text)))
+    *_, gone = await tg.api.wait_for(ada, count=7)
+    assert gone.text == bot_gateway.MEMORY_GONE
+
+    await say(tg, ada, "/memory forget 7")
+    *_, which = await tg.api.wait_for(ada, count=8)
+    assert which.text == bot_gateway.MEMORY_WHICH.format(count=0)
+
+
+async def test_memory_lists_pending_reminders_and_forgetting_one_cancels_it(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await say(tg, ada, "remind me tomorrow at 9 to call mom")
+    await tg.api.wait_for(ada)
+    [reminder] = (await tg.state(ada)).nudges
+    await say(tg, ada, "/memory")
+    _, listing = await tg.api.wait_for(ada, count=2)
+    assert listing.text.startswith("What I remember of you:\n\nMessages I plan to send you\n1. "
+                                   f"{reminder.at:%a %d %b %Y}, 09:00: ⏰ Reminder: call mom\n")
+    [[button]] = listing.reply_markup["inline_keyboard"]
+    assert button == {"text": "1", "callback_data": f"mem:nudge:{reminder.nudge_id}"}
+
+    tg.api.push(callback_update(ada, button["callback_data"], bot_message(ada, listing.message_id, listing.text)))
+    *_, cancelled = await tg.api.wait_for(ada, count=3)
+    assert cancelled.text == "Forgotten: ⏰ Reminder: call mom"
+    assert (await tg.state(ada)).nudges == []
+    assert (await tg.repo.get_scheduled_message(reminder.nudge_id)).status == NudgeStatus.CANCELLED
 
 
 async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio.client import Client, Interceptor, WithStartWorkflowOperation, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
@@ -21,6 +21,7 @@ from schemas.turn import (
     CompanionState,
     Forgotten,
     IncomingMessage,
+    MemoryListing,
     Nudge,
     TimezoneChange,
     TimezoneChanged,
@@ -29,6 +30,7 @@ from schemas.turn import (
 from workflows import contract
 from workflows.contract import USER_ID_ATTRIBUTE, workflow_id
 
+T = TypeVar("T")
 # How a workflow refuses an update its build lacks (temporalio's wording), and how often to wake it and ask again.
 NO_HANDLER = "expected but not found"
 MOVE_ON_TRIES = 5
@@ -112,24 +114,38 @@ async def forget(client: Client, settings: Settings, user: ChatUser) -> Forgotte
 
 
 async def set_timezone(client: Client, settings: Settings, user: ChatUser, change: TimezoneChange) -> TimezoneChanged:
-    """Set a user's time zone (their workflow is started if need be); returns the nudges that moved with it.
+    """Set a user's time zone (their workflow is started if need be); returns the nudges that moved with it."""
+    return await _newer_update(client, settings, user, contract.SET_TIMEZONE, [change], TimezoneChanged)
 
-    A conversation still on a build from before this update (idle since a deploy) refuses it: it is woken, which
-    moves it to the current build at once, and asked again.
-    """
-    def update() -> Awaitable[TimezoneChanged]:
-        return client.execute_update_with_start_workflow(contract.SET_TIMEZONE, change, result_type=TimezoneChanged,
+
+async def memory(client: Client, settings: Settings, user: ChatUser) -> MemoryListing:
+    """What the companion remembers of a user, numbered as /memory shows it."""
+    return await _newer_update(client, settings, user, contract.MEMORY, [], MemoryListing)
+
+
+async def forget_item(client: Client, settings: Settings, user: ChatUser, ref: str) -> bool:
+    """Forget one thing /memory listed; False when it was gone already."""
+    return await _newer_update(client, settings, user, contract.FORGET_ITEM, [ref], bool)
+
+
+async def _newer_update(client: Client, settings: Settings, user: ChatUser, update: str, args: list[Any],
+                        result_type: type[T]) -> T:
+    """An update-with-start of an update a conversation's build may lack: one idle since the deploy that added it
+    refuses it, so it is woken, which moves it to the current build at once, and asked again."""
+
+    def ask() -> Awaitable[T]:
+        return client.execute_update_with_start_workflow(update, args=args, result_type=result_type,
                                                          start_workflow_operation=_start(settings, user))
 
     for _ in range(MOVE_ON_TRIES - 1):
         try:
-            return await update()
+            return await ask()
         except WorkflowUpdateFailedError as exc:
             if NO_HANDLER not in str(exc.cause):
                 raise
         await client.get_workflow_handle(workflow_id(user.telegram_id)).signal(contract.WAKE)
         await asyncio.sleep(MOVE_ON_WAIT_S)
-    return await update()
+    return await ask()
 
 
 async def set_checkins(client: Client, settings: Settings, user: ChatUser, enabled: bool) -> list[Nudge]:

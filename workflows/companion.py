@@ -16,7 +16,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from core.errors import TelegramBlockedError
-    from schemas.memory import Channel, NudgeKind, NudgeStatus
+    from schemas.memory import Channel, MemoryItemKind, NudgeKind, NudgeStatus
     from schemas.turn import (
         REPLIES_KEPT,
         SEEN_KEYS_KEPT,
@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
         Forgotten,
         GenerateReplyInput,
         IncomingMessage,
+        MemoryListing,
         Nudge,
         TimezoneChange,
         TimezoneChanged,
@@ -173,6 +174,31 @@ class CompanionWorkflow:
             book.move(self._state, changed.moved)
             self._replan = True
         return changed
+
+    @workflow.update(name=contract.MEMORY)
+    async def memory(self) -> MemoryListing:
+        """What the companion remembers of the user, as they may see and correct it (/memory)."""
+        return await steps.list_memory(await self._ensure_user())
+
+    @workflow.update(name=contract.FORGET_ITEM)
+    async def forget_item(self, ref: str) -> bool:
+        """Forget one thing /memory listed, by its ref: a fact, event or diary entry with the memories that repeat
+        it, or a pending nudge (cancelled). False when it was gone already."""
+        kind, _, name = ref.partition(":")
+        if kind == MemoryItemKind.NUDGE:
+            if book.cancel_refusal(self._state, name) is not None:
+                return False
+            await self.cancel_nudge(name)
+            return True
+        async with self._lock:  # not while a remember step or a turn writes the rows
+            await workflow.wait_condition(lambda: not self._to_remember.running)
+            return await steps.forget_item(await self._ensure_user(), ref)
+
+    @forget_item.validator
+    def _validate_forget_item(self, ref: str) -> None:
+        kind, _, name = ref.partition(":")
+        if kind not in set(MemoryItemKind) or not name:
+            raise ValueError(f"{ref!r} names nothing /memory lists")
 
     @workflow.update(name=contract.FORGET)
     async def forget(self) -> Forgotten:

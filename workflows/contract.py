@@ -23,6 +23,8 @@ CANCEL_NUDGE = "cancel_nudge"
 SET_CHECKINS = "set_checkins"
 SET_TIMEZONE = "set_timezone"
 FORGET = "forget"
+MEMORY = "memory"
+FORGET_ITEM = "forget_item"
 
 
 def workflow_id(telegram_id: int) -> str:

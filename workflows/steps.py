@@ -27,10 +27,13 @@ with workflow.unsafe.imports_passed_through():
         FiredNudge,
         FireNudgeInput,
         ForgetInput,
+        ForgetItemInput,
         Forgotten,
         GeneratedReply,
         GenerateReplyInput,
         IncomingMessage,
+        ListMemoryInput,
+        MemoryListing,
         Nudge,
         PlanCheckinInput,
         PreparedTurn,
@@ -108,6 +111,20 @@ async def set_timezone(user_id: int, change: TimezoneChange, previous: str, pend
         ConversationActivities.set_timezone,
         SetTimezoneInput(user_id=user_id, change=change, previous=previous, pending=pending, now=workflow.now()),
         summary=f"time zone {change.zone} (from {previous}, by {change.source.value})", **_STORE)
+
+
+async def list_memory(user_id: int) -> MemoryListing:
+    """What the companion remembers of the user, as /memory shows it."""
+    return await workflow.execute_local_activity_method(
+        ConversationActivities.list_memory, ListMemoryInput(user_id=user_id, now=workflow.now()),
+        summary="list what is remembered", **_STORE)
+
+
+async def forget_item(user_id: int, ref: str) -> bool:
+    """Forget one fact, event or diary entry, with the memories that repeat it; False when it was gone."""
+    return await workflow.execute_local_activity_method(
+        ConversationActivities.forget_item, ForgetItemInput(user_id=user_id, ref=ref), summary=f"forget {ref}",
+        **_STORE)
 
 
 async def forget_user(telegram_id: int) -> Forgotten:
