@@ -51,7 +51,16 @@ from schemas.turn import (
     TimezoneSource,
     clean_text,
 )
-from workflows.client import connect, forget, forget_item, memory, set_checkins, set_timezone, signal_message
+from workflows.client import (
+    connect,
+    export,
+    forget,
+    forget_item,
+    memory,
+    set_checkins,
+    set_timezone,
+    signal_message,
+)
 from workflows.companion import CompanionWorkflow
 from workflows.contract import workflow_id
 
@@ -66,6 +75,7 @@ HELP = (
     "/nudges: the messages I plan to send you\n"
     "/quiet: no more check-ins from me (/quiet off brings them back; reminders you ask for still come)\n"
     "/timezone: where you are, so reminders come at your time (/timezone Paris; or share a location)\n"
+    "/export: everything I keep about you, as files to take with you\n"
     "/forget: erase everything I remember about you\n"
     "/help: this list"
 )
@@ -92,6 +102,7 @@ TIMEZONE_SET = "Got it: your time zone is {zone}, where it's {time}."
 TIMEZONE_MOVED = "I moved what I planned to your time:"
 TIMEZONE_PRIVATE = "Tell me your time zone in our private chat: in a group, everyone would see it."
 MEMORY_PRIVATE = "Ask me what I remember of you in our private chat: in a group, everyone would see it."
+EXPORT_PRIVATE = "Ask me for your data in our private chat: in a group, everyone would see it."
 MEMORY_BUTTONS = "Tap a number to make me forget it, or send /memory forget and its number."
 MEMORY_WHICH = "Which one? Send /memory forget and a number from 1 to {count} (/memory lists them)."
 MEMORY_FORGOTTEN = "Forgotten: {text}"
@@ -100,7 +111,8 @@ MEMORY_GONE = "That one is forgotten already."
 COMMANDS = [BotCommand("help", "what I can do"), BotCommand("memory", "what I remember of you"),
             BotCommand("nudges", "messages I plan to send you"),
             BotCommand("timezone", "your time zone (/timezone Paris)"),
-            BotCommand("quiet", "no check-ins (/quiet off to undo)"), BotCommand("forget", "erase my memory of you")]
+            BotCommand("quiet", "no check-ins (/quiet off to undo)"),
+            BotCommand("export", "everything I keep about you"), BotCommand("forget", "erase my memory of you")]
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 SIGNAL_ATTEMPTS = 4
 MAX_CONCURRENT_UPDATES = 64
@@ -141,6 +153,7 @@ class Gateway:
         application.add_handler(CommandHandler("quiet", self.quiet))
         application.add_handler(CommandHandler("timezone", self.timezone))
         application.add_handler(CommandHandler("memory", self.memory))
+        application.add_handler(CommandHandler("export", self.export))
         application.add_handler(CallbackQueryHandler(self.memory_answer, pattern=r"^mem:"))
         application.add_handler(CallbackQueryHandler(self.forget_answer, pattern=r"^forget:(yes|no)(:\d+)?$"))
         application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self.edited))
@@ -311,6 +324,17 @@ class Gateway:
         rows = [buttons[start:start + BUTTONS_A_ROW] for start in range(0, min(len(buttons), MAX_BUTTONS),
                                                                          BUTTONS_A_ROW)]
         await message.reply_text(f"{parts[-1]}\n\n{MEMORY_BUTTONS}", reply_markup=InlineKeyboardMarkup(rows))
+
+    async def export(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/export: everything kept of the user, as two documents in their private chat (the worker sends them)."""
+        if (sender := await self._sender(update)) is None:
+            return
+        message, user = sender
+        if message.chat.type != ChatType.PRIVATE:
+            await message.reply_text(EXPORT_PRIVATE)
+            return
+        exported = await export(self._client, self._settings, chat_user(user))
+        _log.info("gateway.exported", telegram_id=user.id, rows=exported.rows)
 
     async def memory_answer(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """A button under /memory's list: forget that item (only its owner can, in their private chat)."""

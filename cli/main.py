@@ -111,6 +111,10 @@ def _build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
     stop.add_argument("nudge_id", help="the id `schedule` printed")
 
+    exporting = commands.add_parser("export", help="write everything kept of a user: JSON and a Markdown transcript")
+    exporting.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
+    exporting.add_argument("--out", type=Path, required=True, help="the folder to write the two files into")
+
     users = commands.add_parser("users", help="change a user's settings")
     user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     change = user_commands.add_parser("set", help="set a user's time zone (their reminders move with it)")
@@ -240,6 +244,10 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
             return _replay(args.files)
         case "nudges":
             return _nudges(settings, args)
+        case "export":
+            from cli.export import export_user
+
+            return export_user(settings, args.user, args.out)
         case "users":
             from cli.users import set_user
 
@@ -266,7 +274,7 @@ def _configure_logging(settings: Settings, command: str) -> None:
         # The terminal belongs to the chat: full logs go to a file, the console shows errors only.
         configure_logging(settings.log_level, settings.effective_log_format, log_file=dev_log_file(settings),
                           console_level="ERROR")
-    elif command in ("say", "chat", "history", "replay", "nudges", "users", "doctor", "bench", "memory"):
+    elif command in ("say", "chat", "history", "replay", "nudges", "users", "export", "doctor", "bench", "memory"):
         configure_logging("WARNING", settings.effective_log_format)
     else:
         configure_logging(settings.log_level, settings.effective_log_format)

@@ -196,6 +196,12 @@ class TelegramChannel:
                 raise
         return True
 
+    async def send_document(self, chat_id: int, filename: str, content: bytes, caption: str) -> int:
+        """Send a file (at most 50 MB) with a plain caption (at most 1,024 characters); returns the message's id."""
+        bot = await self._started()
+        with telegram_errors(chat_id):
+            return (await bot.send_document(chat_id, content, filename=filename, caption=caption)).message_id
+
     async def delete(self, chat_id: int, message_id: int) -> None:
         """Delete a message the bot sent; one already gone (or too old to delete) is left as it is."""
         bot = await self._started()

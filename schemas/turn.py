@@ -421,3 +421,16 @@ class ForgetItemInput(_Contract):
 
     user_id: int
     ref: str
+
+
+class SendExportInput(_Contract):
+    """Send the user everything kept of them (/export) to a chat."""
+
+    telegram_id: TelegramId
+    chat_id: int
+
+
+class Exported(_Contract):
+    """How many rows an export held (0: nothing is kept of the user)."""
+
+    rows: int

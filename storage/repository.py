@@ -61,6 +61,7 @@ from schemas.memory import (
     UserUpdate,
 )
 from storage.database import run_transaction, translate
+from storage.export import USER_TABLES, user_export
 from storage.models import (
     Conversation,
     DiaryEntry,
@@ -224,13 +225,29 @@ class MemoryRepository:
         return await self._tx("set_user_active", work, user_id=user_id, active=active)
 
     async def delete_user_by_telegram_id(self, telegram_id: int) -> bool:
-        """Erase a user and every memory of them (all tables cascade); False when there was no such user."""
+        """Erase a user and every row of theirs: the tables of storage.export.USER_TABLES, what /export hands them;
+        False when there was no such user."""
 
         async def work(session: AsyncSession) -> bool:
-            deleted = await session.execute(delete(User).where(User.telegram_id == telegram_id).returning(User.id))
-            return deleted.scalar_one_or_none() is not None
+            user_id = (await session.execute(select(User.id).where(User.telegram_id == telegram_id)
+                                             .with_for_update())).scalar_one_or_none()
+            if user_id is None:
+                return False
+            for model in USER_TABLES:
+                await session.execute(delete(model).where(model.user_id == user_id))
+            await session.execute(delete(User).where(User.id == user_id))
+            return True
 
         return await self._tx("delete_user", work, telegram_id=telegram_id)
+
+    async def export_user(self, telegram_id: int, now: datetime | None = None) -> dict[str, Any] | None:
+        """Everything kept of the user (storage.export), as one JSON-ready document; None when there is no such
+        user."""
+
+        async def work(session: AsyncSession) -> dict[str, Any] | None:
+            return await user_export(session, telegram_id, now or _now())
+
+        return await self._read("export_user", work, telegram_id=telegram_id)
 
     @staticmethod
     async def _user_row(session: AsyncSession, user_id: int, lock: bool = False) -> User:

@@ -5,8 +5,9 @@ Faithful where the companion relies on it: `/bot<token>/<method>` URLs; paramete
 `{"ok": true, "result": ...}` envelope and `{"ok": false, "error_code", "description", "parameters"}` errors;
 `getUpdates` long polling with offsets, refused (409) while a webhook is set; HTML parse mode checked as Telegram
 checks it; the 4,096-character limit after entity parsing; drafts (`sendMessageDraft`) in private chats only; edits
-refused when they change nothing ("message is not modified") and deletions of messages that are gone; 403 from a chat
-that blocked the bot; 429 with `parameters.retry_after`. Tests push updates, script failures and read what the bot sent.
+refused when they change nothing ("message is not modified") and deletions of messages that are gone; documents
+uploaded with `sendDocument` (50 MB, captions of 1,024 characters); 403 from a chat that blocked the bot; 429 with
+`parameters.retry_after`. Tests push updates, script failures and read what the bot sent.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ TOKEN = "123456:TEST-token-for-the-local-bot-api_0"
 BOT_ID = 123456
 BOT_USERNAME = "companion_test_bot"
 MAX_TEXT = 4096
+MAX_CAPTION = 1024
+MAX_UPLOAD = 50 * 1024 * 1024  # bots send files of up to 50 MB
 _ALLOWED_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "a", "code", "pre", "tg-spoiler",
                  "span", "blockquote", "tg-emoji"}
 _TAG = re.compile(r"<(/?)([a-zA-Z][\w-]*)([^>]*)>")
@@ -59,6 +62,23 @@ class Sent:
     parse_mode: str | None
     reply_markup: dict[str, Any] | None
     received_at: float = field(default_factory=time.perf_counter)
+
+
+class Upload(bytes):
+    """A file uploaded with a request (multipart/form-data): its bytes, and its ``filename``."""
+
+    filename: str
+
+
+@dataclass
+class Document:
+    """A file the bot sent (sendDocument)."""
+
+    chat_id: int
+    message_id: int
+    filename: str
+    content: bytes
+    caption: str
 
 
 @dataclass
@@ -92,6 +112,7 @@ class FakeBotAPI:
     drafts: list[Draft] = field(default_factory=list)
     edits: list[Edit] = field(default_factory=list)
     deleted: list[Sent] = field(default_factory=list)
+    documents: list[Document] = field(default_factory=list)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     webhook: dict[str, Any] | None = None
     blocked: set[int] = field(default_factory=set)
@@ -175,6 +196,7 @@ class FakeBotAPI:
             self.drafts.clear()
             self.edits.clear()
             self.deleted.clear()
+            self.documents.clear()
             self.calls.clear()
             self.blocked.clear()
             self._failures.clear()
@@ -298,6 +320,25 @@ class FakeBotAPI:
             with contextlib.suppress(RuntimeError):  # its loop closed: the test that waited is over
                 loop.call_soon_threadsafe(arrived.set)
         return self._message(sent.chat_id, sent.message_id, plain)
+
+    def _m_senddocument(self, params: dict[str, Any]) -> dict[str, Any]:
+        chat_id = self._chat(params)
+        document, caption = params.get("document"), params.get("caption", "")
+        if not isinstance(document, Upload):  # a file_id or URL: this server keeps no files to send again
+            raise _APIError(400, "Bad Request: wrong remote file identifier specified")
+        if len(document) > MAX_UPLOAD:
+            raise _APIError(413, "Request Entity Too Large")
+        if len(self._text(caption, params.get("parse_mode"), too_long="message caption is too long")) > MAX_CAPTION:
+            raise _APIError(400, "Bad Request: message caption is too long")
+        sent = Document(chat_id, next(self._message_ids), document.filename, bytes(document), caption)
+        with self._cond:
+            self.documents.append(sent)
+        message = self._message(chat_id, sent.message_id, "")
+        del message["text"]
+        return {**message, "caption": caption, "document": {
+            "file_id": f"doc{sent.message_id}", "file_unique_id": f"u{sent.message_id}", "file_name": sent.filename,
+            "mime_type": "application/json" if sent.filename.endswith(".json") else "text/markdown",
+            "file_size": len(sent.content)}}
 
     def _m_editmessagetext(self, params: dict[str, Any]) -> dict[str, Any]:
         chat_id = self._chat(params)
@@ -435,7 +476,11 @@ def _parameters(request: BaseHTTPRequestHandler) -> dict[str, Any]:
     elif kind.startswith("multipart/form-data"):
         message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {kind}\r\n\r\n".encode() + body)
         for part in message.iter_parts():
-            params[part.get_param("name", header="content-disposition")] = part.get_content()
+            content, filename = part.get_content(), part.get_filename()
+            if filename is not None:  # an uploaded file: its bytes, and the name it was sent under
+                content = Upload(content if isinstance(content, bytes) else content.encode())
+                content.filename = filename
+            params[part.get_param("name", header="content-disposition")] = content
     return params
 
 

@@ -6,10 +6,10 @@ Runs the real worker against the Temporal dev server, an embedded PostgreSQL, th
 local Bot API server, and saves: a plain conversation; steps that failed and were retried, and an LLM that never
 answered (the fallback reply); a run that continued as new; a nudge that fired and one that was cancelled; a
 Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, /memory and two items
-forgotten from it, /forget); the companion's own nudges (a reminder asked for, a follow-up, check-ins, quiet hours, a
-new time zone); remember steps with an extraction and the summary carried over continue-as-new; and remember steps
-that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new. Name scenarios
-to record only those.
+forgotten from it, /export, /forget); the companion's own nudges (a reminder asked for, a follow-up, check-ins,
+quiet hours, a new time zone); remember steps with an extraction and the summary carried over continue-as-new; and
+remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new.
+Name scenarios to record only those.
 Re-record on purpose only, with a new workflow design: committed histories are what guards the conversations running
 on a build against changes to its workflow code.
 """
@@ -48,6 +48,7 @@ from tests.test_workflow import failing_after_write
 from worker import build_worker
 from workflows.client import (
     cancel_nudge,
+    export,
     forget,
     forget_item,
     memory,
@@ -180,6 +181,7 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             assert len(chosen) == 2
             for item in chosen:
                 assert await forget_item(client, settings, user, item.ref)
+            assert (await export(client, settings, user)).rows > 0 and len(api.documents) == 2
             run_id = (await handle.describe()).run_id
             await forget(client, settings, user)  # then continues as new: the erased turns leave the open run
             await _save(client, ada, "telegram", run_id=run_id)

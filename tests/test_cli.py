@@ -83,7 +83,7 @@ def test_the_client_speaks_the_names_the_workflow_declares() -> None:
     assert set(definition.queries) == {contract.STATE, contract.NUDGES}
     assert set(definition.updates) == {contract.SEND, contract.SCHEDULE_NUDGE, contract.CANCEL_NUDGE,
                                        contract.SET_CHECKINS, contract.SET_TIMEZONE, contract.MEMORY,
-                                       contract.FORGET_ITEM, contract.FORGET}
+                                       contract.FORGET_ITEM, contract.EXPORT, contract.FORGET}
 
 
 class DevProcess:
@@ -362,6 +362,15 @@ def test_operators_schedule_list_and_cancel_nudges_against_companion_dev(tmp_pat
                         r"\d\d:\d\d: hydrate\n    learned ", listed.stdout)
         nobody = _companion("memory", "list", "--user", "43", cwd=tmp_path, env=dev_env)
         assert nobody.returncode == 0 and nobody.stdout == "nothing remembered: user 43 is unknown\n"
+
+        # Everything kept of the user, as /export sends it to them.
+        exported = _companion("export", "--user", "42", "--out", str(tmp_path / "out"), cwd=tmp_path, env=dev_env)
+        assert exported.returncode == 0, exported.stderr
+        data = json.loads((tmp_path / "out" / "companion-export-42.json").read_text())
+        assert data["user"]["timezone"] == "Europe/Paris"
+        assert sorted(n["content"] or n["purpose"] for n in data["tables"]["scheduled_messages"]) == [
+            "ask about the new year", "drink water", "hydrate", "stretch"]
+        assert (tmp_path / "out" / "companion-conversation-42.md").read_text().startswith("# Your conversation")
     finally:
         assert dev.stop() == 0, dev.tail()
 

@@ -36,7 +36,8 @@ from schemas.memory import (
     UserUpdate,
 )
 from storage.database import create_engine, create_session_factory, run_transaction
-from storage.models import Conversation, TimelineEvent, User
+from storage.export import USER_TABLES
+from storage.models import Base, Conversation, TimelineEvent, User
 from storage.repository import MemoryRepository
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -367,3 +368,9 @@ async def test_a_read_sends_no_begin_or_commit_and_a_write_stays_one_transaction
         assert await count(engine, Conversation) == 0  # rolled back whole, not committed statement by statement
     finally:
         await engine.dispose()
+
+
+def test_every_table_holding_a_users_rows_is_exported_and_erased_by_forget() -> None:
+    # /export and /forget work from one list of the user's tables: a table added without it would be neither.
+    holding = {table.name for table in Base.metadata.tables.values() if "user_id" in table.columns}
+    assert holding == {model.__tablename__ for model in USER_TABLES}

@@ -770,6 +770,46 @@ async def test_memory_lists_pending_reminders_and_forgetting_one_cancels_it(tg: 
     assert (await tg.repo.get_scheduled_message(reminder.nudge_id)).status == NudgeStatus.CANCELLED
 
 
+async def test_export_sends_everything_kept_of_the_user_and_nothing_of_anyone_else(tg: TelegramStack) -> None:
+    ada, bob = new_telegram_id(), new_telegram_id()
+    await say(tg, bob, "Bob's secret: I hide biscuits in the piano")
+    await say(tg, ada, "I climb on Sundays")
+    await tg.api.wait_for(bob)
+    await tg.api.wait_for(ada)
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    await tg.repo.upsert_profile_fact(user.id, ProfileFactCreate(category=FactCategory.HOBBIES, key="sport",
+                                                                 value="climbing", source_keys=[f"tg:{ada}:1"]))
+    await tg.repo.upsert_profile_fact(user.id, ProfileFactCreate(category=FactCategory.HOBBIES, key="sport",
+                                                                 value="bouldering", source_keys=[f"tg:{ada}:2"]))
+    await tg.nudge(ada, timedelta(days=1), "climb today?")
+
+    await say(tg, ada, "/export")
+    data, transcript = await eventually(lambda: [d for d in tg.api.documents if d.chat_id == ada],
+                                        lambda documents: len(documents) == 2)
+    assert data.filename.endswith(".json") and transcript.filename.endswith(".md")
+    exported = json.loads(data.content)
+    assert exported["schema"] == "companion-export/1" and exported["user"]["telegram_id"] == ada
+    tables = exported["tables"]
+    messages = await tg.repo.recent_messages(user.id, limit=100)
+    assert [(m["message_key"], m["content"]) for m in tables["conversations"]] == [
+        (m.message_key, m.content) for m in messages]
+    assert [(f["value"], f["valid_to"] is None) for f in tables["profile_facts"]] == [
+        ("climbing", False), ("bouldering", True)]  # the fact with its history
+    assert [n["content"] for n in tables["scheduled_messages"]] == ["climb today?"]
+    assert all("embedding" not in m for m in tables["memories"])
+    assert all(row["user_id"] == user.id for rows in tables.values() for row in rows)
+    assert "biscuits" not in data.content.decode() and str(bob) not in data.content.decode()
+    text = transcript.content.decode()
+    assert text.startswith("# Your conversation with the companion") and "Ada:** I climb on Sundays" in text
+    assert "companion:** I hear you: I climb on Sundays" in text and "biscuits" not in text
+
+    # In a group, everyone would get it: not there.
+    group = -new_telegram_id()
+    await say(tg, ada, "/export", chat_id=group, chat_type="group")
+    [refused] = await tg.api.wait_for(group)
+    assert refused.text == bot_gateway.EXPORT_PRIVATE and len(tg.api.documents) == 2
+
+
 async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> None:
     ada = new_telegram_id()
     await say(tg, ada, "I love climbing")
@@ -788,6 +828,7 @@ async def test_forget_asks_first_then_erases_every_memory(tg: TelegramStack) -> 
     await eventually(lambda: question.text, lambda text: text == bot_gateway.FORGET_DONE)
     with pytest.raises(UserNotFoundError):
         await tg.repo.get_user_by_telegram_id(ada)
+    assert await tg.repo.export_user(ada) is None  # what /export would hand them: nothing
     assert await tg.repo.list_scheduled_messages(user_id=user.id) == []
     state = await eventually(lambda: tg.state(ada), lambda s: s.user_id is None)
     assert state.nudges == [] and state.transcript == [] and nudge.nudge_id in state.done_nudges

@@ -19,6 +19,7 @@ from core.settings import Settings
 from schemas.turn import (
     ChatUser,
     CompanionState,
+    Exported,
     Forgotten,
     IncomingMessage,
     MemoryListing,
@@ -126,6 +127,11 @@ async def memory(client: Client, settings: Settings, user: ChatUser) -> MemoryLi
 async def forget_item(client: Client, settings: Settings, user: ChatUser, ref: str) -> bool:
     """Forget one thing /memory listed; False when it was gone already."""
     return await _newer_update(client, settings, user, contract.FORGET_ITEM, [ref], bool)
+
+
+async def export(client: Client, settings: Settings, user: ChatUser) -> Exported:
+    """Send a user everything kept of them, in their private Telegram chat."""
+    return await _newer_update(client, settings, user, contract.EXPORT, [], Exported)
 
 
 async def _newer_update(client: Client, settings: Settings, user: ChatUser, update: str, args: list[Any],

@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
         REPLIES_KEPT,
         SEEN_KEYS_KEPT,
         CompanionState,
+        Exported,
         Forgotten,
         GenerateReplyInput,
         IncomingMessage,
@@ -199,6 +200,13 @@ class CompanionWorkflow:
         kind, _, name = ref.partition(":")
         if kind not in set(MemoryItemKind) or not name:
             raise ValueError(f"{ref!r} names nothing /memory lists")
+
+    @workflow.update(name=contract.EXPORT)
+    async def export(self) -> Exported:
+        """Send the user, in their private chat, everything kept of them (/export): between turns, so it holds the
+        last reply."""
+        async with self._lock:
+            return await steps.send_export(self._state.telegram_id)
 
     @workflow.update(name=contract.FORGET)
     async def forget(self) -> Forgotten:

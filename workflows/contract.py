@@ -25,6 +25,7 @@ SET_TIMEZONE = "set_timezone"
 FORGET = "forget"
 MEMORY = "memory"
 FORGET_ITEM = "forget_item"
+EXPORT = "export"
 
 
 def workflow_id(telegram_id: int) -> str:

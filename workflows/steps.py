@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
         ChatUser,
         DeliverInput,
         EnsureUserInput,
+        Exported,
         FiredNudge,
         FireNudgeInput,
         ForgetInput,
@@ -42,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         RecordNudgeInput,
         Remembered,
         RememberInput,
+        SendExportInput,
         SetNudgeStatusInput,
         SetTimezoneInput,
         SetUserActiveInput,
@@ -89,6 +91,13 @@ async def deliver(user_id: int, chat_id: int, message_key: str) -> None:
     await workflow.execute_local_activity_method(
         DeliveryActivities.deliver, DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key),
         start_to_close_timeout=TELEGRAM_TIMEOUT, retry_policy=TELEGRAM_RETRY, summary="deliver to Telegram")
+
+
+async def send_export(telegram_id: int) -> Exported:
+    """Send the user everything kept of them, to their private chat."""
+    return await workflow.execute_local_activity_method(
+        DeliveryActivities.send_export, SendExportInput(telegram_id=telegram_id, chat_id=telegram_id),
+        start_to_close_timeout=TELEGRAM_TIMEOUT, retry_policy=TELEGRAM_RETRY, summary="send the user's export")
 
 
 async def set_user_active(user_id: int, active: bool, reason: str | None) -> None:
