@@ -41,12 +41,13 @@ from core.errors import ConfigurationError, UnknownTimezoneError
 from core.logging import get_logger
 from core.settings import Settings
 from core.zones import zone_at, zone_named
-from schemas.memory import Channel, MemoryItem, describe_memory
+from schemas.memory import PERSONA_MAX_CHARS, Channel, MemoryItem, describe_memory
 from schemas.turn import (
     ChatUser,
     CompanionState,
     IncomingMessage,
     Nudge,
+    PersonaChange,
     TimezoneChange,
     TimezoneSource,
     clean_text,
@@ -57,6 +58,7 @@ from workflows.client import (
     forget,
     forget_item,
     memory,
+    persona,
     set_checkins,
     set_timezone,
     signal_message,
@@ -75,6 +77,7 @@ HELP = (
     "/nudges: the messages I plan to send you\n"
     "/quiet: no more check-ins from me (/quiet off brings them back; reminders you ask for still come)\n"
     "/timezone: where you are, so reminders come at your time (/timezone Paris; or share a location)\n"
+    "/persona: my name and how I talk with you (/persona You are Max, dry and funny; /persona reset)\n"
     "/export: everything I keep about you, as files to take with you\n"
     "/forget: erase everything I remember about you\n"
     "/help: this list"
@@ -103,6 +106,13 @@ TIMEZONE_MOVED = "I moved what I planned to your time:"
 TIMEZONE_PRIVATE = "Tell me your time zone in our private chat: in a group, everyone would see it."
 MEMORY_PRIVATE = "Ask me what I remember of you in our private chat: in a group, everyone would see it."
 EXPORT_PRIVATE = "Ask me for your data in our private chat: in a group, everyone would see it."
+PERSONA_NONE = ("I'm being myself with you. To give me another name or way of talking, send /persona and describe it, "
+                "e.g. /persona You are Max, a dry-witted friend who answers in French.")
+PERSONA_NOW = "With you I am: {persona}\n\n/persona reset brings back my own way."
+PERSONA_SET = "From now on, with you I am: {persona}"
+PERSONA_RESET = "Back to my own way."
+PERSONA_TOO_LONG = "That's {length:,} characters; a persona takes at most {limit:,}."
+PERSONA_PRIVATE = "Tell me how to be with you in our private chat: here I'm the same for everyone."
 MEMORY_BUTTONS = "Tap a number to make me forget it, or send /memory forget and its number."
 MEMORY_WHICH = "Which one? Send /memory forget and a number from 1 to {count} (/memory lists them)."
 MEMORY_FORGOTTEN = "Forgotten: {text}"
@@ -112,7 +122,8 @@ COMMANDS = [BotCommand("help", "what I can do"), BotCommand("memory", "what I re
             BotCommand("nudges", "messages I plan to send you"),
             BotCommand("timezone", "your time zone (/timezone Paris)"),
             BotCommand("quiet", "no check-ins (/quiet off to undo)"),
-            BotCommand("export", "everything I keep about you"), BotCommand("forget", "erase my memory of you")]
+            BotCommand("persona", "my name and tone with you"), BotCommand("export", "everything I keep about you"),
+            BotCommand("forget", "erase my memory of you")]
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 SIGNAL_ATTEMPTS = 4
 MAX_CONCURRENT_UPDATES = 64
@@ -154,6 +165,7 @@ class Gateway:
         application.add_handler(CommandHandler("timezone", self.timezone))
         application.add_handler(CommandHandler("memory", self.memory))
         application.add_handler(CommandHandler("export", self.export))
+        application.add_handler(CommandHandler("persona", self.persona))
         application.add_handler(CallbackQueryHandler(self.memory_answer, pattern=r"^mem:"))
         application.add_handler(CallbackQueryHandler(self.forget_answer, pattern=r"^forget:(yes|no)(:\d+)?$"))
         application.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self.edited))
@@ -335,6 +347,30 @@ class Gateway:
             return
         exported = await export(self._client, self._settings, chat_user(user))
         _log.info("gateway.exported", telegram_id=user.id, rows=exported.rows)
+
+    async def persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/persona TEXT: the companion's name and tone with this user; /persona reset; /persona alone says which."""
+        if (sender := await self._sender(update)) is None:
+            return
+        message, user = sender
+        if message.chat.type != ChatType.PRIVATE:
+            await message.reply_text(PERSONA_PRIVATE)
+            return
+        # The text as typed after the command (its line breaks kept), not re-joined from its words.
+        text = clean_text(re.sub(r"^/\S+\s*", "", message.text or "")) if context.args else ""
+        reset = text.lower() == "reset"
+        if len(text) > PERSONA_MAX_CHARS:
+            await message.reply_text(PERSONA_TOO_LONG.format(length=len(text), limit=PERSONA_MAX_CHARS))
+            return
+        change = PersonaChange(text=None if reset or not text else text, reset=reset)
+        now = await persona(self._client, self._settings, chat_user(user), change)
+        _log.info("gateway.persona", telegram_id=user.id, set=now is not None)
+        if reset:
+            await message.reply_text(PERSONA_RESET)
+        elif now is None:
+            await message.reply_text(PERSONA_NONE)
+        else:
+            await message.reply_text((PERSONA_SET if text else PERSONA_NOW).format(persona=now))
 
     async def memory_answer(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """A button under /memory's list: forget that item (only its owner can, in their private chat)."""

@@ -40,6 +40,7 @@ from schemas.turn import (
     PreparedTurn,
     PrepareTurnInput,
     RecordMessageInput,
+    SetPersonaInput,
     SetTimezoneInput,
     SetUserActiveInput,
     TimezoneChanged,
@@ -138,6 +139,16 @@ class ConversationActivities:
                   nudges_moved=len(moved))
         return TimezoneChanged(zone=data.change.zone, previous=data.previous, moved=moved)
 
+    @activity.defn(name="set_persona")
+    @translate_errors
+    async def set_persona(self, data: SetPersonaInput) -> str | None:
+        """Set, drop or only read how the user asked the companion to be with them; returns it as it now is."""
+        if data.change.text is None and not data.change.reset:
+            return (await self._repository.get_user(data.user_id)).persona
+        user = await self._repository.set_persona(data.user_id, data.change.text)
+        _log.info("user.persona_set", user_id=data.user_id, persona=user.persona is not None)
+        return user.persona
+
     @activity.defn(name="list_memory")
     @translate_errors
     async def list_memory(self, data: ListMemoryInput) -> MemoryListing:
@@ -179,7 +190,7 @@ class ConversationActivities:
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
         return [self.ensure_user, self.prepare_turn, self.record_message, self.set_user_active, self.set_timezone,
-                self.list_memory, self.forget_item, self.forget_user]
+                self.set_persona, self.list_memory, self.forget_item, self.forget_user]
 
 
 def _ref(user: UserRead) -> UserRef:

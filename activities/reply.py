@@ -295,7 +295,8 @@ def _group_prompt(data: GenerateReplyInput, context: UserContextSchema, budget: 
     """The prompt of a turn in a group chat: the user's name and the group's own recent messages, and nothing of
     their private conversation (no facts, events, diary, nudges, summary, recalled memories or private messages)."""
     prefix = f"tg:{data.chat_id}:"  # the keys of the group's messages and of the replies to them
-    group = UserContextSchema(user=context.user, has_memories=False,
+    # A persona is a private choice: the group gets the companion's own.
+    group = UserContextSchema(user=context.user.model_copy(update={"preferences": {}}), has_memories=False,
                               recent_messages=[m for m in context.recent_messages if m.message_key.startswith(prefix)])
     return build_prompt(group, data.message_key, f"{GROUP_NOTE}\n\n{data.note}" if data.note else GROUP_NOTE, budget)
 

@@ -161,6 +161,8 @@ class UserUpdate(_Model):
 # companion has asked them for it.
 TIMEZONE_SOURCE = "timezone_source"
 TIMEZONE_ASKED = "timezone_asked"
+PERSONA = "persona"  # how the user asked the companion to be with them (/persona)
+PERSONA_MAX_CHARS = 500
 
 
 class UserRead(_Read):
@@ -188,6 +190,12 @@ class UserRead(_Read):
     def timezone_info(self) -> ZoneInfo:
         """The user's time zone, for showing them times."""
         return ZoneInfo(self.timezone)
+
+    @property
+    def persona(self) -> str | None:
+        """How the user asked the companion to be with them (its name, its tone), or None."""
+        persona = self.preferences.get(PERSONA)
+        return persona if isinstance(persona, str) and persona else None
 
     @property
     def timezone_known(self) -> bool:

@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from schemas.memory import (
+    PERSONA_MAX_CHARS,
     Channel,
     MemoryItem,
     MessageKey,
@@ -434,3 +435,21 @@ class Exported(_Contract):
     """How many rows an export held (0: nothing is kept of the user)."""
 
     rows: int
+
+
+PersonaText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=PERSONA_MAX_CHARS)]
+
+
+class PersonaChange(_Contract):
+    """The companion's name and tone for one user (/persona): new ``text``, ``reset`` to its own, or neither (only
+    asking which it is)."""
+
+    text: PersonaText | None = None
+    reset: bool = False
+
+
+class SetPersonaInput(_Contract):
+    """Store (or drop) a user's persona."""
+
+    user_id: int
+    change: PersonaChange

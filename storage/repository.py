@@ -39,6 +39,7 @@ from sqlalchemy.sql.base import ReadOnlyColumnCollection
 from core.errors import InvalidMemoryDataError, RecordNotFoundError, UserNotFoundError
 from schemas.context import UserContextSchema
 from schemas.memory import (
+    PERSONA,
     TIMEZONE_SOURCE,
     DiaryEntryCreate,
     DiaryEntryRead,
@@ -208,6 +209,19 @@ class MemoryRepository:
             return UserRead.model_validate(row)
 
         return await self._tx("set_timezone", work, user_id=user_id, zone=zone)
+
+    async def set_persona(self, user_id: int, persona: str | None) -> UserRead:
+        """Set how the user asked the companion to be with them (None: its own way)."""
+
+        async def work(session: AsyncSession) -> UserRead:
+            row = await self._user_row(session, user_id, lock=True)
+            kept = {key: value for key, value in row.preferences.items() if key != PERSONA}
+            row.preferences = {**kept, PERSONA: persona} if persona is not None else kept
+            await session.flush()
+            await session.refresh(row)
+            return UserRead.model_validate(row)
+
+        return await self._tx("set_persona", work, user_id=user_id)
 
     async def set_user_active(self, user_id: int, active: bool, reason: str | None = None) -> int:
         """Mark a user reachable or not; an unreachable user's pending nudges are cancelled. Returns how many."""

@@ -6,10 +6,10 @@ Runs the real worker against the Temporal dev server, an embedded PostgreSQL, th
 local Bot API server, and saves: a plain conversation; steps that failed and were retried, and an LLM that never
 answered (the fallback reply); a run that continued as new; a nudge that fired and one that was cancelled; a
 Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, /memory and two items
-forgotten from it, /export, /forget); the companion's own nudges (a reminder asked for, a follow-up, check-ins,
-quiet hours, a new time zone); remember steps with an extraction and the summary carried over continue-as-new; and
-remember steps that wait for a pause (or five turns), the turns still waiting remembered before continue-as-new.
-Name scenarios to record only those.
+forgotten from it, /persona, /export, /forget); the companion's own nudges (a reminder asked for, a follow-up,
+check-ins, quiet hours, a new time zone); remember steps with an extraction and the summary carried over
+continue-as-new; and remember steps that wait for a pause (or five turns), the turns still waiting remembered before
+continue-as-new. Name scenarios to record only those.
 Re-record on purpose only, with a new workflow design: committed histories are what guards the conversations running
 on a build against changes to its workflow code.
 """
@@ -31,7 +31,7 @@ from activities.companion import CompanionActivities
 from clients.telegram import TelegramChannel
 from core.settings import Settings, load_settings
 from schemas.memory import Channel, FactCategory, MemoryItemKind, NudgeKind, NudgeStatus, ProfileFactCreate
-from schemas.turn import ChatUser, IncomingMessage, Nudge, TimezoneChange, TimezoneSource
+from schemas.turn import ChatUser, IncomingMessage, Nudge, PersonaChange, TimezoneChange, TimezoneSource
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
@@ -52,6 +52,7 @@ from workflows.client import (
     forget,
     forget_item,
     memory,
+    persona,
     schedule_nudge,
     send_message,
     set_timezone,
@@ -181,6 +182,7 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             assert len(chosen) == 2
             for item in chosen:
                 assert await forget_item(client, settings, user, item.ref)
+            assert await persona(client, settings, user, PersonaChange(text="You are Max")) == "You are Max"
             assert (await export(client, settings, user)).rows > 0 and len(api.documents) == 2
             run_id = (await handle.describe()).run_id
             await forget(client, settings, user)  # then continues as new: the erased turns leave the open run

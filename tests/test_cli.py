@@ -83,7 +83,7 @@ def test_the_client_speaks_the_names_the_workflow_declares() -> None:
     assert set(definition.queries) == {contract.STATE, contract.NUDGES}
     assert set(definition.updates) == {contract.SEND, contract.SCHEDULE_NUDGE, contract.CANCEL_NUDGE,
                                        contract.SET_CHECKINS, contract.SET_TIMEZONE, contract.MEMORY,
-                                       contract.FORGET_ITEM, contract.EXPORT, contract.FORGET}
+                                       contract.FORGET_ITEM, contract.EXPORT, contract.PERSONA, contract.FORGET}
 
 
 class DevProcess:

@@ -24,6 +24,7 @@ from schemas.turn import (
     IncomingMessage,
     MemoryListing,
     Nudge,
+    PersonaChange,
     TimezoneChange,
     TimezoneChanged,
     TurnReply,
@@ -127,6 +128,11 @@ async def memory(client: Client, settings: Settings, user: ChatUser) -> MemoryLi
 async def forget_item(client: Client, settings: Settings, user: ChatUser, ref: str) -> bool:
     """Forget one thing /memory listed; False when it was gone already."""
     return await _newer_update(client, settings, user, contract.FORGET_ITEM, [ref], bool)
+
+
+async def persona(client: Client, settings: Settings, user: ChatUser, change: PersonaChange) -> str | None:
+    """Set, reset or read the companion's persona for a user; returns it as it now is (None: its own)."""
+    return await _newer_update(client, settings, user, contract.PERSONA, [change], str | None)
 
 
 async def export(client: Client, settings: Settings, user: ChatUser) -> Exported:

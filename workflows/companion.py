@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         IncomingMessage,
         MemoryListing,
         Nudge,
+        PersonaChange,
         TimezoneChange,
         TimezoneChanged,
         TurnReply,
@@ -175,6 +176,13 @@ class CompanionWorkflow:
             book.move(self._state, changed.moved)
             self._replan = True
         return changed
+
+    @workflow.update(name=contract.PERSONA)
+    async def persona(self, change: PersonaChange) -> str | None:
+        """The companion's name and tone for this user (/persona): set, reset, or only read; returns it as it now is
+        (None: the companion's own). The next reply is written with it."""
+        async with self._lock:  # not in the middle of a turn, which reads it
+            return await steps.set_persona(await self._ensure_user(), change)
 
     @workflow.update(name=contract.MEMORY)
     async def memory(self) -> MemoryListing:

@@ -26,6 +26,7 @@ FORGET = "forget"
 MEMORY = "memory"
 FORGET_ITEM = "forget_item"
 EXPORT = "export"
+PERSONA = "persona"
 
 
 def workflow_id(telegram_id: int) -> str:

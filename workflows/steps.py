@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         ListMemoryInput,
         MemoryListing,
         Nudge,
+        PersonaChange,
         PlanCheckinInput,
         PreparedTurn,
         PrepareTurnInput,
@@ -45,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         RememberInput,
         SendExportInput,
         SetNudgeStatusInput,
+        SetPersonaInput,
         SetTimezoneInput,
         SetUserActiveInput,
         TimezoneChange,
@@ -120,6 +122,13 @@ async def set_timezone(user_id: int, change: TimezoneChange, previous: str, pend
         ConversationActivities.set_timezone,
         SetTimezoneInput(user_id=user_id, change=change, previous=previous, pending=pending, now=workflow.now()),
         summary=f"time zone {change.zone} (from {previous}, by {change.source.value})", **_STORE)
+
+
+async def set_persona(user_id: int, change: PersonaChange) -> str | None:
+    """Set, drop or only read the user's persona; it as it now is."""
+    what = "reset the persona" if change.reset else "set the persona" if change.text is not None else "read the persona"
+    return await workflow.execute_local_activity_method(
+        ConversationActivities.set_persona, SetPersonaInput(user_id=user_id, change=change), summary=what, **_STORE)
 
 
 async def list_memory(user_id: int) -> MemoryListing:
