@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas.memory import Role
+from schemas.memory import Role, display_name
 from storage.models import (
     Base,
     Conversation,
@@ -57,7 +57,7 @@ def transcript_markdown(export: dict[str, Any]) -> bytes:
     """The conversation of an export, readable: one heading a day, each message with its time, in the user's zone."""
     user = export["user"]
     zone = ZoneInfo(user["timezone"])
-    name = " ".join(part for part in (user["first_name"], user["last_name"]) if part) or "You"
+    name = display_name(user["first_name"], user["last_name"], user["username"], user["telegram_id"])
     lines = ["# Your conversation with the companion", "",
              f"Exported {datetime.fromisoformat(export['exported_at']).astimezone(zone):%Y-%m-%d %H:%M} "
              f"({user['timezone']}).", ""]

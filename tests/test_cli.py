@@ -190,6 +190,16 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
     assert [line.split(None, 3)[2:] for line in lines] == [["user", "42    Hi, I'm Simon"],
                                                           ["companion", "I hear you: Hi, I'm Simon"]]
 
+    # What /export would hand Simon: the conversation, its memories (without vectors), and the transcript.
+    out = tmp_path / "export"
+    exported = _companion("export", "--user", "42", "--out", str(out), cwd=tmp_path, env=dev_env)
+    assert exported.returncode == 0, exported.stderr
+    data = json.loads((out / "companion-export-42.json").read_text())
+    assert [m["content"] for m in data["tables"]["conversations"]] == ["Hi, I'm Simon", "I hear you: Hi, I'm Simon"]
+    assert len(data["tables"]["memories"]) == 2 and "embedding" not in data["tables"]["memories"][0]
+    transcript = (out / "companion-conversation-42.md").read_text()
+    assert re.search(r"\*\*\d\d:\d\d user 42:\*\* Hi, I'm Simon", transcript), transcript
+
     # With an OpenAI key the embedder changes: start-up stops with one line saying both ways on...
     refused = _companion("dev", "--no-chat", cwd=tmp_path, env=dev_env)
     assert refused.returncode == 1, refused.stdout + refused.stderr
