@@ -288,12 +288,9 @@ class Gateway:
 
     async def timezone(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/timezone CITY, ZONE or OFFSET sets the user's time zone; /timezone alone says which it is."""
-        if (sender := await self._sender(update)) is None:
+        if (sender := await self._private_sender(update, TIMEZONE_PRIVATE)) is None:
             return
         message, user = sender
-        if message.chat.type != ChatType.PRIVATE:
-            await message.reply_text(TIMEZONE_PRIVATE)
-            return
         typed = " ".join(context.args or [])
         if not typed:
             state = await self._state(user.id)
@@ -310,12 +307,9 @@ class Gateway:
     async def memory(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/memory: what the companion remembers of the user, numbered, a button to forget each; /memory forget N
         forgets the Nth."""
-        if (sender := await self._sender(update)) is None:
+        if (sender := await self._private_sender(update, MEMORY_PRIVATE)) is None:
             return
         message, user = sender
-        if message.chat.type != ChatType.PRIVATE:
-            await message.reply_text(MEMORY_PRIVATE)
-            return
         listing = await memory(self._client, self._settings, chat_user(user))
         args = [arg.lower() for arg in context.args or []]
         if args[:1] == ["forget"]:
@@ -339,23 +333,17 @@ class Gateway:
 
     async def export(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """/export: everything kept of the user, as two documents in their private chat (the worker sends them)."""
-        if (sender := await self._sender(update)) is None:
+        if (sender := await self._private_sender(update, EXPORT_PRIVATE)) is None:
             return
         message, user = sender
-        if message.chat.type != ChatType.PRIVATE:
-            await message.reply_text(EXPORT_PRIVATE)
-            return
         exported = await export(self._client, self._settings, chat_user(user))
         _log.info("gateway.exported", telegram_id=user.id, rows=exported.rows)
 
     async def persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/persona TEXT: the companion's name and tone with this user; /persona reset; /persona alone says which."""
-        if (sender := await self._sender(update)) is None:
+        if (sender := await self._private_sender(update, PERSONA_PRIVATE)) is None:
             return
         message, user = sender
-        if message.chat.type != ChatType.PRIVATE:
-            await message.reply_text(PERSONA_PRIVATE)
-            return
         # The text as typed after the command (its line breaks kept), not re-joined from its words.
         text = clean_text(re.sub(r"^/\S+\s*", "", message.text or "")) if context.args else ""
         reset = text.lower() == "reset"
@@ -450,6 +438,16 @@ class Gateway:
         _log.info("gateway.refused", telegram_id=user.id, reason="not on the allow-list")
         await message.reply_text(NOT_ALLOWED)
         return None
+
+    async def _private_sender(self, update: Update, elsewhere: str) -> tuple[Message, User] | None:
+        """As _sender, for a command about the user's own data: in any other chat than their private one it is
+        answered with ``elsewhere`` (everyone there would read the answer) and not done."""
+        if (sender := await self._sender(update)) is None:
+            return None
+        if sender[0].chat.type != ChatType.PRIVATE:
+            await sender[0].reply_text(elsewhere)
+            return None
+        return sender
 
     @staticmethod
     def _addressed(message: Message, context: ContextTypes.DEFAULT_TYPE) -> bool:

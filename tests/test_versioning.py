@@ -17,7 +17,7 @@ from temporalio.common import WorkerDeploymentVersion
 
 import worker
 from activities.companion import CompanionActivities
-from core.settings import load_settings
+from core.settings import Settings, load_settings
 from schemas.turn import ChatUser, Nudge, TimezoneChange, TimezoneSource
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
@@ -36,14 +36,25 @@ async def build_of(handle: WorkflowHandle) -> tuple[str, int]:
     return info.deployment_version.build_id, info.behavior
 
 
+def two_builds() -> tuple[WorkerDeploymentVersion, WorkerDeploymentVersion]:
+    """Builds A and B of a deployment of the test's own."""
+    deployment = f"companion-test-{uuid.uuid4().hex[:8]}"
+    a, b = (WorkerDeploymentVersion(deployment_name=deployment, build_id=build) for build in ("build-a", "build-b"))
+    return a, b
+
+
+def settings_of_a_test(checkin_after_days: int) -> Settings:
+    """Settings on a task queue of the test's own, remembering after every turn."""
+    return load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=checkin_after_days,
+                         remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY)
+
+
 async def test_a_conversation_moves_to_the_new_current_build_at_its_next_message(
         dev_server: SharedDevServer, repo: MemoryRepository, fake_llm: FakeOpenAI, memory: MemoryIndex) -> None:
     env = await dev_server.get()
-    deployment = f"companion-test-{uuid.uuid4().hex[:8]}"
-    a, b = (WorkerDeploymentVersion(deployment_name=deployment, build_id=build) for build in ("build-a", "build-b"))
-    settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=3,
-                             remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY)
-    stack = Stack(env.client, settings, repo, fake_llm, env, memory)
+    a, b = two_builds()
+    stack = Stack(env.client, settings_of_a_test(checkin_after_days=3), repo, fake_llm, env, memory)
+    settings = stack.settings
     simon = new_telegram_id()
     handle = stack.handle(simon)
     activities = CompanionActivities.create(repo, chat_model(fake_llm), memory=memory)
@@ -110,11 +121,9 @@ async def test_an_update_a_conversations_build_lacks_moves_it_to_the_current_bui
         dev_server: SharedDevServer, repo: MemoryRepository, fake_llm: FakeOpenAI, memory: MemoryIndex,
         monkeypatch: pytest.MonkeyPatch) -> None:
     env = await dev_server.get()
-    deployment = f"companion-test-{uuid.uuid4().hex[:8]}"
-    a, b = (WorkerDeploymentVersion(deployment_name=deployment, build_id=build) for build in ("build-a", "build-b"))
-    settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", checkin_after_days=0,
-                             remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY)
-    stack = Stack(env.client, settings, repo, fake_llm, env, memory)
+    a, b = two_builds()
+    stack = Stack(env.client, settings_of_a_test(checkin_after_days=0), repo, fake_llm, env, memory)
+    settings = stack.settings
     simon = new_telegram_id()
     activities = CompanionActivities.create(repo, chat_model(fake_llm), memory=memory)
     with monkeypatch.context() as patch:
