@@ -7,7 +7,8 @@ Embedded stack (bench.stack: PostgreSQL, the Temporal dev server, the worker pro
 two for turns, one for the background) delivering to the local Bot API server of the tests. The OpenAI-compatible
 stub streams every reply of --tokens tokens with a time to first token and a pace, and notes when it wrote each
 reply's first and last token. Every user writes --messages messages in a private chat, each once the reply to the
-previous one has arrived, as the gateway signals them; the users start spread over the time a reply takes. For each message:
+previous one has arrived, as the gateway signals them; the users start spread over the time a reply takes. For
+each message:
 
     first visible overhead  when the chat first showed text of the reply (its first draft, or the message itself)
                             after the model wrote the reply's first token;
@@ -105,6 +106,8 @@ async def _run(streamed: bool, users: int, messages: int, first_token_s: float, 
             "worker_cpu_ms_per_turn": round((cpu_after["worker"] - cpu_before["worker"]) * 1000 / len(sent), 1),
             # Of the machine's cores, how many the stack kept busy (the stub and this process included).
             "cores_busy": round((sum(cpu_after.values()) - sum(cpu_before.values())) / elapsed, 2),
+            # Each part's share: the stub and this process (the Bot API server) are the test's, not the companion's.
+            "cores_by_part": {part: round((cpu_after[part] - cpu_before[part]) / elapsed, 2) for part in cpu_after},
             "drafts": sum(len([d for d in api.drafts if d.chat_id == FIRST_USER + u]) for u in range(users)),
             "lost": lost, "duplicated": duplicated}
 
@@ -122,6 +125,8 @@ async def main(users: int, messages: int, first_token_s: float, tokens_per_s: fl
               f"p95 {run['final_p95_ms']:.0f} ms; drafts {run['drafts']}; worker CPU "
               f"{run['worker_cpu_ms_per_turn']:g} ms a turn; cores busy {run['cores_busy']:g}; lost {run['lost']}, "
               f"duplicated {run['duplicated']}")
+        parts = ", ".join(f"{part} {cores:g}" for part, cores in run["cores_by_part"].items())
+        print(f"{'':>14}cores busy by part: {parts}")
     return {"users": users, "messages": messages, "first_token_ms": round(first_token_s * 1000),
             "tokens_per_s": tokens_per_s, "tokens": tokens,
             "first_visible_overhead_p50_ms": streamed["first_visible_p50_ms"],
@@ -132,6 +137,7 @@ async def main(users: int, messages: int, first_token_s: float, tokens_per_s: fl
             "worker_cpu_ms_per_turn": streamed["worker_cpu_ms_per_turn"],
             "unstreamed_worker_cpu_ms_per_turn": plain["worker_cpu_ms_per_turn"],
             "cores_busy": streamed["cores_busy"], "unstreamed_cores_busy": plain["cores_busy"],
+            "cores_by_part": streamed["cores_by_part"], "unstreamed_cores_by_part": plain["cores_by_part"],
             "lost": streamed["lost"] + plain["lost"], "duplicated": streamed["duplicated"] + plain["duplicated"]}
 
 

@@ -57,7 +57,14 @@ from schemas.memory import (
 from schemas.turn import DeliverInput, Delivery, Nudge, clean_text
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
-from tests.conftest import QUERY_TIMEOUT, SharedDevServer, chat_model, fresh_telegram_id, new_telegram_id
+from tests.conftest import (
+    QUERY_TIMEOUT,
+    SharedDevServer,
+    chat_model,
+    fresh_telegram_id,
+    new_telegram_id,
+    own_time_skipping_server,
+)
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import (
     BOT_USERNAME,
@@ -751,6 +758,41 @@ async def test_memory_lists_what_was_learned_and_forgets_an_item_from_prompt_and
     await say(tg, ada, "/memory forget 7")
     *_, which = await tg.api.wait_for(ada, count=8)
     assert which.text == bot_gateway.MEMORY_WHICH.format(count=0)
+
+
+async def test_timezone_paris_then_a_reminder_for_nine_arrives_on_telegram_at_nine_in_paris(
+        bot_api_server: FakeBotAPI, repo: MemoryRepository, fake_llm: FakeOpenAI) -> None:
+    # On the time-skipping server: the night passes in moments, the gateway and the worker as in production.
+    api = bot_api_server
+    api.reset()
+    settings = load_settings(temporal_task_queue=f"test-{uuid.uuid4()}", telegram_bot_token=TOKEN,
+                             telegram_api_base_url=api.url, checkin_after_days=0)
+    chat = chat_model(fake_llm)
+    channel = TelegramChannel.from_settings(settings)
+    assert channel is not None
+    ada, paris = new_telegram_id(), ZoneInfo("Europe/Paris")
+    async with own_time_skipping_server() as env:
+        try:
+            async with build_worker(env.client, settings.temporal_task_queue,
+                                    CompanionActivities.create(repo, chat, channel)), \
+                    running_gateway(settings, env.client):
+                api.push(message_update(ada, "/timezone Paris"))
+                await api.wait_for(ada)
+                api.push(message_update(ada, "remind me tomorrow at 9 to call mom"))
+                await api.wait_for(ada, count=2)
+                asked = (await env.get_current_time()).astimezone(paris)
+                nine = datetime.combine(asked.date() + timedelta(days=1), clock(9), tzinfo=paris)
+
+                await env.sleep(nine - timedelta(minutes=1) - await env.get_current_time())
+                await asyncio.sleep(1)
+                assert len(api.messages(ada)) == 2  # not a minute early
+                await env.sleep(timedelta(minutes=2))
+                *_, reminder = await api.wait_for(ada, count=3)
+                assert reminder.text == "⏰ Reminder: call mom"
+        finally:
+            await env.client.get_workflow_handle(workflow_id(ada)).terminate("test finished")
+            await channel.close()
+            await chat.close()
 
 
 async def test_memory_lists_pending_reminders_and_forgetting_one_cancels_it(tg: TelegramStack) -> None:
