@@ -399,8 +399,7 @@ class Gateway:
         lines = [TIMEZONE_SET.format(zone=changed.zone, time=_local_time(changed.zone))]
         if changed.moved:
             zone = ZoneInfo(changed.zone)
-            lines += ["", TIMEZONE_MOVED, *(f"• {_when(nudge, zone)}: {nudge.text or nudge.purpose}"
-                                            for nudge in changed.moved)]
+            lines += ["", TIMEZONE_MOVED, *(_nudge_line(nudge, zone) for nudge in changed.moved)]
         await message.reply_text("\n".join(lines))
 
     async def _state(self, telegram_id: int) -> CompanionState | None:
@@ -475,7 +474,7 @@ def describe_nudges(state: CompanionState) -> str:
     except ZoneInfoNotFoundError:
         zone = ZoneInfo("UTC")
     lines = ["Here's what I plan to send you:"]
-    lines += [f"• {_when(nudge, zone)}: {nudge.text or nudge.purpose}" for nudge in state.nudges]
+    lines += [_nudge_line(nudge, zone) for nudge in state.nudges]
     return "\n".join(lines)
 
 
@@ -485,9 +484,10 @@ def _local_time(zone: str) -> str:
     return f"{now:%H:%M} on {now:%A}"
 
 
-def _when(nudge: Nudge, zone: ZoneInfo) -> str:
+def _nudge_line(nudge: Nudge, zone: ZoneInfo) -> str:
+    """A planned message as the user reads it: when, in their zone, and what."""
     local: datetime = nudge.at.astimezone(zone)
-    return f"{local:%a %d %b, %H:%M} ({local.tzname()})"
+    return f"• {local:%a %d %b, %H:%M} ({local.tzname()}): {nudge.text or nudge.purpose}"
 
 
 class PerChatOrder(BaseUpdateProcessor):

@@ -19,6 +19,7 @@ from activities.reminders import follow_up_time, parse_event, parse_reminder, sa
 from core.errors import RecordNotFoundError, UserNotFoundError
 from core.logging import get_logger
 from schemas.memory import (
+    PERSONA,
     TIMEZONE_ASKED,
     MessageCreate,
     NudgeCreator,
@@ -27,7 +28,6 @@ from schemas.memory import (
     TimelineEventCreate,
     UserCreate,
     UserRead,
-    UserUpdate,
 )
 from schemas.turn import (
     EnsureUserInput,
@@ -91,8 +91,7 @@ class ConversationActivities:
             ask_zone = found.local_time and not user.timezone_known and not user.preferences.get(TIMEZONE_ASKED)
             prepared.note = reminder_note(found.what, found.at, zone, ask_zone)
             if ask_zone:
-                await self._repository.update_user(user.id, UserUpdate(
-                    preferences={**user.preferences, TIMEZONE_ASKED: True}))
+                await self._repository.set_preferences(user.id, {TIMEZONE_ASKED: True})
         event = parse_event(message.text, data.now, zone)
         if event is not None:
             await self._repository.add_timeline_event(user.id, TimelineEventCreate(
@@ -145,7 +144,7 @@ class ConversationActivities:
         """Set, drop or only read how the user asked the companion to be with them; returns it as it now is."""
         if data.change.text is None and not data.change.reset:
             return (await self._repository.get_user(data.user_id)).persona
-        user = await self._repository.set_persona(data.user_id, data.change.text)
+        user = await self._repository.set_preferences(data.user_id, {PERSONA: data.change.text})
         _log.info("user.persona_set", user_id=data.user_id, persona=user.persona is not None)
         return user.persona
 

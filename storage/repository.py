@@ -16,6 +16,7 @@ from typing import Any, TypeVar, Union
 
 from sqlalchemy import (
     BindParameter,
+    ColumnElement,
     DateTime,
     Interval,
     ScalarSelect,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     cast,
     delete,
     func,
+    literal,
     literal_column,
     or_,
     select,
@@ -39,7 +41,6 @@ from sqlalchemy.sql.base import ReadOnlyColumnCollection
 from core.errors import InvalidMemoryDataError, RecordNotFoundError, UserNotFoundError
 from schemas.context import UserContextSchema
 from schemas.memory import (
-    PERSONA,
     TIMEZONE_SOURCE,
     DiaryEntryCreate,
     DiaryEntryRead,
@@ -198,30 +199,24 @@ class MemoryRepository:
         on) and the new times of their pending nudges that move with it, in one transaction."""
 
         async def work(session: AsyncSession) -> UserRead:
-            row = await self._user_row(session, user_id)
-            row.timezone, row.preferences = zone, {**row.preferences, TIMEZONE_SOURCE: source}
+            user = await _update_user(session, user_id, timezone=zone,
+                                      preferences=_merged_preferences({TIMEZONE_SOURCE: source}))
             for nudge_id, at in moved.items():
                 await session.execute(update(ScheduledMessage).where(
                     ScheduledMessage.nudge_id == nudge_id, ScheduledMessage.user_id == user_id,
                     ScheduledMessage.status == NudgeStatus.PENDING.value).values(scheduled_for=at))
-            await session.flush()
-            await session.refresh(row)
-            return UserRead.model_validate(row)
+            return user
 
         return await self._tx("set_timezone", work, user_id=user_id, zone=zone)
 
-    async def set_persona(self, user_id: int, persona: str | None) -> UserRead:
-        """Set how the user asked the companion to be with them (None: its own way)."""
+    async def set_preferences(self, user_id: int, changes: dict[str, Any]) -> UserRead:
+        """Merge ``changes`` into the user's preferences (a None value drops its key), in one statement: a write
+        never overtakes another's read of them."""
 
         async def work(session: AsyncSession) -> UserRead:
-            row = await self._user_row(session, user_id, lock=True)
-            kept = {key: value for key, value in row.preferences.items() if key != PERSONA}
-            row.preferences = {**kept, PERSONA: persona} if persona is not None else kept
-            await session.flush()
-            await session.refresh(row)
-            return UserRead.model_validate(row)
+            return await _update_user(session, user_id, preferences=_merged_preferences(changes))
 
-        return await self._tx("set_persona", work, user_id=user_id)
+        return await self._tx("set_preferences", work, user_id=user_id, keys=sorted(changes))
 
     async def set_user_active(self, user_id: int, active: bool, reason: str | None = None) -> int:
         """Mark a user reachable or not; an unreachable user's pending nudges are cancelled. Returns how many."""
@@ -786,6 +781,23 @@ _CLAIM_MESSAGE = (
     .returning(*_MESSAGES.c))
 _RELEASE_MESSAGE = (update(_MESSAGES).where(_IS_MESSAGE)
                     .values(meta=_MESSAGES.c.meta.op("-")(_CLAIM).op("||")(bindparam("merged", type_=JSONB))))
+
+
+async def _update_user(session: AsyncSession, user_id: int, **values: Any) -> UserRead:
+    row = (await session.execute(update(User).where(User.id == user_id).values(**values)
+                                 .returning(User))).scalar_one_or_none()
+    if row is None:
+        raise UserNotFoundError(f"no user with id {user_id}", context={"user_id": user_id})
+    return UserRead.model_validate(row)
+
+
+def _merged_preferences(changes: dict[str, Any]) -> ColumnElement[Any]:
+    """users.preferences with ``changes`` merged in by PostgreSQL (jsonb ``-`` and ``||``); None drops a key."""
+    merged: ColumnElement[Any] = User.preferences
+    for key in (key for key, value in changes.items() if value is None):
+        merged = merged.op("-")(literal(key))
+    kept = {key: value for key, value in changes.items() if value is not None}
+    return merged.op("||")(literal(kept, type_=JSONB)) if kept else merged
 
 
 async def _facts(session: AsyncSession, user_id: int, category: FactCategory | None = None,
