@@ -279,16 +279,18 @@ async def test_a_reply_is_shown_in_a_private_chat_as_it_is_written_then_sent_onc
 
 async def test_a_stream_cut_off_mid_reply_is_written_again_and_sent_once(tg: TelegramStack) -> None:
     ada = new_telegram_id()
-    tg.llm.script(Reply("I hear you: one two three four five six", cut_after=6))  # the first attempt breaks off
+    # The first attempt breaks off after a second of writing: it has shown drafts longer than the retry's first.
+    words = "one two three four five six seven eight nine ten"
+    tg.llm.script(Reply(f"I hear you: {words}", cut_after=11))
     with slow_model(tg, tokens_per_s=10.0):
-        await say(tg, ada, "one two three four five six")
+        await say(tg, ada, words)
         [reply] = await tg.api.wait_for(ada)
     # The retried attempt shows the same draft from its start again (an attempt shows only a text that grew); the
     # chat gets the complete reply once.
     drafts = [draft for draft in tg.api.drafts if draft.chat_id == ada]
     assert len({draft.draft_id for draft in drafts}) == 1
     assert any(len(later.text) <= len(earlier.text) for earlier, later in itertools.pairwise(drafts))
-    assert reply.text == "I hear you: one two three four five six"
+    assert reply.text == f"I hear you: {words}"
     await settle(tg, ada)
     assert [m.text for m in tg.api.messages(ada)].count(reply.text) == 1
 
