@@ -49,7 +49,7 @@ class DeliveryActivities:
         """
         if self._sender is None:
             raise ConfigurationError("this worker has no TELEGRAM_BOT_TOKEN, so it cannot deliver to Telegram")
-        return Delivery(parts=await self._sender.send(data.user_id, data.chat_id, data.message_key))
+        return await self._sender.send(data.user_id, data.chat_id, data.message_key)
 
     @activity.defn(name="send_export")
     @translate_errors

@@ -18,7 +18,7 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.prompt import HISTORY_TURNS, RECALL_K, build_prompt, within_budget
-from activities.sending import PREVIEW_MESSAGES
+from activities.sending import PREVIEW_MESSAGES, TelegramSender
 from clients.llm import ChatModel, PromptBudget
 from clients.telegram import TelegramChannel, split_message
 from core.concurrency import alongside
@@ -70,6 +70,7 @@ class ReplyActivities:
         self._chat_model = chat_model
         self._memory = memory
         self._telegram = telegram
+        self._sender = TelegramSender(repository, telegram) if telegram is not None else None
 
     @activity.defn(name="generate_reply")
     @translate_errors
@@ -78,6 +79,9 @@ class ReplyActivities:
 
         An attempt that finds the reply already stored (an earlier attempt stored it, then its completion was lost)
         returns that reply: the user gets one reply, and the paid call is not made twice.
+
+        A Telegram reply is sent as soon as it is stored, the moment its preview ends, rather than one workflow task
+        later; the deliver step that follows then finds it sent, or finishes what this step could not send.
         """
         context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
         # The turn's reply is among the last messages when an earlier attempt stored it: a turn runs alone.
@@ -96,6 +100,7 @@ class ReplyActivities:
         saved = await self._repository.add_message(data.user_id, MessageCreate(
             message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
             sent_at=datetime.now(UTC)))
+        await self._send_now(data)
         return reply.model_copy(update={"text": saved.content})
 
     async def prompt_for(self, data: GenerateReplyInput) -> TurnContext:
@@ -126,6 +131,17 @@ class ReplyActivities:
                   duration_ms=round(found.elapsed_ms, 1))
         return found.hits
 
+    async def _send_now(self, data: GenerateReplyInput) -> None:
+        """Send the stored reply to its Telegram chat; what fails here (flood control, a blocked bot, a Telegram
+        error) is left to the deliver step, which waits it out or marks the user out of reach."""
+        if data.channel != Channel.TELEGRAM or data.chat_id is None or self._sender is None:
+            return
+        try:
+            await self._sender.send(data.user_id, data.chat_id, data.reply_key)
+        except CompanionError as exc:
+            _log.info("telegram.send_left_to_deliver", user_id=data.user_id, message_key=data.reply_key,
+                      error=exc.code, detail=exc.message)
+
     def _preview(self, data: GenerateReplyInput, context: UserContextSchema) -> Preview | None:
         """What shows the chat the reply as it is written: a draft in a private Telegram chat, messages edited as
         they grow in a group, the text as it comes in a terminal."""
@@ -152,8 +168,8 @@ class ReplyActivities:
 
 
 class Preview:
-    """The reply as the model writes it, shown in the chat while it is written (plain text; the deliver step then
-    makes it the formatted message, once). The text appears PREVIEW_AFTER_S after the model's first words (a reply
+    """The reply as the model writes it, shown in the chat while it is written (plain text; sending the stored reply
+    then makes it the formatted message, once). The text appears PREVIEW_AFTER_S after the model's first words (a reply
     written quicker goes out whole, with no preview), then changes at most every ``every_s``. It is cut into parts as
     the sent message is (clients.telegram.split_message: a part, once the text outgrows it, never changes again), so
     a long reply goes on in a part of its own. A part Telegram refuses ends the preview, never the reply."""
@@ -173,7 +189,7 @@ class Preview:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Show the reply while the block writes it. At the end, a part being shown is let finish (its message
-        recorded) rather than cut off: the deliver step then finds every message the preview sent."""
+        recorded) rather than cut off: sending the reply then finds every message the preview sent."""
         task = asyncio.create_task(self._run())
         try:
             yield
@@ -233,7 +249,7 @@ class DraftPreview(Preview):
 class EditPreview(Preview):
     """The preview in a group (drafts are for private chats): a message per part, sent then edited. The ids of the
     messages are stored on the user's message (PREVIEW_MESSAGES) as soon as Telegram gives them: a retried attempt
-    edits the messages the first one sent, and the deliver step makes them the reply, so the chat never gets a
+    edits the messages the first one sent, and sending the reply makes them the reply, so the chat never gets a
     second copy."""
 
     every_s = EDIT_EVERY_S

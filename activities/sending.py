@@ -13,16 +13,19 @@ from datetime import UTC, datetime, timedelta
 from temporalio import activity
 
 from clients.telegram import TelegramChannel, split_message
-from core.errors import DeliveryInProgressError, InvalidMemoryDataError
+from core.errors import DeliveryInProgressError, InvalidMemoryDataError, TelegramBlockedError
 from core.logging import get_logger
 from schemas.memory import MessageRead
-from schemas.turn import replied_key_of
+from schemas.turn import Delivery, replied_key_of
 from storage.repository import MemoryRepository
 
 # Meta keys of a stored message: how many of its Telegram parts were sent; until when an attempt sending them holds
 # it (no attempt outlives TELEGRAM_TIMEOUT, so neither does a claim a lost worker left behind).
 PARTS_SENT = "telegram_parts_sent"
 DELIVERY_CLAIM = "telegram_delivery_claimed_until"
+# Meta key: Telegram's refusal of a chat that blocked the bot. The message is not sent there again (generate_reply
+# sends a reply first; the deliver step then learns the chat blocked the bot without asking Telegram twice).
+REFUSED = "telegram_refused"
 # Meta key of a user's message in a group: the ids of the messages that showed the reply to it while it was written
 # (activities.reply.EditPreview), one per part. Delivering the reply edits them instead of sending it again.
 PREVIEW_MESSAGES = "telegram_preview_messages"
@@ -43,9 +46,9 @@ class TelegramSender:
         self._repository = repository
         self._telegram = telegram
 
-    async def send(self, user_id: int, chat_id: int, message_key: str) -> int:
+    async def send(self, user_id: int, chat_id: int, message_key: str) -> Delivery:
         """Send the stored message ``message_key``, split into Telegram-sized parts, skipping the parts sent before;
-        returns how many parts it took.
+        returns how many parts it took and how many of them this call sent.
 
         An attempt running beside another (a workflow task taken over while the first worker still sends) waits for
         it and then finds its parts sent, instead of sending them again. Progress is recorded even when the attempt
@@ -60,8 +63,11 @@ class TelegramSender:
                                           context={**context, "retry_after_s": _claim_left_s(stored)})
         parts = split_message(stored.content)
         sent = done = int(stored.meta.get(PARTS_SENT, 0))
-        shown = await self._previews(user_id, chat_id, message_key)
+        refused: str | None = stored.meta.get(REFUSED)
+        shown = await self._previews(user_id, chat_id, message_key) if refused is None else []
         try:
+            if refused is not None:  # a chat that blocked the bot is not asked again for the same message
+                raise TelegramBlockedError(refused, context=context)
             for index in range(sent, len(parts)):
                 if index >= len(shown) or not await self._telegram.edit(chat_id, shown[index], parts[index]):
                     await self._telegram.send(chat_id, parts[index])
@@ -69,14 +75,17 @@ class TelegramSender:
                 if done < len(parts):
                     await asyncio.shield(self._repository.update_message_meta(user_id, message_key,
                                                                               {PARTS_SENT: done}))
+        except TelegramBlockedError as exc:
+            refused = exc.message
+            raise
         finally:
-            await asyncio.shield(self._repository.release_message(user_id, message_key, DELIVERY_CLAIM,
-                                                                  {PARTS_SENT: done}))
+            await asyncio.shield(self._repository.release_message(
+                user_id, message_key, DELIVERY_CLAIM, {PARTS_SENT: done, **({REFUSED: refused} if refused else {})}))
         for extra in shown[len(parts):]:  # a preview of a longer reply (an earlier attempt's) is not left behind
             await self._telegram.delete(chat_id, extra)
         _log.info("telegram.delivered", user_id=user_id, message_key=message_key, parts=len(parts), resumed_at=sent,
                   edited=min(len(shown), len(parts)), attempt=activity.info().attempt)
-        return len(parts)
+        return Delivery(parts=len(parts), sent=done - sent)
 
     async def _previews(self, user_id: int, chat_id: int, message_key: str) -> list[int]:
         """The messages that showed this reply in a group while it was written (none in a private chat, whose

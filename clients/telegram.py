@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -146,6 +147,9 @@ class TelegramChannel:
         self._bot = bot
         self._lock = asyncio.Lock()
         self._ready = False
+        # Until when (time.monotonic()) Telegram's flood control holds each chat: a message sent sooner would be
+        # refused again (and prolong the wait), so it is refused here, with the time left, without calling Telegram.
+        self._flooded_until: dict[int, float] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TelegramChannel | None:
@@ -159,7 +163,7 @@ class TelegramChannel:
         """Send one part (≤ MESSAGE_LIMIT) formatted as HTML, or as plain text when Telegram can't parse it (or
         when not ``formatted``: a preview); returns the message's id."""
         bot = await self._started()
-        with telegram_errors(chat_id):
+        with self._waiting_out_flood(chat_id):
             if not formatted:
                 return (await bot.send_message(chat_id, text)).message_id
             try:
@@ -175,7 +179,7 @@ class TelegramChannel:
         """Make a message the bot sent read ``text`` (formatted as ``send`` formats it); a message that already
         reads so counts as edited. False when the message can't be edited any more (deleted, or too old)."""
         bot = await self._started()
-        with telegram_errors(chat_id):
+        with self._waiting_out_flood(chat_id):
             try:
                 if formatted:
                     try:
@@ -199,13 +203,13 @@ class TelegramChannel:
     async def send_document(self, chat_id: int, filename: str, content: bytes, caption: str) -> int:
         """Send a file (at most 50 MB) with a plain caption (at most 1,024 characters); returns the message's id."""
         bot = await self._started()
-        with telegram_errors(chat_id):
+        with self._waiting_out_flood(chat_id):
             return (await bot.send_document(chat_id, content, filename=filename, caption=caption)).message_id
 
     async def delete(self, chat_id: int, message_id: int) -> None:
         """Delete a message the bot sent; one already gone (or too old to delete) is left as it is."""
         bot = await self._started()
-        with telegram_errors(chat_id):
+        with self._waiting_out_flood(chat_id):
             try:
                 await bot.delete_message(chat_id, message_id)
             except BadRequest as exc:
@@ -243,6 +247,23 @@ class TelegramChannel:
                 _log.info("telegram.typing_failed", chat_id=chat_id, error=str(exc))
                 return
             await asyncio.sleep(TYPING_EVERY_S)
+
+    @contextmanager
+    def _waiting_out_flood(self, chat_id: int) -> Iterator[None]:
+        """``telegram_errors`` for a call to a chat, which flood control holds, when it does, until it lifts."""
+        left = self._flooded_until.get(chat_id, 0.0) - time.monotonic()
+        if left > 0:
+            raise TelegramServiceError(f"Telegram flood control: retry in {left:.1f} s",
+                                       context={"chat_id": chat_id, "retry_after_s": left})
+        try:
+            with telegram_errors(chat_id):
+                yield
+        except TelegramServiceError as exc:
+            if (wait := exc.context.get("retry_after_s")) is not None:
+                now = time.monotonic()
+                self._flooded_until = {chat: until for chat, until in self._flooded_until.items() if until > now}
+                self._flooded_until[chat_id] = now + float(wait)
+            raise
 
     async def _started(self) -> Bot:
         if not self._ready:

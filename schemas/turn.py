@@ -344,9 +344,11 @@ class DeliverInput(_Contract):
 
 
 class Delivery(_Contract):
-    """How many Telegram messages the stored message took."""
+    """How many Telegram messages the stored message took, and how many of them this step sent (none when the
+    generate_reply step had sent the reply already)."""
 
     parts: int
+    sent: int = 0
 
 
 class SetUserActiveInput(_Contract):

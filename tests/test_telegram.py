@@ -371,7 +371,8 @@ async def test_two_attempts_delivering_one_reply_at_once_send_it_once(tg: Telegr
         # the second waits for the first's claim to end, then finds the part sent
         outcomes = await asyncio.gather(*(ActivityEnvironment().run(activities.delivery.deliver, data)
                                           for _ in range(2)))
-        assert outcomes == [Delivery(parts=1), Delivery(parts=1)]
+        assert sorted(outcomes, key=lambda delivery: delivery.sent) == [Delivery(parts=1, sent=0),
+                                                                         Delivery(parts=1, sent=1)]
     assert [sent.text for sent in tg.api.messages(ada)] == ["only once"]
 
 
@@ -515,7 +516,9 @@ async def test_invisible_formatting_in_a_name_reaches_neither_the_prompt_nor_the
     assert (await tg.repo.get_user_by_telegram_id(ada)).first_name == "Adagnp.exe"
     system = tg.llm.requests[-1]["messages"][0]["content"]
     assert "Adagnp.exe" in system and "\u202e" not in system and "\u200b" not in system
-    assert (await tg.state(ada)).transcript[0] == "**Adagnp.exe**: hello"
+    # The operator's transcript in the workflow's state: written once the turn is over, just after the reply went out.
+    state = await eventually(lambda: tg.state(ada), lambda state: state.transcript)
+    assert state.transcript[0] == "**Adagnp.exe**: hello"
 
 
 async def test_in_a_group_the_bot_answers_only_when_mentioned_or_replied_to(tg: TelegramStack) -> None:

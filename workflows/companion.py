@@ -1,9 +1,11 @@
 """CompanionWorkflow: one long-running workflow per user, id companion-user-<telegram id>.
 
 Handlers only accept messages (deduplicated by key) into a queue; the run loop answers them in order: prepare_turn,
-generate_reply (on the LLM task queue: queries and updates are answered meanwhile), deliver, and, once the user
-pauses, remember. Pinned to the build it runs on, the workflow continues as new between turns, onto the current
-build, when that changed or its history grew long. Its state is small: text lives in PostgreSQL.
+the reminders the message asked for, generate_reply (on the LLM task queue: queries and updates are answered
+meanwhile; it sends a Telegram reply as soon as it is written), deliver (what generate_reply could not send, or the
+fallback), and, once the user pauses, remember. Pinned to the build it runs on, the workflow continues as new
+between turns, onto the current build, when that changed or its history grew long. Its state is small: text lives
+in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -267,13 +269,15 @@ class CompanionWorkflow:
         user_id = self._know(prepared.user)
         if self._state.blocked:  # they wrote again, so they can be reached again
             await self._set_active(user_id, True)
-        reply = await self._generate(user_id, message, prepared.note)
-        self._after_turn(message, reply.text, reply.fallback)
-        if message.channel == Channel.TELEGRAM:
-            await self._deliver(user_id, message.chat_id, message.reply_key)
+        # A reminder asked for is set before the reply that confirms it is written, and so before the user can read
+        # it: generate_reply sends a Telegram reply as soon as it is written, and /nudges or /memory then lists it.
         for nudge in (prepared.reminder, prepared.follow_up):
             if nudge is not None:
                 await self._schedule_own(user_id, nudge)
+        reply = await self._generate(user_id, message, prepared.note)
+        self._after_turn(message, reply.text, reply.fallback)
+        if message.channel == Channel.TELEGRAM:  # sends what generate_reply could not (or the fallback)
+            await self._deliver(user_id, message.chat_id, message.reply_key)
         await self._plan_checkin(user_id)
         return reply
 
