@@ -12,14 +12,25 @@ import asyncio
 import hmac
 import json
 import re
+import warnings
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
-from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
+from telegram import (
+    Audio,
+    BotCommand,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    Update,
+    User,
+    VideoNote,
+    Voice,
+)
 from telegram.constants import ChatType, MessageEntityType
 from telegram.error import TelegramError
 from telegram.ext import (
@@ -32,20 +43,24 @@ from telegram.ext import (
     MessageHandler,
     filters,
 )
+from telegram.warnings import PTBDeprecationWarning
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from clients.telegram import split_message, telegram_errors
+from clients.media import IMAGE_TYPES, audio_filename
+from clients.telegram import DOWNLOAD_LIMIT, split_message, telegram_errors
 from core.errors import ConfigurationError, UnknownTimezoneError
 from core.logging import get_logger
 from core.settings import Settings
 from core.zones import zone_at, zone_named
 from schemas.memory import PERSONA_MAX_CHARS, Channel, MemoryItem, describe_memory
 from schemas.turn import (
+    Attachment,
     ChatUser,
     CompanionState,
     IncomingMessage,
+    MediaKind,
     Nudge,
     PersonaChange,
     TimezoneChange,
@@ -82,8 +97,18 @@ HELP = (
     "/forget: erase everything I remember about you\n"
     "/help: this list"
 )
-UNSUPPORTED = ("I can only read text for now: photos, voice notes, stickers and files pass me by. "
-               "Could you tell me in words?")
+UNSUPPORTED = ("I can read text, listen to voice notes and look at photos; stickers, videos and other files pass "
+               "me by. Could you tell me in words?")
+MEDIA_NEEDS_MODEL = ("I can only read text here: listening to voice notes and looking at photos needs a model "
+                     "this companion isn't set up with. Could you tell me in words?")
+VOICE_TOO_LONG = ("That recording is {length} long, and I listen to up to {limit}. Could you send a shorter one, or "
+                  "tell me in words?")
+FILE_TOO_BIG = ("That file is {size:.0f} MB, and Telegram lets me fetch files of up to 20 MB. Could you send a "
+                "smaller one?")
+AUDIO_FORMAT = ("I can't play that kind of audio ({mime}): voice notes, MP3, M4A, Ogg, WAV, FLAC and WebM work. "
+                "Could you send it as a voice note?")
+IMAGE_FORMAT = "I can't open that kind of image ({mime}): JPEG, PNG, WebP and GIF work."
+
 EDITED = "I saw you edited a message. I keep what you first wrote; if something changed, just tell me again."
 NOT_ALLOWED = "Sorry, this companion is private: it only talks with the people it was set up for."
 TOO_LONG = ("That message is {length:,} characters long and I can take in {limit:,} at a time. "
@@ -173,6 +198,9 @@ class Gateway:
                                                self.text))
         application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.LOCATION & filters.ChatType.PRIVATE,
                                                self.location))
+        application.add_handler(MessageHandler(
+            filters.UpdateType.MESSAGE & (filters.VOICE | filters.AUDIO | filters.VIDEO_NOTE | filters.PHOTO
+                                          | filters.Document.IMAGE), self.media))
         application.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.COMMAND, self.unsupported))
         application.add_error_handler(self.error)
         return application
@@ -192,15 +220,57 @@ class Gateway:
         if len(text) > limit:
             await message.reply_text(TOO_LONG.format(length=len(text), limit=limit))
             return
+        await self._accept(message, user, text)
+
+    async def media(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A voice note, audio, round video or photo: checked against the limits here, from what Telegram says of
+        it (nothing is downloaded, nothing stored, when it is declined), then signalled with its file id; the worker
+        transcribes or describes it."""
+        if (sender := await self._sender(update, lambda message: self._addressed(message, context))) is None:
+            return
+        message, user = sender
+        attachment = attachment_of(message)
+        if attachment is None:
+            await message.reply_text(UNSUPPORTED)
+            return
+        if (refusal := self._media_refusal(attachment)) is not None:
+            _log.info("gateway.media_declined", message_key=message_key(message), kind=attachment.kind.value,
+                      reason=refusal)
+            await message.reply_text(refusal)
+            return
+        if attachment.caption is not None:
+            caption = clean_text(_without_mention(attachment.caption, context.bot.username))
+            attachment = attachment.model_copy(update={"caption": caption or None})
+        await self._accept(message, user, placeholder(attachment), attachment)
+
+    def _media_refusal(self, attachment: Attachment) -> str | None:
+        """Why an attachment is declined (the polite answer), or None."""
+        heard = attachment.kind.heard
+        if not (self._settings.hears_voice if heard else self._settings.sees_photos):
+            return MEDIA_NEEDS_MODEL
+        if attachment.size is not None and attachment.size > DOWNLOAD_LIMIT:
+            return FILE_TOO_BIG.format(size=attachment.size / 1024 / 1024)
+        limit = self._settings.max_voice_seconds
+        if heard and attachment.duration_s is not None and attachment.duration_s > limit:
+            return VOICE_TOO_LONG.format(length=_minutes(attachment.duration_s), limit=_minutes(limit))
+        if heard and audio_filename(attachment.mime_type, attachment.kind.value) is None:
+            return AUDIO_FORMAT.format(mime=attachment.mime_type)
+        if not heard and attachment.mime_type is not None and attachment.mime_type not in IMAGE_TYPES:
+            return IMAGE_FORMAT.format(mime=attachment.mime_type)
+        return None
+
+    async def _accept(self, message: Message, user: User, text: str, attachment: Attachment | None = None) -> None:
+        """Signal the message to the user's workflow; the user is asked to resend when Temporal can't be reached."""
         incoming = IncomingMessage(message_key=message_key(message), user=chat_user(user), chat_id=message.chat_id,
-                                   channel=Channel.TELEGRAM, text=text, sent_at=message.date)
+                                   channel=Channel.TELEGRAM, text=text, sent_at=message.date, attachment=attachment)
         try:
             await self._signal(incoming)
         except RPCError as exc:
             _log.error("gateway.signal_failed", message_key=incoming.message_key, error=str(exc))
             await message.reply_text(BUSY)
             return
-        _log.info("gateway.accepted", message_key=incoming.message_key, telegram_id=user.id)
+        _log.info("gateway.accepted", message_key=incoming.message_key, telegram_id=user.id,
+                  attachment=attachment.kind.value if attachment else None)
 
     async def _signal(self, incoming: IncomingMessage) -> None:
         # Temporal may be restarting: a few quick tries before the user is asked to resend.
@@ -461,6 +531,54 @@ class Gateway:
         mentions |= message.parse_caption_entities([MessageEntityType.MENTION, MessageEntityType.TEXT_MENTION])
         return any(text.lower() == f"@{bot.username}".lower() or (entity.user is not None and entity.user.id == bot.id)
                    for entity, text in mentions.items())
+
+
+def attachment_of(message: Message) -> Attachment | None:
+    """What a message carries to listen to or look at, as Telegram describes it; None for anything else."""
+    caption = message.caption or None
+    if message.voice is not None:
+        voice = message.voice
+        return Attachment(kind=MediaKind.VOICE, file_id=voice.file_id, file_unique_id=voice.file_unique_id,
+                          duration_s=_seconds(voice), size=voice.file_size, mime_type=voice.mime_type,
+                          caption=caption)
+    if message.audio is not None:
+        audio = message.audio
+        return Attachment(kind=MediaKind.AUDIO, file_id=audio.file_id, file_unique_id=audio.file_unique_id,
+                          duration_s=_seconds(audio), size=audio.file_size, mime_type=audio.mime_type,
+                          caption=caption)
+    if message.video_note is not None:
+        note = message.video_note
+        return Attachment(kind=MediaKind.VIDEO_NOTE, file_id=note.file_id, file_unique_id=note.file_unique_id,
+                          duration_s=_seconds(note), size=note.file_size, mime_type="video/mp4")
+    if message.photo:
+        largest = message.photo[-1]  # Telegram lists a photo's sizes smallest first
+        return Attachment(kind=MediaKind.PHOTO, file_id=largest.file_id, file_unique_id=largest.file_unique_id,
+                          size=largest.file_size, mime_type="image/jpeg", caption=caption)
+    document = message.document
+    if document is not None and (document.mime_type or "").startswith("image/"):
+        return Attachment(kind=MediaKind.PHOTO, file_id=document.file_id, file_unique_id=document.file_unique_id,
+                          size=document.file_size, mime_type=document.mime_type, caption=caption)
+    return None
+
+
+def placeholder(attachment: Attachment) -> str:
+    """The message's text until the worker transcribes or describes its attachment (and if it can't)."""
+    what = {MediaKind.VOICE: "voice message", MediaKind.AUDIO: "audio", MediaKind.VIDEO_NOTE: "video message",
+            MediaKind.PHOTO: "photo"}[attachment.kind]
+    length = f", {_minutes(attachment.duration_s)}" if attachment.duration_s is not None else ""
+    return f"[{what}{length}]" + (f"\n\n{attachment.caption}" if attachment.caption else "")
+
+
+def _seconds(media: Voice | Audio | VideoNote) -> int:
+    """A recording's length in seconds (python-telegram-bot warns that the attribute becomes a timedelta)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        duration = media.duration
+    return int(duration.total_seconds()) if isinstance(duration, timedelta) else int(duration)
+
+
+def _minutes(seconds: int) -> str:
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _without_mention(text: str, username: str) -> str:

@@ -36,6 +36,7 @@ import schemas
 import workflows
 from activities.companion import CompanionActivities
 from clients.llm import ChatModel, LocalModelServer, create_chat_model
+from clients.media import create_media_model
 from clients.telegram import TelegramChannel
 from core import payload_passes
 from core.logging import get_logger
@@ -226,6 +227,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
     tracer = tracer_provider(settings.otel_exporter_otlp_endpoint)
     memory = None
     own_chat_model = chat_model is None
+    media = create_media_model(settings)
     try:
         client = await connect(settings, worker_runtime(settings.metrics_address),
                                [TracingInterceptor()] if tracer is not None else [])
@@ -237,7 +239,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
         await memory.store.check(memory.embedder.dimension)
         activities = CompanionActivities.create(MemoryRepository(sessions), chat_model, telegram,
                                                 settings.quiet_hours, memory=memory,
-                                                extract=settings.extracts_memories)
+                                                extract=settings.extracts_memories, media=media)
         version = deployment_version(settings)
         worker = build_worker(client, settings.temporal_task_queue, activities,
                               settings.worker_max_cached_workflows, settings.workflow_sandbox, settings.worker_role,
@@ -259,6 +261,7 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
             await memory.close()
         if own_chat_model and chat_model is not None:
             await chat_model.close()
+        await media.close()
         if tracer is not None:
             tracer.shutdown()  # sends the spans still queued
         await engine.dispose()

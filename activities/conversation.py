@@ -13,7 +13,7 @@ from temporalio import activity
 from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
-from activities.prompt import reminder_note
+from activities.prompt import HEARD_NOTE, SEEN_NOTE, reminder_note
 from activities.remember import derived_key
 from activities.reminders import follow_up_time, parse_event, parse_reminder, same_time_of_day
 from core.errors import RecordNotFoundError, UserNotFoundError
@@ -30,6 +30,7 @@ from schemas.memory import (
     UserRead,
 )
 from schemas.turn import (
+    ATTACHMENT,
     EnsureUserInput,
     ForgetInput,
     ForgetItemInput,
@@ -77,9 +78,11 @@ class ConversationActivities:
         """Store the user's message once (creating the user, or creating them again when their rows are gone), and
         read the reminder or coming event it mentions: an event goes on the timeline here, once."""
         message = data.message
+        # A voice note or photo: its file id and what Telegram said of it, beside the transcript or description.
+        meta = {ATTACHMENT: message.attachment.model_dump(mode="json", exclude_none=True)} if message.attachment else {}
         user = await self.store_user_message(UserCreate(**message.user.model_dump()), MessageCreate(
             message_key=message.message_key, role=Role.USER, content=message.text, channel=message.channel,
-            sent_at=message.sent_at))
+            sent_at=message.sent_at, meta=meta))
         zone = user.timezone_info
         prepared = PreparedTurn(user=_ref(user))
         found = parse_reminder(message.text, data.now, zone)
@@ -92,6 +95,9 @@ class ConversationActivities:
             prepared.note = reminder_note(found.what, found.at, zone, ask_zone)
             if ask_zone:
                 await self._repository.set_preferences(user.id, {TIMEZONE_ASKED: True})
+        if message.attachment is not None:  # the model is told how the message came, before any reminder's note
+            heard = HEARD_NOTE if message.attachment.kind.heard else SEEN_NOTE
+            prepared.note = f"{heard}\n\n{prepared.note}" if prepared.note else heard
         event = parse_event(message.text, data.now, zone)
         if event is not None:
             await self._repository.add_timeline_event(user.id, TimelineEventCreate(

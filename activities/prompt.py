@@ -60,6 +60,12 @@ def within_budget(hits: list[MemoryHit], shown: set[str], budget: PromptBudget =
     return recalled
 
 
+HEARD_NOTE = ("The user sent this message as a voice recording: it is what a transcription model heard. If it is very "
+              "short, garbled or could be heard two ways, say in a few words what you understood before you answer.")
+SEEN_NOTE = ("The user sent a photo: the text in [Photo: ...] describes it for you, and any text after it is their "
+             "caption. Answer as someone who sees the photo, without mentioning a description.")
+
+
 ASK_ZONE = (" You don't know the user's time zone yet, so the time is UTC's: in the same reply, ask them once for "
             "the city they live in (or to send /timezone and their city, or to share a location); the reminder will "
             "move to their time.")

@@ -22,8 +22,9 @@ from core.errors import (
     UserNotFoundError,
 )
 from core.settings import Settings
-from schemas.memory import Channel, Role
+from schemas.memory import Channel, MessageRead, Role
 from schemas.turn import (
+    ATTACHMENT,
     MAX_MESSAGE_CHARS,
     ChatUser,
     IncomingMessage,
@@ -279,6 +280,16 @@ async def open_repository(settings: Settings) -> AsyncIterator[MemoryRepository]
             await engine.dispose()
 
 
+def _sent_as(message: MessageRead) -> str:
+    """How a message was sent, when not as text: "(voice message, 0:12) " before its transcript."""
+    attachment = message.meta.get(ATTACHMENT)
+    if not attachment:
+        return ""
+    seconds = attachment.get("duration_s")
+    length = f", {seconds // 60}:{seconds % 60:02d}" if seconds is not None else ""
+    return f"({attachment['kind'].replace('_', ' ')}{length}) "
+
+
 async def history(settings: Settings, telegram_id: int, limit: int) -> int:
     """`companion history`: a user's transcript from PostgreSQL, in their local time."""
     async with open_repository(settings) as repository:
@@ -292,5 +303,6 @@ async def history(settings: Settings, telegram_id: int, limit: int) -> int:
     width = max(len(user.display_name), len("companion"))
     for message in messages:
         who = user.display_name if message.role == Role.USER else "companion"
-        print(f"{message.sent_at.astimezone(zone):%Y-%m-%d %H:%M}  {who:<{width}}  {message.content}")
+        print(f"{message.sent_at.astimezone(zone):%Y-%m-%d %H:%M}  {who:<{width}}  {_sent_as(message)}"
+              f"{message.content}")
     return 0

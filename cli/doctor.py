@@ -7,7 +7,11 @@ nothing, and checks only what is configured.
 from __future__ import annotations
 
 import asyncio
+import io
 import re
+import struct
+import wave
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +129,58 @@ async def check_llm(settings: Settings) -> Result:
     return Result("LLM", True, f"{where} answers")
 
 
+async def check_media(settings: Settings) -> list[Result]:
+    """The transcription endpoint hears half a second of silence, and the vision model looks at a tiny image; only
+    those configured (neither with the embedded model)."""
+    from clients.media import create_media_model
+
+    media = create_media_model(settings)
+    results = []
+    try:
+        if settings.hears_voice:
+            endpoint = settings.transcribe_base_url or settings.openai_base_url or "OpenAI"
+            where = f"{settings.transcribe_model} at {endpoint}"
+            try:
+                await media.transcribe(_silence_wav(), "doctor.wav")
+                results.append(Result("Transcription", True, f"{where} answers"))
+            except CompanionError as exc:
+                results.append(Result("Transcription", False, f"{where}: {exc.message}",
+                                      "check TRANSCRIBE_MODEL / TRANSCRIBE_BASE_URL, or OPENAI_API_KEY"))
+        if settings.sees_photos:
+            where = f"{media.vision_model} at {settings.openai_base_url or 'OpenAI'}"
+            try:
+                await media.describe(_tiny_png(), "image/png", None)
+                results.append(Result("Vision", True, f"{where} answers"))
+            except CompanionError as exc:
+                results.append(Result("Vision", False, f"{where}: {exc.message}",
+                                      "check VISION_MODEL (a vision-capable chat model) / OPENAI_CHAT_MODEL"))
+    finally:
+        await media.close()
+    return results
+
+
+def _silence_wav(seconds: float = 0.5, rate: int = 16_000) -> bytes:
+    """A WAV file of silence, 16-bit mono."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as audio:
+        audio.setnchannels(1)
+        audio.setsampwidth(2)
+        audio.setframerate(rate)
+        audio.writeframes(b"\x00\x00" * int(rate * seconds))
+    return out.getvalue()
+
+
+def _tiny_png(side: int = 8) -> bytes:
+    """A PNG image, ``side`` pixels square, all white."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\xff\xff\xff" * side for _ in range(side))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 async def check_telegram(settings: Settings) -> Result | None:
     """The bot token is accepted (getMe); None when no token is configured."""
     if settings.telegram_bot_token is None:
@@ -193,6 +249,7 @@ async def run_doctor(settings: Settings) -> int:
         *await _guarded("Temporal", lambda: check_temporal(settings)),
         *await _guarded("PostgreSQL", lambda: check_postgres(settings)),
         *await _guarded("LLM", lambda: check_llm(settings)),
+        *await _guarded("Voice and photos", lambda: check_media(settings)),
         *await _guarded("Memory", lambda: check_memory(settings)),
         *await _guarded("Telegram", lambda: check_telegram(settings)),
     ]

@@ -125,13 +125,13 @@ class ChatModel:
             response = await self._client.post("/chat/completions", body={"model": self.model, **body},
                                                cast_to=ChatCompletion)
         except openai.APIStatusError as exc:
-            _count_call(self.model, "error", time.perf_counter() - started, purpose=purpose)
-            raise _status_error(exc) from exc
+            count_call(self.model, "error", time.perf_counter() - started, purpose=purpose)
+            raise status_error(exc) from exc
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            _count_call(self.model, "error", time.perf_counter() - started, purpose=purpose)
+            count_call(self.model, "error", time.perf_counter() - started, purpose=purpose)
             raise OpenAIServiceError(f"the LLM endpoint could not be reached ({type(exc).__name__})",
                                      context={"model": self.model}, cause=exc) from exc
-        _count_call(self.model, "ok", time.perf_counter() - started, response.usage, purpose=purpose)
+        count_call(self.model, "ok", time.perf_counter() - started, response.usage, purpose=purpose)
         return response
 
 
@@ -156,17 +156,17 @@ class ChatModel:
                         text += delta
                         on_text(text)
         except openai.APIStatusError as exc:
-            _count_call(self.model, "error", time.perf_counter() - started, purpose="reply")
-            raise _status_error(exc) from exc
+            count_call(self.model, "error", time.perf_counter() - started, purpose="reply")
+            raise status_error(exc) from exc
         except openai.APIError as exc:  # in mid-stream: the connection cut (APIConnectionError), an error event
-            _count_call(self.model, "error", time.perf_counter() - started, purpose="reply")
+            count_call(self.model, "error", time.perf_counter() - started, purpose="reply")
             raise OpenAIServiceError(f"the LLM's stream broke off ({type(exc).__name__})",
                                      context={"model": self.model}, cause=exc) from exc
         completion = ChatCompletion.model_validate({
             "id": "stream", "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
             "usage": usage})
-        _count_call(self.model, "ok", time.perf_counter() - started, completion.usage, purpose="reply")
+        count_call(self.model, "ok", time.perf_counter() - started, completion.usage, purpose="reply")
         return completion
 
 
@@ -174,7 +174,7 @@ def _content(response: ChatCompletion) -> str:
     return (response.choices[0].message.content or "").strip() if response.choices else ""
 
 
-def _count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage | None = None,
+def count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage | None = None,
                 purpose: str = "reply") -> None:
     """LLM calls, their latency and tokens, as metrics of the worker (when called inside an activity)."""
     if not activity.in_activity():
@@ -188,7 +188,7 @@ def _count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage
         tokens.add(usage.completion_tokens, {"kind": "completion"})
 
 
-def _status_error(exc: openai.APIStatusError) -> OpenAIServiceError:
+def status_error(exc: openai.APIStatusError) -> OpenAIServiceError:
     status = exc.status_code
     context: dict[str, object] = {"status": status}
     retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None

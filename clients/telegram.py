@@ -28,6 +28,8 @@ from core.settings import Settings
 
 # Telegram's limit on one message's text, counted in UTF-16 code units after entity parsing.
 MESSAGE_LIMIT = 4096
+# Bots download the files users send of up to 20 MB (the Bot API's getFile limit).
+DOWNLOAD_LIMIT = 20 * 1024 * 1024
 # "typing…" shows only when the reply takes a noticeable time, as the Bot API asks of sendChatAction. A quicker reply
 # goes out with no indicator: none can land after it and show "typing…" under it, and none is cut off mid-request
 # by it (a cancelled request costs its connection: the next one opens a new one, TLS handshake and all).
@@ -156,8 +158,9 @@ class TelegramChannel:
         """The channel for TELEGRAM_BOT_TOKEN (at TELEGRAM_API_BASE_URL), or None when no token is set."""
         if settings.telegram_bot_token is None:
             return None
-        return cls(Bot(settings.telegram_bot_token.get_secret_value(), base_url=settings.telegram_api_base_url,
-                       request=AiohttpRequest()))
+        base_url = settings.telegram_api_base_url
+        return cls(Bot(settings.telegram_bot_token.get_secret_value(), base_url=base_url,
+                       base_file_url=file_base_url(base_url), request=AiohttpRequest()))
 
     async def send(self, chat_id: int, text: str, *, formatted: bool = True) -> int:
         """Send one part (≤ MESSAGE_LIMIT) formatted as HTML, or as plain text when Telegram can't parse it (or
@@ -229,6 +232,16 @@ class TelegramChannel:
             _log.info("telegram.draft_failed", chat_id=chat_id, error=exc.message)
             return False
 
+    async def download(self, file_id: str) -> bytes:
+        """A file a user sent, by its file id (getFile, then the file itself). Bots may download files of up to
+        DOWNLOAD_LIMIT bytes: a larger one is refused, not retried."""
+        bot = await self._started()
+        with telegram_errors(None):
+            file = await bot.get_file(file_id)
+            if file.file_size is not None and file.file_size > DOWNLOAD_LIMIT:
+                raise BadRequest("file is too big")
+            return bytes(await file.download_as_bytearray())
+
     @asynccontextmanager
     async def typing(self, chat_id: int) -> AsyncIterator[None]:
         """Show "typing…" in the chat while the block runs, from TYPING_AFTER_S on; a failing indicator never fails
@@ -278,6 +291,13 @@ class TelegramChannel:
         """Close the bot's HTTP connections, also those a start that failed (Telegram unreachable) left open."""
         await self._bot.shutdown()  # a no-op for a bot that never started
         self._ready = False
+
+
+def file_base_url(base_url: str) -> str:
+    """Where the files of the Bot API at ``base_url`` (`https://api.telegram.org/bot`) are downloaded from
+    (`https://api.telegram.org/file/bot`)."""
+    root, bot = base_url.rstrip("/").rsplit("/", 1)
+    return f"{root}/file/{bot}"
 
 
 @contextmanager

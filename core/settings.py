@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     # Replies are streamed from the LLM and shown as they are written (a Telegram draft, a message edited as it
     # grows in a group, the terminal chat); false for an OpenAI-compatible server that cannot stream.
     llm_stream: bool = True
+    # Voice notes and audio are transcribed by this model of the OpenAI-compatible audio.transcriptions endpoint, at
+    # TRANSCRIBE_BASE_URL (e.g. a local Whisper server; its key is OPENAI_API_KEY, or none) or else the LLM's.
+    transcribe_model: str = "gpt-4o-mini-transcribe"
+    transcribe_base_url: str | None = None
+    # Photos are described by this vision-capable chat model (unset: OPENAI_CHAT_MODEL), at the LLM's endpoint.
+    vision_model: str | None = None
+    # Longer voice notes and audio are declined before anything is downloaded.
+    max_voice_seconds: int = Field(default=300, ge=1, le=3_600)
     # The LLM steps' rate across every worker (the LLM task queue's activities a second); unset = no limit.
     llm_max_requests_per_second: float | None = Field(default=None, gt=0, le=10_000)
     # A message waits at most this long for its reply, LLM retries included; then the user gets the fallback reply.
@@ -172,7 +180,7 @@ class Settings(BaseSettings):
             raise ValueError("expected host:port, e.g. localhost:7233")
         return value
 
-    @field_validator("openai_base_url", "telegram_api_base_url", "otel_exporter_otlp_endpoint")
+    @field_validator("openai_base_url", "transcribe_base_url", "telegram_api_base_url", "otel_exporter_otlp_endpoint")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None:
@@ -258,6 +266,16 @@ class Settings(BaseSettings):
     def uses_local_model(self) -> bool:
         """True when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set and the embedded model answers."""
         return self.openai_api_key is None and self.openai_base_url is None
+
+    @property
+    def hears_voice(self) -> bool:
+        """True when voice notes can be transcribed: an OpenAI-compatible endpoint is configured for it."""
+        return self.transcribe_base_url is not None or not self.uses_local_model
+
+    @property
+    def sees_photos(self) -> bool:
+        """True when photos can be described: the LLM is OpenAI or a compatible server, not the embedded model."""
+        return not self.uses_local_model
 
     @property
     def chat_model_name(self) -> str:

@@ -109,8 +109,40 @@ def nudge_message_key(nudge_id: str) -> str:
     return f"nudge:{nudge_id}"
 
 
+class MediaKind(StrEnum):
+    """What a message carries besides text: something to listen to, or a picture."""
+
+    VOICE = "voice"
+    AUDIO = "audio"
+    VIDEO_NOTE = "video_note"
+    PHOTO = "photo"
+
+    @property
+    def heard(self) -> bool:
+        """True for what is transcribed (voice, audio, a round video), False for a picture, which is described."""
+        return self != MediaKind.PHOTO
+
+
+# The meta key of a stored message that came with an attachment: the Attachment, file id included (provenance).
+ATTACHMENT = "attachment"
+
+
+class Attachment(_Contract):
+    """A voice note, audio file, round video or photo, as Telegram describes it: its file id (the worker downloads
+    it), never its bytes, so the workflow's payloads stay small."""
+
+    kind: MediaKind
+    file_id: Annotated[str, StringConstraints(min_length=1, max_length=300)]
+    file_unique_id: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    duration_s: int | None = Field(default=None, ge=0)
+    size: int | None = Field(default=None, ge=0)
+    mime_type: str | None = Field(default=None, max_length=100)
+    caption: Annotated[str, StringConstraints(strip_whitespace=True, max_length=MAX_MESSAGE_CHARS)] | None = None
+
+
 class IncomingMessage(_Contract):
-    """One message from a user, as the gateway or the terminal hands it to the user's workflow."""
+    """One message from a user, as the gateway or the terminal hands it to the user's workflow. A message with an
+    attachment has a placeholder text ("[voice note, 0:12]") until the transcript or description replaces it."""
 
     message_key: MessageKey
     user: ChatUser
@@ -118,11 +150,27 @@ class IncomingMessage(_Contract):
     channel: Channel
     text: MessageText
     sent_at: AwareDatetime
+    attachment: Attachment | None = None
 
     @property
     def reply_key(self) -> str:
         """The message key of the companion's reply to this message."""
         return reply_key_of(self.message_key)
+
+
+class UnderstandInput(_Contract):
+    """Transcribe or describe a message's attachment."""
+
+    message_key: str
+    attachment: Attachment
+
+
+class Understood(_Contract):
+    """What an attachment said or showed, as the user's message: the transcript (and the caption), or the photo's
+    description beside its caption."""
+
+    text: MessageText
+    model: str | None = None
 
 
 class TurnReply(_Contract):

@@ -6,6 +6,11 @@ status codes, Retry-After on 429, and with "stream": true server-sent chat.compl
 unchanged. Replies follow a script when one is given, otherwise a default that echoes the user's last message. A
 reply can take its time: ``first_token_s`` before its first token, then ``tokens_per_s`` (streamed, token by token;
 otherwise the whole reply once its last token is written).
+
+It also transcribes (`/v1/audio/transcriptions`: multipart/form-data with `file` and `model`, the formats the real
+endpoint reads, a JSON `{"text", "usage"}` answer) what ``speech`` says each recording holds, and reads images in
+chat messages (`image_url` parts: data URLs of JPEG, PNG, WebP or GIF, refused otherwise as the real API refuses
+them), answering a request with an image with what ``sights`` says it shows.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -69,6 +76,13 @@ class FakeOpenAI:
     # written (time.perf_counter(), a clock every process of the machine shares); appended to this file as JSON lines.
     streams: list[tuple[str, float, float]] = field(default_factory=list)
     streams_log: str | None = None
+    # What each recording says (by its bytes), and what each image shows; unknown ones are silence, "A photo.".
+    speech: dict[bytes, str] = field(default_factory=dict)
+    sights: dict[bytes, str] = field(default_factory=dict)
+    # Every transcription request (model, file name, bytes) and every image a chat request carried (its bytes).
+    transcriptions: list[tuple[str, str, bytes]] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    _audio_script: deque = field(default_factory=deque)
 
     def start(self) -> str:
         """Serve on a free loopback port; returns the base URL to give the openai client."""
@@ -95,10 +109,18 @@ class FakeOpenAI:
         with self._lock:
             self._json_script.extend(Reply(json.dumps(step)) if isinstance(step, dict) else step for step in steps)
 
+    def script_audio(self, *steps: Fail | None) -> None:
+        """The next transcription requests fail with these errors, in order (None: that one is answered)."""
+        with self._lock:
+            self._audio_script.extend(steps)
+
     def reset(self) -> None:
         with self._lock:
             self._script.clear()
             self._json_script.clear()
+            self._audio_script.clear()
+            self.transcriptions.clear()
+            self.images.clear()
             self.requests.clear()
             self.arrivals.clear()
 
@@ -127,20 +149,76 @@ class FakeOpenAI:
             return _send_error(request, step.status, step.message)
         send_json(request, 200, _embedding_response(body, int(dimension)))
 
+    def _transcribe(self, request: BaseHTTPRequestHandler, raw: bytes) -> None:
+        kind = request.headers.get("Content-Type", "")
+        if not kind.startswith("multipart/form-data"):
+            return _send_error(request, 400, "Invalid Content-Type header (expected multipart/form-data).")
+        form: dict[str, Any] = {}
+        for part in BytesParser(policy=HTTP).parsebytes(f"Content-Type: {kind}\r\n\r\n".encode() + raw).iter_parts():
+            content = part.get_payload(decode=True)
+            form[part.get_param("name", header="content-disposition")] = (part.get_filename(), content)
+        if "file" not in form or not form["file"][1]:
+            return _send_error(request, 400, "Missing required parameter: 'file'.")
+        if "model" not in form:
+            return _send_error(request, 400, "Missing required parameter: 'model'.")
+        filename, audio = form["file"]
+        model = form["model"][1].decode()
+        if (filename or "").rpartition(".")[2].lower() not in AUDIO_FORMATS:
+            return _send_error(request, 400, f"Invalid file format. Supported formats: {list(AUDIO_FORMATS)}")
+        with self._lock:
+            self.transcriptions.append((model, filename, audio))
+            step = self._audio_script.popleft() if self._audio_script else None
+        if isinstance(step, Fail):
+            return _send_error(request, step.status, step.message)
+        text = self.speech.get(audio, "")
+        audio_tokens, text_tokens = max(1, len(audio) // 100), len(text.split())
+        send_json(request, 200, {"text": text, "usage": {
+            "type": "tokens", "input_tokens": audio_tokens, "output_tokens": text_tokens,
+            "total_tokens": audio_tokens + text_tokens,
+            "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens}}})
+
+    def _seen(self, body: dict[str, Any]) -> tuple[str | None, str | None]:
+        """What the images of a chat request show (None: it has none), or why they are refused."""
+        images = []
+        for message in body["messages"]:
+            for part in message.get("content") if isinstance(message.get("content"), list) else []:
+                if part.get("type") != "image_url":
+                    continue
+                match = re.fullmatch(r"data:image/(jpeg|png|webp|gif);base64,([A-Za-z0-9+/=]+)",
+                                     (part.get("image_url") or {}).get("url", ""))
+                try:
+                    images.append(base64.b64decode(match.group(2), validate=True) if match else b"")
+                except ValueError:
+                    images.append(b"")
+        if not images:
+            return None, None
+        if not all(images):
+            return None, ("You uploaded an unsupported image. Please make sure your image is below 20 MB in size "
+                          "and is of one the following formats: ['png', 'jpeg', 'gif', 'webp'].")
+        with self._lock:
+            self.images.extend(images)
+        return " ".join(self.sights.get(image, "A photo.") for image in images), None
+
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         length = int(request.headers.get("Content-Length", "0"))
-        try:
-            body = json.loads(request.rfile.read(length) or b"{}")
-        except json.JSONDecodeError:
-            return _send_error(request, 400, "We could not parse the JSON body of your request.")
-        if request.path not in ("/v1/chat/completions", "/v1/embeddings"):
+        raw = request.rfile.read(length)
+        if request.path not in ("/v1/chat/completions", "/v1/embeddings", "/v1/audio/transcriptions"):
             return _send_error(request, 404, f"Invalid URL (POST {request.path})")
         if not request.headers.get("Authorization", "").startswith("Bearer "):
             return _send_error(request, 401, "You didn't provide an API key.")
+        if request.path == "/v1/audio/transcriptions":
+            return self._transcribe(request, raw)
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            return _send_error(request, 400, "We could not parse the JSON body of your request.")
         if request.path == "/v1/embeddings":
             return self._embeddings(request, body)
         if not isinstance(body.get("messages"), list) or not body.get("model"):
             return _send_error(request, 400, "'model' and 'messages' are required properties.")
+        seen, refusal = self._seen(body)
+        if refusal is not None:
+            return _send_error(request, 400, refusal)
         self.requests.append(body)
         self.arrivals.append(time.monotonic())
         schema = _json_schema(body)
@@ -152,6 +230,8 @@ class FakeOpenAI:
             time.sleep(step.delay_s)
         if step is not None:
             text = step.text
+        elif seen is not None:
+            text = seen
         else:
             text = json.dumps(_smallest(schema)) if schema is not None else self.default(body)
         if body.get("stream"):
@@ -203,6 +283,7 @@ class FakeOpenAI:
         request.wfile.flush()
 
 
+AUDIO_FORMATS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm")
 EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072}
 
 
@@ -255,7 +336,10 @@ def _embedding_response(body: dict[str, Any], dimension: int) -> dict[str, Any]:
 
 
 def _last_user(body: dict[str, Any]) -> str:
-    return next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    content = next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    if isinstance(content, list):  # text and image parts: the text
+        return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return content
 
 
 def _completion(body: dict[str, Any], text: str, number: int) -> dict[str, Any]:

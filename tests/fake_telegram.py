@@ -7,7 +7,8 @@ Faithful where the companion relies on it: `/bot<token>/<method>` URLs; paramete
 checks it; the 4,096-character limit after entity parsing; drafts (`sendMessageDraft`) in private chats only; edits
 refused when they change nothing ("message is not modified") and deletions of messages that are gone; documents
 uploaded with `sendDocument` (50 MB, captions of 1,024 characters); 403 from a chat that blocked the bot; 429 with
-`parameters.retry_after`. Tests push updates, script failures and read what the bot sent.
+`parameters.retry_after`; files users sent (`getFile`, 20 MB at most, then the download from `/file/bot<token>/<path>`).
+Tests push updates, script failures and read what the bot sent.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from tests.local_http import send_json, serve
 
@@ -37,6 +38,7 @@ BOT_USERNAME = "companion_test_bot"
 MAX_TEXT = 4096
 MAX_CAPTION = 1024
 MAX_UPLOAD = 50 * 1024 * 1024  # bots send files of up to 50 MB
+MAX_DOWNLOAD = 20 * 1024 * 1024  # and get (getFile) files of up to 20 MB
 _ALLOWED_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "a", "code", "pre", "tg-spoiler",
                  "span", "blockquote", "tg-emoji"}
 _TAG = re.compile(r"<(/?)([a-zA-Z][\w-]*)([^>]*)>")
@@ -82,6 +84,18 @@ class Document:
 
 
 @dataclass
+class StoredFile:
+    """A file a user sent, as Telegram keeps it: ``size`` may claim more than ``content`` holds (a big file, without
+    the test holding its bytes)."""
+
+    file_id: str
+    file_unique_id: str
+    path: str
+    content: bytes
+    size: int
+
+
+@dataclass
 class Draft:
     """A draft the bot showed: the ephemeral preview of a message being written (sendMessageDraft)."""
 
@@ -113,6 +127,8 @@ class FakeBotAPI:
     edits: list[Edit] = field(default_factory=list)
     deleted: list[Sent] = field(default_factory=list)
     documents: list[Document] = field(default_factory=list)
+    files: dict[str, StoredFile] = field(default_factory=dict)
+    downloads: list[str] = field(default_factory=list)  # the file ids whose bytes the bot fetched
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     webhook: dict[str, Any] | None = None
     blocked: set[int] = field(default_factory=set)
@@ -152,6 +168,17 @@ class FakeBotAPI:
             self._updates.append(update)
             self._cond.notify_all()
         return update
+
+    def add_file(self, content: bytes, path: str, size: int | None = None) -> dict[str, Any]:
+        """Keep a file a user sends; returns its ids and size, as a message's voice, photo or document carries
+        them (the test adds duration, mime_type, width and height as Telegram would)."""
+        with self._cond:
+            number = len(self.files) + 1
+            stored = StoredFile(file_id=f"AwACAgQAAx{number:06d}-{path.replace('/', '_')}",
+                                file_unique_id=f"AgAD{number:06d}", path=path, content=content,
+                                size=len(content) if size is None else size)
+            self.files[stored.file_id] = stored
+        return {"file_id": stored.file_id, "file_unique_id": stored.file_unique_id, "file_size": stored.size}
 
     def fail_next(self, method: str, *failures: Fail | None) -> None:
         """The next calls of ``method`` fail with these errors, in order (None: that call goes through)."""
@@ -197,6 +224,8 @@ class FakeBotAPI:
             self.edits.clear()
             self.deleted.clear()
             self.documents.clear()
+            self.files.clear()
+            self.downloads.clear()
             self.calls.clear()
             self.blocked.clear()
             self._failures.clear()
@@ -207,6 +236,8 @@ class FakeBotAPI:
     # --- the protocol -------------------------------------------------------------------------------------------
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        if request.command == "GET" and request.path.startswith("/file/bot"):
+            return self._download(request)
         match = re.fullmatch(r"/bot([^/]+)/(\w+)", request.path.split("?")[0])
         if match is None:
             return _reply(request, 404, {"ok": False, "error_code": 404, "description": "Not Found"})
@@ -238,6 +269,29 @@ class FakeBotAPI:
         except _APIError as exc:
             return _error(request, exc.code, exc.description)
         _reply(request, 200, {"ok": True, "result": result})
+
+    def _m_getfile(self, params: dict[str, Any]) -> dict[str, Any]:
+        stored = self.files.get(params.get("file_id", ""))
+        if stored is None:
+            raise _APIError(400, "Bad Request: invalid file_id")
+        if stored.size > MAX_DOWNLOAD:
+            raise _APIError(400, "Bad Request: file is too big")
+        return {"file_id": stored.file_id, "file_unique_id": stored.file_unique_id, "file_size": stored.size,
+                "file_path": stored.path}
+
+    def _download(self, request: BaseHTTPRequestHandler) -> None:
+        """GET /file/bot<token>/<file_path>: the bytes of a file getFile named."""
+        token, _, path = unquote(request.path).removeprefix("/file/bot").partition("/")
+        stored = next((f for f in self.files.values() if f.path == path and f.size <= MAX_DOWNLOAD), None)
+        if token != self.token or stored is None:
+            return _reply(request, 404, {"ok": False, "error_code": 404, "description": "Not Found"})
+        with self._cond:
+            self.downloads.append(stored.file_id)
+        request.send_response(200)
+        request.send_header("Content-Type", "application/octet-stream")
+        request.send_header("Content-Length", str(len(stored.content)))
+        request.end_headers()
+        request.wfile.write(stored.content)
 
     def _m_getme(self, _params: dict[str, Any]) -> dict[str, Any]:
         return {"id": BOT_ID, "is_bot": True, "first_name": "Companion", "username": BOT_USERNAME,

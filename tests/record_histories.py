@@ -5,8 +5,9 @@
 Runs the real worker against the Temporal dev server, an embedded PostgreSQL, the scripted OpenAI server and the
 local Bot API server, and saves: a plain conversation; steps that failed and were retried, and an LLM that never
 answered (the fallback reply); a run that continued as new; a nudge that fired and one that was cancelled; a
-Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, /memory and two items
-forgotten from it, /persona, /export, /forget); the companion's own nudges (a reminder asked for, a follow-up,
+Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, a voice note transcribed, a
+photo the vision model refused, /memory and two items forgotten from it, /persona, /export, /forget); the
+companion's own nudges (a reminder asked for, a follow-up,
 check-ins, quiet hours, a new time zone); remember steps with an extraction and the summary carried over
 continue-as-new; and remember steps that wait for a pause (or five turns), the turns still waiting remembered before
 continue-as-new. Name scenarios to record only those.
@@ -28,10 +29,21 @@ from telegram import Bot
 from temporalio.client import Client
 
 from activities.companion import CompanionActivities
-from clients.telegram import TelegramChannel
+from clients.http import openai_client
+from clients.media import MediaModel
+from clients.telegram import TelegramChannel, file_base_url
 from core.settings import Settings, load_settings
 from schemas.memory import Channel, FactCategory, MemoryItemKind, NudgeKind, NudgeStatus, ProfileFactCreate
-from schemas.turn import ChatUser, IncomingMessage, Nudge, PersonaChange, TimezoneChange, TimezoneSource
+from schemas.turn import (
+    Attachment,
+    ChatUser,
+    IncomingMessage,
+    MediaKind,
+    Nudge,
+    PersonaChange,
+    TimezoneChange,
+    TimezoneSource,
+)
 from storage import migrate
 from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres
@@ -139,7 +151,8 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
     api = FakeBotAPI()
     api.start()
     settings = SETTINGS.model_copy(update={"telegram_api_base_url": api.url})
-    channel = TelegramChannel(Bot(TOKEN, base_url=api.url))
+    channel = TelegramChannel(Bot(TOKEN, base_url=api.url, base_file_url=file_base_url(api.url)))
+    media_client = openai_client(llm.url, "test", max_retries=0, timeout=30)
     user = ChatUser(telegram_id=ada, first_name="Ada")
 
     def message(n: int, text: str) -> IncomingMessage:
@@ -151,8 +164,9 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             await asyncio.sleep(0.1)
 
     try:
-        async with build_worker(client, settings.temporal_task_queue,
-                                CompanionActivities.create(repository, chat_model(llm), channel)):
+        async with build_worker(client, settings.temporal_task_queue, CompanionActivities.create(
+                repository, chat_model(llm), channel, media=MediaModel(media_client, "stub-transcribe", media_client,
+                                                                       "stub-vision"))):
             await signal_message(client, settings, message(1, "Hi, I'm Ada"))
             await delivered(1)
             api.fail_next("sendMessage", Fail429)
@@ -171,6 +185,20 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             api.blocked.clear()
             await signal_message(client, settings, message(4, "I'm back"))
             await delivered(4)
+            # a voice note, transcribed (its file downloaded by its id), then a photo the vision model fails on
+            audio = b"OggS voice note: remind me tomorrow at 9 to call mom"
+            llm.speech[audio] = "remind me tomorrow at 9 to call mom"
+            voice = api.add_file(audio, "voice/file_1.oga")
+            await signal_message(client, settings, message(5, "[voice message, 0:03]").model_copy(update={
+                "attachment": Attachment(kind=MediaKind.VOICE, file_id=voice["file_id"], duration_s=3,
+                                         file_unique_id=voice["file_unique_id"], mime_type="audio/ogg")}))
+            await delivered(5)
+            photo = api.add_file(b"\xff\xd8\xff\xe0 a photo", "photos/file_2.jpg")
+            llm.script(Fail(400, "You uploaded an unsupported image."))  # refused for good: the polite answer
+            await signal_message(client, settings, message(6, "[photo]").model_copy(update={
+                "attachment": Attachment(kind=MediaKind.PHOTO, file_id=photo["file_id"], mime_type="image/jpeg",
+                                         file_unique_id=photo["file_unique_id"])}))
+            await delivered(6)
             # /memory, and one fact and one nudge forgotten from it
             stored = await repository.get_user_by_telegram_id(ada)
             await repository.upsert_profile_fact(stored.id, ProfileFactCreate(
@@ -189,6 +217,7 @@ async def _telegram(client: Client, repository: MemoryRepository, llm: FakeOpenA
             await _save(client, ada, "telegram", run_id=run_id)
     finally:
         await channel.close()
+        await media_client.close()
         api.stop()
 
 

@@ -429,7 +429,7 @@ def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gon
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     checks = {line.split()[0]: line.split()[1] for line in healthy.stdout.splitlines()[:-1]}
     assert checks == {"Temporal": "ok", "PostgreSQL": "ok", "schema": "ok", "pgvector": "ok", "LLM": "ok",
-                      "Embedder": "ok"}
+                      "Transcription": "ok", "Vision": "ok", "Embedder": "ok"}
 
     stopped = _companion("doctor", cwd=tmp_path, env=dev_env)  # PostgreSQL and Temporal are gone with `dev`
     assert stopped.returncode == 1
@@ -437,7 +437,7 @@ def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gon
     assert any(line.startswith("PostgreSQL  FAIL  the embedded server is not running") for line in lines)
     assert "fix: start `uv run companion dev` (it runs the embedded PostgreSQL), or set DATABASE_URL" in stopped.stdout
     assert "Temporal    FAIL  nothing answers at" in stopped.stdout
-    assert lines[-1] == "2 ok, 2 failed"  # the LLM stub still answers, embeddings too
+    assert lines[-1] == "4 ok, 2 failed"  # the LLM stub still answers, transcribes and sees, embeddings too
 
     unreachable = _companion("doctor", cwd=tmp_path, env={
         **dev_env, "DATABASE_URL": "postgresql://companion:pw@127.0.0.1:9/companion"})  # nothing listens on 9

@@ -30,10 +30,13 @@ from temporalio.testing import ActivityEnvironment
 
 import bot_gateway
 from activities.companion import CompanionActivities
-from activities.prompt import ASKED_PERSONA
+from activities.prompt import ASKED_PERSONA, HEARD_NOTE, SEEN_NOTE
 from activities.reply import DRAFT_EVERY_S, EDIT_EVERY_S, GROUP_NOTE
 from activities.sending import DELIVERY_CLAIM
+from cli.conversation import history
+from cli.doctor import check_media
 from clients.http import AiohttpRequest
+from clients.media import create_media_model
 from clients.telegram import (
     MESSAGE_LIMIT,
     TYPING_AFTER_S,
@@ -65,6 +68,7 @@ from tests.conftest import (
     new_telegram_id,
     own_time_skipping_server,
 )
+from tests.fake_openai import Fail as LLMFail
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.fake_telegram import (
     BOT_USERNAME,
@@ -82,7 +86,7 @@ from tests.test_bad_input import TEXTS
 from tests.test_workflow import eventually, transcript, turn_steps
 from worker import build_worker
 from workflows.client import schedule_nudge
-from workflows.companion import CompanionWorkflow
+from workflows.companion import UNHEARD, CompanionWorkflow
 from workflows.contract import workflow_id
 
 WEBHOOK_URL = "https://companion.example/telegram"
@@ -165,13 +169,15 @@ async def tg(bot_api_server: FakeBotAPI, dev_server: SharedDevServer, repo: Memo
     api.reset()
     task_queue = f"test-{uuid.uuid4()}"
     settings = load_settings(**{"temporal_task_queue": task_queue, "telegram_bot_token": TOKEN,
-                                "telegram_api_base_url": api.url, "checkin_after_days": 0, **gateway_settings})
+                                "telegram_api_base_url": api.url, "checkin_after_days": 0,
+                                "openai_base_url": fake_llm.url, **gateway_settings})
     chat = chat_model(fake_llm)
+    media = create_media_model(settings)  # transcription and vision on the same local server, as the worker's
     channel = TelegramChannel.from_settings(settings)  # as the worker builds it
     assert channel is not None
     # The remember step (its extraction too) runs after a minute's pause, which no test waits for unless it sets
     # REMEMBER_AFTER_QUIET_SECONDS.
-    activities = CompanionActivities.create(repo, chat, channel, memory=memory, extract=True)
+    activities = CompanionActivities.create(repo, chat, channel, memory=memory, extract=True, media=media)
     stack = TelegramStack(settings, api, fake_llm, repo, dev_server, memory)
     try:
         async with build_worker(env.client, task_queue, activities), running_gateway(settings, env.client):
@@ -179,6 +185,7 @@ async def tg(bot_api_server: FakeBotAPI, dev_server: SharedDevServer, repo: Memo
     finally:
         await channel.close()
         await chat.close()
+        await media.close()
         async for execution in env.client.list_workflows(f'TaskQueue="{task_queue}"'):
             if execution.status == WorkflowExecutionStatus.RUNNING:
                 await env.client.get_workflow_handle(execution.id).terminate("test finished")
@@ -479,7 +486,9 @@ async def test_only_allowed_users_are_answered_and_others_leave_nothing_behind(t
     assert reply.text == "I hear you: it's me"
 
 
-async def test_photos_voice_stickers_and_edits_get_a_short_explanation(tg: TelegramStack) -> None:
+@pytest.mark.parametrize("gateway_settings", [{"openai_base_url": None}], indirect=True)  # the embedded model
+async def test_without_a_model_for_them_photos_and_voice_stickers_and_edits_get_a_short_explanation(
+        tg: TelegramStack) -> None:
     ada = new_telegram_id()
     tg.api.push(message_update(ada, photo=[{"file_id": "p1", "file_unique_id": "u1", "width": 90, "height": 90}],
                                caption="look at this view"))
@@ -489,8 +498,122 @@ async def test_photos_voice_stickers_and_edits_get_a_short_explanation(tg: Teleg
     tg.api.push(message_update(ada, "I meant Tuesday", edited=True))
 
     sent = await tg.api.wait_for(ada, count=4)
-    assert sorted(m.text for m in sent) == sorted([bot_gateway.UNSUPPORTED] * 3 + [bot_gateway.EDITED])
+    assert sorted(m.text for m in sent) == sorted([bot_gateway.MEDIA_NEEDS_MODEL] * 2 + [bot_gateway.UNSUPPORTED]
+                                                  + [bot_gateway.EDITED])
     assert not await tg.workflow_exists(ada)  # nothing reached the companion
+    assert tg.api.downloads == []
+
+
+# --- voice notes and photos ----------------------------------------------------------------------------------------
+
+OGG_OPUS = b"OggS\x00\x02" + bytes(range(256)) * 8  # what a voice note's file starts like; the bytes are the test's
+
+
+def voice_note(tg: TelegramStack, said: str, seconds: int = 4, audio: bytes | None = None) -> dict:
+    """A voice note saying ``said``: its file kept by the Bot API server, its words known to the OpenAI one."""
+    audio = audio or OGG_OPUS + said.encode()
+    tg.llm.speech[audio] = said
+    return {**tg.api.add_file(audio, f"voice/file_{len(tg.api.files)}.oga"), "duration": seconds,
+            "mime_type": "audio/ogg"}
+
+
+async def test_a_voice_note_is_transcribed_once_stored_as_the_message_and_answered(
+        tg: TelegramStack, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ada = new_telegram_id()
+    voice = voice_note(tg, "I finally booked the trip to Lisbon")
+    update = tg.api.push(message_update(ada, voice=voice))
+    [reply] = await tg.api.wait_for(ada)
+
+    [(model, filename, audio)] = tg.llm.transcriptions  # one request, with the file's bytes, in a format it reads
+    assert (model, filename, audio) == ("gpt-4o-mini-transcribe", "voice.ogg", tg.api.files[voice["file_id"]].content)
+    *_, told, said = tg.llm.requests[-1]["messages"]
+    assert said["content"] == "I finally booked the trip to Lisbon"
+    assert told["role"] == "system" and HEARD_NOTE in told["content"]  # so it can say what it heard when unsure
+    assert reply.text == "I hear you: I finally booked the trip to Lisbon"
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    heard, answer = await tg.repo.recent_messages(user.id, limit=5)
+    assert heard.content == "I finally booked the trip to Lisbon"
+    assert heard.meta["attachment"] == {"kind": "voice", "file_id": voice["file_id"],
+                                        "file_unique_id": voice["file_unique_id"], "duration_s": 4,
+                                        "size": len(audio), "mime_type": "audio/ogg"}
+    assert answer.content == reply.text
+    assert await history(load_settings(database_url=database_url), ada, 10) == 0
+    assert "(voice, 0:04) I finally booked the trip to Lisbon" in capsys.readouterr().out
+
+    tg.api.push({"message": update["message"]})  # Telegram sends the update again: it thinks it was lost
+    assert [m.text for m in await settle(tg, ada)] == [reply.text]
+    assert len(tg.llm.transcriptions) == 1 and tg.api.downloads == [voice["file_id"]]
+    assert "transcribe" in await tg.steps(ada)
+
+
+@pytest.mark.parametrize("gateway_settings", [{"remember_after_quiet_seconds": 0}], indirect=True)
+async def test_a_photo_is_described_answered_with_its_caption_and_remembered_with_its_file_id(
+        tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    jpeg = b"\xff\xd8\xff\xe0" + b"Rex on the beach" * 64
+    tg.llm.sights[jpeg] = "A golden retriever runs along a sandy beach at sunset."
+    small = tg.api.add_file(b"\xff\xd8\xff\xe0 thumbnail", "photos/file_s.jpg")
+    large = tg.api.add_file(jpeg, "photos/file_l.jpg")
+    tg.api.push(message_update(ada, photo=[{**small, "width": 90, "height": 60}, {**large, "width": 1280,
+                                                                                 "height": 853}],
+                               caption="This is Rex, my dog!"))
+    [reply] = await tg.api.wait_for(ada)
+
+    assert tg.llm.images == [jpeg]  # the largest size, as a data URL the vision model reads
+    vision = next(body for body in tg.llm.requests if isinstance(body["messages"][-1]["content"], list))
+    assert vision["messages"][-1]["content"][0]["text"] == "The caption: This is Rex, my dog!"
+    said = ("[Photo: A golden retriever runs along a sandy beach at sunset.]\n\nThis is Rex, my dog!")
+    *_, told, asked = tg.llm.requests[-1]["messages"]
+    assert asked["content"] == said and SEEN_NOTE in told["content"]  # the reply's prompt: description and caption
+    assert reply.text == f"I hear you: {said}"
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    [photo] = [m for m in await tg.repo.recent_messages(user.id, limit=5) if m.role == Role.USER]
+    assert photo.content == said and photo.meta["attachment"]["file_id"] == large["file_id"]
+    # Remembered: recall finds the photo by what it showed, and its source is the message that holds the file id.
+    found = await eventually(lambda: tg.memory.search(user.id, "golden retriever at the beach"),
+                             lambda found: any("golden retriever" in hit.content for hit in found.hits))
+    hit = next(hit for hit in found.hits if "golden retriever" in hit.content)
+    assert photo.message_key in hit.source_keys
+
+
+async def test_an_overlong_voice_note_or_a_huge_file_is_declined_politely_and_nothing_is_kept(
+        tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    tg.api.push(message_update(ada, voice=voice_note(tg, "a very long story", seconds=301)))
+    tg.api.push(message_update(ada, audio={**tg.api.add_file(b"ID3" * 10, "music/file_1.mp3", size=25 << 20),
+                                           "duration": 200, "mime_type": "audio/mpeg"}))
+    tg.api.push(message_update(ada, document={**tg.api.add_file(b"BM", "documents/file_1.bmp"),
+                                              "file_name": "scan.bmp", "mime_type": "image/bmp"}))
+    sent = await tg.api.wait_for(ada, count=3)
+    assert sorted(m.text for m in sent) == sorted([
+        "That recording is 5:01 long, and I listen to up to 5:00. Could you send a shorter one, or tell me in words?",
+        "That file is 25 MB, and Telegram lets me fetch files of up to 20 MB. Could you send a smaller one?",
+        "I can't open that kind of image (image/bmp): JPEG, PNG, WebP and GIF work."])
+    assert not await tg.workflow_exists(ada)  # nothing stored, nothing downloaded, nothing paid for
+    assert tg.api.downloads == [] and tg.llm.transcriptions == []
+
+
+async def test_a_failing_transcription_endpoint_gets_the_polite_answer_once_and_the_message_is_kept(
+        tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    voice = voice_note(tg, "are you there?", seconds=75)
+    tg.llm.script_audio(LLMFail(500, "The server had an error"), LLMFail(500, "The server had an error"),
+                        LLMFail(503, "The engine is currently overloaded"))
+    tg.api.push(message_update(ada, voice=voice))
+    [reply] = await tg.api.wait_for(ada, timeout=60)
+
+    assert reply.text == UNHEARD
+    assert len(tg.llm.transcriptions) == 3  # every attempt of the step, then the polite answer
+    assert [m.text for m in await settle(tg, ada)] == [UNHEARD]
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    kept = (await tg.repo.recent_messages(user.id, limit=5))[0]
+    assert kept.content == "[voice message, 1:15]" and kept.meta["attachment"]["file_id"] == voice["file_id"]
+    assert not any(body["messages"][-1]["content"] == "[voice message, 1:15]" for body in tg.llm.requests)
+
+    # The endpoint is back: the next voice note is heard.
+    tg.api.push(message_update(ada, voice=voice_note(tg, "now can you hear me?")))
+    *_, heard = await tg.api.wait_for(ada, count=3)  # after the polite answer and settle's marker
+    assert heard.text == "I hear you: now can you hear me?"
 
 
 @pytest.mark.parametrize("gateway_settings", [{"telegram_max_message_chars": 40}], indirect=True)
@@ -1215,3 +1338,17 @@ async def test_a_huge_webhook_post_is_refused_before_its_body_is_read(tg: Telegr
     assert good.status_code == 200
     [reply] = await tg.api.wait_for(ada)
     assert reply.text == "I hear you: after the flood"
+
+
+async def test_doctor_checks_the_transcription_endpoint_and_the_vision_model(fake_llm: FakeOpenAI) -> None:
+    settings = load_settings(openai_base_url=fake_llm.url, vision_model="stub-vision")
+    heard, seen = await check_media(settings)
+    assert (heard.name, heard.ok, seen.name, seen.ok) == ("Transcription", True, "Vision", True)
+    [(model, filename, audio)] = fake_llm.transcriptions[-1:]
+    assert (model, filename, audio[:4]) == ("gpt-4o-mini-transcribe", "doctor.wav", b"RIFF")
+    assert fake_llm.images[-1].startswith(b"\x89PNG") and fake_llm.requests[-1]["model"] == "stub-vision"
+
+    fake_llm.script_audio(LLMFail(401, "Incorrect API key provided"))
+    refused, _ = await check_media(settings)
+    assert not refused.ok and "HTTP 401" in refused.detail and "TRANSCRIBE_BASE_URL" in refused.fix
+    assert await check_media(load_settings()) == []  # the embedded model neither hears nor sees

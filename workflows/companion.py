@@ -45,6 +45,10 @@ with workflow.unsafe.imports_passed_through():
 MAX_QUEUED = 100
 FALLBACK_REPLY = ("I'm sorry, I can't think straight right now: my language model isn't answering. I've kept your "
                   "message and I'll remember it. Could you try me again in a little while?")
+UNHEARD = ("I'm sorry, I couldn't listen to your voice message just now: my transcription isn't working. I've kept "
+           "it; could you type what you said, or send it again in a little while?")
+UNSEEN = ("I'm sorry, I couldn't look at your photo just now: my vision isn't working. I've kept it; could you tell "
+          "me what it shows, or send it again in a little while?")
 FAILED_REPLY = "I'm sorry, something went wrong on my side and I couldn't take in that message. Please send it again."
 BLOCKED = TelegramBlockedError.__name__  # the failure of a send to a user who blocked the bot
 BLOCKED_REASON = "the user blocked the bot"
@@ -265,6 +269,9 @@ class CompanionWorkflow:
 
     async def _turn(self, message: IncomingMessage) -> TurnReply:
         self._state.channel, self._state.chat_id = message.channel, message.chat_id
+        understood = True
+        if message.attachment is not None:  # the transcript or description becomes the message, stored as such
+            message, understood = await self._understand(message)
         prepared = await steps.prepare_turn(message)
         user_id = self._know(prepared.user)
         if self._state.blocked:  # they wrote again, so they can be reached again
@@ -274,7 +281,11 @@ class CompanionWorkflow:
         for nudge in (prepared.reminder, prepared.follow_up):
             if nudge is not None:
                 await self._schedule_own(user_id, nudge)
-        reply = await self._generate(user_id, message, prepared.note)
+        if understood:
+            reply = await self._generate(user_id, message, prepared.note)
+        else:
+            assert message.attachment is not None
+            reply = await self._fallback(user_id, message, UNHEARD if message.attachment.kind.heard else UNSEEN)
         self._after_turn(message, reply.text, reply.fallback)
         if message.channel == Channel.TELEGRAM:  # sends what generate_reply could not (or the fallback)
             await self._deliver(user_id, message.chat_id, message.reply_key)
@@ -293,10 +304,26 @@ class CompanionWorkflow:
         except ActivityError as err:
             workflow.logger.warning("LLM failed, sending the fallback reply",
                                     extra={"message_key": message.message_key, "error": str(_cause(err))})
+        return await self._fallback(user_id, message, FALLBACK_REPLY)
+
+    async def _fallback(self, user_id: int, message: IncomingMessage, text: str) -> TurnReply:
+        """An honest reply written without the LLM, stored."""
         self._state.fallbacks += 1
-        await steps.store_fallback(user_id, message, FALLBACK_REPLY)
-        return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=FALLBACK_REPLY,
-                         fallback=True)
+        await steps.store_fallback(user_id, message, text)
+        return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=True)
+
+    async def _understand(self, message: IncomingMessage) -> tuple[IncomingMessage, bool]:
+        """The message with its attachment's transcript or description as its text; unchanged (its placeholder
+        text kept) and False when the transcription or vision model failed for good."""
+        assert message.attachment is not None
+        try:
+            understood = await steps.understand(message, timedelta(seconds=self._state.reply_deadline_s))
+        except ActivityError as err:
+            workflow.logger.warning("the attachment could not be understood", extra={
+                "message_key": message.message_key, "kind": message.attachment.kind.value,
+                "error": str(_cause(err))})
+            return message, False
+        return message.model_copy(update={"text": understood.text}), True
 
     def _after_turn(self, message: IncomingMessage, reply: str, fallback: bool) -> None:
         count("companion_turns", "conversation turns answered", channel=message.channel.value)

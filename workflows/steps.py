@@ -15,6 +15,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.conversation import DB_RETRY, DB_TIMEOUT, ConversationActivities
     from activities.delivery import TELEGRAM_RETRY, DeliveryActivities
+    from activities.media import MediaActivities
     from activities.nudges import NudgeActivities
     from activities.remember import REMEMBER_RETRY, REMEMBER_TIMEOUT, RememberActivities
     from activities.reply import LLM_HEARTBEAT, LLM_RETRY, LLM_TIMEOUT, ReplyActivities
@@ -51,6 +52,8 @@ with workflow.unsafe.imports_passed_through():
         SetUserActiveInput,
         TimezoneChange,
         TimezoneChanged,
+        UnderstandInput,
+        Understood,
         UserRef,
         reply_key_of,
     )
@@ -69,6 +72,21 @@ async def prepare_turn(message: IncomingMessage) -> PreparedTurn:
     return await workflow.execute_local_activity_method(
         ConversationActivities.prepare_turn, PrepareTurnInput(message=message, now=workflow.now()),
         summary="prepare_turn: store the message", **_STORE)
+
+
+async def understand(message: IncomingMessage, deadline: timedelta) -> Understood:
+    """What the message's voice note said (transcribe) or its photo showed (describe_image), as its text; capped
+    attempts, all within ``deadline``."""
+    attachment = message.attachment
+    assert attachment is not None
+    step, name = ((MediaActivities.transcribe, "transcribe") if attachment.kind.heard
+                  else (MediaActivities.describe_image, "describe_image"))
+    seconds = f", {attachment.duration_s} s" if attachment.duration_s is not None else ""
+    return await workflow.execute_activity_method(
+        step, UnderstandInput(message_key=message.message_key, attachment=attachment),
+        task_queue=llm_task_queue(workflow.info().task_queue), start_to_close_timeout=LLM_TIMEOUT,
+        schedule_to_close_timeout=deadline, retry_policy=LLM_RETRY,
+        summary=f"{name}: the {attachment.kind.value.replace('_', ' ')}{seconds}")
 
 
 async def generate_reply(data: GenerateReplyInput, deadline: timedelta) -> GeneratedReply:
