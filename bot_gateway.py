@@ -67,6 +67,7 @@ from schemas.turn import (
     TimezoneSource,
     clean_text,
 )
+from schemas.usage import describe_usage
 from workflows.client import (
     connect,
     export,
@@ -77,6 +78,7 @@ from workflows.client import (
     set_checkins,
     set_timezone,
     signal_message,
+    usage,
 )
 from workflows.companion import CompanionWorkflow
 from workflows.contract import workflow_id
@@ -94,6 +96,7 @@ HELP = (
     "/timezone: where you are, so reminders come at your time (/timezone Paris; or share a location)\n"
     "/persona: my name and how I talk with you (/persona You are Max, dry and funny; /persona reset)\n"
     "/export: everything I keep about you, as files to take with you\n"
+    "/usage: what our conversation used and cost today and this month\n"
     "/forget: erase everything I remember about you\n"
     "/help: this list"
 )
@@ -130,6 +133,7 @@ TIMEZONE_SET = "Got it: your time zone is {zone}, where it's {time}."
 TIMEZONE_MOVED = "I moved what I planned to your time:"
 TIMEZONE_PRIVATE = "Tell me your time zone in our private chat: in a group, everyone would see it."
 MEMORY_PRIVATE = "Ask me what I remember of you in our private chat: in a group, everyone would see it."
+USAGE_PRIVATE = "Ask me about your usage in our private chat: in a group, everyone would see it."
 EXPORT_PRIVATE = "Ask me for your data in our private chat: in a group, everyone would see it."
 PERSONA_NONE = ("I'm being myself with you. To give me another name or way of talking, send /persona and describe it, "
                 "e.g. /persona You are Max, a dry-witted friend who answers in French.")
@@ -148,6 +152,7 @@ COMMANDS = [BotCommand("help", "what I can do"), BotCommand("memory", "what I re
             BotCommand("timezone", "your time zone (/timezone Paris)"),
             BotCommand("quiet", "no check-ins (/quiet off to undo)"),
             BotCommand("persona", "my name and tone with you"), BotCommand("export", "everything I keep about you"),
+            BotCommand("usage", "what our conversation cost"),
             BotCommand("forget", "erase my memory of you")]
 ALLOWED_UPDATES = [Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
 SIGNAL_ATTEMPTS = 4
@@ -190,6 +195,7 @@ class Gateway:
         application.add_handler(CommandHandler("timezone", self.timezone))
         application.add_handler(CommandHandler("memory", self.memory))
         application.add_handler(CommandHandler("export", self.export))
+        application.add_handler(CommandHandler("usage", self.usage))
         application.add_handler(CommandHandler("persona", self.persona))
         application.add_handler(CallbackQueryHandler(self.memory_answer, pattern=r"^mem:"))
         application.add_handler(CallbackQueryHandler(self.forget_answer, pattern=r"^forget:(yes|no)(:\d+)?$"))
@@ -400,6 +406,17 @@ class Gateway:
         rows = [buttons[start:start + BUTTONS_A_ROW] for start in range(0, min(len(buttons), MAX_BUTTONS),
                                                                          BUTTONS_A_ROW)]
         await message.reply_text(f"{parts[-1]}\n\n{MEMORY_BUTTONS}", reply_markup=InlineKeyboardMarkup(rows))
+
+    async def usage(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/usage: what the user's conversation used and cost today and this month; an admin sees everyone's
+        too."""
+        if (sender := await self._private_sender(update, USAGE_PRIVATE)) is None:
+            return
+        message, user = sender
+        text = describe_usage(await usage(self._client, self._settings, chat_user(user)))
+        if user.id in self._settings.telegram_admin_user_ids:
+            text += "\n\n" + describe_usage(await usage(self._client, self._settings, chat_user(user), everyone=True))
+        await message.reply_text(text)
 
     async def export(self, update: Update, _context: ContextTypes.DEFAULT_TYPE) -> None:
         """/export: everything kept of the user, as two documents in their private chat (the worker sends them)."""

@@ -239,7 +239,8 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
         await memory.store.check(memory.embedder.dimension)
         activities = CompanionActivities.create(MemoryRepository(sessions), chat_model, telegram,
                                                 settings.quiet_hours, memory=memory,
-                                                extract=settings.extracts_memories, media=media)
+                                                extract=settings.extracts_memories, media=media,
+                                                prices=settings.prices, limits=settings.limits)
         version = deployment_version(settings)
         worker = build_worker(client, settings.temporal_task_queue, activities,
                               settings.worker_max_cached_workflows, settings.workflow_sandbox, settings.worker_role,

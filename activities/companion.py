@@ -11,9 +11,12 @@ from activities.media import MediaActivities
 from activities.nudges import NudgeActivities
 from activities.remember import RememberActivities
 from activities.reply import ReplyActivities
+from activities.usage import UsageRecorder
 from clients.llm import ChatModel
 from clients.media import MediaModel
 from clients.telegram import TelegramChannel
+from core.usage import DEFAULT_PRICES, ModelPrice
+from schemas.usage import Limits
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 
@@ -33,14 +36,18 @@ class CompanionActivities:
     @classmethod
     def create(cls, repository: MemoryRepository, chat_model: ChatModel, telegram: TelegramChannel | None = None,
                quiet_hours: tuple[time, time] | None = None, memory: MemoryIndex | None = None,
-               extract: bool = False, media: MediaModel | None = None, **parts: object) -> CompanionActivities:
-        """Every part over the same clients; ``parts`` (by field name) replace the parts made here."""
-        made = {"conversation": ConversationActivities(repository, memory),
-                "reply": ReplyActivities(repository, chat_model, memory, telegram),
+               extract: bool = False, media: MediaModel | None = None,
+               prices: dict[str, ModelPrice] | None = None, limits: Limits | None = None,
+               **parts: object) -> CompanionActivities:
+        """Every part over the same clients; ``parts`` (by field name) replace the parts made here. The model calls
+        are recorded as usage, priced from ``prices`` (default: core.usage.DEFAULT_PRICES)."""
+        usage = UsageRecorder(repository, DEFAULT_PRICES if prices is None else prices)
+        made = {"conversation": ConversationActivities(repository, memory, limits),
+                "reply": ReplyActivities(repository, chat_model, memory, telegram, usage),
                 "delivery": DeliveryActivities(repository, telegram),
-                "nudges": NudgeActivities(repository, chat_model, quiet_hours),
-                "remember": RememberActivities(repository, memory, chat_model if extract else None),
-                "media": MediaActivities(telegram, media)}
+                "nudges": NudgeActivities(repository, chat_model, quiet_hours, usage),
+                "remember": RememberActivities(repository, memory, chat_model if extract else None, usage),
+                "media": MediaActivities(telegram, media, usage)}
         return cls(**{**made, **parts})  # type: ignore[arg-type]
 
     def local(self) -> list:

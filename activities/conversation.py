@@ -6,7 +6,8 @@ its key, retried until the database is back. Named timeouts and retry policies l
 
 from __future__ import annotations
 
-from datetime import timedelta
+import contextlib
+from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from temporalio import activity
@@ -21,6 +22,7 @@ from core.logging import get_logger
 from schemas.memory import (
     PERSONA,
     TIMEZONE_ASKED,
+    UNLIMITED,
     MessageCreate,
     NudgeCreator,
     NudgeKind,
@@ -31,6 +33,7 @@ from schemas.memory import (
 )
 from schemas.turn import (
     ATTACHMENT,
+    CheckLimitsInput,
     EnsureUserInput,
     ForgetInput,
     ForgetItemInput,
@@ -44,9 +47,12 @@ from schemas.turn import (
     SetPersonaInput,
     SetTimezoneInput,
     SetUserActiveInput,
+    Standing,
     TimezoneChanged,
+    UsageInput,
     UserRef,
 )
+from schemas.usage import Limits, UsageSummary
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 
@@ -62,9 +68,11 @@ _log = get_logger(__name__)
 class ConversationActivities:
     """Storage steps of a conversation, over an injected repository (and the memory index /forget erases)."""
 
-    def __init__(self, repository: MemoryRepository, memory: MemoryIndex | None = None):
+    def __init__(self, repository: MemoryRepository, memory: MemoryIndex | None = None,
+                 limits: Limits | None = None):
         self._repository = repository
         self._memory = memory
+        self._limits = limits or Limits()
 
     @activity.defn(name="ensure_user")
     @translate_errors
@@ -192,10 +200,55 @@ class ConversationActivities:
         _log.info("user.forgotten", telegram_id=data.telegram_id, had_memories=had_memories)
         return Forgotten(had_memories=had_memories)
 
+    @activity.defn(name="check_limits")
+    @translate_errors
+    async def check_limits(self, data: CheckLimitsInput) -> Standing:
+        """Whether the user is exempt from limits, and whether today's usage (since midnight in their zone) has
+        reached the daily budget: then until when."""
+        try:
+            user = await self._repository.get_user_by_telegram_id(data.telegram_id)
+            unlimited = bool(user.preferences.get(UNLIMITED))
+        except UserNotFoundError:
+            unlimited = False
+        if unlimited or not self._limits.any:
+            return Standing(unlimited=unlimited)
+        start = day_start(data.now, ZoneInfo(data.zone))
+        used = await self._repository.usage_totals(data.telegram_id, start)
+        if not self._limits.reached(used):
+            return Standing()
+        _log.info("usage.over_budget", telegram_id=data.telegram_id, cost_usd=round(used.cost_usd, 6),
+                  tokens=used.tokens)
+        return Standing(over_budget_until=day_start(start + timedelta(days=1, hours=1), ZoneInfo(data.zone)))
+
+    @activity.defn(name="usage_summary")
+    @translate_errors
+    async def usage_summary(self, data: UsageInput) -> UsageSummary:
+        """The user's usage (everyone's, for None) today and this month, in ``zone``, with the limits."""
+        zone = ZoneInfo(data.zone)
+        today = day_start(data.now, zone)
+        month = today.replace(day=1)
+        unlimited = False
+        if data.telegram_id is not None:
+            with contextlib.suppress(UserNotFoundError):
+                unlimited = bool((await self._repository.get_user_by_telegram_id(data.telegram_id))
+                                 .preferences.get(UNLIMITED))
+        return UsageSummary(
+            telegram_id=data.telegram_id, zone=data.zone, day_started=today, unlimited=unlimited,
+            today=await self._repository.usage_totals(data.telegram_id, today),
+            month=await self._repository.usage_totals(data.telegram_id, month),
+            daily_budget_usd=self._limits.daily_budget_usd, daily_tokens=self._limits.daily_tokens,
+            users=await self._repository.usage_users(month) if data.telegram_id is None else None)
+
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""
         return [self.ensure_user, self.prepare_turn, self.record_message, self.set_user_active, self.set_timezone,
-                self.set_persona, self.list_memory, self.forget_item, self.forget_user]
+                self.set_persona, self.list_memory, self.forget_item, self.forget_user, self.check_limits,
+                self.usage_summary]
+
+
+def day_start(moment: datetime, zone: ZoneInfo) -> datetime:
+    """Midnight of the day ``moment`` falls on, where the user is."""
+    return datetime.combine(moment.astimezone(zone).date(), time(0), tzinfo=zone)
 
 
 def _ref(user: UserRead) -> UserRef:

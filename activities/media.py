@@ -10,6 +10,7 @@ from __future__ import annotations
 from temporalio import activity
 
 from activities.errors import translate_errors
+from activities.usage import UsageRecorder, records_usage
 from clients.media import IMAGE_TYPES, MediaModel, audio_filename
 from clients.telegram import TelegramChannel
 from core.errors import ConfigurationError, InvalidMemoryDataError
@@ -22,11 +23,13 @@ _log = get_logger(__name__)
 class MediaActivities:
     """The steps that turn an attachment into text, over Telegram (to download it) and the media model."""
 
-    def __init__(self, telegram: TelegramChannel | None, media: MediaModel | None):
-        self._telegram, self._media = telegram, media
+    def __init__(self, telegram: TelegramChannel | None, media: MediaModel | None,
+                 usage: UsageRecorder | None = None):
+        self._telegram, self._media, self._usage = telegram, media, usage
 
     @activity.defn(name="transcribe")
     @translate_errors
+    @records_usage
     async def transcribe(self, data: UnderstandInput) -> Understood:
         """The transcript of a voice note, audio file or round video (and its caption): the user's message."""
         attachment = data.attachment
@@ -36,13 +39,14 @@ class MediaActivities:
                                          context={"message_key": data.message_key})
         media = self._ready(hears=True)
         audio = await self._download(attachment)
-        heard = await media.transcribe(audio, filename)
+        heard = await media.transcribe(audio, filename, float(attachment.duration_s or 0))
         _log.info("media.understood", message_key=data.message_key, kind=attachment.kind.value, chars=len(heard))
         text = "\n\n".join(part for part in (heard or "(nothing to hear)", attachment.caption) if part)
         return Understood(text=text, model=media.transcribe_model)
 
     @activity.defn(name="describe_image")
     @translate_errors
+    @records_usage
     async def describe_image(self, data: UnderstandInput) -> Understood:
         """A photo's description beside its caption: the user's message."""
         attachment = data.attachment

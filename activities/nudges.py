@@ -12,6 +12,7 @@ from temporalio import activity
 
 from activities.errors import translate_errors
 from activities.prompt import HISTORY_TURNS, build_prompt
+from activities.usage import UsageRecorder, records_usage
 from clients.llm import ChatModel
 from core.logging import get_logger
 from schemas.memory import MessageCreate, NudgeStatus, Role, ScheduledMessageCreate, ScheduledMessageUpdate
@@ -52,8 +53,8 @@ class NudgeActivities:
     """
 
     def __init__(self, repository: MemoryRepository, chat_model: ChatModel,
-                 quiet_hours: tuple[time, time] | None = None):
-        self._repository = repository
+                 quiet_hours: tuple[time, time] | None = None, usage: UsageRecorder | None = None):
+        self._repository, self._usage = repository, usage
         self._chat_model = chat_model
         self._quiet_hours = quiet_hours
 
@@ -84,6 +85,7 @@ class NudgeActivities:
 
     @activity.defn(name="fire_nudge")
     @translate_errors
+    @records_usage
     async def fire_nudge(self, data: FireNudgeInput) -> FiredNudge:
         """The nudge's text (given, or written by the LLM from its purpose), stored once and marked sent.
 

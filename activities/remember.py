@@ -21,6 +21,7 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.reminders import parse_reminder
+from activities.usage import UsageRecorder, records_usage
 from clients.llm import ChatModel
 from core.errors import OpenAIServiceError
 from core.logging import get_logger
@@ -280,12 +281,13 @@ class RememberActivities:
     """The remember step, over an injected repository, memory index and (when extraction is on) chat model."""
 
     def __init__(self, repository: MemoryRepository, memory: MemoryIndex | None = None,
-                 chat_model: ChatModel | None = None):
-        self._repository = repository
+                 chat_model: ChatModel | None = None, usage: UsageRecorder | None = None):
+        self._repository, self._usage = repository, usage
         self._rememberer = Rememberer(repository, memory, chat_model) if memory is not None else None
 
     @activity.defn(name="remember")
     @translate_errors
+    @records_usage
     async def remember(self, data: RememberInput) -> Remembered:
         """Keep what the turn said: its messages as searchable memories, then (when on) the LLM's extraction.
 

@@ -19,6 +19,7 @@ from temporalio.common import RetryPolicy
 from activities.errors import translate_errors
 from activities.prompt import HISTORY_TURNS, RECALL_K, build_prompt, within_budget
 from activities.sending import PREVIEW_MESSAGES, TelegramSender
+from activities.usage import UsageRecorder, records_usage
 from clients.llm import ChatModel, PromptBudget
 from clients.telegram import TelegramChannel, split_message
 from core.concurrency import alongside
@@ -65,8 +66,8 @@ class ReplyActivities:
     """The reply step, over an injected repository, chat model, memory index and Telegram (for "typing…")."""
 
     def __init__(self, repository: MemoryRepository, chat_model: ChatModel, memory: MemoryIndex | None = None,
-                 telegram: TelegramChannel | None = None):
-        self._repository = repository
+                 telegram: TelegramChannel | None = None, usage: UsageRecorder | None = None):
+        self._repository, self._usage = repository, usage
         self._chat_model = chat_model
         self._memory = memory
         self._telegram = telegram
@@ -74,6 +75,7 @@ class ReplyActivities:
 
     @activity.defn(name="generate_reply")
     @translate_errors
+    @records_usage
     async def generate_reply(self, data: GenerateReplyInput) -> GeneratedReply:
         """Ask the LLM for the reply to the user's stored message and store it under the reply key.
 

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,6 +46,14 @@ def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
         return number
 
     return parse
+
+
+def _iso_date(value: str) -> date:
+    """An argparse type: a day as YYYY-MM-DD."""
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a day: expected YYYY-MM-DD, e.g. 2026-12-01") from None
 
 
 TELEGRAM_ID = _bounded_int(1, 2**63 - 1, "a Telegram user id")
@@ -117,9 +126,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     users = commands.add_parser("users", help="change a user's settings")
     user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
-    change = user_commands.add_parser("set", help="set a user's time zone (their reminders move with it)")
+    change = user_commands.add_parser("set", help="set a user's time zone (their reminders move with it), or "
+                                                  "exempt them from the limits")
     change.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
-    change.add_argument("--timezone", required=True, help="a city (Paris), a zone (Europe/Paris) or an offset (+02:00)")
+    change.add_argument("--timezone", help="a city (Paris), a zone (Europe/Paris) or an offset (+02:00)")
+    exempt = change.add_mutually_exclusive_group()
+    exempt.add_argument("--unlimited", action="store_const", const=True, dest="unlimited",
+                        help="no daily budget and no messages-a-minute limit for this user")
+    exempt.add_argument("--limited", action="store_const", const=False, dest="unlimited",
+                        help="the limits apply to this user again")
+
+    used = commands.add_parser("usage", help="what the model calls used and cost, as a table")
+    used.add_argument("--user", type=TELEGRAM_ID, help="only this user's (a Telegram user id)")
+    used.add_argument("--since", type=_iso_date, help="from this day on (YYYY-MM-DD, UTC)")
+    used.add_argument("--by", choices=["day", "model", "kind", "user"], default="day",
+                      help="one line per (default day)")
 
     bench = commands.add_parser("bench", help="measure the companion")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -251,7 +272,11 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
         case "users":
             from cli.users import set_user
 
-            return set_user(settings, args.user, args.timezone)
+            return set_user(settings, args.user, args.timezone, args.unlimited)
+        case "usage":
+            from cli.usage import usage_report
+
+            return usage_report(settings, args.user, args.since, args.by)
         case "bench":
             from cli.locomo import run_locomo
 
@@ -274,7 +299,8 @@ def _configure_logging(settings: Settings, command: str) -> None:
         # The terminal belongs to the chat: full logs go to a file, the console shows errors only.
         configure_logging(settings.log_level, settings.effective_log_format, log_file=dev_log_file(settings),
                           console_level="ERROR")
-    elif command in ("say", "chat", "history", "replay", "nudges", "users", "export", "doctor", "bench", "memory"):
+    elif command in ("say", "chat", "history", "replay", "nudges", "users", "usage", "export", "doctor", "bench",
+                     "memory"):
         configure_logging("WARNING", settings.effective_log_format)
     else:
         configure_logging(settings.log_level, settings.effective_log_format)

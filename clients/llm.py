@@ -20,6 +20,7 @@ from clients.http import openai_client
 from core.errors import ConfigurationError, OpenAIServiceError
 from core.logging import get_logger
 from core.settings import LOCAL_MODEL_NAME, Settings
+from core.usage import ModelCall, note_call
 from schemas.turn import GeneratedReply, TurnContext
 
 # Temporal retries the call; the SDK's own retries would multiply paid attempts.
@@ -175,8 +176,14 @@ def _content(response: ChatCompletion) -> str:
 
 
 def count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage | None = None,
-                purpose: str = "reply") -> None:
-    """LLM calls, their latency and tokens, as metrics of the worker (when called inside an activity)."""
+               purpose: str = "reply", images: int = 0) -> None:
+    """LLM calls, their latency and tokens, as metrics of the worker (when called inside an activity); a call that
+    answered is noted for the usage of the user it served (core.usage)."""
+    if usage is not None and outcome == "ok":
+        details = usage.prompt_tokens_details
+        note_call(ModelCall(purpose=purpose, model=model, prompt_tokens=usage.prompt_tokens,
+                            completion_tokens=usage.completion_tokens, images=images,
+                            cached_tokens=(details.cached_tokens or 0) if details else 0))
     if not activity.in_activity():
         return
     meter = activity.metric_meter().with_additional_attributes({"model": model, "purpose": purpose})

@@ -16,6 +16,7 @@ from clients.llm import REQUEST_TIMEOUT_S, SDK_RETRIES, count_call, status_error
 from core.errors import OpenAIServiceError
 from core.logging import get_logger
 from core.settings import Settings
+from core.usage import ModelCall, note_call
 
 # The formats the transcription endpoint reads, by the file name's extension (Telegram's voice notes are Ogg Opus,
 # round videos MP4).
@@ -56,8 +57,9 @@ class MediaModel:
         for client in {self._transcriber, self._vision} - {None}:
             await client.close()  # type: ignore[union-attr]
 
-    async def transcribe(self, audio: bytes, filename: str) -> str:
-        """What is said in ``audio`` (named with its format's extension), as text."""
+    async def transcribe(self, audio: bytes, filename: str, audio_seconds: float = 0.0) -> str:
+        """What is said in ``audio`` (named with its format's extension, ``audio_seconds`` long when known), as
+        text."""
         if self._transcriber is None:
             raise OpenAIServiceError("no transcription model is configured", retryable=False)
         started = time.perf_counter()
@@ -73,6 +75,11 @@ class MediaModel:
                                      context={"model": self.transcribe_model}, cause=exc) from exc
         count_call(self.transcribe_model, "ok", time.perf_counter() - started, purpose="transcribe")
         text = result.text if isinstance(result, Transcription) else str(result)
+        used = result.usage if isinstance(result, Transcription) else None
+        note_call(ModelCall(purpose="transcribe", model=self.transcribe_model,
+                            prompt_tokens=getattr(used, "input_tokens", 0) or 0,
+                            completion_tokens=getattr(used, "output_tokens", 0) or 0,
+                            audio_seconds=audio_seconds or float(getattr(used, "seconds", 0) or 0)))
         _log.info("media.transcribed", model=self.transcribe_model, bytes=len(audio), chars=len(text),
                   duration_ms=round((time.perf_counter() - started) * 1000))
         return text.strip()
@@ -98,7 +105,7 @@ class MediaModel:
             raise OpenAIServiceError(f"the vision model could not be reached ({type(exc).__name__})",
                                      context={"model": self.vision_model}, cause=exc) from exc
         count_call(self.vision_model, "ok", time.perf_counter() - started, response.usage,
-                    purpose="describe_image")
+                    purpose="describe_image", images=1)
         text = (response.choices[0].message.content or "").strip() if response.choices else ""
         if not text:
             raise OpenAIServiceError("the vision model returned no description", context={"model": self.vision_model})

@@ -12,6 +12,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.errors import ConfigurationError
+from core.usage import DEFAULT_PRICES, ModelPrice
+from schemas.usage import Limits
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -97,6 +99,16 @@ class Settings(BaseSettings):
     vision_model: str | None = None
     # Longer voice notes and audio are declined before anything is downloaded.
     max_voice_seconds: int = Field(default=300, ge=1, le=3_600)
+    # Prices in USD, JSON by model: {"my-model": {"input": 0.5, "output": 1.5, "cached_input": 0.25}} per million
+    # tokens, or {"audio_minute": 0.006}; over the built-in table of OpenAI's models (core.usage.DEFAULT_PRICES).
+    # A model in neither costs 0, and its usage is flagged as unpriced.
+    model_prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    # What a user may spend a day (from midnight in their time zone), in USD and/or tokens; unset = no limit. Over it,
+    # they are told when it resets and the model is not asked. `companion users set --unlimited` exempts a user.
+    user_daily_budget_usd: float | None = Field(default=None, gt=0)
+    user_daily_tokens: int | None = Field(default=None, gt=0)
+    # Messages a user may send a minute and be answered by the model; more are kept and told to slow down. 0 = no limit.
+    user_messages_per_minute: int = Field(default=20, ge=0, le=10_000)
     # The LLM steps' rate across every worker (the LLM task queue's activities a second); unset = no limit.
     llm_max_requests_per_second: float | None = Field(default=None, gt=0, le=10_000)
     # A message waits at most this long for its reply, LLM retries included; then the user gets the fallback reply.
@@ -137,6 +149,8 @@ class Settings(BaseSettings):
     telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
     # Empty = everyone may talk to the bot; else only these Telegram user ids (comma-separated in the environment).
     telegram_allowed_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
+    # These Telegram users see everyone's usage with /usage (comma-separated).
+    telegram_admin_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
     telegram_max_message_chars: int = Field(default=4_000, ge=1, le=16_000)
 
     @field_validator("log_level", mode="before")
@@ -207,7 +221,7 @@ class Settings(BaseSettings):
             raise ValueError("expected a range of local times HH:MM-HH:MM, e.g. 22:00-08:00")
         return value
 
-    @field_validator("telegram_allowed_user_ids", mode="before")
+    @field_validator("telegram_allowed_user_ids", "telegram_admin_user_ids", mode="before")
     @classmethod
     def _id_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -266,6 +280,16 @@ class Settings(BaseSettings):
     def uses_local_model(self) -> bool:
         """True when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set and the embedded model answers."""
         return self.openai_api_key is None and self.openai_base_url is None
+
+    @property
+    def limits(self) -> Limits:
+        """A user's daily limits."""
+        return Limits(daily_budget_usd=self.user_daily_budget_usd, daily_tokens=self.user_daily_tokens)
+
+    @property
+    def prices(self) -> dict[str, ModelPrice]:
+        """The price of each model: MODEL_PRICES over the built-in table."""
+        return {**DEFAULT_PRICES, **self.model_prices}
 
     @property
     def hears_voice(self) -> bool:

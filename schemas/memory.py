@@ -162,6 +162,7 @@ class UserUpdate(_Model):
 TIMEZONE_SOURCE = "timezone_source"
 TIMEZONE_ASKED = "timezone_asked"
 PERSONA = "persona"  # how the user asked the companion to be with them (/persona)
+UNLIMITED = "unlimited"  # an operator exempted the user from the budget and the rate limit
 PERSONA_MAX_CHARS = 500
 
 

@@ -36,6 +36,7 @@ MAX_PENDING_NUDGES = 50
 REMEMBER_BATCH_TURNS = 5
 DEFAULT_REMEMBER_AFTER_QUIET_S = 60
 DEFAULT_REPLY_DEADLINE_S = 45
+DEFAULT_MESSAGES_PER_MINUTE = 20
 
 # Keep newlines and tabs; every other control character is noise at best and a prompt trick at worst (and PostgreSQL
 # refuses a NUL in text).
@@ -173,6 +174,30 @@ class Understood(_Contract):
     model: str | None = None
 
 
+class CheckLimitsInput(_Contract):
+    """Where a user stands against their limits now (in their time zone)."""
+
+    telegram_id: int
+    zone: str
+    now: AwareDatetime
+
+
+class Standing(_Contract):
+    """Whether an operator exempted the user from limits, and until when (their next midnight) their daily budget
+    is spent; None: it is not."""
+
+    unlimited: bool = False
+    over_budget_until: AwareDatetime | None = None
+
+
+class UsageInput(_Contract):
+    """A user's usage today and this month (everyone's, for None), in ``zone``."""
+
+    telegram_id: int | None
+    zone: str
+    now: AwareDatetime
+
+
 class TurnReply(_Contract):
     """The companion's answer to one message."""
 
@@ -180,6 +205,7 @@ class TurnReply(_Contract):
     reply_key: str
     text: str
     fallback: bool = False
+    limited: bool = False  # a limit answered instead of the model (the message is kept, not remembered)
     model: str | None = None  # the model that wrote it (None: a fallback, or an earlier attempt's stored reply)
 
 
@@ -226,6 +252,12 @@ class CompanionState(_Contract):
     remember_after_quiet_s: int = Field(default=DEFAULT_REMEMBER_AFTER_QUIET_S, ge=0)
     # Seconds a message may wait for its reply, LLM retries included; then the user gets the fallback reply.
     reply_deadline_s: int = Field(default=DEFAULT_REPLY_DEADLINE_S, ge=1)
+    # Messages a minute the model answers (0: no limit); when the recent ones arrived; those over it, to slow down.
+    messages_per_minute: int = Field(default=DEFAULT_MESSAGES_PER_MINUTE, ge=0)
+    recent_arrivals: list[AwareDatetime] = Field(default_factory=list)
+    slowed: list[str] = Field(default_factory=list)
+    # A daily budget is set (USER_DAILY_BUDGET_USD or USER_DAILY_TOKENS): each turn checks it first.
+    budgeted: bool = False
 
 
 # --- activity contracts -----------------------------------------------------------------------------------------

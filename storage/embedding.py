@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from core.errors import ConfigurationError, EmbeddingError
+from core.usage import ModelCall, note_call
 
 TOKENIZER_PATH = Path(__file__).parent / "assets" / "minilm-tokenizer.json"
 # The tokenizer of sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), kept here as a data asset; the model
@@ -131,6 +132,8 @@ class OpenAIEmbedder:
         except openai.OpenAIError as exc:
             raise EmbeddingError(f"embedding request failed: {type(exc).__name__}",
                                  context={"model": self.name, "texts": len(texts)}) from exc
+        note_call(ModelCall(purpose="embedding", model=self.name,
+                            prompt_tokens=response.usage.prompt_tokens if response.usage else 0))
         vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
         if len(vectors) != len(texts) or any(len(v) != self.dimension for v in vectors):
             raise EmbeddingError("the embeddings endpoint answered with the wrong number or size of vectors",

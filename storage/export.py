@@ -25,6 +25,7 @@ from storage.models import (
     ProfileFact,
     ScheduledMessage,
     TimelineEvent,
+    Usage,
     User,
 )
 
@@ -45,6 +46,9 @@ async def user_export(session: AsyncSession, telegram_id: int, now: datetime) ->
     for model in USER_TABLES:
         rows = (await session.execute(select(model).where(model.user_id == user.id).order_by(model.id))).scalars()
         tables[model.__tablename__] = [_row(row) for row in rows]
+    # What their model calls used and cost: counts only, by Telegram id (kept after /forget; see models.Usage).
+    used = (await session.execute(select(Usage).where(Usage.telegram_id == telegram_id).order_by(Usage.id))).scalars()
+    tables[Usage.__tablename__] = [_row(row) for row in used]
     return {"schema": EXPORT_SCHEMA, "exported_at": now.isoformat(), "user": _row(user), "tables": tables}
 
 

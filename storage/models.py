@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Identity,
     Index,
+    Integer,
     MetaData,
     SmallInteger,
     Text,
@@ -29,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from core.usage import UsageKind
 from schemas.memory import Channel, DiaryKind, FactCategory, MemoryKind, NudgeCreator, NudgeKind, NudgeStatus, Role
 
 # Stable constraint names: migrations can refer to them and errors can report them.
@@ -236,6 +238,34 @@ class Memory(Base):
     embedder: Mapped[str | None] = mapped_column(Text)
     # In the HNSW index: set for every memory of a user whose ann_indexed is set.
     ann_indexed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Usage(Base):
+    """One model call that answered, counted against the user it served (by Telegram id): tokens, audio, images,
+    and its cost in USD from the price table (``priced`` false: the model had no price, and cost is 0). No content.
+    Kept after /forget, so that forgetting doesn't reset a budget and the operator's figures stay whole."""
+
+    __tablename__ = "usage"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", UsageKind), name="kind"),
+        Index("ix_usage_telegram_id_created_at", "telegram_id", "created_at"),
+        Index("ix_usage_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = _id()
+    # The call's key: the activity attempt that made it and its place among its calls (a retry counts once).
+    idempotency_key: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    telegram_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    model: Mapped[str] = mapped_column(Text, nullable=False)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    completion_tokens: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    cached_tokens: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    audio_seconds: Mapped[float] = mapped_column(Float, nullable=False, server_default=text("0"))
+    images: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    cost_usd: Mapped[float] = mapped_column(Float, nullable=False, server_default=text("0"))
+    priced: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("true"))
     created_at: Mapped[datetime] = _created_at()
 
 

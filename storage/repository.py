@@ -62,6 +62,7 @@ from schemas.memory import (
     UserRead,
     UserUpdate,
 )
+from schemas.usage import UsageCreate, UsageLine, UsageTotals
 from storage.database import run_transaction, translate
 from storage.export import USER_TABLES, user_export
 from storage.models import (
@@ -71,6 +72,7 @@ from storage.models import (
     ProfileFact,
     ScheduledMessage,
     TimelineEvent,
+    Usage,
     User,
 )
 
@@ -641,6 +643,66 @@ class MemoryRepository:
         if row is None:
             raise RecordNotFoundError(f"no nudge {nudge_id}", context={"nudge_id": nudge_id})
         return row
+
+    # --- usage ----------------------------------------------------------------------------------------------------
+
+    async def record_usage(self, rows: list[UsageCreate]) -> int:
+        """Store model calls; a call stored before (by its idempotency key) is not counted again. Returns how
+        many were new."""
+        if not rows:
+            return 0
+
+        async def work(session: AsyncSession) -> int:
+            stored = await session.execute(
+                insert(Usage).values([row.model_dump(mode="json") for row in rows])
+                .on_conflict_do_nothing(index_elements=[Usage.idempotency_key]).returning(Usage.id))
+            return len(stored.all())
+
+        return await self._write_alone("record_usage", work, calls=len(rows))
+
+    async def usage_totals(self, telegram_id: int | None, since: datetime,
+                           until: datetime | None = None) -> UsageTotals:
+        """What the user's calls (everyone's, for None) since ``since`` (until ``until``) consumed and cost."""
+        [line] = await self.usage_report(telegram_id, since, until, by=None) or [UsageLine(group="")]
+        return UsageTotals(**line.model_dump(exclude={"group"}))
+
+    async def usage_report(self, telegram_id: int | None, since: datetime | None, until: datetime | None = None,
+                           by: str | None = "day", zone: str = "UTC") -> list[UsageLine]:
+        """Usage totals grouped ``by`` day (in ``zone``), model, kind or user (None: one line of everything),
+        oldest day, or largest cost, first."""
+        groups = {None: literal(""), "model": Usage.model, "kind": Usage.kind,
+                  "user": cast(Usage.telegram_id, String),
+                  "day": func.to_char(func.timezone(zone, Usage.created_at), "YYYY-MM-DD")}
+        group = groups[by].label("group")
+        statement = select(
+            group, func.count().label("calls"),
+            func.coalesce(func.sum(Usage.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(Usage.completion_tokens), 0).label("completion_tokens"),
+            func.coalesce(func.sum(Usage.audio_seconds), 0.0).label("audio_seconds"),
+            func.coalesce(func.sum(Usage.images), 0).label("images"),
+            func.coalesce(func.sum(Usage.cost_usd), 0.0).label("cost_usd"),
+            func.count().filter(~Usage.priced).label("unpriced_calls")).group_by(group)
+        if telegram_id is not None:
+            statement = statement.where(Usage.telegram_id == telegram_id)
+        if since is not None:
+            statement = statement.where(Usage.created_at >= since)
+        if until is not None:
+            statement = statement.where(Usage.created_at < until)
+        statement = statement.order_by(group if by == "day" else func.sum(Usage.cost_usd).desc(), group)
+
+        async def work(session: AsyncSession) -> list[UsageLine]:
+            return [UsageLine(**row._asdict()) for row in await session.execute(statement)]
+
+        return await self._read("usage_report", work, telegram_id=telegram_id)
+
+    async def usage_users(self, since: datetime) -> int:
+        """How many users made a model call since ``since``."""
+
+        async def work(session: AsyncSession) -> int:
+            return (await session.execute(select(func.count(func.distinct(Usage.telegram_id)))
+                                          .where(Usage.created_at >= since))).scalar_one()
+
+        return await self._read("usage_users", work)
 
     # --- the context of a turn ----------------------------------------------------------------------------------
 

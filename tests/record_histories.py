@@ -7,10 +7,10 @@ local Bot API server, and saves: a plain conversation; steps that failed and wer
 answered (the fallback reply); a run that continued as new; a nudge that fired and one that was cancelled; a
 Telegram conversation (delivery, flood control, a nudge delivered, the bot blocked, a voice note transcribed, a
 photo the vision model refused, /memory and two items forgotten from it, /persona, /export, /forget); the
-companion's own nudges (a reminder asked for, a follow-up,
-check-ins, quiet hours, a new time zone); remember steps with an extraction and the summary carried over
-continue-as-new; and remember steps that wait for a pause (or five turns), the turns still waiting remembered before
-continue-as-new. Name scenarios to record only those.
+companion's own nudges (a reminder asked for, a follow-up, check-ins, quiet hours, a new time zone); remember steps
+with an extraction and the summary carried over continue-as-new; remember steps that wait for a pause (or five
+turns), the turns still waiting remembered before continue-as-new; and limits (a daily budget spent, too many
+messages a minute, /usage). Name scenarios to record only those.
 Re-record on purpose only, with a new workflow design: committed histories are what guards the conversations running
 on a build against changes to its workflow code.
 """
@@ -69,6 +69,7 @@ from workflows.client import (
     send_message,
     set_timezone,
     signal_message,
+    usage,
 )
 from workflows.companion import CompanionWorkflow
 from workflows.contract import workflow_id
@@ -294,9 +295,23 @@ async def _remember_when_quiet(client: Client, repository: MemoryRepository, llm
         await _save(client, 1009, "remember_when_quiet", run_id=first_run)
 
 
+async def _limits(client: Client, repository: MemoryRepository, llm: FakeOpenAI) -> None:
+    """A daily budget of tokens spent by the first message (the second is told when it resets) and a limit of two
+    messages a minute (the third is asked to slow down); then /usage."""
+    settings, lena = SETTINGS.model_copy(update={"user_daily_tokens": 5, "user_messages_per_minute": 2}), 1010
+    llm.reset()  # nothing an earlier scenario scripted is left for these replies
+    async with build_worker(client, settings.temporal_task_queue,
+                            CompanionActivities.create(repository, chat_model(llm), limits=settings.limits)):
+        for n, text in enumerate(["Hello, I'm Lena", "Are you still there?", "Hello?"]):
+            reply = await send_message(client, settings, _message(lena, n, text))
+            assert reply.limited == (n > 0), (n, reply)
+        assert (await usage(client, settings, ChatUser(telegram_id=lena))).today.calls == 1
+        await _save(client, lena, "limits")
+
+
 SCENARIOS = {"plain_conversation": _console, "retried_activities": _retried, "continued_as_new": _more,
              "telegram": _telegram, "own_nudges": _own_nudges, "remember": _remember,
-             "remember_when_quiet": _remember_when_quiet}
+             "remember_when_quiet": _remember_when_quiet, "limits": _limits}
 
 
 async def main() -> None:

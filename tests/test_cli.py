@@ -83,7 +83,8 @@ def test_the_client_speaks_the_names_the_workflow_declares() -> None:
     assert set(definition.queries) == {contract.STATE, contract.NUDGES}
     assert set(definition.updates) == {contract.SEND, contract.SCHEDULE_NUDGE, contract.CANCEL_NUDGE,
                                        contract.SET_CHECKINS, contract.SET_TIMEZONE, contract.MEMORY,
-                                       contract.FORGET_ITEM, contract.EXPORT, contract.PERSONA, contract.FORGET}
+                                       contract.FORGET_ITEM, contract.EXPORT, contract.PERSONA, contract.FORGET,
+                                       contract.USAGE}
 
 
 class DevProcess:
@@ -434,15 +435,15 @@ def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gon
     stopped = _companion("doctor", cwd=tmp_path, env=dev_env)  # PostgreSQL and Temporal are gone with `dev`
     assert stopped.returncode == 1
     lines = stopped.stdout.splitlines()
-    assert any(line.startswith("PostgreSQL  FAIL  the embedded server is not running") for line in lines)
+    assert re.search(r"^PostgreSQL +FAIL +the embedded server is not running", stopped.stdout, re.MULTILINE)
     assert "fix: start `uv run companion dev` (it runs the embedded PostgreSQL), or set DATABASE_URL" in stopped.stdout
-    assert "Temporal    FAIL  nothing answers at" in stopped.stdout
+    assert re.search(r"^Temporal +FAIL +nothing answers at", stopped.stdout, re.MULTILINE)
     assert lines[-1] == "4 ok, 2 failed"  # the LLM stub still answers, transcribes and sees, embeddings too
 
     unreachable = _companion("doctor", cwd=tmp_path, env={
         **dev_env, "DATABASE_URL": "postgresql://companion:pw@127.0.0.1:9/companion"})  # nothing listens on 9
     assert unreachable.returncode == 1
-    assert "PostgreSQL  FAIL  cannot connect (DATABASE_URL)" in unreachable.stdout
+    assert re.search(r"^PostgreSQL +FAIL +cannot connect \(DATABASE_URL\)", unreachable.stdout, re.MULTILINE)
 
 
 def test_the_worker_serves_metrics_and_its_log_lines_lead_to_the_workflow(tmp_path: Path,
@@ -538,6 +539,10 @@ def test_companion_dev_killed_with_sigkill_leaves_nothing_running(tmp_path: Path
     (["nudges", "schedule", "--user", "42", "--in", "2h", "--text", ""], "text"),
     (["users", "set", "--user", "42", "--timezone", "Nowhereville"], "I don't know the time zone of 'Nowhereville'"),
     (["users", "set", "--user", "42", "--timezone", "+05:30"], "send your city instead"),
+    (["users", "set", "--user", "42"], "say what to set: --timezone ZONE, --unlimited or --limited"),
+    (["users", "set", "--user", "42", "--unlimited", "--limited"], "not allowed with argument"),
+    (["usage", "--since", "2026-13-01"], "'2026-13-01' is not a day"),
+    (["usage", "--by", "week"], "invalid choice: 'week'"),
 ])
 def test_refused_input_gets_one_line_and_exit_status_2(tmp_path: Path, args: list[str], says: str) -> None:
     # Nothing runs: each is refused before anything is contacted.

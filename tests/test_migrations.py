@@ -17,7 +17,7 @@ from storage.database import create_engine
 from storage.models import Base
 
 TABLES = {"users", "profile_facts", "conversations", "timeline_events", "diary_entries", "scheduled_messages",
-          "memories"}
+          "memories", "usage"}
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:

@@ -25,8 +25,9 @@ def _history(path: Path) -> WorkflowHistory:
 
 
 def test_the_recorded_histories_are_committed() -> None:
-    assert [path.stem for path in HISTORIES] == ["continued_as_new", "nudges", "own_nudges", "plain_conversation",
-                                                 "remember", "remember_when_quiet", "retried_activities", "telegram"]
+    assert [path.stem for path in HISTORIES] == ["continued_as_new", "limits", "nudges", "own_nudges",
+                                                 "plain_conversation", "remember", "remember_when_quiet",
+                                                 "retried_activities", "telegram"]
 
 
 @pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "unsandboxed"])

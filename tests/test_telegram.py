@@ -35,6 +35,7 @@ from activities.reply import DRAFT_EVERY_S, EDIT_EVERY_S, GROUP_NOTE
 from activities.sending import DELIVERY_CLAIM
 from cli.conversation import history
 from cli.doctor import check_media
+from cli.users import set_user
 from clients.http import AiohttpRequest
 from clients.media import create_media_model
 from clients.telegram import (
@@ -58,6 +59,7 @@ from schemas.memory import (
     UserCreate,
 )
 from schemas.turn import DeliverInput, Delivery, Nudge, clean_text
+from schemas.usage import UsageCreate
 from storage.recall import MemoryIndex
 from storage.repository import MemoryRepository
 from tests.conftest import (
@@ -86,7 +88,7 @@ from tests.test_bad_input import TEXTS
 from tests.test_workflow import eventually, transcript, turn_steps
 from worker import build_worker
 from workflows.client import schedule_nudge
-from workflows.companion import UNHEARD, CompanionWorkflow
+from workflows.companion import SLOW_DOWN, UNHEARD, CompanionWorkflow
 from workflows.contract import workflow_id
 
 WEBHOOK_URL = "https://companion.example/telegram"
@@ -177,7 +179,8 @@ async def tg(bot_api_server: FakeBotAPI, dev_server: SharedDevServer, repo: Memo
     assert channel is not None
     # The remember step (its extraction too) runs after a minute's pause, which no test waits for unless it sets
     # REMEMBER_AFTER_QUIET_SECONDS.
-    activities = CompanionActivities.create(repo, chat, channel, memory=memory, extract=True, media=media)
+    activities = CompanionActivities.create(repo, chat, channel, memory=memory, extract=True, media=media,
+                                            prices=settings.prices, limits=settings.limits)
     stack = TelegramStack(settings, api, fake_llm, repo, dev_server, memory)
     try:
         async with build_worker(env.client, task_queue, activities), running_gateway(settings, env.client):
@@ -1352,3 +1355,61 @@ async def test_doctor_checks_the_transcription_endpoint_and_the_vision_model(fak
     refused, _ = await check_media(settings)
     assert not refused.ok and "HTTP 401" in refused.detail and "TRANSCRIBE_BASE_URL" in refused.fix
     assert await check_media(load_settings()) == []  # the embedded model neither hears nor sees
+
+
+# --- usage and limits ---------------------------------------------------------------------------------------------
+
+
+async def test_twenty_five_messages_in_a_minute_get_twenty_answers_and_five_asks_to_slow_down_all_kept(
+        tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    for n in range(25):
+        tg.api.push(message_update(ada, f"message number {n}"))
+    sent = await tg.api.wait_for(ada, count=25, timeout=60)
+    answered = [m.text for m in sent if m.text.startswith("I hear you: message number")]
+    slowed = [m.text for m in sent if m.text == SLOW_DOWN.format(limit=20)]
+    assert (len(answered), len(slowed)) == (20, 5)
+    await asyncio.sleep(1)  # a 26th message would arrive by now
+    assert len(tg.api.messages(ada)) == 25
+    user = await tg.repo.get_user_by_telegram_id(ada)
+    kept = [m.content for m in await tg.repo.recent_messages(user.id, limit=100) if m.role == Role.USER]
+    assert sorted(kept) == sorted(f"message number {n}" for n in range(25))
+    asked = [body for body in tg.llm.requests if body.get("stream") and "message number" in
+             body["messages"][-1]["content"]]
+    assert len(asked) == 20  # the five were not sent to the model
+
+
+@pytest.mark.parametrize("gateway_settings", [{"telegram_admin_user_ids": "4242"}], indirect=True)
+async def test_usage_shows_a_user_their_own_figures_and_an_admin_everyones(tg: TelegramStack) -> None:
+    ada = new_telegram_id()
+    await tg.repo.record_usage([UsageCreate(idempotency_key=f"{uuid.uuid4()}", telegram_id=ada, kind="reply",
+                                            model="gpt-4o-mini", prompt_tokens=1200, completion_tokens=300,
+                                            cost_usd=0.00036)])
+    tg.api.push(message_update(ada, "/usage"))
+    [mine] = await tg.api.wait_for(ada)
+    assert mine.text.splitlines()[1:3] == ["Today: 1 model call, 1,500 tokens, $0.0004",
+                                           "This month: 1 model call, 1,500 tokens, $0.0004"]
+
+    tg.api.push(message_update(4242, "/usage"))
+    [admin] = await tg.api.wait_for(4242)
+    assert "Everyone (UTC days):" in admin.text and "Users this month:" in admin.text
+    tg.api.push(message_update(ada, "/usage", chat_id=-100123, chat_type="group"))
+    [elsewhere] = await tg.api.wait_for(-100123)
+    assert elsewhere.text == bot_gateway.USAGE_PRIVATE
+
+
+@pytest.mark.parametrize("gateway_settings", [{"user_messages_per_minute": 2}], indirect=True)
+async def test_a_user_an_operator_made_unlimited_is_answered_past_the_rate_limit(
+        tg: TelegramStack, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ada, bob = new_telegram_id(), new_telegram_id()
+    for user in (ada, bob):
+        tg.api.push(message_update(user, "hi"))
+        await tg.api.wait_for(user)
+    assert await set_user(load_settings(database_url=database_url), ada, None, unlimited=True) == 0
+    assert capsys.readouterr().out == f"user {ada}: no limits\n"
+    for user in (ada, bob):
+        for n in range(3):
+            tg.api.push(message_update(user, f"quick {n}"))
+    ada_sent, bob_sent = await tg.api.wait_for(ada, count=4), await tg.api.wait_for(bob, count=4)
+    assert [m.text for m in ada_sent[1:]] == [f"I hear you: quick {n}" for n in range(3)]
+    assert sorted(m.text for m in bob_sent[1:]) == sorted(["I hear you: quick 0", *[SLOW_DOWN.format(limit=2)] * 2])

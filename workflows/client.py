@@ -29,6 +29,7 @@ from schemas.turn import (
     TimezoneChanged,
     TurnReply,
 )
+from schemas.usage import UsageSummary
 from workflows import contract
 from workflows.contract import USER_ID_ATTRIBUTE, workflow_id
 
@@ -74,7 +75,8 @@ def _initial_state(settings: Settings, telegram_id: int) -> CompanionState:
     return CompanionState(telegram_id=telegram_id, turns_per_run=settings.workflow_turns_per_run,
                           checkin_after_days=settings.checkin_after_days,
                           remember_after_quiet_s=settings.remember_after_quiet_seconds,
-                          reply_deadline_s=settings.reply_deadline_seconds)
+                          reply_deadline_s=settings.reply_deadline_seconds,
+                          messages_per_minute=settings.user_messages_per_minute, budgeted=settings.limits.any)
 
 
 def _start(settings: Settings, user: ChatUser) -> WithStartWorkflowOperation:
@@ -118,6 +120,11 @@ async def forget(client: Client, settings: Settings, user: ChatUser) -> Forgotte
 async def set_timezone(client: Client, settings: Settings, user: ChatUser, change: TimezoneChange) -> TimezoneChanged:
     """Set a user's time zone (their workflow is started if need be); returns the nudges that moved with it."""
     return await _newer_update(client, settings, user, contract.SET_TIMEZONE, [change], TimezoneChanged)
+
+
+async def usage(client: Client, settings: Settings, user: ChatUser, everyone: bool = False) -> UsageSummary:
+    """A user's usage today and this month in their time zone (everyone's, with ``everyone``), and the limits."""
+    return await _newer_update(client, settings, user, contract.USAGE, [everyone], UsageSummary)
 
 
 async def memory(client: Client, settings: Settings, user: ChatUser) -> MemoryListing:

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         UserRef,
         nudge_message_key,
     )
+    from schemas.usage import UsageSummary
     from workflows import contract, steps
     from workflows import nudges as book
     from workflows.alarm import Alarm
@@ -45,6 +46,11 @@ with workflow.unsafe.imports_passed_through():
 MAX_QUEUED = 100
 FALLBACK_REPLY = ("I'm sorry, I can't think straight right now: my language model isn't answering. I've kept your "
                   "message and I'll remember it. Could you try me again in a little while?")
+SLOW_DOWN = ("You're writing faster than I can keep up with: I answer up to {limit} messages a minute. I've kept this "
+             "one; give me a moment, then go on.")
+OVER_BUDGET = ("I've reached today's limit for our conversations, so I can't answer properly right now. I've kept your "
+               "message, and I'll be back after midnight, {zone} time.")
+RATE_WINDOW = timedelta(minutes=1)
 UNHEARD = ("I'm sorry, I couldn't listen to your voice message just now: my transcription isn't working. I've kept "
            "it; could you type what you said, or send it again in a little while?")
 UNSEEN = ("I'm sorry, I couldn't look at your photo just now: my vision isn't working. I've kept it; could you tell "
@@ -190,6 +196,11 @@ class CompanionWorkflow:
         async with self._lock:  # not in the middle of a turn, which reads it
             return await steps.set_persona(await self._ensure_user(), change)
 
+    @workflow.update(name=contract.USAGE)
+    async def usage(self, everyone: bool = False) -> UsageSummary:
+        """What the user's model calls (everyone's, for an admin) used and cost today and this month (/usage)."""
+        return await steps.usage_summary(None if everyone else self._state.telegram_id, self._state.timezone)
+
     @workflow.update(name=contract.MEMORY)
     async def memory(self) -> MemoryListing:
         """What the companion remembers of the user, as they may see and correct it (/memory)."""
@@ -252,6 +263,15 @@ class CompanionWorkflow:
             return  # a redelivered message: answered or queued already
         self._state.seen_keys = [*self._state.seen_keys, message.message_key][-SEEN_KEYS_KEPT:]
         self._state.queue.append(message)
+        # The rate limit, by when messages arrive: over it, the message is kept and its sender asked to slow down.
+        if (limit := self._state.messages_per_minute) > 0:
+            now = workflow.now()
+            recent = [at for at in self._state.recent_arrivals if at > now - RATE_WINDOW]
+            if len(recent) >= limit:
+                self._state.slowed = [*self._state.slowed, message.message_key][-MAX_QUEUED:]
+            else:
+                recent.append(now)
+            self._state.recent_arrivals = recent
 
     # --- the turn --------------------------------------------------------------------------------------------------
 
@@ -264,13 +284,14 @@ class CompanionWorkflow:
             reply = TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=FAILED_REPLY,
                               fallback=True)
         self._state.replies = [*self._state.replies, reply][-REPLIES_KEPT:]
-        if reply.text != FAILED_REPLY:
+        if reply.text != FAILED_REPLY and not reply.limited:
             self._to_remember.waiting.append(message.message_key)  # the loop starts the step when it is due
 
     async def _turn(self, message: IncomingMessage) -> TurnReply:
         self._state.channel, self._state.chat_id = message.channel, message.chat_id
+        limited = await self._over_limit(message)  # before any paid call
         understood = True
-        if message.attachment is not None:  # the transcript or description becomes the message, stored as such
+        if message.attachment is not None and limited is None:  # the transcript or description becomes the message
             message, understood = await self._understand(message)
         prepared = await steps.prepare_turn(message)
         user_id = self._know(prepared.user)
@@ -281,7 +302,11 @@ class CompanionWorkflow:
         for nudge in (prepared.reminder, prepared.follow_up):
             if nudge is not None:
                 await self._schedule_own(user_id, nudge)
-        if understood:
+        if limited is not None:
+            await steps.store_fallback(user_id, message, limited)  # kept apart from the conversation the model reads
+            reply = TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=limited,
+                              limited=True)
+        elif understood:
             reply = await self._generate(user_id, message, prepared.note)
         else:
             assert message.attachment is not None
@@ -311,6 +336,24 @@ class CompanionWorkflow:
         self._state.fallbacks += 1
         await steps.store_fallback(user_id, message, text)
         return TurnReply(message_key=message.message_key, reply_key=message.reply_key, text=text, fallback=True)
+
+    async def _over_limit(self, message: IncomingMessage) -> str | None:
+        """The answer a limit gives instead of the model (too many messages a minute, the daily budget spent), or
+        None. An exempt user has none; the limits are read only when one may apply."""
+        slowed = message.message_key in self._state.slowed
+        self._state.slowed = [key for key in self._state.slowed if key != message.message_key]
+        if not slowed and not self._state.budgeted:
+            return None
+        standing = await steps.check_limits(self._state.telegram_id, self._state.timezone)
+        if standing.unlimited:
+            return None
+        if slowed:
+            count("companion_limited_messages", "messages answered by a limit instead of the model", limit="rate")
+            return SLOW_DOWN.format(limit=self._state.messages_per_minute)
+        if standing.over_budget_until is not None:
+            count("companion_limited_messages", "messages answered by a limit instead of the model", limit="budget")
+            return OVER_BUDGET.format(zone=self._state.timezone)
+        return None
 
     async def _understand(self, message: IncomingMessage) -> tuple[IncomingMessage, bool]:
         """The message with its attachment's transcript or description as its text; unchanged (its placeholder

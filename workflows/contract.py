@@ -27,8 +27,15 @@ MEMORY = "memory"
 FORGET_ITEM = "forget_item"
 EXPORT = "export"
 PERSONA = "persona"
+USAGE = "usage"
 
 
 def workflow_id(telegram_id: int) -> str:
     """The id of a user's workflow."""
     return f"{WORKFLOW_ID_PREFIX}{telegram_id}"
+
+
+def telegram_id_of(workflow_id: str) -> int | None:
+    """The Telegram id of the user whose workflow this is; None for another workflow."""
+    number = workflow_id.removeprefix(WORKFLOW_ID_PREFIX)
+    return int(number) if number != workflow_id and number.lstrip("-").isdigit() else None

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from schemas.memory import Channel, NudgeStatus, Role
     from schemas.turn import (
         ChatUser,
+        CheckLimitsInput,
         DeliverInput,
         EnsureUserInput,
         Exported,
@@ -50,13 +51,16 @@ with workflow.unsafe.imports_passed_through():
         SetPersonaInput,
         SetTimezoneInput,
         SetUserActiveInput,
+        Standing,
         TimezoneChange,
         TimezoneChanged,
         UnderstandInput,
         Understood,
+        UsageInput,
         UserRef,
         reply_key_of,
     )
+    from schemas.usage import UsageSummary
 
 LLM_QUEUE_SUFFIX = "-llm"
 _STORE = {"start_to_close_timeout": DB_TIMEOUT, "retry_policy": DB_RETRY}
@@ -111,6 +115,20 @@ async def deliver(user_id: int, chat_id: int, message_key: str) -> None:
     await workflow.execute_local_activity_method(
         DeliveryActivities.deliver, DeliverInput(user_id=user_id, chat_id=chat_id, message_key=message_key),
         start_to_close_timeout=TELEGRAM_TIMEOUT, retry_policy=TELEGRAM_RETRY, summary="deliver to Telegram")
+
+
+async def check_limits(telegram_id: int, zone: str) -> Standing:
+    """Whether the user is exempt from limits, and until when their daily budget is spent."""
+    return await workflow.execute_local_activity_method(
+        ConversationActivities.check_limits, CheckLimitsInput(telegram_id=telegram_id, zone=zone, now=workflow.now()),
+        summary="check the user's limits", **_STORE)
+
+
+async def usage_summary(telegram_id: int | None, zone: str) -> UsageSummary:
+    """The user's usage (everyone's, for None) today and this month."""
+    return await workflow.execute_local_activity_method(
+        ConversationActivities.usage_summary, UsageInput(telegram_id=telegram_id, zone=zone, now=workflow.now()),
+        summary="read everyone's usage" if telegram_id is None else "read the user's usage", **_STORE)
 
 
 async def send_export(telegram_id: int) -> Exported:
