@@ -27,6 +27,7 @@ KINDS = {"reply": UsageKind.REPLY, "memory_extraction": UsageKind.EXTRACTION, "e
          "transcribe": UsageKind.TRANSCRIPTION, "describe_image": UsageKind.VISION}
 
 _log = get_logger(__name__)
+_unpriced: set[str] = set()
 
 
 class UsageRecorder:
@@ -64,7 +65,8 @@ class UsageRecorder:
                                                "what model calls cost, in millionths of a US dollar")
                 counter.with_additional_attributes({"model": row.model, "kind": row.kind.value}).add(
                     round(row.cost_usd * 1_000_000))
-                if not row.priced:
+                if not row.priced and row.model not in _unpriced:
+                    _unpriced.add(row.model)  # said once a worker
                     _log.warning("usage.unpriced_model", model=row.model, hint="add it to MODEL_PRICES")
 
 

@@ -80,7 +80,8 @@ def _llm_replies(log: Path) -> list[dict]:
 
 
 async def _converse(address: str, turns: int) -> list[float]:
-    settings = load_settings(temporal_address=address)
+    # Messages back to back: the per-user rate limit is off, so that --turns above 20 are all the model's.
+    settings = load_settings(temporal_address=address, user_messages_per_minute=0)
     client = await connect(settings)
     latencies = []
     for n in range(turns):

@@ -95,7 +95,8 @@ async def main(turns: int) -> dict[str, float]:
         direct = await _timed(turns, lambda n: direct_turn(activities, 1, n))
         env = await start_dev_server()
         async with env:
-            settings = load_settings(temporal_task_queue="bench-turn")
+            # One user writing 300 messages back to back: the per-user rate limit would answer most of them itself.
+            settings = load_settings(temporal_task_queue="bench-turn", user_messages_per_minute=0)
             async with build_worker(env.client, settings.temporal_task_queue, activities):
                 temporal = await _timed(turns, lambda n: send_message(env.client, settings, _message(2, n)))
         await engine.dispose()

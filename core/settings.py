@@ -289,7 +289,7 @@ class Settings(BaseSettings):
     @property
     def prices(self) -> dict[str, ModelPrice]:
         """The price of each model: MODEL_PRICES over the built-in table."""
-        return {**DEFAULT_PRICES, **self.model_prices}
+        return {**DEFAULT_PRICES, LOCAL_MODEL_NAME: ModelPrice(), **self.model_prices}  # the local model is free
 
     @property
     def hears_voice(self) -> bool:

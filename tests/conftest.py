@@ -419,9 +419,11 @@ async def stack(request: pytest.FixtureRequest, dev_server: SharedDevServer, rep
             env = await dev_server.get()
         task_queue = f"test-{uuid.uuid4()}"
         # Check-ins are off unless a test is about them: a test that lets days pass would otherwise meet one. The
-        # remember step runs after every turn unless a test is about its waiting for a pause.
+        # remember step runs after every turn unless a test is about its waiting for a pause. Tests send messages
+        # back to back: the per-user rate limit is off (test_telegram has it on, as deployed).
         settings = load_settings(temporal_task_queue=task_queue, workflow_turns_per_run=200, checkin_after_days=0,
-                                 remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY)
+                                 remember_after_quiet_seconds=0, openai_api_key=OPENAI_TEST_KEY,
+                                 user_messages_per_minute=0)
         chat = chat_model(fake_llm)
         stack = Stack(env.client, settings, repo, fake_llm, env, memory)
         # Extraction is off unless a test is about it: it would add an LLM call to every turn the tests count.
