@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from temporalio.client import Client
 
 from bot_gateway import run_gateway
+from cli.codec_server import start_codec_server
 from cli.conversation import chat_loop
 from clients.llm import LocalModelServer, create_chat_model, usable_cores
 from core.errors import CompanionError, ConfigurationError, EmbedderChangedError, InvalidInputError
@@ -86,6 +87,8 @@ class TemporalDevServer:
             raise InvalidInputError(f"`companion dev` runs Temporal on this machine, but TEMPORAL_ADDRESS is "
                                     f"{settings.temporal_address}; point it at localhost or run `companion worker`")
         self.host, self.port, self.ui_port = host, int(port), int(port) + UI_PORT_OFFSET
+        # With PAYLOAD_KEYS the UI reads payloads through the codec server, one port above its own.
+        self.codec_port = self.ui_port + 1 if settings.payload_keys is not None else None
         self.data_dir = settings.companion_data_dir
         self.namespace = settings.temporal_namespace
         self.log_path = self.data_dir / "temporal.log"
@@ -100,10 +103,23 @@ class TemporalDevServer:
                    *dev_server_config_args()]
         if self.namespace != "default":
             command += ["--namespace", self.namespace]
+        if self.codec_port is not None:
+            command += ["--ui-codec-endpoint", self.codec_endpoint]
         with self.log_path.open("ab") as log:
             # Its own session: Ctrl-C reaches us, and we stop the server in order.
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _log.info("temporal.dev_server_started", pid=self._process.pid, port=self.port, ui_port=self.ui_port)
+
+    @property
+    def codec_endpoint(self) -> str:
+        """The codec server's URL, as the UI (in the browser) calls it."""
+        return f"http://{'localhost' if self.host in ('', '0.0.0.0') else self.host}:{self.codec_port}"
+
+    @property
+    def ui_origins(self) -> tuple[str, ...]:
+        """The origins the UI is served from."""
+        return tuple(f"http://{host}:{self.ui_port}" for host in dict.fromkeys(("localhost", "127.0.0.1", self.host))
+                     if host)
 
     @property
     def pid(self) -> int | None:
@@ -151,9 +167,12 @@ def _banner(settings: Settings, server: TemporalDevServer, user: int) -> str:
     mode = (f"webhook {settings.telegram_webhook_url}" if settings.telegram_webhook_url else "long polling")
     telegram = (f"gateway on, {mode}" if settings.telegram_bot_token
                 else "off (set TELEGRAM_BOT_TOKEN to talk on Telegram)")
+    codec = ([f"  Codec server {server.codec_endpoint}  (the UI decodes the encrypted payloads through it)"]
+             if server.codec_port is not None else [])
     return "\n".join([
         "companion is running",
         f"  Temporal UI  http://localhost:{server.ui_port}  (namespace {settings.temporal_namespace})",
+        *codec,
         f"  Telegram     {telegram}",
         f"  Logs         {settings.companion_data_dir / 'companion.log'}",
         f"  Talk         uv run companion chat --user {user}   or   uv run companion say --user {user} \"hello\"",
@@ -319,8 +338,12 @@ async def run_dev(settings: Settings, user: int, chat: bool, reindex: bool = Fal
     services: list[asyncio.Task[None]] = []
     chat_model = None
     print(f"Starting the companion (full log: {dev_log_file(settings)})", flush=True)
+    codec_server = None
     try:
         with progress.step("Temporal") as said:
+            if server.codec_port is not None:
+                _ensure_free(server.host, server.codec_port, "the codec server, TEMPORAL_ADDRESS port + 1001")
+                codec_server = await start_codec_server(settings, server.host, server.codec_port, server.ui_origins)
             server.start()
             assert server.pid is not None
             reaper.watch(server.pid, signal.SIGTERM)
@@ -368,6 +391,8 @@ async def run_dev(settings: Settings, user: int, chat: bool, reindex: bool = Fal
         if chat_model is not None:
             await chat_model.close()
         server.stop()
+        if codec_server is not None:
+            await codec_server.cleanup()
         reaper.close()
     return 0
 

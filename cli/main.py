@@ -90,6 +90,16 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("gateway", help="run the Telegram gateway (long polling, or the webhook if configured)")
     commands.add_parser("doctor", help="check every configured dependency and say how to fix what fails")
 
+    keys = commands.add_parser("keys", help="payload encryption keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    key_commands.add_parser("new", help="print a new key, ID:KEY, to put first in PAYLOAD_KEYS")
+    codec = commands.add_parser("codec-server", help="decode encrypted payloads for the Temporal UI and CLI")
+    codec.add_argument("--port", type=_bounded_int(1, 65_535, "a port"), default=8081, help="default 8081")
+    codec.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    codec.add_argument("--cors-origin", action="append", default=[], metavar="URL",
+                       help="the Temporal UI's origin, allowed to call from a browser (repeatable; default the "
+                            "local UI, http://localhost:8233)")
+
     say = commands.add_parser("say", help="send one message and print the reply")
     say.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
     say.add_argument("--timeout", type=_timeout, default=300.0, help="seconds to wait for the reply (default 300)")
@@ -135,6 +145,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="no daily budget and no messages-a-minute limit for this user")
     exempt.add_argument("--limited", action="store_const", const=False, dest="unlimited",
                         help="the limits apply to this user again")
+
+    erase = commands.add_parser("forget", help="erase everything remembered of a user, as /forget does, with the "
+                                               "closed runs of their workflow")
+    erase.add_argument("--user", type=TELEGRAM_ID, required=True, help="the user's id (a Telegram user id)")
+    erase.add_argument("--yes", action="store_true", help="erase for good (required: it cannot be undone)")
 
     used = commands.add_parser("usage", help="what the model calls used and cost, as a table")
     used.add_argument("--user", type=TELEGRAM_ID, help="only this user's (a Telegram user id)")
@@ -203,14 +218,24 @@ async def _gateway(settings: Settings) -> int:
     return 0
 
 
-async def _replay(files: list[Path]) -> int:
+async def _new_key() -> int:
+    """`companion keys new`: one line, ID:KEY, to put first in PAYLOAD_KEYS (the old keys after it, to read what
+    they wrote)."""
+    from core.codec import new_key_line
+
+    print(new_key_line())
+    return 0
+
+
+async def _replay(settings: Settings, files: list[Path]) -> int:
+    """Replay exported histories; encrypted ones are read with PAYLOAD_KEYS."""
     from temporalio.client import WorkflowHistory
-    from temporalio.contrib.pydantic import pydantic_data_converter
     from temporalio.worker import Replayer
 
+    from workflows.client import data_converter
     from workflows.companion import CompanionWorkflow
 
-    replayer = Replayer(workflows=[CompanionWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=[CompanionWorkflow], data_converter=data_converter(settings))
     failed = 0
     for path in files:
         history = WorkflowHistory.from_json(path.stem, path.read_text())
@@ -251,6 +276,12 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
             return _worker(settings, args.make_current)
         case "gateway":
             return _gateway(settings)
+        case "keys":
+            return _new_key()
+        case "codec-server":
+            from cli.codec_server import run_codec_server
+
+            return run_codec_server(settings, args.host, args.port, args.cors_origin)
         case "doctor":
             from cli.doctor import run_doctor
 
@@ -262,7 +293,7 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
         case "history":
             return conversation.history(settings, args.user, args.limit)
         case "replay":
-            return _replay(args.files)
+            return _replay(settings, args.files)
         case "nudges":
             return _nudges(settings, args)
         case "export":
@@ -273,6 +304,10 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
             from cli.users import set_user
 
             return set_user(settings, args.user, args.timezone, args.unlimited)
+        case "forget":
+            from cli.users import forget_user
+
+            return forget_user(settings, args.user, args.yes)
         case "usage":
             from cli.usage import usage_report
 
@@ -300,7 +335,7 @@ def _configure_logging(settings: Settings, command: str) -> None:
         configure_logging(settings.log_level, settings.effective_log_format, log_file=dev_log_file(settings),
                           console_level="ERROR")
     elif command in ("say", "chat", "history", "replay", "nudges", "users", "usage", "export", "doctor", "bench",
-                     "memory"):
+                     "memory", "keys", "forget"):
         configure_logging("WARNING", settings.effective_log_format)
     else:
         configure_logging(settings.log_level, settings.effective_log_format)

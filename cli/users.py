@@ -11,7 +11,7 @@ from core.settings import Settings
 from core.zones import zone_named
 from schemas.memory import UNLIMITED
 from schemas.turn import ChatUser, TimezoneChange, TimezoneSource
-from workflows.client import set_timezone
+from workflows.client import forget, set_timezone
 
 
 async def set_user(settings: Settings, telegram_id: int, timezone: str | None,
@@ -35,6 +35,18 @@ async def set_user(settings: Settings, telegram_id: int, timezone: str | None,
     print(f"user {telegram_id}: time zone {changed.zone} (was {changed.previous}; {local:%H:%M} there now)")
     for nudge in changed.moved:
         print(f"  moved {nudge.nudge_id} to {nudge.at.astimezone(ZoneInfo(changed.zone)):%Y-%m-%d %H:%M %Z}")
+    return 0
+
+
+async def forget_user(settings: Settings, telegram_id: int, confirmed: bool) -> int:
+    """`companion forget --user ID --yes`: what /forget does, for an operator."""
+    if not confirmed:
+        raise InvalidArgumentError(f"this erases everything remembered of user {telegram_id} for good: add --yes")
+    client = await connect_or_explain(settings)
+    forgotten = await forget(client, settings, ChatUser(telegram_id=telegram_id))
+    print(f"user {telegram_id}: erased ({'memories too' if forgotten.had_memories else 'no memories'}), "
+          f"{forgotten.nudges_cancelled} planned messages cancelled, {forgotten.runs_deleted} closed workflow runs "
+          "deleted from Temporal")
     return 0
 
 

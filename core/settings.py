@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.codec import EncryptionCodec, parse_keys
 from core.errors import ConfigurationError
 from core.usage import DEFAULT_PRICES, ModelPrice
 from schemas.usage import Limits
@@ -29,7 +30,9 @@ WorkerRole = Literal["all", "turns", "background"]
 _PLACEHOLDER = re.compile(r"^(|changeme|change[-_ ]?me.*|placeholder|secret|password|xxx+|todo|dummy|test|example.*|your[-_ ].*|<.*>|\.\.\.)$",
                           re.IGNORECASE)
 _SECRET_FIELDS = ("openai_api_key", "pinecone_api_key", "telegram_bot_token", "telegram_webhook_secret",
-                  "temporal_api_key", "database_url")
+                  "temporal_api_key", "database_url", "codec_server_token")
+# Secrets that are not checked for placeholders (their own validation is stricter), never shown in an error either.
+_KEY_FIELDS = ("payload_keys",)
 _POSTGRES_SCHEMES = {"postgres", "postgresql", "postgresql+asyncpg", "postgresql+psycopg", "postgresql+psycopg2"}
 _DATABASE_URL_FORMS = ("postgresql://user:pass@host:5432/db or postgresql://user@/db?host=/socket/dir")
 # A process's PostgreSQL pool (storage.database.create_engine): connections kept open, and how many more a burst may
@@ -83,6 +86,13 @@ class Settings(BaseSettings):
     metrics_address: str | None = None
     # OTLP/HTTP collector (e.g. http://otel-collector:4318): the worker sends traces of workflows and activities.
     otel_exporter_otlp_endpoint: str | None = None
+
+    # AES-256-GCM keys of every Temporal payload (core.codec): ID:KEY pairs, comma-separated; the first encrypts, all
+    # decrypt (rotate by putting a new key first; `companion keys new` makes one). Unset: payloads travel and rest in
+    # clear (development only; required in production).
+    payload_keys: SecretStr | None = None
+    # The bearer token the codec server (`companion codec-server`) asks of the Temporal UI and CLI; unset = none.
+    codec_server_token: SecretStr | None = None
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
@@ -231,6 +241,18 @@ class Settings(BaseSettings):
             return frozenset(int(item) for item in items)
         return value
 
+    @field_validator("payload_keys", "codec_server_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("payload_keys")
+    @classmethod
+    def _payload_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_keys(value.get_secret_value())  # a ValueError names what is wrong, never the key
+        return value
+
     @field_validator("telegram_bot_token")
     @classmethod
     def _bot_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -260,6 +282,9 @@ class Settings(BaseSettings):
                              "(a client certificate and its key) or neither")
         if self.telegram_webhook_url and not self.telegram_webhook_secret:
             raise ValueError("TELEGRAM_WEBHOOK_SECRET: expected a secret token whenever TELEGRAM_WEBHOOK_URL is set")
+        if self.environment == "production" and self.payload_keys is None:
+            raise ValueError("PAYLOAD_KEYS: expected in production, so that what users write is encrypted in "
+                             "Temporal (`companion keys new` makes a key)")
         if self.environment != "development":
             for name in _SECRET_FIELDS:
                 if _is_placeholder(name, getattr(self, name)):
@@ -280,6 +305,11 @@ class Settings(BaseSettings):
     def uses_local_model(self) -> bool:
         """True when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set and the embedded model answers."""
         return self.openai_api_key is None and self.openai_base_url is None
+
+    @property
+    def payload_codec(self) -> EncryptionCodec | None:
+        """The codec that encrypts Temporal payloads with PAYLOAD_KEYS; None when unset."""
+        return EncryptionCodec(parse_keys(self.payload_keys.get_secret_value())) if self.payload_keys else None
 
     @property
     def limits(self) -> Limits:
@@ -390,6 +420,6 @@ def _describe(exc: ValidationError) -> str:
             problems.append(message)
             continue
         name = str(err["loc"][0])
-        shown = "" if name in _SECRET_FIELDS else f" (got {err['input']!r})"
+        shown = "" if name in _SECRET_FIELDS or name in _KEY_FIELDS else f" (got {err['input']!r})"
         problems.append(f"{name.upper()}: {message[0].lower()}{message[1:]}{shown}")
     return "Invalid setting " + "; ".join(problems)

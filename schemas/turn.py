@@ -450,6 +450,10 @@ class Forgotten(_Contract):
 
     had_memories: bool
     nudges_cancelled: int = 0
+    # The run that erased them (it then continues as new without them), and how many closed runs of the user's
+    # workflow were deleted from Temporal after it (their histories held what was erased).
+    run_id: str | None = None
+    runs_deleted: int = 0
 
 
 class TimezoneSource(StrEnum):

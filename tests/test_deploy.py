@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.codec import new_key_line
 from core.settings import Settings, load_settings
 
 ROOT = Path(__file__).parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APP_SERVICES = ("migrate", "worker", "worker-background", "gateway")
+APP_SERVICES = ("migrate", "worker", "worker-background", "gateway", "codec-server")
 
 
 def test_every_service_of_the_stack_is_there() -> None:
@@ -75,7 +76,7 @@ def test_the_app_services_set_only_real_settings_and_a_database_url_production_a
         assert not unknown, f"{name} sets {unknown}, which no setting reads"
     environment = SERVICES["worker"]["environment"]
     url = environment["DATABASE_URL"].replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "Xk29-long-pass")
-    settings = load_settings(environment="production", database_url=url,
+    settings = load_settings(environment="production", database_url=url, payload_keys=new_key_line(),
                              temporal_address=environment["TEMPORAL_ADDRESS"],
                              metrics_address=environment["METRICS_ADDRESS"])
     assert settings.database_url is not None and settings.temporal_address == "temporal:7233"

@@ -13,6 +13,7 @@ from core.settings import Settings, load_settings, to_async_url
 from workflows.client import connect_options
 
 BOT_TOKEN = "123456789:AAH9xYzQ1w2e3r4t5y6u7i8o9p0asdfghjk"
+PAYLOAD_KEYS = "k20261206-test01:Pk6-KROQH5b_Hsu69_siKPX2Bquvp73xJR-CvXj-flA"  # production requires one
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def test_defaults_are_the_embedded_offline_stack(tmp_path: Path) -> None:
     assert settings.telegram_api_base_url == "https://api.telegram.org/bot"
     assert settings.companion_data_dir == tmp_path / ".companion"
     assert settings.effective_log_format == "console"
-    assert load_settings(environment="production").effective_log_format == "json"
+    assert load_settings(environment="production", payload_keys=PAYLOAD_KEYS).effective_log_format == "json"
 
 
 def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,12 +119,14 @@ def test_production_refuses_placeholder_secrets(name: str, value: str, monkeypat
     monkeypatch.setenv(name, value)
     load_settings()  # fine while developing
     monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("PAYLOAD_KEYS", PAYLOAD_KEYS)
     with pytest.raises(ConfigurationError, match=f"{name}: expected a real secret in production"):
         load_settings()
 
 
 def test_production_accepts_real_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("PAYLOAD_KEYS", PAYLOAD_KEYS)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-live-9f8e7d6c5b4a39281706")
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", BOT_TOKEN)
     monkeypatch.setenv("DATABASE_URL", "postgresql://companion:Xk29-fjq81@db:5432/companion")

@@ -6,15 +6,21 @@ starts without loading the workflow's activities and their libraries."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import Client, Interceptor, WithStartWorkflowOperation, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
 from temporalio.envconfig import ClientConfigProfile
 from temporalio.runtime import Runtime
+from temporalio.service import RPCError
 
+from core.logging import get_logger
 from core.settings import Settings
 from schemas.turn import (
     ChatUser,
@@ -38,6 +44,10 @@ T = TypeVar("T")
 NO_HANDLER = "expected but not found"
 MOVE_ON_TRIES = 5
 MOVE_ON_WAIT_S = 0.5
+# /forget waits this long for the run that erased the user's data to close before deleting the closed runs.
+FORGET_DELETE_TIMEOUT_S = 20.0
+
+_log = get_logger(__name__)
 
 
 def connect_options(settings: Settings) -> dict[str, Any]:
@@ -52,10 +62,18 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     return dict(ClientConfigProfile.load(override_env_vars=names, disable_file=True).to_client_connect_config())
 
 
+def data_converter(settings: Settings) -> DataConverter:
+    """Payloads as JSON (pydantic), so the UI shows them readably; encrypted with PAYLOAD_KEYS when set (then the UI
+    reads them through the codec server)."""
+    codec = settings.payload_codec
+    return pydantic_data_converter if codec is None else dataclasses.replace(pydantic_data_converter,
+                                                                             payload_codec=codec)
+
+
 async def connect(settings: Settings, runtime: Runtime | None = None,
                   interceptors: Sequence[Interceptor] = ()) -> Client:
-    """A Temporal client that reads and writes payloads as JSON (pydantic), so the UI shows them readably."""
-    return await Client.connect(**connect_options(settings), data_converter=pydantic_data_converter,
+    """A Temporal client with the companion's data converter (data_converter)."""
+    return await Client.connect(**connect_options(settings), data_converter=data_converter(settings),
                                 runtime=runtime, interceptors=interceptors)
 
 
@@ -111,10 +129,42 @@ async def cancel_nudge(client: Client, telegram_id: int, nudge_id: str) -> Nudge
                                                                                      result_type=Nudge)
 
 
-async def forget(client: Client, settings: Settings, user: ChatUser) -> Forgotten:
-    """Erase everything remembered of a user (their workflow is started if need be: rows may outlive it)."""
-    return await client.execute_update_with_start_workflow(contract.FORGET, result_type=Forgotten,
-                                                           start_workflow_operation=_start(settings, user))
+async def forget(client: Client, settings: Settings, user: ChatUser, delete_runs: bool = True) -> Forgotten:
+    """Erase everything remembered of a user (their workflow is started if need be: rows may outlive it), then the
+    closed runs of their workflow, whose histories hold what was erased (delete_closed_runs)."""
+    forgotten = await client.execute_update_with_start_workflow(contract.FORGET, result_type=Forgotten,
+                                                                start_workflow_operation=_start(settings, user))
+    if forgotten.run_id is None or not delete_runs:  # None: answered by a build from before runs were deleted
+        return forgotten
+    try:
+        deleted = await delete_closed_runs(client, user.telegram_id, forgotten.run_id)
+    except (RPCError, TimeoutError) as exc:
+        _log.warning("forget.runs_not_deleted", telegram_id=user.telegram_id, error=str(exc))
+        deleted = 0
+    return forgotten.model_copy(update={"runs_deleted": deleted})
+
+
+async def delete_closed_runs(client: Client, telegram_id: int, erased_in: str,
+                             timeout_s: float = FORGET_DELETE_TIMEOUT_S) -> int:
+    """Delete every closed run of the user's workflow once ``erased_in`` (the run that erased their data) has
+    continued as new: the open run then holds none of it. Returns how many were deleted."""
+    handle = client.get_workflow_handle(workflow_id(telegram_id))
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    query = f"{USER_ID_ATTRIBUTE.name} = {telegram_id} AND ExecutionStatus != 'Running'"
+    while True:
+        current = (await handle.describe()).run_id
+        # Visibility lags: wait until it lists the erasing run as closed too.
+        closed = [execution.run_id async for execution in client.list_workflows(query)] if current != erased_in else []
+        if erased_in in closed:
+            break
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"run {erased_in} of user {telegram_id} did not close within {timeout_s:.0f} s")
+        await asyncio.sleep(0.2)
+    for run_id in closed:
+        await client.workflow_service.delete_workflow_execution(DeleteWorkflowExecutionRequest(
+            namespace=client.namespace, workflow_execution=WorkflowExecution(workflow_id=handle.id, run_id=run_id)))
+    _log.info("forget.runs_deleted", telegram_id=telegram_id, runs=len(closed))
+    return len(closed)
 
 
 async def set_timezone(client: Client, settings: Settings, user: ChatUser, change: TimezoneChange) -> TimezoneChanged:

@@ -88,8 +88,10 @@ class CompanionWorkflow:
             if self._may_move_on():
                 await self._wind_down()
                 if self._may_move_on():  # again: an update may have come in meanwhile
+                    # The memo as it is now (after /forget, without the user's name), not the one the run began with.
                     workflow.continue_as_new(
                         self._state.model_copy(update={"turns_this_run": 0}),
+                        memo={"user_name": self._state.display_name, "telegram_id": self._state.telegram_id},
                         initial_versioning_behavior=workflow.ContinueAsNewVersioningBehavior.AUTO_UPGRADE)
             async with self._lock:
                 if self._state.queue:
@@ -248,7 +250,7 @@ class CompanionWorkflow:
             self._fresh_run = True
             workflow.set_current_details("")
             workflow.upsert_memo({"user_name": None})
-        return forgotten.model_copy(update={"nudges_cancelled": cancelled})
+        return forgotten.model_copy(update={"nudges_cancelled": cancelled, "run_id": workflow.info().run_id})
 
     def _refusal(self, message: IncomingMessage) -> str | None:
         """Why a message cannot be accepted, or None."""
