@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -418,6 +419,43 @@ async def test_companion_dev_with_a_bot_token_talks_on_telegram(tmp_path: Path, 
     history = _companion("history", "--user", "777", cwd=tmp_path, env=env).stdout.splitlines()
     assert [line.split(None, 3)[2:] for line in history] == [["Ada", "hello from Telegram"],
                                                             ["companion", "I hear you: hello from Telegram"]]
+
+
+# Headless Chromium on this machine: no sandbox (root), none of the background connections a closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_with_payload_keys_the_ui_of_companion_dev_decodes_the_conversation_through_its_codec_server(
+        tmp_path: Path, dev_env: dict[str, str]) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's package)")
+    from playwright.sync_api import sync_playwright
+
+    from core.codec import new_key_line
+
+    env = {**dev_env, "PAYLOAD_KEYS": new_key_line()}
+    ui = int(env["TEMPORAL_ADDRESS"].rsplit(":", 1)[1]) + 1000
+    dev = DevProcess(tmp_path, env)
+    try:
+        assert f"Codec server http://localhost:{ui + 1}" in dev.output.read_text()
+        said = _companion("say", "--user", "42", "my secret garden is behind the old mill", cwd=tmp_path, env=env)
+        assert said.returncode == 0, said.stderr
+        shown = _companion("history", "--user", "42", cwd=tmp_path, env=env)  # PostgreSQL keeps it readable
+        assert "my secret garden" in shown.stdout
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://localhost:{ui}/namespaces/default/workflows/companion-user-42", timeout=60_000)
+            # The workflow's input, encrypted in Temporal, shown decoded: the UI asked the codec server.
+            page.get_by_text('"telegram_id": 42').first.wait_for(timeout=60_000)
+            browser.close()
+    finally:
+        assert dev.stop() == 0, dev.tail()
+    log = (tmp_path / ".companion" / "companion.log").read_text()
+    served = [line for line in log.splitlines() if "codec_server.served" in line]
+    assert served and all("path=/decode" in line or '"/decode"' in line for line in served)
 
 
 def test_doctor_passes_against_companion_dev_and_says_what_to_fix_when_it_is_gone(
