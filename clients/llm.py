@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,16 +123,9 @@ class ChatModel:
         of CPU a call. The response is parsed, and errors raised, as create does.
         """
         started = time.perf_counter()
-        try:
+        with model_errors(self.model, purpose):
             response = await self._client.post("/chat/completions", body={"model": self.model, **body},
                                                cast_to=ChatCompletion)
-        except openai.APIStatusError as exc:
-            count_call(self.model, "error", time.perf_counter() - started, purpose=purpose)
-            raise status_error(exc) from exc
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            count_call(self.model, "error", time.perf_counter() - started, purpose=purpose)
-            raise OpenAIServiceError(f"the LLM endpoint could not be reached ({type(exc).__name__})",
-                                     context={"model": self.model}, cause=exc) from exc
         count_call(self.model, "ok", time.perf_counter() - started, response.usage, purpose=purpose)
         return response
 
@@ -193,6 +187,22 @@ def count_call(model: str, outcome: str, seconds: float, usage: CompletionUsage 
         tokens = meter.create_counter("companion_llm_tokens", "LLM tokens, prompt and completion")
         tokens.add(usage.prompt_tokens, {"kind": "prompt"})
         tokens.add(usage.completion_tokens, {"kind": "completion"})
+
+
+@contextmanager
+def model_errors(model: str, purpose: str, endpoint: str = "the LLM endpoint") -> Iterator[None]:
+    """The openai SDK's errors inside the block as OpenAIServiceError (retryable or not by their cause), each
+    counted as a failed call of ``model`` for ``purpose``."""
+    started = time.perf_counter()
+    try:
+        yield
+    except openai.APIStatusError as exc:
+        count_call(model, "error", time.perf_counter() - started, purpose=purpose)
+        raise status_error(exc) from exc
+    except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+        count_call(model, "error", time.perf_counter() - started, purpose=purpose)
+        raise OpenAIServiceError(f"{endpoint} could not be reached ({type(exc).__name__})",
+                                 context={"model": model}, cause=exc) from exc
 
 
 def status_error(exc: openai.APIStatusError) -> OpenAIServiceError:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import base64
 import time
 
-import openai
 from openai import AsyncOpenAI
 from openai.types.audio import Transcription
 from openai.types.chat import ChatCompletion
 
 from clients.http import openai_client
-from clients.llm import REQUEST_TIMEOUT_S, SDK_RETRIES, count_call, status_error
+from clients.llm import REQUEST_TIMEOUT_S, SDK_RETRIES, count_call, model_errors
 from core.errors import OpenAIServiceError
 from core.logging import get_logger
 from core.settings import Settings
@@ -63,16 +62,9 @@ class MediaModel:
         if self._transcriber is None:
             raise OpenAIServiceError("no transcription model is configured", retryable=False)
         started = time.perf_counter()
-        try:
+        with model_errors(self.transcribe_model, "transcribe", "the transcription endpoint"):
             result = await self._transcriber.audio.transcriptions.create(model=self.transcribe_model,
                                                                          file=(filename, audio))
-        except openai.APIStatusError as exc:
-            count_call(self.transcribe_model, "error", time.perf_counter() - started, purpose="transcribe")
-            raise status_error(exc) from exc
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            count_call(self.transcribe_model, "error", time.perf_counter() - started, purpose="transcribe")
-            raise OpenAIServiceError(f"the transcription endpoint could not be reached ({type(exc).__name__})",
-                                     context={"model": self.transcribe_model}, cause=exc) from exc
         count_call(self.transcribe_model, "ok", time.perf_counter() - started, purpose="transcribe")
         text = result.text if isinstance(result, Transcription) else str(result)
         used = result.usage if isinstance(result, Transcription) else None
@@ -95,15 +87,8 @@ class MediaModel:
                              {"role": "user", "content": [{"type": "text", "text": said},
                                                           {"type": "image_url", "image_url": {"url": url}}]}]}
         started = time.perf_counter()
-        try:
+        with model_errors(self.vision_model, "describe_image", "the vision model"):
             response = await self._vision.post("/chat/completions", body=body, cast_to=ChatCompletion)
-        except openai.APIStatusError as exc:
-            count_call(self.vision_model, "error", time.perf_counter() - started, purpose="describe_image")
-            raise status_error(exc) from exc
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-            count_call(self.vision_model, "error", time.perf_counter() - started, purpose="describe_image")
-            raise OpenAIServiceError(f"the vision model could not be reached ({type(exc).__name__})",
-                                     context={"model": self.vision_model}, cause=exc) from exc
         count_call(self.vision_model, "ok", time.perf_counter() - started, response.usage,
                     purpose="describe_image", images=1)
         text = (response.choices[0].message.content or "").strip() if response.choices else ""
