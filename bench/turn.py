@@ -1,11 +1,12 @@
 """Turn latency: a message's way through Temporal to its delivered reply, against the same turn done in-process.
 
-    uv run python -m bench.turn [--turns 300]
+    uv run python -m bench.turn [--turns 300] [--encrypted]
 
 Embedded stack: pgserver PostgreSQL, the Temporal dev server tuned by temporal-config/development.yaml, the real
 worker, and an OpenAI-compatible stub that answers at once (so the figures are the companion's own overhead).
 The Temporal path is what `companion say` does: update-with-start, returning when the reply is stored and handed
-back. The direct path runs the same activity code in order without Temporal. The last line is one JSON object.
+back. The direct path runs the same activity code in order without Temporal. With --encrypted, the client and the
+worker encrypt every payload with a fresh key (PAYLOAD_KEYS, core.codec). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from openai import AsyncOpenAI
+from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
 from activities.companion import CompanionActivities
 from bench.probe import cpu_probe_s
 from clients.llm import ChatModel
+from core.codec import new_key_line
 from core.logging import configure_logging
 from core.settings import load_settings
 from schemas.memory import Channel
@@ -41,7 +44,7 @@ from storage.vectors import PgVectorStore
 from tests.fake_openai import serve_in_subprocess
 from tests.processes import start_dev_server
 from worker import build_worker
-from workflows.client import send_message
+from workflows.client import data_converter, send_message
 
 WARMUP_TURNS = 20
 
@@ -79,7 +82,7 @@ async def direct_turn(activities: CompanionActivities, telegram_id: int, n: int)
     return reply.text
 
 
-async def main(turns: int) -> dict[str, float]:
+async def main(turns: int, encrypted: bool = False) -> dict[str, float | bool]:
     configure_logging("WARNING", "console")
     folder = Path(tempfile.mkdtemp(prefix="companion-bench-"))
     postgres = EmbeddedPostgres(folder / "pg")
@@ -96,9 +99,12 @@ async def main(turns: int) -> dict[str, float]:
         env = await start_dev_server()
         async with env:
             # One user writing 300 messages back to back: the per-user rate limit would answer most of them itself.
-            settings = load_settings(temporal_task_queue="bench-turn", user_messages_per_minute=0)
-            async with build_worker(env.client, settings.temporal_task_queue, activities):
-                temporal = await _timed(turns, lambda n: send_message(env.client, settings, _message(2, n)))
+            settings = load_settings(temporal_task_queue="bench-turn", user_messages_per_minute=0,
+                                     payload_keys=new_key_line() if encrypted else None)
+            client = Client(env.client.service_client, namespace=env.client.namespace,
+                            data_converter=data_converter(settings))
+            async with build_worker(client, settings.temporal_task_queue, activities):
+                temporal = await _timed(turns, lambda n: send_message(client, settings, _message(2, n)))
         await engine.dispose()
     finally:
         llm.terminate()
@@ -108,14 +114,17 @@ async def main(turns: int) -> dict[str, float]:
     print(f"temporal turn  p50 {p50:6.1f} ms  p95 {_percentile(temporal, 0.95):6.1f} ms  "
           f"p99 {_percentile(temporal, 0.99):6.1f} ms  ({turns} sequential turns)")
     print(f"direct turn    p50 {direct_p50:6.1f} ms  p95 {_percentile(direct, 0.95):6.1f} ms")
-    return {"turns": turns, "p50_ms": round(p50, 1), "p95_ms": round(_percentile(temporal, 0.95), 1),
-            "direct_p50_ms": round(direct_p50, 1), "ratio_p50": round(p50 / direct_p50, 1)}
+    return {"turns": turns, "encrypted": encrypted, "p50_ms": round(p50, 1),
+            "p95_ms": round(_percentile(temporal, 0.95), 1), "direct_p50_ms": round(direct_p50, 1),
+            "ratio_p50": round(p50 / direct_p50, 1)}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=300)
-    result = asyncio.run(main(parser.parse_args().turns))
+    parser.add_argument("--encrypted", action="store_true", help="encrypt every payload (PAYLOAD_KEYS)")
+    args = parser.parse_args()
+    result = asyncio.run(main(args.turns, args.encrypted))
     probe = cpu_probe_s()
     print(f"cpu probe {probe:.3f} s (bench.probe: the same fixed work on every day)")
     print(json.dumps({**result, "cpu_probe_s": round(probe, 3)}))
