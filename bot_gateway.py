@@ -66,6 +66,7 @@ from schemas.turn import (
     TimezoneChange,
     TimezoneSource,
     clean_text,
+    minutes,
 )
 from schemas.usage import describe_usage
 from workflows.client import (
@@ -258,7 +259,7 @@ class Gateway:
             return FILE_TOO_BIG.format(size=attachment.size / 1024 / 1024)
         limit = self._settings.max_voice_seconds
         if heard and attachment.duration_s is not None and attachment.duration_s > limit:
-            return VOICE_TOO_LONG.format(length=_minutes(attachment.duration_s), limit=_minutes(limit))
+            return VOICE_TOO_LONG.format(length=minutes(attachment.duration_s), limit=minutes(limit))
         if heard and audio_filename(attachment.mime_type, attachment.kind.value) is None:
             return AUDIO_FORMAT.format(mime=attachment.mime_type)
         if not heard and attachment.mime_type is not None and attachment.mime_type not in IMAGE_TYPES:
@@ -582,7 +583,7 @@ def placeholder(attachment: Attachment) -> str:
     """The message's text until the worker transcribes or describes its attachment (and if it can't)."""
     what = {MediaKind.VOICE: "voice message", MediaKind.AUDIO: "audio", MediaKind.VIDEO_NOTE: "video message",
             MediaKind.PHOTO: "photo"}[attachment.kind]
-    length = f", {_minutes(attachment.duration_s)}" if attachment.duration_s is not None else ""
+    length = f", {minutes(attachment.duration_s)}" if attachment.duration_s is not None else ""
     return f"[{what}{length}]" + (f"\n\n{attachment.caption}" if attachment.caption else "")
 
 
@@ -592,10 +593,6 @@ def _seconds(media: Voice | Audio | VideoNote) -> int:
         warnings.simplefilter("ignore", PTBDeprecationWarning)
         duration = media.duration
     return int(duration.total_seconds()) if isinstance(duration, timedelta) else int(duration)
-
-
-def _minutes(seconds: int) -> str:
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _without_mention(text: str, username: str) -> str:

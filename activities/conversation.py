@@ -6,7 +6,6 @@ its key, retried until the database is back. Named timeouts and retry policies l
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -205,11 +204,7 @@ class ConversationActivities:
     async def check_limits(self, data: CheckLimitsInput) -> Standing:
         """Whether the user is exempt from limits, and whether today's usage (since midnight in their zone) has
         reached the daily budget: then until when."""
-        try:
-            user = await self._repository.get_user_by_telegram_id(data.telegram_id)
-            unlimited = bool(user.preferences.get(UNLIMITED))
-        except UserNotFoundError:
-            unlimited = False
+        unlimited = await self._unlimited(data.telegram_id)
         if unlimited or not self._limits.any:
             return Standing(unlimited=unlimited)
         start = day_start(data.now, ZoneInfo(data.zone))
@@ -227,17 +222,21 @@ class ConversationActivities:
         zone = ZoneInfo(data.zone)
         today = day_start(data.now, zone)
         month = today.replace(day=1)
-        unlimited = False
-        if data.telegram_id is not None:
-            with contextlib.suppress(UserNotFoundError):
-                unlimited = bool((await self._repository.get_user_by_telegram_id(data.telegram_id))
-                                 .preferences.get(UNLIMITED))
+        unlimited = data.telegram_id is not None and await self._unlimited(data.telegram_id)
         return UsageSummary(
             telegram_id=data.telegram_id, zone=data.zone, day_started=today, unlimited=unlimited,
             today=await self._repository.usage_totals(data.telegram_id, today),
             month=await self._repository.usage_totals(data.telegram_id, month),
             daily_budget_usd=self._limits.daily_budget_usd, daily_tokens=self._limits.daily_tokens,
             users=await self._repository.usage_users(month) if data.telegram_id is None else None)
+
+    async def _unlimited(self, telegram_id: int) -> bool:
+        """Whether an operator exempted the user from the limits (a user not stored yet is not)."""
+        try:
+            user = await self._repository.get_user_by_telegram_id(telegram_id)
+        except UserNotFoundError:
+            return False
+        return bool(user.preferences.get(UNLIMITED))
 
     def all(self) -> list:
         """Every activity of this class, for registering with a worker."""

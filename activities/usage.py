@@ -59,10 +59,9 @@ class UsageRecorder:
             _log.warning("usage.not_recorded", telegram_id=telegram_id, calls=len(rows), error=exc.code)
             return
         if new:
-            meter = activity.metric_meter()
+            counter = activity.metric_meter().create_counter("companion_usage_cost_microdollars",
+                                                             "what model calls cost, in millionths of a US dollar")
             for row in rows:
-                counter = meter.create_counter("companion_usage_cost_microdollars",
-                                               "what model calls cost, in millionths of a US dollar")
                 counter.with_additional_attributes({"model": row.model, "kind": row.kind.value}).add(
                     round(row.cost_usd * 1_000_000))
                 if not row.priced and row.model not in _unpriced:

@@ -31,6 +31,7 @@ from schemas.turn import (
     ReplyPreviewChunk,
     TurnReply,
     clean_text,
+    minutes,
     nudge_message_key,
     reply_preview_channel,
 )
@@ -286,7 +287,7 @@ def _sent_as(message: MessageRead) -> str:
     if not attachment:
         return ""
     seconds = attachment.get("duration_s")
-    length = f", {seconds // 60}:{seconds % 60:02d}" if seconds is not None else ""
+    length = f", {minutes(seconds)}" if seconds is not None else ""
     return f"({attachment['kind'].replace('_', ' ')}{length}) "
 
 

@@ -124,6 +124,11 @@ class MediaKind(StrEnum):
         return self != MediaKind.PHOTO
 
 
+def minutes(seconds: int) -> str:
+    """A recording's length as people read it: 1:05."""
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 # The meta key of a stored message that came with an attachment: the Attachment, file id included (provenance).
 ATTACHMENT = "attachment"
 

@@ -9,7 +9,7 @@ import contextlib
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -67,41 +67,27 @@ def raw_bytes(history: WorkflowHistory) -> bytes:
     return b"".join(event.SerializeToString() for event in history.events)
 
 
+def payloads(value: object) -> Iterator[dict]:
+    """Every payload (a dict with metadata and data) in a history as JSON."""
+    if isinstance(value, dict):
+        if isinstance(value.get("metadata"), dict) and "data" in value:
+            yield value
+        for item in value.values():
+            yield from payloads(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from payloads(item)
+
+
 def payload_text(shown: str) -> str:
     """The data of every payload of a history the Temporal CLI printed as JSON, as text."""
-    found: list[str] = []
-
-    def walk(value: object) -> None:
-        if isinstance(value, dict):
-            if isinstance(value.get("metadata"), dict) and isinstance(value.get("data"), str):
-                found.append(base64.b64decode(value["data"]).decode(errors="replace"))
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(json.loads(shown))
-    return "\n".join(found)
+    return "\n".join(base64.b64decode(p["data"]).decode(errors="replace") for p in payloads(json.loads(shown)))
 
 
 def key_ids(history: WorkflowHistory) -> set[str]:
     """The key ids of the encrypted payloads of a history."""
-    found = set()
-
-    def walk(value: object) -> None:
-        if isinstance(value, dict):
-            metadata = value.get("metadata")
-            if isinstance(metadata, dict) and KEY_ID in metadata:
-                found.add(base64.b64decode(metadata[KEY_ID]).decode())
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(json.loads(history.to_json()))
-    return found
+    return {base64.b64decode(p["metadata"][KEY_ID]).decode() for p in payloads(json.loads(history.to_json()))
+            if KEY_ID in p["metadata"]}
 
 
 @pytest.fixture
