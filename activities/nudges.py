@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from temporalio import activity
 
 from activities.errors import translate_errors
-from activities.prompt import HISTORY_TURNS, build_prompt
+from activities.prompt import HISTORY_TURNS, build_prompt, fit_memory
 from activities.usage import UsageRecorder, records_usage
 from clients.llm import ChatModel
 from core.logging import get_logger
@@ -118,6 +118,7 @@ class NudgeActivities:
 
     async def _write(self, data: FireNudgeInput) -> str:
         context = await self._repository.get_user_context(data.user_id, message_limit=HISTORY_TURNS + 1)
+        fit_memory(context, [], set(), self._chat_model.budget)
         prompt = build_prompt(context, nudge_message_key(data.nudge.nudge_id), budget=self._chat_model.budget)
         reply = await self._chat_model.reply(prompt, NUDGE_PROMPT.format(purpose=data.nudge.purpose))
         return reply.text

@@ -6,6 +6,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from clients.llm import PromptBudget
+from core.tokens import count_tokens
 from schemas.context import RecalledMemory, UserContextSchema, quote
 from schemas.memory import Role
 from schemas.turn import ChatTurn, TurnContext
@@ -13,6 +14,8 @@ from storage.recall import MemoryHit
 
 HISTORY_TURNS = 12
 RECALL_K = 8
+# The quoted profile leaves at least this share (a third) of the memory budget to the memories recalled.
+RECALL_SHARE = 3
 PERSONA = (
     "You are Companion, a warm and attentive friend who talks with the user on Telegram. You remember what they "
     "have told you and bring it up naturally. Keep replies short and conversational, ask about their life, and "
@@ -36,8 +39,8 @@ def build_prompt(context: UserContextSchema, message_key: str, note: str | None 
     history: list[ChatTurn] = []
     used = 0
     for turn in reversed(turns[-budget.history_messages:]):
-        used += len(turn.content)
-        if used > budget.history_chars:
+        used += count_tokens(turn.content)
+        if used > budget.history_tokens:
             break
         history.insert(0, turn)
     persona = PERSONA if context.user.persona is None else f"{PERSONA}\n\n{ASKED_PERSONA} {quote(context.user.persona)}"
@@ -46,18 +49,26 @@ def build_prompt(context: UserContextSchema, message_key: str, note: str | None 
     return TurnContext(system_prompt=system_prompt, history=history, before_message=before)
 
 
-def within_budget(hits: list[MemoryHit], shown: set[str], budget: PromptBudget = PromptBudget()
-                  ) -> list[RecalledMemory]:
-    """The best hits not made only of messages the prompt already shows, up to RECALL_K and the prompt budget."""
-    recalled, used = [], 0
+def fit_memory(context: UserContextSchema, hits: list[MemoryHit], shown: set[str],
+               budget: PromptBudget = PromptBudget()) -> None:
+    """Fit the user's memory into ``budget.memory_tokens``: the quoted profile first, trimmed when it would leave
+    what is recalled less than a third (the oldest diary moments go first, then the latest plans, the farthest
+    events, the last facts), then as ``context.recalled`` the best hits that fit what is left, up to RECALL_K, none
+    made only of messages the prompt already shows."""
+    ceiling = budget.memory_tokens - budget.memory_tokens // RECALL_SHARE
+    context.recalled = []
+    for items in (context.diary_entries, context.pending_nudges, context.upcoming_events, context.facts):
+        while items and count_tokens(context.memory_block()) > ceiling:
+            items.pop()
     for hit in hits:
+        if len(context.recalled) == RECALL_K:
+            break
         if hit.source_keys and set(hit.source_keys) <= shown:
             continue
-        if used + len(hit.content) > budget.recall_chars or len(recalled) == RECALL_K:
+        context.recalled.append(RecalledMemory(kind=hit.kind.value, content=hit.content, occurred_at=hit.occurred_at))
+        if count_tokens(context.memory_block()) > budget.memory_tokens:
+            context.recalled.pop()
             break
-        used += len(hit.content)
-        recalled.append(RecalledMemory(kind=hit.kind.value, content=hit.content, occurred_at=hit.occurred_at))
-    return recalled
 
 
 HEARD_NOTE = ("The user sent this message as a voice recording: it is what a transcription model heard. If it is very "

@@ -35,6 +35,7 @@ from schemas.memory import (
     NudgeCreator,
     NudgeKind,
     ProfileFactCreate,
+    ProfileFactRead,
     Role,
     TimelineEventCreate,
     UserRead,
@@ -165,6 +166,16 @@ def parse_when(text: str, zone: ZoneInfo) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=zone)
 
 
+def past_fact_memory(fact: ProfileFactRead, name: str, zone: ZoneInfo) -> NewMemory:
+    """The memory of a fact's superseded value: said as what was true until it changed, never as current."""
+    assert fact.valid_to is not None
+    until = fact.valid_to.astimezone(zone)
+    return NewMemory(key=f"fact:{fact.category.value}:{fact.key}:{fact.id}", kind=MemoryKind.FACT,
+                     content=f"Until {until.day} {until:%B %Y}, {name}'s {fact.key.replace('_', ' ')} "
+                             f"({fact.category.value}) was {fact.value}; it no longer is.",
+                     occurred_at=fact.valid_from, source_keys=fact.source_keys)
+
+
 def derived_key(kind: str, message_key: str, label: str | None = None) -> str:
     """The key of something a message gave rise to: one per message, kind and (case- and space-blind) label,
     whatever the retries, even those that extract it again."""
@@ -222,6 +233,7 @@ class Rememberer:
         zone = user.timezone_info
         memories: list[NewMemory] = []
         facts = 0
+        changed: set[tuple[str, str]] = set()
         for fact in found.facts:
             stored = await self._repository.upsert_profile_fact(user.id, ProfileFactCreate(
                 category=fact.category, key=_fact_key(fact.key), value=fact.value, source_keys=[source_key]))
@@ -230,6 +242,11 @@ class Rememberer:
                                       content=f"{user.display_name}'s {stored.key.replace('_', ' ')} "
                                               f"({stored.category.value}): {stored.value}",
                                       occurred_at=stored.valid_from, source_keys=stored.source_keys))
+            changed.add((stored.category.value, stored.key))
+        if changed:  # a value a new one superseded stays findable, as what was true until then
+            history = await self._repository.list_profile_facts(user.id, include_history=True)
+            memories += [past_fact_memory(old, user.display_name, zone) for old in history
+                         if old.valid_to is not None and (old.category.value, old.key) in changed]
         events = 0
         for event in found.events:
             at = parse_when(event.when, zone)

@@ -17,7 +17,7 @@ from temporalio import activity
 from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
-from activities.prompt import HISTORY_TURNS, RECALL_K, build_prompt, within_budget
+from activities.prompt import HISTORY_TURNS, RECALL_K, build_prompt, fit_memory
 from activities.sending import PREVIEW_MESSAGES, TelegramSender
 from activities.usage import UsageRecorder, records_usage
 from clients.llm import ChatModel, PromptBudget
@@ -25,6 +25,7 @@ from clients.telegram import TelegramChannel, split_message
 from core.concurrency import alongside
 from core.errors import CompanionError
 from core.logging import get_logger
+from core.timeframe import time_range
 from schemas.context import UserContextSchema
 from schemas.memory import Channel, MessageCreate, Role
 from schemas.turn import (
@@ -113,19 +114,23 @@ class ReplyActivities:
 
     async def _prompt(self, data: GenerateReplyInput, context: UserContextSchema) -> TurnContext:
         # A new user's first turns (until a remember step has run) skip the embeddings call and the search.
-        found = await self._recall(data) if context.has_memories else []
+        found = await self._recall(data, context) if context.has_memories else []
         context.summary = data.summary
         budget = self._chat_model.budget
-        context.recalled = within_budget(found, {m.message_key for m in context.recent_messages}, budget)
+        fit_memory(context, found, {m.message_key for m in context.recent_messages}, budget)
         return build_prompt(context, data.message_key, data.note, budget)
 
-    async def _recall(self, data: GenerateReplyInput) -> list[MemoryHit]:
-        """Memories that bear on the message, best first; none when memory search fails (the turn goes on)."""
+    async def _recall(self, data: GenerateReplyInput, context: UserContextSchema) -> list[MemoryHit]:
+        """Memories that bear on the message (of the time it names, in the user's zone, first), best first; none
+        when memory search fails (the turn goes on)."""
         if self._memory is None:
             return []
+        said = next((m.sent_at for m in context.recent_messages if m.message_key == data.message_key), None)
+        now, zone = said or datetime.now(UTC), context.user.timezone_info
         try:
             # Enough candidates that dropping those made of the recent turns still leaves RECALL_K.
-            found = await self._memory.search(data.user_id, data.text, k=RECALL_K + HISTORY_TURNS + 1)
+            found = await self._memory.search(data.user_id, data.text, k=RECALL_K + HISTORY_TURNS + 1,
+                                              when=time_range(data.text, now, zone))
         except CompanionError as exc:
             _log.warning("memory.recall_failed", user_id=data.user_id, error=exc.code, detail=exc.message)
             return []

@@ -164,6 +164,9 @@ def _build_parser() -> argparse.ArgumentParser:
     locomo.add_argument("--k", type=_bounded_int(1, MAX_K, "a number of memories"), default=10,
                         help="memories retrieved per question to report (default 10)")
     locomo.add_argument("--extract", action="store_true", help="also run the LLM extraction of the remember step")
+    locomo.add_argument("--answer", action="store_true",
+                        help="answer each question with the configured model and grade it with an LLM judge (J)")
+    locomo.add_argument("--judge-model", metavar="MODEL", help="the judge's model (default: OPENAI_CHAT_MODEL)")
 
     memory = commands.add_parser("memory", help="manage semantic memory")
     memory_commands = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
@@ -315,7 +318,9 @@ def _command(settings: Settings, args: argparse.Namespace) -> Coroutine[Any, Any
         case "bench":
             from cli.locomo import run_locomo
 
-            return run_locomo(settings, args.data, args.k, args.extract)
+            if args.judge_model and not args.answer:
+                raise InvalidArgumentError("--judge-model grades answers: give --answer too")
+            return run_locomo(settings, args.data, args.k, args.extract, args.answer, args.judge_model)
         case "memory":
             from cli import memory
 

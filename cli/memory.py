@@ -7,10 +7,12 @@ import shutil
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from cli.conversation import open_repository
 from core.errors import UserNotFoundError
 from core.settings import Settings
+from core.timeframe import time_range
 from schemas.memory import describe_memory
 from storage.database import create_engine, create_session_factory
 from storage.embedded import postgres_url
@@ -48,8 +50,8 @@ async def reindex(settings: Settings, telegram_id: int | None, missing_only: boo
 async def search(settings: Settings, telegram_id: int, query: str, k: int) -> int:
     async with _memory(settings) as (repo, index):
         user = await repo.get_user_by_telegram_id(telegram_id)
-        found = await index.search(user.id, query, k=k)
         zone = user.timezone_info
+        found = await index.search(user.id, query, k=k, when=time_range(query, datetime.now(UTC), zone))
         width = max(40, shutil.get_terminal_size().columns)
         for hit in found.hits:
             when = hit.occurred_at.astimezone(zone).strftime("%Y-%m-%d %H:%M")

@@ -46,16 +46,18 @@ LOCAL_CACHE_REUSE_TOKENS = 64
 
 @dataclass(frozen=True)
 class PromptBudget:
-    """How much of the conversation and of recalled memories a model's prompt holds (~4 characters a token)."""
+    """How much a model's prompt holds, in tokens (`core.tokens`): of the user's memory (the quoted profile and the
+    memories recalled for the message, MEMORY_PROMPT_TOKENS) and of the recent conversation (HISTORY_PROMPT_TOKENS,
+    at most ``history_messages`` turns)."""
 
     history_messages: int = 12
-    history_chars: int = 24_000
-    recall_chars: int = 2_400  # ~600 tokens
+    history_tokens: int = 6_000
+    memory_tokens: int = 1_500
 
 
 # The local model reads ~350 prompt tokens a second on 2 cores: a prompt of ~700 tokens keeps a turn to a few
 # seconds even when nothing of it is cached.
-LOCAL_BUDGET = PromptBudget(history_messages=8, history_chars=1_600, recall_chars=600)
+LOCAL_BUDGET = PromptBudget(history_messages=8, history_tokens=360, memory_tokens=400)
 
 _log = get_logger(__name__)
 
@@ -276,5 +278,6 @@ def create_chat_model(settings: Settings, local_base_url: str | None = None) -> 
                          sampling=LOCAL_SAMPLING, streams=settings.llm_stream)
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "unused"
     client = openai_client(settings.openai_base_url, api_key, max_retries=SDK_RETRIES, timeout=REQUEST_TIMEOUT_S)
-    return ChatModel(client, settings.openai_chat_model, streams=settings.llm_stream)
+    budget = PromptBudget(history_tokens=settings.history_prompt_tokens, memory_tokens=settings.memory_prompt_tokens)
+    return ChatModel(client, settings.openai_chat_model, budget=budget, streams=settings.llm_stream)
 

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     # Replies are streamed from the LLM and shown as they are written (a Telegram draft, a message edited as it
     # grows in a group, the terminal chat); false for an OpenAI-compatible server that cannot stream.
     llm_stream: bool = True
+    # A reply's prompt holds at most this many tokens of the user's memory (the quoted profile and the memories
+    # recalled for the message) and of the recent conversation; the embedded model has smaller budgets of its own.
+    memory_prompt_tokens: int = Field(default=1_500, ge=100, le=100_000)
+    history_prompt_tokens: int = Field(default=6_000, ge=100, le=1_000_000)
     # Voice notes and audio are transcribed by this model of the OpenAI-compatible audio.transcriptions endpoint, at
     # TRANSCRIBE_BASE_URL (e.g. a local Whisper server; its key is OPENAI_API_KEY, or none) or else the LLM's.
     transcribe_model: str = "gpt-4o-mini-transcribe"

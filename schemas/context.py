@@ -104,8 +104,16 @@ class UserContextSchema(BaseModel):
         if not self.recalled:
             return []
         return ["memories that may matter now (when they were said or happen, user's local time):",
-                *(f"- {self._local(memory.occurred_at)} {memory.kind}: {quote(memory.content)}"
-                  for memory in self.recalled)]
+                *(self.recalled_line(memory) for memory in self.recalled)]
+
+    def recalled_line(self, memory: RecalledMemory) -> str:
+        """How one recalled memory reads in the prompt."""
+        return f"- {self._local(memory.occurred_at)} {memory.kind}: {quote(memory.content)}"
+
+    def memory_block(self) -> str:
+        """What of the prompt is the user's memory: the quoted profile and the recalled memories."""
+        profile = self.to_prompt_context(include_messages=False, include_recalled=False)
+        return f"{profile}\n\n{self.recalled_block()}" if self.recalled else profile
 
     def _event_line(self, event: TimelineEventRead) -> str:
         line = f"- {self._local(event.event_at)} {quote(event.title)}"

@@ -6,8 +6,10 @@ with the two before it (from the same sitting), so a search hit carries what "ye
 Extracted facts, events and diary entries are memories too.
 
 Search fuses two rankings by weighted reciprocal rank: cosine similarity from the vector store, and BM25 over
-PostgreSQL full text (English stemming, the user's own rows for document frequencies); with pgvector, both rankings,
-their fusion and the rows come from one statement. Every query is scoped to one user. When the vector store fails,
+PostgreSQL full text (English stemming, the user's own rows for document frequencies); a query that names a time
+("last week", "in May") adds a third, the memories of that time. With pgvector, the rankings, their fusion and the rows
+come from one statement. The best are then spread over the past: a stretch of conversation that only repeats one
+already found waits behind memories of other moments. Every query is scoped to one user. When the vector store fails,
 search goes on with keywords alone and says so in the log.
 """
 
@@ -20,12 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import REAL, Select, bindparam, delete, func, select, text
+from sqlalchemy import REAL, DateTime, Select, bindparam, delete, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import CompanionError, DatabaseConnectionError, VectorStoreError
 from core.logging import get_logger
+from core.timeframe import TimeRange
 from schemas.memory import MemoryKind, MessageRead, Role
 from storage import vectors
 from storage.database import run_transaction
@@ -43,8 +46,15 @@ MAX_MEMORY_CHARS = 4_000
 RRF_K = 30
 DENSE_WEIGHT = 1.0
 KEYWORD_WEIGHT = 1.5
+# A query that names a time ("last week", "in May") ranks the memories of that time too: the best of them gains about
+# what the best of both other rankings gives, so they come first unless an older one matches far better.
+TIME_WEIGHT = 2.5
 CANDIDATES = 100
 STALE_SLACK = 10
+# Search fuses k * POOL_FACTOR memories, from which `spread` picks k.
+POOL_FACTOR = 3
+# A memory that shares this many of its messages with better ones adds at most one message to them: it waits.
+SHARED_HELD_BACK = 2
 BM25_K1 = 1.2
 BM25_B = 0.75
 
@@ -113,6 +123,23 @@ def conversation_memories(messages: Sequence[MessageRead], new_keys: set[str], u
     return memories
 
 
+def spread(hits: Sequence[MemoryHit], k: int) -> list[MemoryHit]:
+    """The best k hits, where a hit that shares SHARED_HELD_BACK of its messages with better ones (the stretch of
+    conversation beside one already picked) waits until the hits about other moments are placed."""
+    picked: list[MemoryHit] = []
+    waiting: list[MemoryHit] = []
+    shown: set[str] = set()
+    for hit in hits:
+        if len(shown.intersection(hit.source_keys)) >= SHARED_HELD_BACK:
+            waiting.append(hit)
+            continue
+        picked.append(hit)
+        shown.update(hit.source_keys)
+        if len(picked) == k:
+            return picked
+    return (picked + waiting)[:k]
+
+
 # BM25 over the user's full-text vectors: the lexemes of the query, the user's document statistics, each lexeme's
 # weight, and the memories holding any of them.
 _KEYWORD_CTES = f"""
@@ -151,10 +178,29 @@ ORDER BY score DESC, c.id DESC
 LIMIT :limit"""
 _KEYWORD_SQL = text(f"WITH {_KEYWORD_CTES}{_KEYWORD_RANKING}")
 
+# The time ranking: the user's memories of the time a query names (none without one), those the other rankings found
+# first, best fused first, then the newest. In one statement with `alike` (the fused rankings); on its own, with the
+# ids the rankings found in order.
+_DATED_CTE = """dated AS (
+    SELECT of_then.id, of_then.rank FROM (
+        SELECT m.id, row_number() OVER (ORDER BY s.score DESC NULLS LAST, m.occurred_at DESC, m.id DESC) AS rank
+        FROM memories m LEFT JOIN alike s ON s.id = m.id
+        WHERE CAST(:since AS timestamptz) IS NOT NULL  -- no time named: not a row read
+          AND m.user_id = :user_id AND m.occurred_at >= :since AND m.occurred_at < :until
+    ) AS of_then WHERE of_then.rank <= :limit
+)"""
+_DATED_SQL = text(f"""
+WITH alike AS (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:scores AS float8[])) AS s(id, score)),
+{_DATED_CTE}
+SELECT id FROM dated ORDER BY rank""").bindparams(bindparam("since", type_=DateTime(timezone=True)),
+                                                  bindparam("until", type_=DateTime(timezone=True)))
+
 # Search with pgvector in one statement: the exact vector ranking (as PgVectorStore.query ranks, for a user within the
 # exact search's limit), the keyword ranking, their fusion as `search` fuses them (the same float8 sums, ties in the
-# order the fusion meets them: the vector ranking's, then the keyword ranking's) and the best rows. One row at least:
-# the count of the user's vectors, with no memory when nothing was found or the user is past the limit.
+# order the fusion meets them: the vector ranking's, then the keyword ranking's, then the time ranking's), the time
+# ranking when the query names a time (the memories of that time, best fused first, then newest first) and the best
+# rows. One row at least: the count of the user's vectors, with no memory when nothing was found or the user is past
+# the limit.
 _HYBRID_SQL = text(f"""
 WITH {_KEYWORD_CTES},
 keyword AS (
@@ -174,21 +220,29 @@ dense AS (
     FROM (SELECT id, embedding <=> CAST(CAST(:vector AS real[]) AS vector) AS distance FROM mine
           ORDER BY distance, id LIMIT :limit) AS near
 ),
-fused AS (
+alike AS (
     SELECT coalesce(d.id, kw.id) AS id, d.rank AS dense_rank, kw.rank AS keyword_rank,
            coalesce({DENSE_WEIGHT}::float8 / ({RRF_K} + d.rank), 0)
            + coalesce({KEYWORD_WEIGHT}::float8 / ({RRF_K} + kw.rank), 0) AS score
     FROM dense d FULL JOIN keyword kw ON kw.id = d.id
 ),
+{_DATED_CTE},
+fused AS (
+    SELECT coalesce(s.id, dt.id) AS id, s.dense_rank, s.keyword_rank, dt.rank AS dated_rank,
+           coalesce(s.score, 0) + coalesce({TIME_WEIGHT}::float8 / ({RRF_K} + dt.rank), 0) AS score
+    FROM alike s FULL JOIN dated dt ON dt.id = s.id
+),
 best AS (
-    SELECT f.id, f.dense_rank, f.keyword_rank, f.score, m.kind, m.content, m.occurred_at, m.source_keys
+    SELECT f.id, f.dense_rank, f.keyword_rank, f.dated_rank, f.score, m.kind, m.content, m.occurred_at,
+           m.source_keys
     FROM fused f JOIN memories m ON m.id = f.id AND m.user_id = :user_id
-    ORDER BY f.score DESC, f.dense_rank NULLS LAST, f.keyword_rank
+    ORDER BY f.score DESC, f.dense_rank NULLS LAST, f.keyword_rank, f.dated_rank
     LIMIT :k
 )
 SELECT total.n AS total, best.* FROM total LEFT JOIN best ON true
-ORDER BY best.score DESC, best.dense_rank NULLS LAST, best.keyword_rank
-""").bindparams(bindparam("vector", type_=ARRAY(REAL)))
+ORDER BY best.score DESC, best.dense_rank NULLS LAST, best.keyword_rank, best.dated_rank
+""").bindparams(bindparam("vector", type_=ARRAY(REAL)), bindparam("since", type_=DateTime(timezone=True)),
+               bindparam("until", type_=DateTime(timezone=True)))
 
 
 class MemoryIndex:
@@ -320,31 +374,39 @@ class MemoryIndex:
 
     # --- reading ------------------------------------------------------------------------------------------------
 
-    async def search(self, user_id: int, query: str, k: int = 10) -> SearchResult:
-        """The k memories of this user that best answer ``query``, best first."""
+    async def search(self, user_id: int, query: str, k: int = 10, when: TimeRange | None = None) -> SearchResult:
+        """The k memories of this user that best answer ``query``, best first; with ``when`` (the time the query
+        names, see `core.timeframe`), the memories of that time first unless others match far better.
+
+        A memory whose messages are all but one in better memories (the stretch beside one already found) waits
+        until memories of other moments are placed, so that k memories cover as much of the past as they can."""
         started = time.perf_counter()
         if not query.strip():
             return SearchResult(hits=[], degraded=False, elapsed_ms=0.0)
+        pool = k * POOL_FACTOR
         if not isinstance(self.store, PgVectorStore):
-            return await self._search_apart(user_id, query, k, started)
+            return await self._search_apart(user_id, query, k, started, when=when)
         # With pgvector, once the query is embedded, one statement does it all (a user past the exact search's limit
         # excepted): two rankings and the rows cost three statements.
         try:
             vector = (await self.embedder.embed([query]))[0]
         except VectorStoreError as exc:
             self._without_vectors(user_id, exc)
-            return await self._search_apart(user_id, query, k, started, dense=_nothing())
-        hits = await self._search_at_once(user_id, query, vector, k)
+            return await self._search_apart(user_id, query, k, started, dense=_nothing(), when=when)
+        hits = await self._search_at_once(user_id, query, vector, pool, when)
         if hits is None:
-            return await self._search_apart(user_id, query, k, started, dense=self._nearest(user_id, query, vector))
-        return SearchResult(hits=hits, degraded=False, elapsed_ms=(time.perf_counter() - started) * 1000)
+            return await self._search_apart(user_id, query, k, started, dense=self._nearest(user_id, query, vector),
+                                            when=when)
+        return SearchResult(hits=spread(hits, k), degraded=False, elapsed_ms=(time.perf_counter() - started) * 1000)
 
-    async def _search_at_once(self, user_id: int, query: str, vector: list[float], k: int) -> list[MemoryHit] | None:
-        """Both rankings, fused, with their rows, in one statement; None for a user past the exact search's limit
-        or when the statement fails short of PostgreSQL being out of reach (the rankings one by one then tell which
-        one failed, and search goes on with the other)."""
+    async def _search_at_once(self, user_id: int, query: str, vector: list[float], k: int,
+                              when: TimeRange | None = None) -> list[MemoryHit] | None:
+        """Both rankings (and the time ranking), fused, with their rows, in one statement; None for a user past the
+        exact search's limit or when the statement fails short of PostgreSQL being out of reach (the rankings one by
+        one then tell which one failed, and search goes on with the other)."""
         params = {"query": query, "user_id": user_id, "vector": vector, "limit": CANDIDATES, "k": k,
-                  "exact_limit": vectors.EXACT_SEARCH_LIMIT}
+                  "exact_limit": vectors.EXACT_SEARCH_LIMIT, "since": when.start if when else None,
+                  "until": when.end if when else None}
 
         async def work(session: AsyncSession) -> list[MemoryHit] | None:
             rows = (await session.execute(_HYBRID_SQL, params)).all()
@@ -353,7 +415,8 @@ class MemoryIndex:
             return [MemoryHit(memory_id=row.id, kind=MemoryKind(row.kind), content=row.content,
                               occurred_at=row.occurred_at, source_keys=list(row.source_keys), score=row.score,
                               via=tuple(name for name, rank in (("vector", row.dense_rank),
-                                                                ("keyword", row.keyword_rank)) if rank is not None))
+                                                                ("keyword", row.keyword_rank),
+                                                                ("time", row.dated_rank)) if rank is not None))
                     for row in rows if row.id is not None]
 
         try:
@@ -365,7 +428,8 @@ class MemoryIndex:
             return None
 
     async def _search_apart(self, user_id: int, query: str, k: int, started: float,
-                            dense: Coroutine[Any, Any, list[int] | None] | None = None) -> SearchResult:
+                            dense: Coroutine[Any, Any, list[int] | None] | None = None,
+                            when: TimeRange | None = None) -> SearchResult:
         """Search with the rankings asked for one by one (``dense``: the vector ranking, embedding the query unless
         given) and fused here, then the rows of the best."""
 
@@ -385,21 +449,37 @@ class MemoryIndex:
             for rank, memory_id in enumerate(ranked_ids):
                 scores[memory_id] = scores.get(memory_id, 0.0) + weight / (RRF_K + rank + 1)
                 via.setdefault(memory_id, []).append(name)
-        ranked = sorted(scores, key=lambda memory_id: -scores[memory_id])
+        if when is not None:
+            for rank, memory_id in enumerate(await self._of_then(user_id, when, scores)):
+                scores[memory_id] = scores.get(memory_id, 0.0) + TIME_WEIGHT / (RRF_K + rank + 1)
+                via.setdefault(memory_id, []).append("time")
+        ranked = sorted(scores, key=lambda memory_id: -scores[memory_id])[:k * POOL_FACTOR + STALE_SLACK]
         hits: list[MemoryHit] = []
         if ranked:
-            # A few more than k: a vector store may still know a vector whose row is gone.
-            rows = await self._rows(user_id, ranked[:k + STALE_SLACK])
-            for memory_id in ranked[:k + STALE_SLACK]:
+            # A few more than asked for: a vector store may still know a vector whose row is gone.
+            rows = await self._rows(user_id, ranked)
+            for memory_id in ranked:
                 row = rows.get(memory_id)
                 if row is None:  # a vector whose row is gone (or another user's): never shown
                     continue
                 hits.append(MemoryHit(memory_id=row.id, kind=MemoryKind(row.kind), content=row.content,
                                       occurred_at=row.occurred_at, source_keys=list(row.source_keys),
                                       score=scores[memory_id], via=tuple(via[memory_id])))
-                if len(hits) == k:
+                if len(hits) == k * POOL_FACTOR:
                     break
-        return SearchResult(hits=hits, degraded=degraded, elapsed_ms=(time.perf_counter() - started) * 1000)
+        return SearchResult(hits=spread(hits, k), degraded=degraded,
+                            elapsed_ms=(time.perf_counter() - started) * 1000)
+
+    async def _of_then(self, user_id: int, when: TimeRange, scores: dict[int, float]) -> list[int]:
+        """The time ranking: the user's memories of ``when``, those with ``scores`` first, best first."""
+
+        async def work(session: AsyncSession) -> list[int]:
+            rows = await session.execute(_DATED_SQL, {"user_id": user_id, "since": when.start, "until": when.end,
+                                                      "limit": CANDIDATES, "ids": list(scores),
+                                                      "scores": list(scores.values())})
+            return [row[0] for row in rows]
+
+        return await self._read("memories.of_then", work, user_id=user_id)
 
     async def _nearest(self, user_id: int, query: str, vector: list[float] | None = None) -> list[int] | None:
         """The vector ranking: ids of the memories nearest the query (embedded here unless ``vector`` is given), best

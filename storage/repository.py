@@ -382,7 +382,8 @@ class MemoryRepository:
                 versions = select(ProfileFact).where(ProfileFact.user_id == user_id,
                                                      ProfileFact.category == row.category, ProfileFact.key == row.key)
                 rows, said = list((await session.execute(versions)).scalars()), row.value
-                own = [f"fact:{row.category}:{row.key}"]
+                # the current value's memory and those of the values it superseded
+                own = [f"fact:{row.category}:{row.key}", *(f"fact:{row.category}:{row.key}:{v.id}" for v in rows)]
             else:
                 rows, said = [row], row.title
                 own = [f"{kind}:{row.idempotency_key}"] if row.idempotency_key else []

@@ -6,6 +6,7 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 
+from core.tokens import count_tokens
 from schemas.context import MEMORY_CLOSE, MEMORY_OPEN, UserContextSchema, quote
 from schemas.memory import (
     DiaryEntryCreate,
@@ -111,7 +112,7 @@ async def test_a_small_model_s_prompt_keeps_the_newest_turns_that_fit_and_ends_w
     user = await repo.get_or_create_user(UserCreate(telegram_id=44, first_name="Ada"))
     for n in range(30):
         await repo.add_message(user.id, MessageCreate(message_key=f"m{n}", role=Role.USER if n % 2 == 0 else
-                                                      Role.ASSISTANT, content=f"turn {n}: " + "words " * 40,
+                                                      Role.ASSISTANT, content=f"turn {n}: " + "words " * 60,
                                                       sent_at=NOW + timedelta(minutes=n)))
     context = await repo.get_user_context(user.id, message_limit=13, now=NOW)
 
@@ -120,11 +121,51 @@ async def test_a_small_model_s_prompt_keeps_the_newest_turns_that_fit_and_ends_w
         return build_prompt(context, key, note="Confirm the reminder.", budget=LOCAL_BUDGET)
 
     first, second = prompt("Ada's dog is called Rex", "m29"), prompt("Ada plays chess", "m28")
-    # The newest turns that fit ~1,600 characters, oldest first, without the message being answered.
-    assert [turn.content.split(":")[0] for turn in first.history] == [f"turn {n}" for n in range(23, 29)]
-    assert sum(len(turn.content) for turn in first.history) <= LOCAL_BUDGET.history_chars
+    # The newest turns that fit the budget's tokens, oldest first, without the message being answered.
+    kept = [int(turn.content.split(":")[0].removeprefix("turn ")) for turn in first.history]
+    assert kept == list(range(kept[0], 29)) and 4 <= len(kept) < LOCAL_BUDGET.history_messages
+    assert sum(count_tokens(turn.content) for turn in first.history) <= LOCAL_BUDGET.history_tokens
+    one_more = sum(count_tokens(f"turn {n}: " + "words " * 60) for n in range(kept[0] - 1, 29))
+    assert one_more > LOCAL_BUDGET.history_tokens
     # The system prompt holds nothing of the message at hand, so a model server's cache keeps it across turns...
     assert first.system_prompt == second.system_prompt and "Rex" not in first.system_prompt
     # ...and what was recalled for the message comes right before it, quoted, with the turn's note.
     assert first.before_message.index(MEMORY_OPEN) < first.before_message.index('"Ada\'s dog is called Rex"')
     assert first.before_message.index(MEMORY_CLOSE) < first.before_message.index("Confirm the reminder.")
+
+
+async def test_the_memory_in_a_prompt_keeps_to_its_token_budget_leaving_recall_a_third(
+        repo: MemoryRepository) -> None:
+    from activities.prompt import RECALL_K, build_prompt, fit_memory
+    from clients.llm import PromptBudget
+    from schemas.memory import MemoryKind
+    from storage.recall import MemoryHit
+
+    user = await repo.get_or_create_user(UserCreate(telegram_id=45, first_name="Lea"))
+    for n in range(40):  # a long profile: more facts and moments than the budget holds
+        await repo.upsert_profile_fact(user.id, ProfileFactCreate(category=FactCategory.HOBBIES, key=f"hobby_{n:02}",
+                                                                  value=f"collects things of kind {n} " * 3))
+        await repo.add_diary_entry(user.id, DiaryEntryCreate(title=f"Moment {n}", content="A long day out " * 5,
+                                                             occurred_at=NOW - timedelta(days=n + 1)))
+    hits = [MemoryHit(memory_id=n, kind=MemoryKind.CONVERSATION, content=f"Lea: we talked about topic {n} " * 8,
+                      occurred_at=NOW - timedelta(days=n), source_keys=[f"old{n}"], score=1.0 / (n + 1),
+                      via=("vector",)) for n in range(20)]
+    budget = PromptBudget(memory_tokens=600)
+    context = await repo.get_user_context(user.id, now=NOW)
+    diary_before = len(context.diary_entries)
+    fit_memory(context, hits, shown=set(), budget=budget)
+
+    assert count_tokens(context.memory_block()) <= budget.memory_tokens
+    # The profile was trimmed, the diary first, so that the best recalled memories have room, in their order.
+    assert len(context.diary_entries) < diary_before and context.facts
+    assert 0 < len(context.recalled) <= RECALL_K
+    assert [m.content for m in context.recalled] == [hit.content for hit in hits[:len(context.recalled)]]
+    profile = count_tokens(context.to_prompt_context(include_messages=False, include_recalled=False))
+    assert profile <= budget.memory_tokens - budget.memory_tokens // 3
+    prompt = build_prompt(context, "none", budget=budget)
+    assert count_tokens(prompt.system_prompt) > profile and hits[0].content[:30] in prompt.before_message
+
+    roomy = await repo.get_user_context(user.id, now=NOW)
+    fit_memory(roomy, hits, shown={"old0"}, budget=PromptBudget(memory_tokens=100_000))
+    assert len(roomy.diary_entries) == diary_before  # nothing trimmed when it fits
+    assert len(roomy.recalled) == RECALL_K and roomy.recalled[0].content == hits[1].content  # old0 is shown

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from unittest.mock import ANY
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -28,7 +31,7 @@ from activities.conversation import ConversationActivities
 from activities.remember import Extraction, Rememberer
 from activities.reply import ReplyActivities
 from cli.doctor import check_memory
-from cli.locomo import load_conversation, new_results, score, summary
+from cli.locomo import load_conversation, new_results, run_locomo, score, summary
 from core.errors import (
     ConfigurationError,
     EmbedderChangedError,
@@ -37,6 +40,8 @@ from core.errors import (
     VectorStoreConnectionError,
 )
 from core.settings import load_settings
+from core.timeframe import time_range
+from schemas.context import MEMORY_OPEN
 from schemas.memory import (
     Channel,
     DiaryEntryCreate,
@@ -209,7 +214,7 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
         await eventually(lambda: extracting.state(mia), lambda state: bool(state.summary))
         second = await extracting.say(mia, "Update: I left Acme, I'm at Globex now.")
         await eventually(lambda: extracting.state(mia), lambda state: "Globex" in state.summary)
-        await extracting.say(mia, "What do you think?")
+        await extracting.say(mia, "Do you remember my time at Acme?")
         state = await extracting.state(mia)
 
     structured = [r for r in stack.llm.requests if r.get("response_format")]
@@ -217,7 +222,8 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
     assert "NEW" in structured[0]["messages"][1]["content"]  # the turn's messages are marked new
 
     facts = await stack.repo.list_profile_facts(user.id, include_history=True)
-    employer = [(f.value, f.valid_to is None, f.source_keys) for f in facts if f.key == "employer"]
+    employer_rows = [f for f in facts if f.key == "employer"]
+    employer = [(f.value, f.valid_to is None, f.source_keys) for f in employer_rows]
     assert employer == [("Acme", False, [first.message_key]), ("Globex", True, [second.message_key])]
     sport = [f for f in facts if f.key == "sport"]  # the same value again is no new fact: provenance grows
     assert len(sport) == 1 and sport[0].source_keys == [first.message_key, second.message_key]
@@ -227,6 +233,13 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
             Memory.user_id == user.id, Memory.memory_key == "fact:work:employer"))).one()
     assert "Globex" in fact_memory.content and "Acme" not in fact_memory.content
     assert fact_memory.source_keys == [second.message_key]
+    # The superseded value stays findable, said as past (recall brings it when the conversation it came from has
+    # left the prompt), while the facts the prompt gives as current name only the new value.
+    until = employer_rows[0].valid_to
+    past = f"Until {until.day} {until:%B %Y}, {user.display_name}'s employer (work) was Acme; it no longer is."
+    assert past in [hit.content for hit in (await memory.search(user.id, "Acme", k=5)).hits]
+    asked = [r for r in stack.llm.requests if not r.get("response_format")][-1]["messages"]
+    assert '- work/"employer": "Globex"' in asked[0]["content"] and '"Acme"' not in asked[0]["content"]
 
     (event,) = await stack.repo.events_between(user.id, datetime.now(UTC), datetime.now(UTC) + timedelta(days=3))
     assert event.title == "first day at Acme" and event.source_keys == [first.message_key]
@@ -318,6 +331,58 @@ async def test_search_with_pgvector_is_one_statement_ranking_as_the_rankings_fus
     both = await memory.search(user_id, "honey", k=6)
     assert "honey" in both.hits[0].content and both.hits[0].via == ("vector", "keyword")
     assert await memory.search(await user_with_messages(repo, []), "honey", k=6) == SearchResult([], False, ANY)
+
+
+async def test_a_question_about_last_week_recalls_last_weeks_memory_over_a_more_similar_older_one(
+        repo: MemoryRepository, memory: MemoryIndex) -> None:
+    tokyo = ZoneInfo("Asia/Tokyo")
+    now = datetime(2026, 12, 9, 12, 0, tzinfo=tokyo)  # a Wednesday: last week is Monday 30 Nov to Sunday 6 Dec
+    said = {  # when each was said, in Tokyo
+        "We went hiking in the mountains and had a picnic by the lake": datetime(2026, 10, 11, 15, 0, tzinfo=tokyo),
+        "Sunday we walked up the hill behind the village with the dog": datetime(2026, 12, 6, 23, 30, tzinfo=tokyo),
+        "I baked bread for the neighbours": datetime(2026, 12, 8, 10, 0, tzinfo=tokyo),
+    }
+    user = await repo.get_or_create_user(UserCreate(telegram_id=new_telegram_id(), first_name="Mia"))
+    for number, (line, at) in enumerate(said.items()):
+        await repo.add_message(user.id, MessageCreate(message_key=f"t{user.id}-{number}", role=Role.USER,
+                                                      content=line, channel=Channel.CONSOLE, sent_at=at))
+    await memory.remember_messages(user.id, [f"t{user.id}-{n}" for n in range(len(said))], "Mia")
+    question = "Where did we go hiking last week?"
+
+    anytime = await memory.search(user.id, question, k=3)
+    assert "mountains" in anytime.hits[0].content  # the older memory matches the words better
+
+    when = time_range(question, now, tokyo)
+    assert when is not None and when.phrase == "last week"
+    # Sunday 23:30 in Tokyo is still last week there (14:30 UTC), while Tuesday's bread is this week's.
+    found = await memory.search(user.id, question, k=3, when=when)
+    assert "walked up the hill" in found.hits[0].content and "time" in found.hits[0].via
+    assert "mountains" in found.hits[1].content  # a prior, not a filter: the rest still come, best first
+    apart = await memory._search_apart(user.id, question, 3, time.perf_counter(), when=when)
+    assert [(h.memory_id, h.score, h.via) for h in apart.hits] == [(h.memory_id, h.score, h.via) for h in found.hits]
+
+
+def test_time_phrases_are_read_in_the_users_zone_as_calendar_spans() -> None:
+    tokyo, paris = ZoneInfo("Asia/Tokyo"), ZoneInfo("Europe/Paris")
+    now = datetime(2026, 12, 5, 16, 30, tzinfo=UTC)  # Sunday 01:30 in Tokyo, Saturday 17:30 in Paris
+
+    def span(text: str, zone: ZoneInfo) -> tuple[str, str] | None:
+        found = time_range(text, now, zone)
+        return found and (f"{found.start.astimezone(zone):%Y-%m-%d}", f"{found.end.astimezone(zone):%Y-%m-%d}")
+
+    assert span("what did I do yesterday?", tokyo) == ("2026-12-05", "2026-12-06")
+    assert span("what did I do yesterday?", paris) == ("2026-12-04", "2026-12-05")
+    assert span("where did I live in May?", paris) == ("2026-05-01", "2026-06-01")
+    assert span("and in December?", paris) == ("2026-12-01", "2027-01-01")
+    assert span("since March 2025", paris) == ("2025-03-01", "2026-12-06")
+    assert span("two years ago", paris) == ("2024-01-01", "2025-01-01")
+    assert span("a couple of weeks ago", paris) == ("2026-11-16", "2026-11-23")
+    assert span("last weekend", paris) == ("2026-11-28", "2026-11-30")
+    assert span("on Friday", paris) == ("2026-12-04", "2026-12-05")
+    assert span("on the 3rd of March", paris) == ("2026-03-03", "2026-03-04")
+    assert span("before 2020", paris)[1] == "2020-01-01"
+    for said in ("may I ask you something?", "I may move", "remind me in 2 hours", "what's my name?"):
+        assert time_range(said, now, paris) is None, said
 
 
 async def test_with_the_embeddings_endpoint_refusing_pgvector_search_goes_on_with_keywords(
@@ -613,7 +678,8 @@ async def test_locomo_recall_is_scored_through_provenance(repo: MemoryRepository
 def test_companion_bench_locomo_prints_its_figures_as_json(database_url: str, tmp_path: Path) -> None:
     data = tmp_path / "locomo.json"
     data.write_text(json.dumps([_locomo_slice(2)]))
-    env = {**os.environ, "DATABASE_URL": libpq_url(database_url), "LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "DATABASE_URL": libpq_url(database_url), "LOG_LEVEL": "WARNING",
+           "MEMORY_PROMPT_TOKENS": "400"}
     done = subprocess.run([sys.executable, "-m", "cli", "bench", "locomo", "--data", str(data), "--k", "7"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -621,10 +687,59 @@ def test_companion_bench_locomo_prints_its_figures_as_json(database_url: str, tm
     assert {"recall@5", "recall@7", "recall@10", "recall@20", "recall@7_temporal", "questions", "p50_ms",
             "p95_ms"} <= set(figures)
     assert figures["questions"] > 5 and 0 < figures["recall@7"] <= 1 and figures["conversations"] == 1
+    # The prompt a reply to each question would get, its memory within MEMORY_PROMPT_TOKENS (400 here).
+    assert 0 < figures["memory_tokens_p50"] <= figures["memory_tokens_p95"] <= 400
+    assert figures["memory_tokens_p95"] < figures["prompt_tokens_p95"] and "J" not in figures
+
+    offline = subprocess.run([sys.executable, "-m", "cli", "bench", "locomo", "--data", str(data), "--answer"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert offline.returncode != 0 and offline.stderr.count("\n") == 1
+    assert "--answer needs an OpenAI-compatible model" in offline.stderr
 
     bad = subprocess.run([sys.executable, "-m", "cli", "bench", "locomo", "--data", str(tmp_path / "none.json")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and "cannot read LoCoMo data" in bad.stderr
+
+
+async def test_locomo_answer_mode_answers_from_the_prompts_memory_and_a_judge_grades_it(
+        database_url: str, tmp_path: Path, fake_llm: FakeOpenAI, capsys: pytest.CaptureFixture[str]) -> None:
+    sample = _locomo_slice(2)
+    data = tmp_path / "locomo.json"
+    data.write_text(json.dumps([sample]))
+    asked = [q for q in sample["qa"] if q["category"] in (1, 2, 3, 4) and q.get("evidence")]
+    fake_llm.default = lambda body: f"answer {len(fake_llm.requests)}"
+    # The judge grades every third answer WRONG; verdicts come in the order the judge is asked.
+    fake_llm.script_json(*({"reason": "same point" if n % 3 else "misses it", "label": "CORRECT" if n % 3 else
+                            "WRONG"} for n in range(len(asked))))
+    settings = load_settings(database_url=database_url, openai_api_key="sk-test-key", openai_base_url=fake_llm.url,
+                             openai_chat_model="answer-model", embedding_provider="local")
+
+    assert await run_locomo(settings, data, answer=True, judge_model="judge-model") == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    answers = [r for r in fake_llm.requests if not r.get("response_format")]
+    verdicts = [r for r in fake_llm.requests if r.get("response_format")]
+    assert len(answers) == len(verdicts) == len(asked) == figures["questions"]
+    assert {r["model"] for r in answers} == {"answer-model"} and {r["model"] for r in verdicts} == {"judge-model"}
+    questions = {q["question"] for q in asked}
+    for request in answers:  # the question last, after the quoted memories recalled for it
+        assert request["messages"][0]["content"].startswith("You answer questions about a long conversation")
+        assert request["messages"][-1]["content"] in questions and MEMORY_OPEN in request["messages"][-2]["content"]
+    golds = {json.dumps(str(q["answer"])) for q in asked}
+    for request in verdicts:
+        schema = request["response_format"]["json_schema"]
+        assert schema["strict"] is True and schema["schema"]["properties"]["label"]["enum"] == ["CORRECT", "WRONG"]
+        graded = request["messages"][1]["content"]
+        assert graded.split("\nGold answer: ")[1].split("\nGenerated answer: ")[0] in golds
+        assert re.search(r'Generated answer: "answer \d+"$', graded)
+    correct = len([n for n in range(len(asked)) if n % 3])
+    assert figures["J"] == round(correct / len(asked), 4)
+    assert figures["judge_model"] == "judge-model" and figures["answer_model"] == "answer-model"
+    # J per category: each the share of its questions graded correct, together the overall J.
+    names = {1: "multi_hop", 2: "temporal", 3: "open_domain", 4: "single_hop"}
+    counts = Counter(names[q["category"]] for q in asked)
+    assert {name for name in names.values() if figures[f"J_{name}"] is not None} == set(counts)
+    assert sum(figures[f"J_{name}"] * n for name, n in counts.items()) == pytest.approx(correct, abs=0.01)
 
 
 async def test_openai_embeddings_are_used_when_configured(repo: MemoryRepository, engine: AsyncEngine,
