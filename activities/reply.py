@@ -25,7 +25,6 @@ from clients.telegram import TelegramChannel, split_message
 from core.concurrency import alongside
 from core.errors import CompanionError
 from core.logging import get_logger
-from core.timeframe import time_range
 from schemas.context import UserContextSchema
 from schemas.memory import Channel, MessageCreate, Role
 from schemas.turn import (
@@ -128,9 +127,9 @@ class ReplyActivities:
         said = next((m.sent_at for m in context.recent_messages if m.message_key == data.message_key), None)
         now, zone = said or datetime.now(UTC), context.user.timezone_info
         try:
+            when = await self._memory.time_named(data.user_id, data.text, now, zone)
             # Enough candidates that dropping those made of the recent turns still leaves RECALL_K.
-            found = await self._memory.search(data.user_id, data.text, k=RECALL_K + HISTORY_TURNS + 1,
-                                              when=time_range(data.text, now, zone))
+            found = await self._memory.search(data.user_id, data.text, k=RECALL_K + HISTORY_TURNS + 1, when=when)
         except CompanionError as exc:
             _log.warning("memory.recall_failed", user_id=data.user_id, error=exc.code, detail=exc.message)
             return []

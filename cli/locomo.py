@@ -29,7 +29,6 @@ from activities.prompt import HISTORY_TURNS, build_prompt, fit_memory
 from clients.llm import ChatModel, PromptBudget, create_chat_model
 from core.errors import ConfigurationError, InvalidInputError, OpenAIServiceError
 from core.settings import Settings
-from core.timeframe import time_range
 from core.tokens import count_tokens
 from schemas.context import UserContextSchema, quote
 from schemas.memory import Channel, MessageCreate, Role, UserCreate
@@ -176,8 +175,8 @@ async def score(index: MemoryIndex, user_id: int, dia_of: dict[str, str], questi
         if category not in CATEGORIES or not evidence:
             continue
         text = str(question["question"])
-        found = await index.search(user_id, text, k=max(ks),
-                                   when=time_range(text, asked_at, ZoneInfo("UTC")) if asked_at else None)
+        when = await index.time_named(user_id, text, asked_at, ZoneInfo("UTC")) if asked_at else None
+        found = await index.search(user_id, text, k=max(ks), when=when)
         results["latency_ms"].append(found.elapsed_ms)
         for k in ks:
             covered = {dia_of.get(key) for hit in found.hits[:k] for key in hit.source_keys}

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from cli.conversation import open_repository
 from core.errors import UserNotFoundError
 from core.settings import Settings
-from core.timeframe import time_range
 from schemas.memory import describe_memory
 from storage.database import create_engine, create_session_factory
 from storage.embedded import postgres_url
@@ -51,7 +50,8 @@ async def search(settings: Settings, telegram_id: int, query: str, k: int) -> in
     async with _memory(settings) as (repo, index):
         user = await repo.get_user_by_telegram_id(telegram_id)
         zone = user.timezone_info
-        found = await index.search(user.id, query, k=k, when=time_range(query, datetime.now(UTC), zone))
+        found = await index.search(user.id, query, k=k,
+                                   when=await index.time_named(user.id, query, datetime.now(UTC), zone))
         width = max(40, shutil.get_terminal_size().columns)
         for hit in found.hits:
             when = hit.occurred_at.astimezone(zone).strftime("%Y-%m-%d %H:%M")

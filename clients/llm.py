@@ -57,7 +57,7 @@ class PromptBudget:
 
 # The local model reads ~350 prompt tokens a second on 2 cores: a prompt of ~700 tokens keeps a turn to a few
 # seconds even when nothing of it is cached.
-LOCAL_BUDGET = PromptBudget(history_messages=8, history_tokens=360, memory_tokens=400)
+LOCAL_BUDGET = PromptBudget(history_messages=8, history_tokens=360, memory_tokens=300)
 
 _log = get_logger(__name__)
 

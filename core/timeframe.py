@@ -3,7 +3,8 @@
 `time_range` finds the first such phrase in a text and returns the span of time it names, so that recall can prefer
 memories from then. It reads English phrases only and never guesses: a text without one gives None. Calendar words
 mean calendar spans ("last week" is Monday to Sunday of the week before this one), a day count the day it names, a
-month without a year the last such month that has begun.
+month without a year the last such month that has begun. `anchor` finds a time named by something that happened
+("before the move", "since my wedding"), for recall to date by the memory that tells of it (`around`).
 """
 
 from __future__ import annotations
@@ -162,3 +163,37 @@ def _relative(which: str, unit: str, today: date) -> tuple[date, date]:
         return _month_span(index // 12, index % 12 + 1)
     year = today.year + step
     return date(year, 1, 1), date(year, 12, 31)
+
+
+_ANCHOR = re.compile(r"\b(?P<edge>before|after|since)\s+(?:the|my|our|his|her|their|your)\s+"
+                     r"(?P<what>[^\W\d_]{3,}(?:\s+[^\W\d_]{3,})?)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A time a text names by something that happened: ``edge`` ("before", "after", "since") and what (the move)."""
+
+    edge: str
+    what: str
+    phrase: str
+
+    def around(self, moment: datetime) -> TimeRange:
+        """The span the phrase names once ``moment``, when what it names happened, is known (the moment itself, the
+        memory that tells of it, in neither)."""
+        if self.edge == "before":
+            return TimeRange(start=datetime.min.replace(tzinfo=UTC), end=moment, phrase=self.phrase)
+        return TimeRange(start=moment + timedelta(microseconds=1), end=datetime.max.replace(tzinfo=UTC),
+                         phrase=self.phrase)
+
+
+def anchor(text: str) -> Anchor | None:
+    """The first "before/after/since the <something>" of ``text`` whose something is no time phrase of its own."""
+    for match in _ANCHOR.finditer(text):
+        what = match.group("what")
+        if _FINDER.search(match.group(0)) is None and not any(word.lower() in _TIME_WORDS for word in what.split()):
+            return Anchor(edge=match.group("edge").lower(), what=what, phrase=match.group(0))
+    return None
+
+
+_TIME_WORDS = {"day", "days", "week", "weeks", "weekend", "month", "months", "year", "years", "morning", "evening",
+               "night", "time", "summer", "winter", "spring", "autumn", "fall", *MONTHS, *WEEKDAYS}

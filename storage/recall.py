@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import REAL, DateTime, Select, bindparam, delete, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, insert
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import CompanionError, DatabaseConnectionError, VectorStoreError
 from core.logging import get_logger
-from core.timeframe import TimeRange
+from core.timeframe import Anchor, TimeRange, anchor, time_range
 from schemas.memory import MemoryKind, MessageRead, Role
 from storage import vectors
 from storage.database import run_transaction
@@ -51,6 +52,9 @@ KEYWORD_WEIGHT = 1.5
 TIME_WEIGHT = 2.5
 CANDIDATES = 100
 STALE_SLACK = 10
+# What dates "before the move": the best keyword matches of "move", an extracted event over a diary moment over talk.
+ANCHOR_CANDIDATES = 20
+_TELLS_FIRST = {MemoryKind.EVENT.value: 0, MemoryKind.DIARY.value: 1}
 # Search fuses k * POOL_FACTOR memories, from which `spread` picks k.
 POOL_FACTOR = 3
 # A memory that shares this many of its messages with better ones adds at most one message to them: it waits.
@@ -374,6 +378,15 @@ class MemoryIndex:
 
     # --- reading ------------------------------------------------------------------------------------------------
 
+    async def time_named(self, user_id: int, query: str, now: datetime, zone: ZoneInfo) -> TimeRange | None:
+        """The time ``query`` names, as of ``now`` in ``zone``: a date phrase ("last week"), or something that happened
+        ("before the move") dated by the user's memories; None when it names none."""
+        named = time_range(query, now, zone)
+        if named is not None:
+            return named
+        happened = anchor(query)
+        return await self.when_happened(user_id, happened) if happened is not None else None
+
     async def search(self, user_id: int, query: str, k: int = 10, when: TimeRange | None = None) -> SearchResult:
         """The k memories of this user that best answer ``query``, best first; with ``when`` (the time the query
         names, see `core.timeframe`), the memories of that time first unless others match far better.
@@ -480,6 +493,24 @@ class MemoryIndex:
             return [row[0] for row in rows]
 
         return await self._read("memories.of_then", work, user_id=user_id)
+
+    async def when_happened(self, user_id: int, what: Anchor) -> TimeRange | None:
+        """The span "before/after/since the <something>" names, dated by the memory that best tells of it (an
+        extracted event first, then a diary moment, then conversation); None when no memory mentions it."""
+
+        async def work(session: AsyncSession) -> list[int]:
+            rows = await session.execute(_KEYWORD_SQL, {"query": what.what, "user_id": user_id,
+                                                        "limit": ANCHOR_CANDIDATES})
+            return [row[0] for row in rows]
+
+        ranked = await self._read("memories.anchor", work, user_id=user_id)
+        if not ranked:
+            return None
+        rows = await self._rows(user_id, ranked)
+        told = min((memory_id for memory_id in ranked if memory_id in rows),
+                   key=lambda memory_id: (_TELLS_FIRST.get(rows[memory_id].kind, len(_TELLS_FIRST)),
+                                          ranked.index(memory_id)))
+        return what.around(rows[told].occurred_at)
 
     async def _nearest(self, user_id: int, query: str, vector: list[float] | None = None) -> list[int] | None:
         """The vector ranking: ids of the memories nearest the query (embedded here unless ``vector`` is given), best

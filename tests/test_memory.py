@@ -362,6 +362,31 @@ async def test_a_question_about_last_week_recalls_last_weeks_memory_over_a_more_
     assert [(h.memory_id, h.score, h.via) for h in apart.hits] == [(h.memory_id, h.score, h.via) for h in found.hits]
 
 
+async def test_before_the_move_is_dated_by_the_memory_of_the_move(repo: MemoryRepository,
+                                                                  memory: MemoryIndex) -> None:
+    said = {
+        "I work at the bakery on Rua Augusta, early shifts": datetime(2026, 1, 10, 9, 0, tzinfo=UTC),
+        "We moved to Porto today, boxes everywhere": datetime(2026, 3, 2, 18, 0, tzinfo=UTC),
+        "I work at the bookshop by the river now, I love it": datetime(2026, 5, 20, 9, 0, tzinfo=UTC),
+    }
+    user = await repo.get_or_create_user(UserCreate(telegram_id=new_telegram_id(), first_name="Ana"))
+    for number, (line, at) in enumerate(said.items()):
+        await repo.add_message(user.id, MessageCreate(message_key=f"a{user.id}-{number}", role=Role.USER,
+                                                      content=line, channel=Channel.CONSOLE, sent_at=at))
+    await memory.remember_messages(user.id, [f"a{user.id}-{n}" for n in range(len(said))], "Ana")
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+
+    before = await memory.time_named(user.id, "Where did I work before the move?", now, ZoneInfo("UTC"))
+    assert before is not None and before.end == said["We moved to Porto today, boxes everywhere"]
+    found = await memory.search(user.id, "Where did I work before the move?", k=3, when=before)
+    assert "bakery" in found.hits[0].content
+    since = await memory.time_named(user.id, "Where have I worked since the move?", now, ZoneInfo("UTC"))
+    found = await memory.search(user.id, "Where have I worked since the move?", k=3, when=since)
+    assert "bookshop" in found.hits[0].content
+    # Nothing to date it by: no time is named, and recall goes on as usual.
+    assert await memory.time_named(user.id, "What did I do before the wedding?", now, ZoneInfo("UTC")) is None
+
+
 def test_time_phrases_are_read_in_the_users_zone_as_calendar_spans() -> None:
     tokyo, paris = ZoneInfo("Asia/Tokyo"), ZoneInfo("Europe/Paris")
     now = datetime(2026, 12, 5, 16, 30, tzinfo=UTC)  # Sunday 01:30 in Tokyo, Saturday 17:30 in Paris
@@ -702,12 +727,13 @@ def test_companion_bench_locomo_prints_its_figures_as_json(database_url: str, tm
 
 
 async def test_locomo_answer_mode_answers_from_the_prompts_memory_and_a_judge_grades_it(
-        database_url: str, tmp_path: Path, fake_llm: FakeOpenAI, capsys: pytest.CaptureFixture[str]) -> None:
+        database_url: str, tmp_path: Path, fake_llm: FakeOpenAI, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     sample = _locomo_slice(2)
     data = tmp_path / "locomo.json"
     data.write_text(json.dumps([sample]))
     asked = [q for q in sample["qa"] if q["category"] in (1, 2, 3, 4) and q.get("evidence")]
-    fake_llm.default = lambda body: f"answer {len(fake_llm.requests)}"
+    monkeypatch.setattr(fake_llm, "default", lambda body: f"answer {len(fake_llm.requests)}")  # this test's only
     # The judge grades every third answer WRONG; verdicts come in the order the judge is asked.
     fake_llm.script_json(*({"reason": "same point" if n % 3 else "misses it", "label": "CORRECT" if n % 3 else
                             "WRONG"} for n in range(len(asked))))
