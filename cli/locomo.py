@@ -175,9 +175,10 @@ async def score(index: MemoryIndex, user_id: int, dia_of: dict[str, str], questi
         if category not in CATEGORIES or not evidence:
             continue
         text = str(question["question"])
+        started = time.perf_counter()  # reading the time the question names is part of retrieval
         when = await index.time_named(user_id, text, asked_at, ZoneInfo("UTC")) if asked_at else None
         found = await index.search(user_id, text, k=max(ks), when=when)
-        results["latency_ms"].append(found.elapsed_ms)
+        results["latency_ms"].append((time.perf_counter() - started) * 1000)
         for k in ks:
             covered = {dia_of.get(key) for hit in found.hits[:k] for key in hit.source_keys}
             recall = len(evidence & covered) / len(evidence)

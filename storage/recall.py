@@ -56,7 +56,7 @@ STALE_SLACK = 10
 ANCHOR_CANDIDATES = 20
 _TELLS_FIRST = {MemoryKind.EVENT.value: 0, MemoryKind.DIARY.value: 1}
 # Search fuses k * POOL_FACTOR memories, from which `spread` picks k.
-POOL_FACTOR = 3
+POOL_FACTOR = 2
 # A memory that shares this many of its messages with better ones adds at most one message to them: it waits.
 SHARED_HELD_BACK = 2
 BM25_K1 = 1.2
