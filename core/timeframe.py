@@ -52,9 +52,6 @@ class TimeRange:
     end: datetime
     phrase: str
 
-    def __contains__(self, moment: datetime) -> bool:
-        return self.start <= moment < self.end
-
 
 def time_range(text: str, now: datetime, zone: ZoneInfo) -> TimeRange | None:
     """The span of time the first date phrase of ``text`` names, in ``zone``, seen from ``now``; None without one."""

@@ -53,6 +53,7 @@ from schemas.memory import (
     Role,
     TimelineEventCreate,
     UserCreate,
+    UserRead,
 )
 from schemas.turn import ChatUser, GenerateReplyInput, IncomingMessage, PrepareTurnInput
 from storage import vectors
@@ -106,6 +107,17 @@ async def user_with_messages(repo: MemoryRepository, lines: list[str], start: da
             message_key=f"m{user.id}-{number}", role=Role.USER if number % 2 == 0 else Role.ASSISTANT,
             content=line, channel=Channel.CONSOLE, sent_at=at + timedelta(minutes=number)))
     return user.id
+
+
+async def user_who_said(repo: MemoryRepository, memory: MemoryIndex, said: dict[str, datetime]) -> UserRead:
+    """A user who said each line at its time, hours apart or more (each its own memory), remembered."""
+    user = await repo.get_or_create_user(UserCreate(telegram_id=new_telegram_id(), first_name="Mia"))
+    keys = [f"said{user.id}-{number}" for number in range(len(said))]
+    for key, (line, at) in zip(keys, said.items(), strict=True):
+        await repo.add_message(user.id, MessageCreate(message_key=key, role=Role.USER, content=line,
+                                                      channel=Channel.CONSOLE, sent_at=at))
+    await memory.remember_messages(user.id, keys, user.display_name)
+    return user
 
 
 async def memory_count(engine: AsyncEngine, user_id: int, kind: MemoryKind | None = None) -> int:
@@ -342,11 +354,7 @@ async def test_a_question_about_last_week_recalls_last_weeks_memory_over_a_more_
         "Sunday we walked up the hill behind the village with the dog": datetime(2026, 12, 6, 23, 30, tzinfo=tokyo),
         "I baked bread for the neighbours": datetime(2026, 12, 8, 10, 0, tzinfo=tokyo),
     }
-    user = await repo.get_or_create_user(UserCreate(telegram_id=new_telegram_id(), first_name="Mia"))
-    for number, (line, at) in enumerate(said.items()):
-        await repo.add_message(user.id, MessageCreate(message_key=f"t{user.id}-{number}", role=Role.USER,
-                                                      content=line, channel=Channel.CONSOLE, sent_at=at))
-    await memory.remember_messages(user.id, [f"t{user.id}-{n}" for n in range(len(said))], "Mia")
+    user = await user_who_said(repo, memory, said)
     question = "Where did we go hiking last week?"
 
     anytime = await memory.search(user.id, question, k=3)
@@ -369,11 +377,7 @@ async def test_before_the_move_is_dated_by_the_memory_of_the_move(repo: MemoryRe
         "We moved to Porto today, boxes everywhere": datetime(2026, 3, 2, 18, 0, tzinfo=UTC),
         "I work at the bookshop by the river now, I love it": datetime(2026, 5, 20, 9, 0, tzinfo=UTC),
     }
-    user = await repo.get_or_create_user(UserCreate(telegram_id=new_telegram_id(), first_name="Ana"))
-    for number, (line, at) in enumerate(said.items()):
-        await repo.add_message(user.id, MessageCreate(message_key=f"a{user.id}-{number}", role=Role.USER,
-                                                      content=line, channel=Channel.CONSOLE, sent_at=at))
-    await memory.remember_messages(user.id, [f"a{user.id}-{n}" for n in range(len(said))], "Ana")
+    user = await user_who_said(repo, memory, said)
     now = datetime(2026, 6, 1, tzinfo=UTC)
 
     before = await memory.time_named(user.id, "Where did I work before the move?", now, ZoneInfo("UTC"))
