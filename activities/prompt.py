@@ -57,18 +57,23 @@ def fit_memory(context: UserContextSchema, hits: list[MemoryHit], shown: set[str
     made only of messages the prompt already shows."""
     ceiling = budget.memory_tokens - budget.memory_tokens // RECALL_SHARE
     context.recalled = []
-    for items in (context.diary_entries, context.pending_nudges, context.upcoming_events, context.facts):
-        while items and count_tokens(context.memory_block()) > ceiling:
-            items.pop()
+    trimmed = (context.diary_entries, context.pending_nudges, context.upcoming_events, context.facts)
+    while (used := count_tokens(context.memory_block())) > ceiling and (items := next(filter(None, trimmed), None)):
+        items.pop()
     for hit in hits:
         if len(context.recalled) == RECALL_K:
             break
         if hit.source_keys and set(hit.source_keys) <= shown:
             continue
-        context.recalled.append(RecalledMemory(kind=hit.kind.value, content=hit.content, occurred_at=hit.occurred_at))
-        if count_tokens(context.memory_block()) > budget.memory_tokens:
+        memory = RecalledMemory(kind=hit.kind.value, content=hit.content, occurred_at=hit.occurred_at)
+        context.recalled.append(memory)
+        # The first brings the recalled block's preamble; each after it, its line.
+        cost = count_tokens(context.memory_block()) - used if len(context.recalled) == 1 else \
+            count_tokens("\n" + context.recalled_line(memory))
+        if used + cost > budget.memory_tokens:
             context.recalled.pop()
             break
+        used += cost
 
 
 HEARD_NOTE = ("The user sent this message as a voice recording: it is what a transcription model heard. If it is very "
