@@ -252,6 +252,12 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
     assert past in [hit.content for hit in (await memory.search(user.id, "Acme", k=5)).hits]
     asked = [r for r in stack.llm.requests if not r.get("response_format")][-1]["messages"]
     assert '- work/"employer": "Globex"' in asked[0]["content"] and '"Acme"' not in asked[0]["content"]
+    # Forgetting the fact (/memory) forgets its past too: neither value is recalled after.
+    await stack.repo.forget_memory_item(user.id, f"fact:{employer_rows[1].id}")
+    async with engine.connect() as connection:
+        left = (await connection.execute(select(Memory.memory_key).where(
+            Memory.user_id == user.id, Memory.memory_key.like("fact:work:employer%")))).scalars().all()
+    assert left == []
 
     (event,) = await stack.repo.events_between(user.id, datetime.now(UTC), datetime.now(UTC) + timedelta(days=3))
     assert event.title == "first day at Acme" and event.source_keys == [first.message_key]
