@@ -26,7 +26,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from activities.prompt import HISTORY_TURNS, build_prompt, fit_memory
-from clients.llm import ChatModel, PromptBudget, create_chat_model
+from clients.llm import ChatModel, PromptBudget, chat_messages, create_chat_model, prompt_budget
 from core.errors import ConfigurationError, InvalidInputError, OpenAIServiceError
 from core.settings import Settings
 from core.tokens import count_tokens
@@ -191,8 +191,8 @@ async def score(index: MemoryIndex, user_id: int, dia_of: dict[str, str], questi
         fit_memory(mine, found.hits, {m.message_key for m in mine.recent_messages}, budget)
         prompt = build_prompt(mine, message_key="", budget=budget)
         results["memory_tokens"].append(count_tokens(mine.memory_block()))
-        parts = [prompt.system_prompt, *(turn.content for turn in prompt.history), prompt.before_message, text]
-        results["prompt_tokens"].append(sum(count_tokens(part) + MESSAGE_TOKENS for part in parts if part))
+        results["prompt_tokens"].append(sum(count_tokens(message["content"]) + MESSAGE_TOKENS
+                                            for message in chat_messages(prompt, text)))
         graded.append((category, text, str(question.get("answer", "")), mine, prompt))
     if answering is not None:
         at_once = asyncio.Semaphore(ANSWERING_AT_ONCE)
@@ -244,7 +244,7 @@ async def run_locomo(settings: Settings, path: Path, k: int = 10, extract: bool 
                                  "(or OPENAI_BASE_URL); the embedded model is too small to be judged fairly")
     conversations = read_conversations(path)
     ks = tuple(sorted({*KS, k}))
-    budget = PromptBudget(history_tokens=settings.history_prompt_tokens, memory_tokens=settings.memory_prompt_tokens)
+    budget = prompt_budget(settings)
     with postgres_url(settings) as url:
         engine = create_engine(url)
         index = chat = None

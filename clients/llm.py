@@ -59,6 +59,11 @@ class PromptBudget:
 # seconds even when nothing of it is cached.
 LOCAL_BUDGET = PromptBudget(history_messages=8, history_tokens=360, memory_tokens=300)
 
+
+def prompt_budget(settings: Settings) -> PromptBudget:
+    """The budget of a configured model's prompts: MEMORY_PROMPT_TOKENS and HISTORY_PROMPT_TOKENS."""
+    return PromptBudget(history_tokens=settings.history_prompt_tokens, memory_tokens=settings.memory_prompt_tokens)
+
 _log = get_logger(__name__)
 
 
@@ -85,12 +90,8 @@ class ChatModel:
         With ``on_text`` (and ``streams``), the reply is streamed and ``on_text`` is called with the text so far as it
         grows.
         """
-        messages = [{"role": "system", "content": context.system_prompt},
-                    *({"role": turn.role.value, "content": turn.content} for turn in context.history),
-                    *([{"role": "system", "content": context.before_message}] if context.before_message else []),
-                    {"role": "user", "content": text}]
         started = time.perf_counter()
-        body = {"messages": messages, "max_tokens": self._max_tokens, **self._sampling}
+        body = {"messages": chat_messages(context, text), "max_tokens": self._max_tokens, **self._sampling}
         response = (await self._complete(body, purpose="reply") if on_text is None or not self.streams
                     else await self._stream(body, on_text))
         content = _content(response)
@@ -165,6 +166,15 @@ class ChatModel:
             "usage": usage})
         count_call(self.model, "ok", time.perf_counter() - started, completion.usage, purpose="reply")
         return completion
+
+
+def chat_messages(context: TurnContext, text: str) -> list[dict[str, str]]:
+    """The chat messages a reply to ``text`` is asked with: the system prompt, the recent conversation, what is said
+    just before the message (when anything), the message."""
+    return [{"role": "system", "content": context.system_prompt},
+            *({"role": turn.role.value, "content": turn.content} for turn in context.history),
+            *([{"role": "system", "content": context.before_message}] if context.before_message else []),
+            {"role": "user", "content": text}]
 
 
 def _content(response: ChatCompletion) -> str:
@@ -278,6 +288,5 @@ def create_chat_model(settings: Settings, local_base_url: str | None = None) -> 
                          sampling=LOCAL_SAMPLING, streams=settings.llm_stream)
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "unused"
     client = openai_client(settings.openai_base_url, api_key, max_retries=SDK_RETRIES, timeout=REQUEST_TIMEOUT_S)
-    budget = PromptBudget(history_tokens=settings.history_prompt_tokens, memory_tokens=settings.memory_prompt_tokens)
-    return ChatModel(client, settings.openai_chat_model, budget=budget, streams=settings.llm_stream)
+    return ChatModel(client, settings.openai_chat_model, budget=prompt_budget(settings), streams=settings.llm_stream)
 
