@@ -226,6 +226,8 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
         await eventually(lambda: extracting.state(mia), lambda state: bool(state.summary))
         second = await extracting.say(mia, "Update: I left Acme, I'm at Globex now.")
         await eventually(lambda: extracting.state(mia), lambda state: "Globex" in state.summary)
+        # What recall finds of "Acme" once the change is remembered (the next turn's memories land at their own time).
+        recalled = [hit.content for hit in (await memory.search(user.id, "Acme", k=5)).hits]
         await extracting.say(mia, "Do you remember my time at Acme?")
         state = await extracting.state(mia)
 
@@ -249,7 +251,7 @@ async def test_extraction_updates_facts_keeps_history_and_provenance_and_sets_re
     # left the prompt), while the facts the prompt gives as current name only the new value.
     until = employer_rows[0].valid_to
     past = f"Until {until.day} {until:%B %Y}, {user.display_name}'s employer (work) was Acme; it no longer is."
-    assert past in [hit.content for hit in (await memory.search(user.id, "Acme", k=5)).hits]
+    assert past in recalled
     asked = [r for r in stack.llm.requests if not r.get("response_format")][-1]["messages"]
     assert '- work/"employer": "Globex"' in asked[0]["content"] and '"Acme"' not in asked[0]["content"]
     # Forgetting the fact (/memory) forgets its past too: neither value is recalled after.
