@@ -18,7 +18,7 @@ from temporalio.common import RetryPolicy
 
 from activities.errors import translate_errors
 from activities.prompt import HISTORY_TURNS, RECALL_K, build_prompt, fit_memory
-from activities.sending import PREVIEW_MESSAGES, TelegramSender
+from activities.sending import DELIVERY_CLAIM, PREVIEW_MESSAGES, TELEGRAM_TIMEOUT, TelegramSender
 from activities.usage import UsageRecorder, records_usage
 from clients.llm import ChatModel, PromptBudget
 from clients.telegram import TelegramChannel, split_message
@@ -26,7 +26,7 @@ from core.concurrency import alongside
 from core.errors import CompanionError
 from core.logging import get_logger
 from schemas.context import UserContextSchema
-from schemas.memory import Channel, MessageCreate, Role
+from schemas.memory import Channel, MessageCreate, MessageRead, Role
 from schemas.turn import (
     GeneratedReply,
     GenerateReplyInput,
@@ -99,10 +99,10 @@ class ReplyActivities:
         preview = self._preview(data, context)
         async with self._typing(data), _heartbeating(), preview.running() if preview else nullcontext():
             reply = await self._chat_model.reply(prompt, data.text, on_text=preview.show if preview else None)
-        saved = await self._repository.add_message(data.user_id, MessageCreate(
-            message_key=data.reply_key, role=Role.ASSISTANT, content=reply.text, channel=data.channel,
-            sent_at=datetime.now(UTC)))
-        await self._send_now(data)
+            if preview is not None:
+                preview.end()  # the reply is stored while a part being shown finishes
+            saved, held = await self._store(data, reply.text)
+        await self._send_now(data, saved if held else None)
         return reply.model_copy(update={"text": saved.content})
 
     async def prompt_for(self, data: GenerateReplyInput) -> TurnContext:
@@ -137,13 +137,27 @@ class ReplyActivities:
                   duration_ms=round(found.elapsed_ms, 1))
         return found.hits
 
-    async def _send_now(self, data: GenerateReplyInput) -> None:
-        """Send the stored reply to its Telegram chat; what fails here (flood control, a blocked bot, a Telegram
-        error) is left to the deliver step, which waits it out or marks the user out of reach."""
-        if data.channel != Channel.TELEGRAM or data.chat_id is None or self._sender is None:
+    def _sends_now(self, data: GenerateReplyInput) -> bool:
+        return data.channel == Channel.TELEGRAM and data.chat_id is not None and self._sender is not None
+
+    async def _store(self, data: GenerateReplyInput, text: str) -> tuple[MessageRead, bool]:
+        """Store the reply: (the reply as stored, whether this attempt holds it for sending). A reply sent right
+        away is stored claimed for sending, in the same statement."""
+        reply = MessageCreate(message_key=data.reply_key, role=Role.ASSISTANT, content=text, channel=data.channel,
+                              sent_at=datetime.now(UTC))
+        if not self._sends_now(data):
+            return await self._repository.add_message(data.user_id, reply), False
+        return await self._repository.add_claimed_message(data.user_id, reply, DELIVERY_CLAIM, TELEGRAM_TIMEOUT)
+
+    async def _send_now(self, data: GenerateReplyInput, held: MessageRead | None) -> None:
+        """Send the stored reply to its Telegram chat (``held``: stored claimed for it); what fails here (flood
+        control, a blocked bot, a Telegram error) is left to the deliver step, which waits it out or marks the user
+        out of reach."""
+        if not self._sends_now(data):
             return
+        assert data.chat_id is not None and self._sender is not None
         try:
-            await self._sender.send(data.user_id, data.chat_id, data.reply_key)
+            await self._sender.send(data.user_id, data.chat_id, data.reply_key, held)
         except CompanionError as exc:
             _log.info("telegram.send_left_to_deliver", user_id=data.user_id, message_key=data.reply_key,
                       error=exc.code, detail=exc.message)
@@ -192,6 +206,11 @@ class Preview:
         self._text = text
         self._grew.set()
 
+    def end(self) -> None:
+        """The reply is written: no part starts showing from now on (one being shown finishes)."""
+        self._closed.set()
+        self._grew.set()
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Show the reply while the block writes it. At the end, a part being shown is let finish (its message
@@ -200,8 +219,7 @@ class Preview:
         try:
             yield
         finally:
-            self._closed.set()
-            self._grew.set()
+            self.end()
             await task
 
     async def _run(self) -> None:

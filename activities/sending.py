@@ -46,16 +46,18 @@ class TelegramSender:
         self._repository = repository
         self._telegram = telegram
 
-    async def send(self, user_id: int, chat_id: int, message_key: str) -> Delivery:
+    async def send(self, user_id: int, chat_id: int, message_key: str, held: MessageRead | None = None
+                   ) -> Delivery:
         """Send the stored message ``message_key``, split into Telegram-sized parts, skipping the parts sent before;
-        returns how many parts it took and how many of them this call sent.
+        returns how many parts it took and how many of them this call sent. ``held``: the message as the caller
+        stored it, claimed in the same statement (MemoryRepository.add_claimed_message).
 
         An attempt running beside another (a workflow task taken over while the first worker still sends) waits for
         it and then finds its parts sent, instead of sending them again. Progress is recorded even when the attempt
         is cancelled right after Telegram took a part.
         """
         context = {"user_id": user_id, "message_key": message_key}
-        stored, claimed = await self._claim(user_id, message_key)
+        stored, claimed = (held, True) if held is not None else await self._claim(user_id, message_key)
         if stored is None:
             raise InvalidMemoryDataError(f"no stored message {message_key} to deliver", context=context)
         if not claimed:

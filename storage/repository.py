@@ -441,14 +441,27 @@ class MemoryRepository:
         """
 
         async def work(session: AsyncSession) -> tuple[MessageRead | None, bool]:
-            params = {"owner": user_id, "key": message_key}
-            row = (await session.execute(_CLAIM_MESSAGE, {**params, "claim": claim, "lease": lease})).one_or_none()
-            if row is not None:
-                return MessageRead.model_validate(row), True
-            row = (await session.execute(_SELECT_MESSAGE, params)).one_or_none()
-            return (None if row is None else MessageRead.model_validate(row)), False
+            return await _claim_stored(session, user_id, message_key, claim, lease)
 
         return await self._write_alone("claim_message", work, user_id=user_id, message_key=message_key)
+
+    async def add_claimed_message(self, user_id: int, data: MessageCreate, claim: str,
+                                  lease: timedelta) -> tuple[MessageRead, bool]:
+        """add_message and claim_message in one statement: the message stored once and taken for ``lease``, for a
+        caller that sends it right away. (the message, whether this caller holds it); a message stored before is
+        claimed as claim_message claims it."""
+        params = {**data.model_dump(exclude={"meta"}), "user_id": user_id, "given_meta": data.meta, "claim": claim,
+                  "lease": lease}
+
+        async def work(session: AsyncSession) -> tuple[MessageRead, bool]:
+            inserted = (await session.execute(_INSERT_CLAIMED_MESSAGE, params)).one_or_none()
+            if inserted is not None:
+                return MessageRead.model_validate(inserted), True
+            stored, claimed = await _claim_stored(session, user_id, data.message_key, claim, lease)
+            assert stored is not None  # the insert found it
+            return stored, claimed
+
+        return await self._write_alone("add_claimed_message", work, user_id=user_id, message_key=data.message_key)
 
     async def release_message(self, user_id: int, message_key: str, claim: str, meta: dict[str, Any]) -> None:
         """End a claim on a stored message, merging ``meta`` (what was done under it) in the same statement."""
@@ -844,6 +857,19 @@ _CLAIM_MESSAGE = (
     .returning(*_MESSAGES.c))
 _RELEASE_MESSAGE = (update(_MESSAGES).where(_IS_MESSAGE)
                     .values(meta=_MESSAGES.c.meta.op("-")(_CLAIM).op("||")(bindparam("merged", type_=JSONB))))
+_INSERT_CLAIMED_MESSAGE = (insert(_MESSAGES).values(meta=bindparam("given_meta", type_=JSONB).op("||")(_CLAIMED))
+                           .on_conflict_do_nothing(index_elements=["user_id", "message_key"])
+                           .returning(*_MESSAGES.c))
+
+
+async def _claim_stored(session: AsyncSession, user_id: int, message_key: str, claim: str,
+                        lease: timedelta) -> tuple[MessageRead | None, bool]:
+    params = {"owner": user_id, "key": message_key}
+    row = (await session.execute(_CLAIM_MESSAGE, {**params, "claim": claim, "lease": lease})).one_or_none()
+    if row is not None:
+        return MessageRead.model_validate(row), True
+    row = (await session.execute(_SELECT_MESSAGE, params)).one_or_none()
+    return (None if row is None else MessageRead.model_validate(row)), False
 
 
 async def _update_user(session: AsyncSession, user_id: int, **values: Any) -> UserRead:

@@ -196,6 +196,23 @@ async def test_a_message_is_claimed_by_one_sender_at_a_time(repo: MemoryReposito
     assert held and released.meta["sent"] == 1 and released.meta["model"] == "m"
 
 
+async def test_a_message_stored_claimed_is_stored_once_and_held_by_the_one_that_stored_it(
+        repo: MemoryRepository, user: UserRead, engine: AsyncEngine) -> None:
+    """A reply sent as soon as it is stored: attempts storing it at once store one row, of which one holds the
+    claim (its meta kept), and deliver's claim finds it taken until that one releases it."""
+    lease = timedelta(seconds=30)
+    reply = message("tg:42:103:reply", "a reply", role=Role.ASSISTANT).model_copy(update={"meta": {"model": "m"}})
+    racing = await asyncio.gather(*(repo.add_claimed_message(user.id, reply, "sending", lease) for _ in range(4)))
+    assert len({row.id for row, _ in racing}) == 1 and await count(engine, Conversation) == 1
+    assert sorted(held for _, held in racing) == [False, False, False, True]
+    stored = next(row for row, held in racing if held)
+    assert stored.meta["model"] == "m" and datetime.fromisoformat(stored.meta["sending"]) > datetime.now(UTC)
+    assert (await repo.claim_message(user.id, reply.message_key, "sending", lease))[1] is False
+    await repo.release_message(user.id, reply.message_key, "sending", {"sent": 1})
+    again, held = await repo.add_claimed_message(user.id, reply, "sending", lease)  # stored before: claimed
+    assert held and again.id == stored.id and again.meta["sent"] == 1
+
+
 async def test_recent_messages_come_oldest_first_and_limited(repo: MemoryRepository, user: UserRead) -> None:
     for n in range(5):
         await repo.add_message(user.id, message(f"k{n}", f"message {n}", minutes=n))
