@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -242,6 +243,9 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
                                                 extract=settings.extracts_memories, media=media,
                                                 prices=settings.prices, limits=settings.limits)
         version = deployment_version(settings)
+        # What start-up made (modules, the embedder, clients: ~200,000 objects) lives as long as the worker: out of
+        # the collector's sight, a full collection no longer stops every turn in the process for ~100-200 ms.
+        gc.freeze()
         worker = build_worker(client, settings.temporal_task_queue, activities,
                               settings.worker_max_cached_workflows, settings.workflow_sandbox, settings.worker_role,
                               version=version, llm_per_second=settings.llm_max_requests_per_second)
