@@ -504,13 +504,14 @@ class MemoryIndex:
             return [row[0] for row in rows]
 
         ranked = await self._read("memories.anchor", work, user_id=user_id)
-        if not ranked:
+        rows = await self._rows(user_id, ranked) if ranked else {}
+        # Gone since they were ranked (forgotten meanwhile): not told.
+        telling = [(rank, rows[memory_id]) for rank, memory_id in enumerate(ranked) if memory_id in rows]
+        if not telling:
             return None
-        rows = await self._rows(user_id, ranked)
-        told = min((memory_id for memory_id in ranked if memory_id in rows),
-                   key=lambda memory_id: (_TELLS_FIRST.get(rows[memory_id].kind, len(_TELLS_FIRST)),
-                                          ranked.index(memory_id)))
-        return what.around(rows[told].occurred_at)
+        _, told = min(telling, key=lambda ranked_row: (_TELLS_FIRST.get(ranked_row[1].kind, len(_TELLS_FIRST)),
+                                                       ranked_row[0]))
+        return what.around(told.occurred_at)
 
     async def _nearest(self, user_id: int, query: str, vector: list[float] | None = None) -> list[int] | None:
         """The vector ranking: ids of the memories nearest the query (embedded here unless ``vector`` is given), best
