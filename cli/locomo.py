@@ -271,9 +271,9 @@ async def run_locomo(settings: Settings, path: Path, k: int = 10, extract: bool 
                 print(f"{sample.get('sample_id', '?')}: {len(dia_of)} turns loaded in "
                       f"{time.perf_counter() - started:.1f} s", flush=True)
                 try:
-                    context = await repo.get_user_context(user_id, message_limit=HISTORY_TURNS + 1,
-                                                          now=ended(sample))
-                    await score(index, user_id, dia_of, sample["qa"], results, ks, asked_at=ended(sample),
+                    asked_at = ended(sample)
+                    context = await repo.get_user_context(user_id, message_limit=HISTORY_TURNS + 1, now=asked_at)
+                    await score(index, user_id, dia_of, sample["qa"], results, ks, asked_at=asked_at,
                                 context=context, budget=budget, answering=answering)
                 finally:
                     await index.forget_user(user_id)

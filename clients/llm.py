@@ -64,6 +64,7 @@ def prompt_budget(settings: Settings) -> PromptBudget:
     """The budget of a configured model's prompts: MEMORY_PROMPT_TOKENS and HISTORY_PROMPT_TOKENS."""
     return PromptBudget(history_tokens=settings.history_prompt_tokens, memory_tokens=settings.memory_prompt_tokens)
 
+
 _log = get_logger(__name__)
 
 

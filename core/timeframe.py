@@ -40,6 +40,9 @@ _PATTERNS = [
               rf"(?P<month>{_MONTH})\b\.?(?:\s+{_YEAR}\b)?"),
     ("year", rf"\b(?P<edge>in|during|since|before|after|until|back\s+in)\s+{_YEAR}\b"),
 ]
+# The ends of time, for "before 2020" and "after the move".
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
 _FINDER = re.compile("|".join(f"(?P<{name}>{pattern.replace('(?P<', f'(?P<{name}_')})"
                               for name, pattern in _PATTERNS), re.IGNORECASE)
 
@@ -70,9 +73,9 @@ def time_range(text: str, now: datetime, zone: ZoneInfo) -> TimeRange | None:
 
 def _midnight(day: date, zone: ZoneInfo) -> datetime:
     if day <= date.min + timedelta(days=1):
-        return datetime.min.replace(tzinfo=UTC)
+        return EARLIEST
     if day >= date.max - timedelta(days=1):
-        return datetime.max.replace(tzinfo=UTC)
+        return LATEST
     return datetime.combine(day, time(0), zone).astimezone(UTC)
 
 
@@ -178,9 +181,8 @@ class Anchor:
         """The span the phrase names once ``moment``, when what it names happened, is known (the moment itself, the
         memory that tells of it, in neither)."""
         if self.edge == "before":
-            return TimeRange(start=datetime.min.replace(tzinfo=UTC), end=moment, phrase=self.phrase)
-        return TimeRange(start=moment + timedelta(microseconds=1), end=datetime.max.replace(tzinfo=UTC),
-                         phrase=self.phrase)
+            return TimeRange(start=EARLIEST, end=moment, phrase=self.phrase)
+        return TimeRange(start=moment + timedelta(microseconds=1), end=LATEST, phrase=self.phrase)
 
 
 def anchor(text: str) -> Anchor | None:
