@@ -92,6 +92,12 @@ def session_turns(sample: dict[str, Any], run: str) -> list[list[Turn]]:
     return sessions
 
 
+def evidence_turns(question: dict[str, Any]) -> set[str]:
+    """The dia_ids of a question's evidence turns; an entry may list several ("D8:6; D9:17": the data has one)."""
+    return {turn.strip() for entry in question.get("evidence") or [] for turn in str(entry).split(";")
+            if turn.strip()}
+
+
 def ended(sample: dict[str, Any]) -> datetime:
     """When the conversation's last turn was said: the questions are asked after it."""
     return session_turns(sample, "end")[-1][-1].at
@@ -171,7 +177,7 @@ async def score(index: MemoryIndex, user_id: int, dia_of: dict[str, str], questi
     graded: list[tuple[int, str, str, UserContextSchema, TurnContext]] = []
     for question in questions:
         category = question.get("category")
-        evidence = {e.strip() for e in question.get("evidence") or []}
+        evidence = evidence_turns(question)
         if category not in CATEGORIES or not evidence:
             continue
         text = str(question["question"])

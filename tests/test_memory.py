@@ -31,7 +31,7 @@ from activities.conversation import ConversationActivities
 from activities.remember import Extraction, Rememberer
 from activities.reply import ReplyActivities
 from cli.doctor import check_memory
-from cli.locomo import load_conversation, new_results, run_locomo, score, summary
+from cli.locomo import evidence_turns, load_conversation, new_results, run_locomo, score, summary
 from core.errors import (
     ConfigurationError,
     EmbedderChangedError,
@@ -710,6 +710,12 @@ async def test_locomo_recall_is_scored_through_provenance(repo: MemoryRepository
     assert figures["questions"] == len([q for q in sample["qa"] if q["category"] in (1, 2, 3, 4)]) > 10
     assert figures["recall@1"] <= figures["recall@3"] <= figures["recall@5"]
     assert figures["recall@5"] >= 0.8  # 0.89 with the local embedder
+
+
+def test_locomo_evidence_listing_two_turns_in_one_entry_counts_both() -> None:
+    # The dev data has one such entry ("D8:6; D9:17"): read whole, it named no turn and the question scored 0.
+    assert evidence_turns({"evidence": ["D8:6; D9:17", " D1:3 "]}) == {"D8:6", "D9:17", "D1:3"}
+    assert evidence_turns({"evidence": []}) == evidence_turns({}) == set()
 
 
 def test_companion_bench_locomo_prints_its_figures_as_json(database_url: str, tmp_path: Path) -> None:
