@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 
+import anyio
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -243,6 +244,9 @@ async def run_worker(settings: Settings, database_url: str, stop: asyncio.Event,
                                                 extract=settings.extracts_memories, media=media,
                                                 prices=settings.prices, limits=settings.limits)
         version = deployment_version(settings)
+        # The openai SDK ends every stream under an anyio deadline, whose first use loads anyio's asyncio backend:
+        # ~70 ms with the event loop stopped, amid the first replies a worker streams. Loaded now instead.
+        anyio.current_time()
         # What start-up made (modules, the embedder, clients: ~200,000 objects) lives as long as the worker: out of
         # the collector's sight, a full collection no longer stops every turn in the process for ~100-200 ms.
         gc.freeze()
