@@ -6,7 +6,6 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from clients.llm import PromptBudget
-from core.tokens import count_tokens
 from schemas.context import RecalledMemory, UserContextSchema, quote
 from schemas.memory import Role
 from schemas.turn import ChatTurn, TurnContext
@@ -39,7 +38,7 @@ def build_prompt(context: UserContextSchema, message_key: str, note: str | None 
     history: list[ChatTurn] = []
     used = 0
     for turn in reversed(turns[-budget.history_messages:]):
-        used += count_tokens(turn.content)
+        used += budget.count(turn.content)
         if used > budget.history_tokens:
             break
         history.insert(0, turn)
@@ -58,7 +57,7 @@ def fit_memory(context: UserContextSchema, hits: list[MemoryHit], shown: set[str
     ceiling = budget.memory_tokens - budget.memory_tokens // RECALL_SHARE
     context.recalled = []
     trimmed = (context.diary_entries, context.pending_nudges, context.upcoming_events, context.facts)
-    while (used := count_tokens(context.memory_block())) > ceiling and (items := next(filter(None, trimmed), None)):
+    while (used := budget.count(context.memory_block())) > ceiling and (items := next(filter(None, trimmed), None)):
         items.pop()
     for hit in hits:
         if len(context.recalled) == RECALL_K:
@@ -68,8 +67,8 @@ def fit_memory(context: UserContextSchema, hits: list[MemoryHit], shown: set[str
         memory = RecalledMemory(kind=hit.kind.value, content=hit.content, occurred_at=hit.occurred_at)
         context.recalled.append(memory)
         # The first brings the recalled block's preamble; each after it, its line.
-        cost = count_tokens(context.memory_block()) - used if len(context.recalled) == 1 else \
-            count_tokens("\n" + context.recalled_line(memory))
+        cost = budget.count(context.memory_block()) - used if len(context.recalled) == 1 else \
+            budget.count("\n" + context.recalled_line(memory))
         if used + cost > budget.memory_tokens:
             context.recalled.pop()
             break

@@ -29,7 +29,6 @@ from activities.prompt import HISTORY_TURNS, build_prompt, fit_memory
 from clients.llm import ChatModel, PromptBudget, chat_messages, create_chat_model, prompt_budget
 from core.errors import ConfigurationError, InvalidInputError, OpenAIServiceError
 from core.settings import Settings
-from core.tokens import count_tokens
 from schemas.context import UserContextSchema, quote
 from schemas.memory import Channel, MessageCreate, Role, UserCreate
 from schemas.turn import TurnContext
@@ -196,8 +195,8 @@ async def score(index: MemoryIndex, user_id: int, dia_of: dict[str, str], questi
         mine = context.model_copy(deep=True)
         fit_memory(mine, found.hits, {m.message_key for m in mine.recent_messages}, budget)
         prompt = build_prompt(mine, message_key="", budget=budget)
-        results["memory_tokens"].append(count_tokens(mine.memory_block()))
-        results["prompt_tokens"].append(sum(count_tokens(message["content"]) + MESSAGE_TOKENS
+        results["memory_tokens"].append(budget.count(mine.memory_block()))
+        results["prompt_tokens"].append(sum(budget.count(message["content"]) + MESSAGE_TOKENS
                                             for message in chat_messages(prompt, text)))
         graded.append((category, text, str(question.get("answer", "")), mine, prompt))
     if answering is not None:

@@ -21,6 +21,7 @@ from clients.http import openai_client
 from core.errors import ConfigurationError, OpenAIServiceError
 from core.logging import get_logger
 from core.settings import LOCAL_MODEL_NAME, Settings
+from core.tokens import TokenCounter, count_tokens, token_counter
 from core.usage import ModelCall, note_call
 from schemas.turn import GeneratedReply, TurnContext
 
@@ -46,13 +47,14 @@ LOCAL_CACHE_REUSE_TOKENS = 64
 
 @dataclass(frozen=True)
 class PromptBudget:
-    """How much a model's prompt holds, in tokens (`core.tokens`): of the user's memory (the quoted profile and the
-    memories recalled for the message, MEMORY_PROMPT_TOKENS) and of the recent conversation (HISTORY_PROMPT_TOKENS,
-    at most ``history_messages`` turns)."""
+    """How much a model's prompt holds, in tokens as ``count`` counts them (`core.tokens`: the model's tokenizer, or
+    the estimate): of the user's memory (the quoted profile and the memories recalled for the message,
+    MEMORY_PROMPT_TOKENS) and of the recent conversation (HISTORY_PROMPT_TOKENS, at most ``history_messages`` turns)."""
 
     history_messages: int = 12
     history_tokens: int = 6_000
     memory_tokens: int = 1_500
+    count: TokenCounter = count_tokens
 
 
 # The local model reads ~350 prompt tokens a second on 2 cores: a prompt of ~700 tokens keeps a turn to a few
@@ -61,8 +63,10 @@ LOCAL_BUDGET = PromptBudget(history_messages=8, history_tokens=360, memory_token
 
 
 def prompt_budget(settings: Settings) -> PromptBudget:
-    """The budget of a configured model's prompts: MEMORY_PROMPT_TOKENS and HISTORY_PROMPT_TOKENS."""
-    return PromptBudget(history_tokens=settings.history_prompt_tokens, memory_tokens=settings.memory_prompt_tokens)
+    """The budget of a configured model's prompts: MEMORY_PROMPT_TOKENS and HISTORY_PROMPT_TOKENS, counted by
+    OPENAI_CHAT_MODEL's tokenizer where it is known."""
+    return PromptBudget(history_tokens=settings.history_prompt_tokens, memory_tokens=settings.memory_prompt_tokens,
+                        count=token_counter(settings.openai_chat_model))
 
 
 _log = get_logger(__name__)

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from core.tokens import count_tokens
-from schemas.context import MEMORY_CLOSE, MEMORY_OPEN, UserContextSchema, quote
+import pytest
+
+import core.tokens
+from activities.prompt import RECALL_K, build_prompt, fit_memory
+from clients.llm import LOCAL_BUDGET, PromptBudget, prompt_budget
+from core.errors import ConfigurationError
+from core.settings import load_settings
+from core.tokens import count_tokens, encoding, token_counter
+from schemas.context import MEMORY_CLOSE, MEMORY_OPEN, RecalledMemory, UserContextSchema, quote
 from schemas.memory import (
     DiaryEntryCreate,
     FactCategory,
+    MemoryKind,
     MessageCreate,
     NudgeStatus,
     ProfileFactCreate,
@@ -20,6 +30,7 @@ from schemas.memory import (
     TimelineEventCreate,
     UserCreate,
 )
+from storage.recall import MemoryHit
 from storage.repository import MemoryRepository
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -105,10 +116,6 @@ def test_quote_escapes_everything_that_could_break_out() -> None:
 
 async def test_a_small_model_s_prompt_keeps_the_newest_turns_that_fit_and_ends_with_what_changes(
         repo: MemoryRepository) -> None:
-    from activities.prompt import build_prompt
-    from clients.llm import LOCAL_BUDGET
-    from schemas.context import RecalledMemory
-
     user = await repo.get_or_create_user(UserCreate(telegram_id=44, first_name="Ada"))
     for n in range(30):
         await repo.add_message(user.id, MessageCreate(message_key=f"m{n}", role=Role.USER if n % 2 == 0 else
@@ -134,15 +141,10 @@ async def test_a_small_model_s_prompt_keeps_the_newest_turns_that_fit_and_ends_w
     assert first.before_message.index(MEMORY_CLOSE) < first.before_message.index("Confirm the reminder.")
 
 
-async def test_the_memory_in_a_prompt_keeps_to_its_token_budget_leaving_recall_a_third(
-        repo: MemoryRepository) -> None:
-    from activities.prompt import RECALL_K, build_prompt, fit_memory
-    from clients.llm import PromptBudget
-    from schemas.memory import MemoryKind
-    from storage.recall import MemoryHit
-
-    user = await repo.get_or_create_user(UserCreate(telegram_id=45, first_name="Lea"))
-    for n in range(40):  # a long profile: more facts and moments than the budget holds
+async def _long_memory(repo: MemoryRepository, telegram_id: int) -> tuple[int, list[MemoryHit]]:
+    """A user with more facts and diary moments than a small budget holds, and 20 memories recalled for a message."""
+    user = await repo.get_or_create_user(UserCreate(telegram_id=telegram_id, first_name="Lea"))
+    for n in range(40):
         await repo.upsert_profile_fact(user.id, ProfileFactCreate(category=FactCategory.HOBBIES, key=f"hobby_{n:02}",
                                                                   value=f"collects things of kind {n} " * 3))
         await repo.add_diary_entry(user.id, DiaryEntryCreate(title=f"Moment {n}", content="A long day out " * 5,
@@ -150,8 +152,14 @@ async def test_the_memory_in_a_prompt_keeps_to_its_token_budget_leaving_recall_a
     hits = [MemoryHit(memory_id=n, kind=MemoryKind.CONVERSATION, content=f"Lea: we talked about topic {n} " * 8,
                       occurred_at=NOW - timedelta(days=n), source_keys=[f"old{n}"], score=1.0 / (n + 1),
                       via=("vector",)) for n in range(20)]
+    return user.id, hits
+
+
+async def test_the_memory_in_a_prompt_keeps_to_its_token_budget_leaving_recall_a_third(
+        repo: MemoryRepository) -> None:
+    user_id, hits = await _long_memory(repo, 45)
     budget = PromptBudget(memory_tokens=600)
-    context = await repo.get_user_context(user.id, now=NOW)
+    context = await repo.get_user_context(user_id, now=NOW)
     diary_before = len(context.diary_entries)
     fit_memory(context, hits, shown=set(), budget=budget)
 
@@ -165,7 +173,36 @@ async def test_the_memory_in_a_prompt_keeps_to_its_token_budget_leaving_recall_a
     prompt = build_prompt(context, "none", budget=budget)
     assert count_tokens(prompt.system_prompt) > profile and hits[0].content[:30] in prompt.before_message
 
-    roomy = await repo.get_user_context(user.id, now=NOW)
+    roomy = await repo.get_user_context(user_id, now=NOW)
     fit_memory(roomy, hits, shown={"old0"}, budget=PromptBudget(memory_tokens=100_000))
     assert len(roomy.diary_entries) == diary_before  # nothing trimmed when it fits
     assert len(roomy.recalled) == RECALL_K and roomy.recalled[0].content == hits[1].content  # old0 is shown
+
+
+async def test_an_openai_model_s_prompt_is_budgeted_in_its_own_tokens(repo: MemoryRepository) -> None:
+    budget = prompt_budget(load_settings(openai_chat_model="gpt-4o-mini", memory_prompt_tokens=600))
+    o200k = encoding("o200k_base")
+    # OpenAI's own ids for this text (o200k_base, as gpt-4o counts it; cl100k_base for gpt-4).
+    assert o200k.encode_ordinary("tiktoken is great!") == [83, 8251, 2488, 382, 2212, 0]
+    assert encoding("cl100k_base").encode_ordinary("tiktoken is great!") == [83, 1609, 5963, 374, 2294, 0]
+    user_id, hits = await _long_memory(repo, 46)
+    context = await repo.get_user_context(user_id, now=NOW)
+    fit_memory(context, hits, shown=set(), budget=budget)
+    used = len(o200k.encode_ordinary(context.memory_block()))
+    following = hits[len(context.recalled)]
+    next_line = context.recalled_line(RecalledMemory(kind=following.kind.value, content=following.content,
+                                                     occurred_at=following.occurred_at))
+    # Filled to the budget in the model's tokens: what is left would not hold the next memory.
+    assert used <= 600 and 600 - used < len(o200k.encode_ordinary("\n" + next_line))
+    assert budget.count("<|endoftext|> is just text") == len(o200k.encode_ordinary("<|endoftext|> is just text"))
+    # A model tiktoken does not know (another OpenAI-compatible server's) is budgeted with the estimate.
+    assert token_counter("llama-3.1-70b-instruct") is count_tokens
+    assert prompt_budget(load_settings(openai_chat_model="gpt-4")).count("tiktoken is great!") == 6
+
+
+def test_a_tokenizer_vocabulary_that_does_not_match_its_checksum_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cl100k_base.tiktoken.gz").write_bytes(gzip.compress(b"IQ== 0\n"))
+    monkeypatch.setattr(core.tokens, "ASSETS", tmp_path)
+    with pytest.raises(ConfigurationError, match="does not match its checksum"):
+        encoding.__wrapped__("cl100k_base")  # read again, not from the cache
