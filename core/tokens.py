@@ -1,18 +1,17 @@
 """How many tokens a text costs in a chat model's prompt: counted by the model's own tokenizer where it is known,
 estimated where it is not.
 
-OpenAI's chat models are counted exactly: tiktoken, with the byte-pair vocabularies of o200k_base and cl100k_base kept
-in `core/assets` (tiktoken would download them on first use, which these machines may not do; each file is checked
-against the SHA-256 tiktoken checks it against) and tiktoken's own map of model names to encodings. Other models (the
-embedded one, other OpenAI-compatible servers) are budgeted with an estimate shaped like the byte-pair encoders of GPT
-models:
-the text is cut as they cut it before merging (words with their leading space, digits in threes, runs of
-punctuation, whitespace), a common English word is one token and a longer one a token per six letters, other
-scripts a token per two letters (one per character for Chinese and Japanese), punctuation a token per two marks.
-Against the byte-pair tokenizer of the embedded model (SmolLM2, 49k tokens, asked through llama.cpp's /tokenize) on
-40 stretches of LoCoMo conversation, it counts 1.01 to 1.16 times as many (1.07 on average; 1.03 for quoted text):
-a budget in these tokens holds at most that many of the model's. That tokenizer splits Russian, Japanese and German
-finer than this estimate does (38, 26 and 18 tokens where it counts 26, 15 and 12).
+OpenAI's chat models are counted exactly: tiktoken, with the byte-pair vocabularies of o200k_base and cl100k_base
+kept in `core/assets` (tiktoken would download them on first use, which these machines may not do; each file is
+checked against the SHA-256 tiktoken checks it against) and tiktoken's own map of model names to encodings. Other
+models (the embedded one, other OpenAI-compatible servers) are budgeted with an estimate shaped like the byte-pair
+encoders of GPT models: the text is cut as they cut it before merging (words with their leading space, digits in
+threes, runs of punctuation, whitespace), a common English word is one token and a longer one a token per six
+letters, other scripts a token per two letters (one per character for Chinese and Japanese), punctuation a token per
+two marks. Against the byte-pair tokenizer of the embedded model (SmolLM2, 49k tokens, asked through llama.cpp's
+/tokenize) on 40 stretches of LoCoMo conversation, it counts 1.01 to 1.16 times as many (1.07 on average; 1.03 for
+quoted text): a budget in these tokens holds at most that many of the model's. That tokenizer splits Russian,
+Japanese and German finer than this estimate does (38, 26 and 18 tokens where it counts 26, 15 and 12).
 """
 
 from __future__ import annotations
@@ -59,8 +58,8 @@ def count_tokens(text: str) -> int:
 
 
 ASSETS = Path(__file__).parent / "assets"
-# The encodings kept here, as tiktoken_ext.openai_public defines them: the vocabulary's SHA-256, the pre-tokenizing
-# pattern (in pieces) and the special tokens.
+# The encodings kept here (the vocabulary files OpenAI publishes for tiktoken, gzipped), as tiktoken_ext.openai_public
+# defines them: the vocabulary's SHA-256, the pre-tokenizing pattern (in pieces) and the special tokens.
 _ENCODINGS = {
     "o200k_base": (
         "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
