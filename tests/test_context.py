@@ -200,6 +200,17 @@ async def test_an_openai_model_s_prompt_is_budgeted_in_its_own_tokens(repo: Memo
     assert prompt_budget(load_settings(openai_chat_model="gpt-4")).count("tiktoken is great!") == 6
 
 
+def test_the_kept_encodings_are_tiktoken_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiktoken_ext.openai_public as openai_public
+
+    for name in ("o200k_base", "cl100k_base"):
+        kept = encoding(name)
+        # tiktoken's definition of the encoding, its vocabulary (which it would download) taken from ours.
+        monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: kept._mergeable_ranks)
+        defined = getattr(openai_public, name)()
+        assert (kept._pat_str, kept._special_tokens) == (defined["pat_str"], defined["special_tokens"])
+
+
 def test_a_tokenizer_vocabulary_that_does_not_match_its_checksum_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "cl100k_base.tiktoken.gz").write_bytes(gzip.compress(b"IQ== 0\n"))
