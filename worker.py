@@ -19,11 +19,15 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from temporalio.api.deployment.v1 import WorkerDeploymentVersion as VersionMessage
 from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.enums.v1.task_queue_pb2 import ROUTING_CONFIG_UPDATE_STATE_COMPLETED
+from temporalio.api.enums.v1.task_queue_pb2 import ROUTING_CONFIG_UPDATE_STATE_COMPLETED, RoutingConfigUpdateState
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (
+    DescribeTaskQueueRequest,
     DescribeWorkerDeploymentRequest,
+    DescribeWorkerDeploymentVersionRequest,
     SetWorkerDeploymentCurrentVersionRequest,
 )
 from temporalio.client import Client
@@ -138,6 +142,12 @@ def deployment_version(settings: Settings) -> WorkerDeploymentVersion:
                                    build_id=settings.companion_build_id or code_build_id())
 
 
+# How long a version made current here waits for the server to report the new routing propagated before it takes
+# every task queue of the version routing to it as enough. The server (1.32) can report "in progress" for good: the
+# version's "propagation complete" is dropped when it arrives as the deployment's workflow continues as new.
+PROPAGATION_REPORT_WAIT_S = 10.0
+
+
 async def make_current(client: Client, version: WorkerDeploymentVersion, only_if_none: bool = False,
                        timeout_s: float = 60.0) -> bool:
     """Make ``version`` its deployment's current version once the server has seen its workers poll every task queue
@@ -145,17 +155,27 @@ async def make_current(client: Client, version: WorkerDeploymentVersion, only_if
     ``only_if_none``, only when the deployment has no current version yet (its first build). Returns whether it
     made it current."""
     describe = DescribeWorkerDeploymentRequest(namespace=client.namespace, deployment_name=version.deployment_name)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    made = False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    made_at: float | None = None
+    seen = "nothing yet"
     while True:
         try:
             info = (await client.workflow_service.describe_worker_deployment(describe)).worker_deployment_info
             current = info.routing_config.current_deployment_version.build_id
+            reported = RoutingConfigUpdateState.Name(info.routing_config_update_state)
+            seen = f"current build {current or 'none'}, routing update {reported}"
             if current == version.build_id:
                 # Made current (by this call, or before it): done once every task queue has the new routing, so
                 # that the next message of a conversation pinned to another build moves it to this one.
                 if info.routing_config_update_state == ROUTING_CONFIG_UPDATE_STATE_COMPLETED:
-                    return made
+                    return made_at is not None
+                if (made_at is None or loop.time() > made_at + PROPAGATION_REPORT_WAIT_S) \
+                        and await routes_to(client, version):
+                    _log.warning("worker.routing_update_still_reported", deployment=version.deployment_name,
+                                 build_id=version.build_id, routing_update=reported,
+                                 detail="every task queue of the build routes to it")
+                    return made_at is not None
             elif only_if_none and current:
                 return False
             elif any(summary.deployment_version.build_id == version.build_id for summary in info.version_summaries):
@@ -164,15 +184,31 @@ async def make_current(client: Client, version: WorkerDeploymentVersion, only_if
                         namespace=client.namespace, deployment_name=version.deployment_name,
                         build_id=version.build_id, identity="companion worker"))
                 _log.info("worker.made_current", deployment=version.deployment_name, build_id=version.build_id)
-                made = True
+                made_at = loop.time()
                 continue
         except RPCError as exc:
             # Not seen yet, or not yet polling every task queue the current version has.
             if exc.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
                 raise
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"build {version.build_id} could not be made current within {timeout_s:.0f} s")
+            seen = f"{exc.status.name}: {exc.message}"
+        if loop.time() > deadline:
+            raise TimeoutError(f"build {version.build_id} could not be made current within {timeout_s:.0f} s "
+                               f"(the server said last: {seen})")
         await asyncio.sleep(0.2)
+
+
+async def routes_to(client: Client, version: WorkerDeploymentVersion) -> bool:
+    """Whether every task queue the version's workers poll routes new work to it (as the server says of each)."""
+    described = await client.workflow_service.describe_worker_deployment_version(
+        DescribeWorkerDeploymentVersionRequest(namespace=client.namespace, deployment_version=VersionMessage(
+            deployment_name=version.deployment_name, build_id=version.build_id)))
+    for queue in described.version_task_queues:
+        routing = (await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+            namespace=client.namespace, task_queue=TaskQueue(name=queue.name), task_queue_type=queue.type))
+        ).versioning_info
+        if routing.current_deployment_version.build_id != version.build_id:
+            return False
+    return bool(described.version_task_queues)
 
 
 def worker_runtime(metrics_address: str | None) -> Runtime:

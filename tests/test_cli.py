@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import pty
@@ -562,6 +563,29 @@ def test_companion_dev_killed_with_sigkill_leaves_nothing_running(tmp_path: Path
         assert said.returncode == 0 and "I hear you: hello again" in said.stdout, said.stdout + said.stderr
     finally:
         assert again.stop() == 0, again.tail()
+
+
+def test_companion_dev_starts_on_a_temporal_that_reports_its_routing_update_in_progress_for_good(
+        tmp_path: Path, dev_env: dict[str, str]) -> None:
+    # The data of a `companion dev` whose Temporal (server 1.32) reports the routing of its build, cf82659c1a5a, "in
+    # progress" for good: the build's "propagation complete" reached the deployment's workflow as it continued as new,
+    # and was dropped. Every later start then waited on the report and failed after 60 s.
+    data = tmp_path / ".companion"
+    data.mkdir()
+    stuck = Path(__file__).parent / "data" / "temporal_routing_update_stuck.db.gz"
+    (data / "temporal.db").write_bytes(gzip.decompress(stuck.read_bytes()))
+    # The build already current, then a new one made current (a new user: the first is pinned to the first build).
+    for user, build in (("42", "cf82659c1a5a"), ("43", "cf82659c1a5b")):
+        env = {**dev_env, "COMPANION_BUILD_ID": build}
+        dev = DevProcess(tmp_path, env)
+        try:
+            said = _companion("say", "--user", user, f"hello {build}", cwd=tmp_path, env=env)
+            assert said.returncode == 0 and f"I hear you: hello {build}" in said.stdout, said.stdout + said.stderr
+        finally:
+            assert dev.stop() == 0, dev.tail()
+    log = [json.loads(line) for line in (data / "companion.log").read_text().splitlines()]
+    assert [line["build_id"] for line in log if line["event"] == "worker.routing_update_still_reported"] == [
+        "cf82659c1a5a", "cf82659c1a5b"]
 
 
 @pytest.mark.parametrize(("args", "says"), [
