@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from bot_gateway import run_gateway
 from cli.codec_server import start_codec_server
@@ -31,7 +32,7 @@ from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres, postgres
 from storage.repository import MemoryRepository
 from storage.semantic import create_memory_index
-from worker import deployment_version, run_worker
+from worker import conversations_elsewhere, deployment_version, run_worker
 from workflows.client import connect
 from workflows.contract import USER_ID_ATTRIBUTE
 
@@ -161,6 +162,23 @@ class TemporalDevServer:
             self._process.kill()
             self._process.wait()
         _log.info("temporal.dev_server_stopped", returncode=self._process.returncode)
+
+
+async def _say_conversations_elsewhere(client: Client, settings: Settings) -> None:
+    """Say which conversations run on an earlier build of the code than this one (a change to `workflows/` or
+    `schemas/` makes a new build): this worker cannot answer them."""
+    version = deployment_version(settings)
+    try:
+        elsewhere = await conversations_elsewhere(client, version)
+    except RPCError as exc:  # only a note: the companion runs without it
+        _log.warning("dev.conversations_elsewhere_unknown", error=str(exc))
+        return
+    for build, count in elsewhere.items():
+        _log.warning("dev.conversations_elsewhere", build_id=build, conversations=count, this_build=version.build_id)
+        runs, them = ("conversation runs", "it") if count == 1 else ("conversations run", "them")
+        print(f"  {'note':<{Progress.WIDTH}}{count} {runs} on build {build}, an earlier version of the code: only a "
+              f"worker of that build answers {them} and moves {them} to this one (docs/operations.md, \"companion "
+              f"dev after a change to the workflow\")", flush=True)
 
 
 def _banner(settings: Settings, server: TemporalDevServer, user: int) -> str:
@@ -372,6 +390,7 @@ async def run_dev(settings: Settings, user: int, chat: bool, reindex: bool = Fal
                     await _until_ready(services[0], ready)
                     said.append(f"task queue {settings.temporal_task_queue}, "
                                 f"build {deployment_version(settings).build_id}")
+                await _say_conversations_elsewhere(client, settings)
                 if settings.telegram_bot_token is not None:
                     services.append(asyncio.create_task(run_gateway(settings, stop, client)))
                 print(_banner(settings, server, user), flush=True)

@@ -588,6 +588,57 @@ def test_companion_dev_starts_on_a_temporal_that_reports_its_routing_update_in_p
         "cf82659c1a5a", "cf82659c1a5b"]
 
 
+def test_companion_dev_names_conversations_left_on_an_earlier_build_and_a_worker_of_it_moves_them(
+        tmp_path: Path, dev_env: dict[str, str]) -> None:
+    before, after = ({**dev_env, "COMPANION_BUILD_ID": build} for build in ("before", "after"))
+    dev = DevProcess(tmp_path, before)
+    try:
+        said = _companion("say", "--user", "42", "hello", cwd=tmp_path, env=before)
+        assert said.returncode == 0, said.stderr
+    finally:
+        assert dev.stop() == 0, dev.tail()
+
+    dev = DevProcess(tmp_path, after)  # the code changed: a new build, made current
+    try:
+        assert ("  note        1 conversation runs on build before, an earlier version of the code: only a worker of "
+                "that build answers it") in dev.output.read_text()
+        # The way out operations.md gives: a worker of the earlier build beside it, on the same data.
+        worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=tmp_path,
+                                  env={**before, "LOG_FORMAT": "json"}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        assert worker.stderr is not None
+        try:
+            for line in worker.stderr:
+                if '"worker.started"' in line:
+                    break
+            said = _companion("say", "--user", "42", "I'm back", cwd=tmp_path, env=after)
+            assert said.returncode == 0 and "I hear you: I'm back" in said.stdout, said.stdout + said.stderr
+            deadline = time.monotonic() + 30
+            while _build_of(dev_env, "companion-user-42") != "after":  # it moves right after that message
+                assert time.monotonic() < deadline, dev.tail()
+                time.sleep(0.5)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(30) == 0
+        said = _companion("say", "--user", "42", "still there?", cwd=tmp_path, env=after)
+        assert said.returncode == 0 and "I hear you: still there?" in said.stdout, said.stdout + said.stderr
+    finally:
+        assert dev.stop() == 0, dev.tail()
+    history = _companion("history", "--user", "42", cwd=tmp_path, env=after).stdout
+    assert [line.split(None, 3)[2:] for line in history.splitlines()] == [
+        ["user", "42    hello"], ["companion", "I hear you: hello"],
+        ["user", "42    I'm back"], ["companion", "I hear you: I'm back"],
+        ["user", "42    still there?"], ["companion", "I hear you: still there?"]]
+
+
+def _build_of(env: dict[str, str], workflow_id: str) -> str | None:
+    described = subprocess.run([str(Path(sys.executable).parent / "temporal"), "workflow", "describe", "-w",
+                                workflow_id, "--address", env["TEMPORAL_ADDRESS"], "--output", "json"],
+                               capture_output=True, text=True, timeout=30)
+    versioning = json.loads(described.stdout)["workflowExecutionInfo"].get("versioningInfo", {})
+    return versioning.get("deploymentVersion", {}).get("buildId")
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["say", "--user", "42", ""], "the message is empty"),
     (["say", "--user", "42", "x" * 100_000], "at most 16,000"),
