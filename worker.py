@@ -52,7 +52,7 @@ from storage.repository import MemoryRepository
 from storage.semantic import create_memory_index
 from workflows.client import connect
 from workflows.companion import CompanionWorkflow
-from workflows.contract import USER_ID_ATTRIBUTE, WORKFLOW_TYPE
+from workflows.contract import USER_ID_ATTRIBUTE
 from workflows.steps import llm_task_queue
 
 # In-flight activities get this long to finish when the worker is asked to stop.
@@ -209,24 +209,6 @@ async def routes_to(client: Client, version: WorkerDeploymentVersion) -> bool:
         if routing.current_deployment_version.build_id != version.build_id:
             return False
     return bool(described.version_task_queues)
-
-
-async def conversations_elsewhere(client: Client, version: WorkerDeploymentVersion) -> dict[str, int]:
-    """The running conversations pinned to another build of ``version``'s deployment, counted by build: only a worker
-    of their build answers them (and moves them to the current build, at their next message)."""
-    info = (await client.workflow_service.describe_worker_deployment(DescribeWorkerDeploymentRequest(
-        namespace=client.namespace, deployment_name=version.deployment_name))).worker_deployment_info
-    counted: dict[str, int] = {}
-    for summary in info.version_summaries:
-        build = summary.deployment_version.build_id
-        if build == version.build_id:
-            continue
-        running = await client.count_workflows(
-            f'WorkflowType = "{WORKFLOW_TYPE}" AND ExecutionStatus = "Running" '
-            f'AND TemporalWorkerDeploymentVersion = "{version.deployment_name}:{build}"')
-        if running.count:
-            counted[build] = running.count
-    return counted
 
 
 def worker_runtime(metrics_address: str | None) -> Runtime:

@@ -21,6 +21,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from bot_gateway import run_gateway
+from cli.builds import LeftBehind, conversations_elsewhere, forget_code, keep_code, kept_code, move_from
 from cli.codec_server import start_codec_server
 from cli.conversation import chat_loop
 from clients.llm import LocalModelServer, create_chat_model, usable_cores
@@ -32,7 +33,7 @@ from storage.database import create_engine, create_session_factory
 from storage.embedded import EmbeddedPostgres, postgres
 from storage.repository import MemoryRepository
 from storage.semantic import create_memory_index
-from worker import conversations_elsewhere, deployment_version, run_worker
+from worker import deployment_version, run_worker
 from workflows.client import connect
 from workflows.contract import USER_ID_ATTRIBUTE
 
@@ -164,21 +165,41 @@ class TemporalDevServer:
         _log.info("temporal.dev_server_stopped", returncode=self._process.returncode)
 
 
-async def _say_conversations_elsewhere(client: Client, settings: Settings) -> None:
-    """Say which conversations run on an earlier build of the code than this one (a change to `workflows/` or
-    `schemas/` makes a new build): this worker cannot answer them."""
+async def _move_conversations_elsewhere(client: Client, settings: Settings, progress: Progress,
+                                        reaper: Reaper) -> None:
+    """Keep this build's code, then move the conversations still on earlier builds onto this one (cli.builds), a line
+    each; those that cannot be moved are named, with where to read what to do."""
     version = deployment_version(settings)
     try:
+        await asyncio.to_thread(keep_code, settings, version.build_id)
+    except OSError as exc:  # a later start then cannot move this build's conversations by itself; it says so
+        _log.warning("dev.code_not_kept", build_id=version.build_id, error=str(exc))
+    try:
         elsewhere = await conversations_elsewhere(client, version)
-    except RPCError as exc:  # only a note: the companion runs without it
+    except RPCError as exc:  # the companion runs without it
         _log.warning("dev.conversations_elsewhere_unknown", error=str(exc))
         return
+    still: set[str] = set()
     for build, count in elsewhere.items():
-        _log.warning("dev.conversations_elsewhere", build_id=build, conversations=count, this_build=version.build_id)
-        runs, them = ("conversation runs", "it") if count == 1 else ("conversations run", "them")
-        print(f"  {'note':<{Progress.WIDTH}}{count} {runs} on build {build}, an earlier version of the code: only a "
-              f"worker of that build answers {them} and moves {them} to this one (docs/operations.md, \"companion "
-              f"dev after a change to the workflow\")", flush=True)
+        result = LeftBehind(build, moved=0, left=count)
+        if kept_code(settings, build).is_dir():
+            with progress.step("earlier") as said:
+                result = await move_from(client, settings, version, build, count,
+                                         lambda pid: reaper.watch(pid, signal.SIGTERM), reaper.forget)
+                said.append(f"moved {_conversations(result.moved)} from build {build} onto this one")
+        if result.left:
+            still.add(build)
+            _log.warning("dev.conversations_elsewhere", build_id=build, conversations=result.left,
+                         this_build=version.build_id)
+            them = "it" if result.left == 1 else "them"
+            print(f"  {'note':<{Progress.WIDTH}}{_conversations(result.left)} still on build {build}, an earlier "
+                  f"version of the code: only a worker of that build answers {them} and moves {them} to this one "
+                  f"(docs/operations.md, \"companion dev after a change to the workflow\")", flush=True)
+    await asyncio.to_thread(forget_code, settings, {version.build_id, *still})
+
+
+def _conversations(count: int) -> str:
+    return f"{count} conversation{'' if count == 1 else 's'}"
 
 
 def _banner(settings: Settings, server: TemporalDevServer, user: int) -> str:
@@ -324,6 +345,12 @@ class Reaper:
         self._process.stdin.write(f"{pid} {int(signum)}\n")
         self._process.stdin.flush()
 
+    def forget(self, pid: int) -> None:
+        """Process ``pid`` ended: nothing to stop (its pid may be another process's by then)."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(f"{pid} 0\n")
+        self._process.stdin.flush()
+
     def close(self) -> None:
         """`companion dev` is done: the reaper stops what is still running and exits."""
         assert self._process.stdin is not None
@@ -390,7 +417,7 @@ async def run_dev(settings: Settings, user: int, chat: bool, reindex: bool = Fal
                     await _until_ready(services[0], ready)
                     said.append(f"task queue {settings.temporal_task_queue}, "
                                 f"build {deployment_version(settings).build_id}")
-                await _say_conversations_elsewhere(client, settings)
+                await _move_conversations_elsewhere(client, settings, progress, reaper)
                 if settings.telegram_bot_token is not None:
                     services.append(asyncio.create_task(run_gateway(settings, stop, client)))
                 print(_banner(settings, server, user), flush=True)

@@ -2,7 +2,8 @@
 
     python -m cli.reaper        (started by `companion dev`, which keeps the write end of its stdin)
 
-`companion dev` writes one line per server it starts, "PID SIGNAL" (the signal that stops that server cleanly).
+`companion dev` writes one line per server it starts, "PID SIGNAL" (the signal that stops that server cleanly), and
+"PID 0" for one that ended meanwhile.
 When its stdin closes, because `companion dev` exited or was killed, the reaper sends each server still running its
 signal, waits up to STOP_TIMEOUT_S for it to end, then kills what is left. A `companion dev` that stopped its servers
 itself leaves the reaper nothing to do.
@@ -50,8 +51,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for `companion dev`, which stops everything in order
     watched = []
     for line in sys.stdin:  # until `companion dev` is gone
-        pid, signum = line.split()
-        watched.append((int(pid), int(signum)))
+        pid, signum = map(int, line.split())
+        if signum:
+            watched.append((pid, signum))
+        else:  # it ended: by the time the reaper reaps, its pid may be another process's
+            watched = [item for item in watched if item[0] != pid]
     reap(watched)
 
 

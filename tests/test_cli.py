@@ -543,6 +543,21 @@ def test_the_worker_sends_traces_of_turns_to_an_otlp_collector(tmp_path: Path, d
     assert {"RunActivity:prepare_turn", "RunActivity:generate_reply"} <= set(spans)
 
 
+def test_the_reaper_stops_what_it_watches_and_leaves_what_ended_meanwhile() -> None:
+    # A process `companion dev` said had ended ("PID 0") is not signalled: its pid may be another process's by then.
+    kept, stopped = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    reaper = subprocess.Popen([sys.executable, "-m", "cli.reaper"], stdin=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[1])
+    try:
+        reaper.communicate(f"{kept.pid} 15\n{stopped.pid} 15\n{kept.pid} 0\n", timeout=30)
+        assert reaper.returncode == 0
+        assert stopped.wait(5) == -signal.SIGTERM
+        assert kept.poll() is None
+    finally:
+        kept.kill()
+        stopped.kill()
+
+
 def test_companion_dev_killed_with_sigkill_leaves_nothing_running(tmp_path: Path, dev_env: dict[str, str]) -> None:
     dev = DevProcess(tmp_path, dev_env)
     log = [json.loads(line) for line in (tmp_path / ".companion" / "companion.log").read_text().splitlines()]
@@ -588,7 +603,7 @@ def test_companion_dev_starts_on_a_temporal_that_reports_its_routing_update_in_p
         "cf82659c1a5a", "cf82659c1a5b"]
 
 
-def test_companion_dev_names_conversations_left_on_an_earlier_build_and_a_worker_of_it_moves_them(
+def test_companion_dev_moves_conversations_left_on_an_earlier_build_with_that_build_s_kept_code(
         tmp_path: Path, dev_env: dict[str, str]) -> None:
     before, after = ({**dev_env, "COMPANION_BUILD_ID": build} for build in ("before", "after"))
     dev = DevProcess(tmp_path, before)
@@ -597,38 +612,38 @@ def test_companion_dev_names_conversations_left_on_an_earlier_build_and_a_worker
         assert said.returncode == 0, said.stderr
     finally:
         assert dev.stop() == 0, dev.tail()
+    builds = tmp_path / ".companion" / "builds"
+    assert (builds / "before" / "workflows" / "companion.py").read_bytes() == (
+        Path(__file__).parents[1] / "workflows" / "companion.py").read_bytes()  # the code that build ran, kept
 
-    dev = DevProcess(tmp_path, after)  # the code changed: a new build, made current
+    # A changed workflow is a new build. Without the earlier build's code, nothing can move the conversation: said.
+    (builds / "before").rename(tmp_path / "before")
+    dev = DevProcess(tmp_path, after)
     try:
-        assert ("  note        1 conversation runs on build before, an earlier version of the code: only a worker of "
-                "that build answers it") in dev.output.read_text()
-        # The way out operations.md gives: a worker of the earlier build beside it, on the same data.
-        worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=tmp_path,
-                                  env={**before, "LOG_FORMAT": "json"}, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
-        assert worker.stderr is not None
-        try:
-            for line in worker.stderr:
-                if '"worker.started"' in line:
-                    break
-            said = _companion("say", "--user", "42", "I'm back", cwd=tmp_path, env=after)
-            assert said.returncode == 0 and "I hear you: I'm back" in said.stdout, said.stdout + said.stderr
-            deadline = time.monotonic() + 30
-            while _build_of(dev_env, "companion-user-42") != "after":  # it moves right after that message
-                assert time.monotonic() < deadline, dev.tail()
-                time.sleep(0.5)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            assert worker.wait(30) == 0
-        said = _companion("say", "--user", "42", "still there?", cwd=tmp_path, env=after)
-        assert said.returncode == 0 and "I hear you: still there?" in said.stdout, said.stdout + said.stderr
+        assert ("  note        1 conversation still on build before, an earlier version of the code: only a worker "
+                "of that build answers it") in dev.output.read_text()
     finally:
         assert dev.stop() == 0, dev.tail()
+    assert sorted(path.name for path in builds.iterdir()) == ["after"]
+
+    # With it, companion dev runs a worker of that code (marked here, to see it is what runs) and moves it.
+    (tmp_path / "before").rename(builds / "before")
+    with (builds / "before" / "worker.py").open("a") as kept:
+        kept.write('\nprint("the kept code of build before", flush=True)\n')
+    dev = DevProcess(tmp_path, after)
+    try:
+        assert "  earlier     moved 1 conversation from build before onto this one" in dev.output.read_text()
+        assert _build_of(dev_env, "companion-user-42") == "after"
+        said = _companion("say", "--user", "42", "I'm back", cwd=tmp_path, env=after)
+        assert said.returncode == 0 and "I hear you: I'm back" in said.stdout, said.stdout + said.stderr
+    finally:
+        assert dev.stop() == 0, dev.tail()
+    assert "the kept code of build before" in (tmp_path / ".companion" / "earlier-builds.log").read_text()
+    assert sorted(path.name for path in builds.iterdir()) == ["after"]  # no conversation is left on it
     history = _companion("history", "--user", "42", cwd=tmp_path, env=after).stdout
     assert [line.split(None, 3)[2:] for line in history.splitlines()] == [
         ["user", "42    hello"], ["companion", "I hear you: hello"],
-        ["user", "42    I'm back"], ["companion", "I hear you: I'm back"],
-        ["user", "42    still there?"], ["companion", "I hear you: still there?"]]
+        ["user", "42    I'm back"], ["companion", "I hear you: I'm back"]]
 
 
 def _build_of(env: dict[str, str], workflow_id: str) -> str | None:
