@@ -49,6 +49,7 @@ class LeftBehind:
 
 
 def kept_code(settings: Settings, build_id: str) -> Path:
+    """Where the code of a build is kept."""
     return settings.companion_data_dir / "builds" / build_id
 
 
@@ -98,7 +99,8 @@ async def move_from(client: Client, settings: Settings, version: WorkerDeploymen
     query = _on_build(version, build_id)
     # The kept code first on the path; -P: not the working directory's (it is the current code when run from the
     # repository), which stays the working directory for `.env` and COMPANION_DATA_DIR.
-    env = {**os.environ, "PYTHONPATH": str(code), "COMPANION_BUILD_ID": build_id}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(code), os.environ.get("PYTHONPATH")))),
+           "COMPANION_BUILD_ID": build_id}
     env.pop("METRICS_ADDRESS", None)  # the current worker serves it
     with (settings.companion_data_dir / "earlier-builds.log").open("ab") as log:
         process = subprocess.Popen([sys.executable, "-P", "-m", "cli", "worker"], env=env, stdin=subprocess.DEVNULL,
@@ -130,7 +132,7 @@ async def move_from(client: Client, settings: Settings, version: WorkerDeploymen
 
 
 def forget_code(settings: Settings, keep: set[str]) -> None:
-    """Remove the kept code of every build but ``keep`` (the current one, and those conversations are still on)."""
+    """Remove the kept code of every build but those in ``keep`` (the current one, those with conversations left)."""
     builds = settings.companion_data_dir / "builds"
     for path in builds.iterdir() if builds.is_dir() else ():
         if path.name not in keep:

@@ -543,6 +543,15 @@ def test_the_worker_sends_traces_of_turns_to_an_otlp_collector(tmp_path: Path, d
     assert {"RunActivity:prepare_turn", "RunActivity:generate_reply"} <= set(spans)
 
 
+def test_the_code_kept_of_a_build_is_what_the_wheel_holds() -> None:
+    import tomllib
+
+    from cli.builds import SOURCES
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert set(SOURCES) == set(pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["only-include"])
+
+
 def test_the_reaper_stops_what_it_watches_and_leaves_what_ended_meanwhile() -> None:
     # A process `companion dev` said had ended ("PID 0") is not signalled: its pid may be another process's by then.
     kept, stopped = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
