@@ -90,12 +90,9 @@ async def conversations_elsewhere(client: Client, version: WorkerDeploymentVersi
 async def move_from(client: Client, settings: Settings, version: WorkerDeploymentVersion, build_id: str,
                     count: int, watch: Callable[[int], None], ended: Callable[[int], None]) -> LeftBehind:
     """Move the conversations still on ``build_id`` onto ``version`` (the current build) with a worker of its kept
-    code, woken one by one. ``watch`` is given the worker's pid as it starts (stopped with `companion dev` even if
-    that is killed), ``ended`` once it has ended. Without that code, or when the worker fails, they stay where they
-    are."""
+    code (keep_code), woken one by one. ``watch`` is given the worker's pid as it starts (stopped with `companion
+    dev` even if that is killed), ``ended`` once it has ended. When the worker fails, they stay where they are."""
     code = kept_code(settings, build_id)
-    if not code.is_dir():
-        return LeftBehind(build_id, moved=0, left=count)
     query = _on_build(version, build_id)
     # The kept code first on the path; -P: not the working directory's (it is the current code when run from the
     # repository), which stays the working directory for `.env` and COMPANION_DATA_DIR.
