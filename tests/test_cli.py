@@ -163,13 +163,11 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
         assert other.stdout == "I hear you: hello\n" and other.stderr == (
             "companion: note: gpt-4o-mini, the running worker's LLM, wrote this reply: OPENAI_API_KEY, "
             "OPENAI_BASE_URL, OPENAI_CHAT_MODEL given to `companion say` are read by the worker only\n")
-        described = subprocess.run([str(Path(sys.executable).parent / "temporal"), "workflow", "describe", "-w",
-                                    "companion-user-42", "--address", dev_env["TEMPORAL_ADDRESS"], "--output", "json"],
-                                   capture_output=True, text=True, timeout=30)
-        info = json.loads(described.stdout)["workflowExecutionInfo"]
+        described = _described(dev_env, "companion-user-42")
+        info = described["workflowExecutionInfo"]
         assert info["status"] == "WORKFLOW_EXECUTION_STATUS_RUNNING"
         assert info["type"]["name"] == "CompanionWorkflow"
-        summary = json.loads(described.stdout)["executionConfig"]["userMetadata"]["summary"]  # the UI's Summary
+        summary = described["executionConfig"]["userMetadata"]["summary"]  # the UI's Summary
         assert summary == "Conversation with user 42 (Telegram id 42)"
         _a_second_worker_stops_gracefully_on_sigterm(tmp_path, offline)
         deadline = time.monotonic() + 60
@@ -642,7 +640,8 @@ def test_companion_dev_moves_conversations_left_on_an_earlier_build_with_that_bu
     dev = DevProcess(tmp_path, after)
     try:
         assert "  earlier     moved 1 conversation from build before onto this one" in dev.output.read_text()
-        assert _build_of(dev_env, "companion-user-42") == "after"
+        versioning = _described(dev_env, "companion-user-42")["workflowExecutionInfo"]["versioningInfo"]
+        assert versioning["deploymentVersion"]["buildId"] == "after"
         said = _companion("say", "--user", "42", "I'm back", cwd=tmp_path, env=after)
         assert said.returncode == 0 and "I hear you: I'm back" in said.stdout, said.stdout + said.stderr
     finally:
@@ -655,12 +654,12 @@ def test_companion_dev_moves_conversations_left_on_an_earlier_build_with_that_bu
         ["user", "42    I'm back"], ["companion", "I hear you: I'm back"]]
 
 
-def _build_of(env: dict[str, str], workflow_id: str) -> str | None:
+def _described(env: dict[str, str], workflow_id: str) -> dict:
+    """`temporal workflow describe -w ID`, as JSON."""
     described = subprocess.run([str(Path(sys.executable).parent / "temporal"), "workflow", "describe", "-w",
                                 workflow_id, "--address", env["TEMPORAL_ADDRESS"], "--output", "json"],
                                capture_output=True, text=True, timeout=30)
-    versioning = json.loads(described.stdout)["workflowExecutionInfo"].get("versioningInfo", {})
-    return versioning.get("deploymentVersion", {}).get("buildId")
+    return json.loads(described.stdout)
 
 
 @pytest.mark.parametrize(("args", "says"), [
