@@ -292,12 +292,18 @@ class _Bar:
 
 async def _embedder_fits(settings: Settings, database_url: str, reindex: bool) -> None:
     """Memories stored by another embedder (the offline one, before OPENAI_API_KEY was set) are embedded again when
-    asked (--reindex) or confirmed at the terminal; otherwise start-up stops, saying the choices."""
+    asked (--reindex) or confirmed at the terminal; otherwise start-up stops, saying the choices. Memories without
+    their vector or their words (kept before words were) are embedded at once."""
     engine = create_engine(database_url, pool_size=1, max_overflow=1)
     index = create_memory_index(settings, create_session_factory(engine))
     try:
         try:
             await index.store.check(index.embedder.dimension)
+            bar = _Bar("embedding memories without their vector or words")
+            done = await index.reindex(everything=False, progress=bar.update)
+            if done:
+                bar.end()
+                print(f"  {done:,} memories embedded", flush=True)
             return
         except EmbedderChangedError as exc:
             question = f"{exc}.\nEmbed them again now with {index.embedder.name}? [y/N] "

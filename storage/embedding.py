@@ -2,6 +2,11 @@
 
 Vectors are L2-normalised, so cosine similarity is a dot product. The dimension follows the embedder; after changing
 embedders, `companion memory reindex` rebuilds every stored vector.
+
+The offline embedder also gives a text's words, each as the model read it in its sentence (its last layer's vector
+of that token, stopwords and punctuation left out, 384 bytes a word in int8). Search ranks memories by how well each
+word of a question finds its like among a memory's words (late interaction, as ColBERT ranks): "What activities does
+Melanie do?" finds the stretch where Melanie tells of pottery, which the vector of the whole text misses.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ TOKENIZER_PATH = Path(__file__).parent / "assets" / "minilm-tokenizer.json"
 TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
 MINILM_MAX_TOKENS = 256
 _BATCH = 64
+# Words that say little of what a text is about: left out of its words (a subword piece, "##...", is always kept).
+STOPWORDS = frozenset("""
+a an the of to in on at for and or but is are was were be been being am do does did has have had what which who whom
+when where why how i you he she it we they me him her his its our their my your us them with from about as by that
+this these those any some s t so if then than there here not no just can could would will should may might shall
+""".split())
+WORD_BYTES = 384  # one int8 per dimension
 
 
 class Embedder(Protocol):
@@ -82,7 +94,12 @@ class MiniLMEmbedder:
 
     def embed_sync(self, texts: list[str]) -> np.ndarray:
         """The vectors of ``texts`` as a (n, 384) float32 array."""
+        return self._encode(texts, with_words=False)[0]
+
+    def _encode(self, texts: list[str], with_words: bool) -> tuple[np.ndarray, list[bytes]]:
+        """The vectors of ``texts`` and, when asked, their words (see `words`)."""
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        words: list[bytes] = [b""] * len(texts)
         # Similar lengths batch together: less padding to run through the model.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         with self._lock:
@@ -96,18 +113,57 @@ class MiniLMEmbedder:
                 weights = mask[..., None].astype(np.float32)
                 pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
                 out[chunk] = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-        return out
+                if with_words:
+                    for row, (i, encoding) in enumerate(zip(chunk, encodings, strict=True)):
+                        kept = [at for at, token in enumerate(encoding.tokens)
+                                if token.startswith("##") or (token.isalnum() and token not in STOPWORDS)]
+                        words[i] = quantize(hidden[row, kept])
+        return out, words
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
+        return (await self.embed_with_words(texts))[0] if texts else []
+
+    async def embed_with_words(self, texts: list[str]) -> tuple[list[list[float]], list[bytes]]:
+        """The vectors of ``texts`` and their words: for each text, its words' vectors in int8, 384 bytes each (none
+        for a text of stopwords alone); `words` reads them back."""
         if not texts:
-            return []
+            return [], []
         try:
-            return (await asyncio.to_thread(self.embed_sync, texts)).tolist()
+            vectors, words = await asyncio.to_thread(self._encode, texts, True)
         except Exception as exc:  # onnxruntime raises its own types
             raise EmbeddingError(f"local embedding failed: {exc}", context={"texts": len(texts)}) from exc
+        return vectors.tolist(), words
 
     async def close(self) -> None:
         """Nothing to let go of: the model runs in this process."""
+
+
+def quantize(vectors: np.ndarray) -> bytes:
+    """Word vectors as int8, each scaled to fill -127..127 (its direction is what counts)."""
+    scale = np.clip(np.abs(vectors).max(axis=1, keepdims=True), 1e-12, None)
+    return np.round(vectors * (127 / scale)).astype(np.int8).tobytes()
+
+
+def words(stored: bytes) -> np.ndarray:
+    """Word vectors stored by `quantize`, as unit float32 rows."""
+    vectors = np.frombuffer(stored, dtype=np.int8).reshape(-1, WORD_BYTES).astype(np.float32)
+    return vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+
+
+def word_match(question: np.ndarray, candidates: list[bytes]) -> np.ndarray:
+    """How well each candidate's words answer the ``question``'s words (unit rows): for each word of the question,
+    its best cosine among the candidate's words, averaged over the question (NaN for a candidate without words)."""
+    scores = np.full(len(candidates), np.nan)
+    having = [at for at, stored in enumerate(candidates) if stored]
+    if not having or not len(question):
+        return scores
+    matrix = np.frombuffer(b"".join(candidates[at] for at in having), dtype=np.int8).reshape(-1, WORD_BYTES)
+    matrix = matrix.astype(np.float32)
+    # Cosines of every stored word with every word of the question, each stored word's norm divided out after.
+    cosines = (matrix @ question.T) / np.sqrt(np.einsum("ij,ij->i", matrix, matrix))[:, None].clip(1e-12)
+    starts = np.cumsum([0] + [len(candidates[at]) // WORD_BYTES for at in having[:-1]])
+    scores[having] = np.maximum.reduceat(cosines, starts, axis=0).mean(axis=1)
+    return scores
 
 
 class OpenAIEmbedder:

@@ -33,8 +33,8 @@ EXPORT_SCHEMA = "companion-export/1"
 # Every table that holds rows of a user (by user_id), in the order an export lists them. /forget deletes these rows,
 # then the user's; tests check that no table with a user_id is missing from it.
 USER_TABLES: tuple[type[Base], ...] = (Conversation, ProfileFact, TimelineEvent, DiaryEntry, ScheduledMessage, Memory)
-# Columns an export leaves out: the vector and the search index made of a memory's text (the text itself is in it).
-LEFT_OUT = {"embedding", "search", "ann_indexed"}
+# Columns an export leaves out: the vectors and the search index made of a memory's text (the text itself is in it).
+LEFT_OUT = {"embedding", "word_vectors", "search", "ann_indexed"}
 
 
 async def user_export(session: AsyncSession, telegram_id: int, now: datetime) -> dict[str, Any] | None:

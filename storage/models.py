@@ -19,6 +19,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     Text,
@@ -212,6 +213,7 @@ class Memory(Base):
 
     Provenance is source_keys, the message keys the memory came from. The vector lives in ``embedding`` with
     pgvector, in the user's namespace with Pinecone (then ``embedding`` stays empty); ``embedder`` names what made it.
+    ``word_vectors``: its words as the offline embedder read them (`storage.embedding.words`), none with another.
     """
 
     __tablename__ = "memories"
@@ -236,6 +238,7 @@ class Memory(Base):
         TSVECTOR, Computed(f"to_tsvector('{TEXT_SEARCH_CONFIG}'::regconfig, content)", persisted=True))
     embedding: Mapped[Any | None] = mapped_column(Vector(EMBEDDING_DIMENSION))
     embedder: Mapped[str | None] = mapped_column(Text)
+    word_vectors: Mapped[bytes | None] = mapped_column(LargeBinary)
     # In the HNSW index: set for every memory of a user whose ann_indexed is set.
     ann_indexed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     created_at: Mapped[datetime] = _created_at()

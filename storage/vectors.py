@@ -99,13 +99,15 @@ def indexed_search(user_id: int, k: int) -> Select[tuple[int, float]]:
 
 @dataclass(frozen=True)
 class VectorItem:
-    """A memory's vector and the metadata a store keeps beside it (provenance, kind, time)."""
+    """A memory's vector and the metadata a store keeps beside it (provenance, kind, time), and its words when the
+    embedder gives them (kept in the memories table whatever the store)."""
 
     memory_id: int
     vector: list[float]
     kind: str
     occurred_at: datetime
     source_keys: list[str] = field(default_factory=list)
+    words: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -179,12 +181,13 @@ class PgVectorStore:
         table = Memory.__table__
         statement = (update(table).where(table.c.id == bindparam("memory_id"), table.c.user_id == bindparam("owner"))
                      .values(embedding=_vector("vector"), embedder=bindparam("model"),
-                             ann_indexed=bindparam("indexed")))
+                             word_vectors=bindparam("words"), ann_indexed=bindparam("indexed")))
 
         async def work(session: AsyncSession) -> None:
             indexed = await self._ann_indexed(session, user_id, ANN_INDEX_FROM)
             await session.execute(statement, [{"memory_id": item.memory_id, "owner": user_id, "vector": item.vector,
-                                               "model": embedder, "indexed": indexed} for item in items])
+                                               "model": embedder, "words": item.words, "indexed": indexed}
+                                              for item in items])
 
         await self._tx("upsert", work, user_id=user_id, count=len(items))
 

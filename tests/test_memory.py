@@ -40,7 +40,7 @@ from core.errors import (
     VectorStoreConnectionError,
 )
 from core.settings import load_settings
-from core.timeframe import time_range
+from core.timeframe import TimeRange, time_range
 from schemas.context import MEMORY_OPEN
 from schemas.memory import (
     Channel,
@@ -58,6 +58,7 @@ from schemas.memory import (
 from schemas.turn import ChatUser, GenerateReplyInput, IncomingMessage, PrepareTurnInput
 from storage import vectors
 from storage.database import create_session_factory
+from storage.embedding import words
 from storage.models import Memory
 from storage.recall import MemoryIndex, NewMemory, SearchResult
 from storage.repository import MemoryRepository
@@ -323,6 +324,12 @@ async def test_applying_an_extraction_twice_stores_nothing_twice(
 # --- search in one statement ---------------------------------------------------------------------------------
 
 
+async def _apart(memory: MemoryIndex, user_id: int, query: str, k: int, when: TimeRange | None = None) -> SearchResult:
+    """Search with the rankings asked for one by one and fused here (as with Pinecone), the words ranking too."""
+    return await memory._search_apart(user_id, query, k, time.perf_counter(), when=when,
+                                      wording=(await memory._embed_query(query))[1])
+
+
 async def test_search_with_pgvector_is_one_statement_ranking_as_the_rankings_fused_one_by_one(
         engine: AsyncEngine, repo: MemoryRepository, memory: MemoryIndex) -> None:
     lines = ["We adopted a cat called Miso", "Miso sleeps on the piano all day", "My sister lives in Lisbon",
@@ -344,7 +351,7 @@ async def test_search_with_pgvector_is_one_statement_ranking_as_the_rankings_fus
             event.remove(engine.sync_engine, "before_cursor_execute", sent)
         assert len(statements) == 1, query
         statements.clear()
-        apart = await memory._search_apart(user_id, query, 6, time.perf_counter())
+        apart = await _apart(memory, user_id, query, 6)
         assert not at_once.degraded and len(at_once.hits) == min(6, len(lines)), query
         assert [(hit.memory_id, hit.score, hit.via, hit.content, hit.source_keys) for hit in at_once.hits] == [
             (hit.memory_id, hit.score, hit.via, hit.content, hit.source_keys) for hit in apart.hits], query
@@ -374,8 +381,62 @@ async def test_a_question_about_last_week_recalls_last_weeks_memory_over_a_more_
     found = await memory.search(user.id, question, k=3, when=when)
     assert "walked up the hill" in found.hits[0].content and "time" in found.hits[0].via
     assert "mountains" in found.hits[1].content  # a prior, not a filter: the rest still come, best first
-    apart = await memory._search_apart(user.id, question, 3, time.perf_counter(), when=when)
+    apart = await _apart(memory, user.id, question, 3, when)
     assert [(h.memory_id, h.score, h.via) for h in apart.hits] == [(h.memory_id, h.score, h.via) for h in found.hits]
+
+
+class VectorsOnly:
+    """The offline embedder's vectors without its words, as an embedder that gives none (OpenAI's) searches."""
+
+    name = "all-MiniLM-L6-v2-int8"
+    dimension = 384
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return await local_embedder().embed(texts)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_question_finds_the_memories_that_answer_it_by_their_words_without_sharing_one(
+        engine: AsyncEngine, repo: MemoryRepository, memory: MemoryIndex) -> None:
+    hobbies = ["I signed up for a pottery class, I made my first bowl today",
+               "We went camping by the lake and I swam every morning",
+               "I painted a sunset over the harbour last night"]
+    chores = ["Activities at work are piling up, the quarterly review is next week",
+              "The dentist said my teeth are fine", "Traffic was awful on the way home",
+              "My landlord is raising the rent again", "The new phone battery dies by noon",
+              "I cannot decide what to cook tonight", "The bank closed my old account"]
+    lines = [*hobbies[:1], *chores[:3], *hobbies[1:2], *chores[3:5], *hobbies[2:], *chores[5:]]
+    start = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+    user = await user_who_said(repo, memory, {line: start + timedelta(days=day) for day, line in enumerate(lines)})
+
+    found = await memory.search(user.id, "What hobbies does Mia have?", k=5)
+    assert sum(any(line in hit.content for hit in found.hits) for line in hobbies) == 3
+    sessions = create_session_factory(engine)
+    unworded = await MemoryIndex(sessions, VectorsOnly(), PgVectorStore(sessions)).search(
+        user.id, "What hobbies does Mia have?", k=5)  # the same vectors and keywords, no words ranking
+    assert sum(any(line in hit.content for hit in unworded.hits) for line in hobbies) <= 1
+
+
+async def test_memories_keep_their_words_and_reindexing_what_is_missing_gives_them_to_older_ones(
+        engine: AsyncEngine, repo: MemoryRepository, memory: MemoryIndex) -> None:
+    user_id = await user_with_messages(repo, ["I keep bees in the garden", "Is it the one?"])
+    await memory.remember_messages(user_id, [f"m{user_id}-0", f"m{user_id}-1"], "Mia")
+
+    async def stored() -> list[bytes | None]:
+        async with engine.connect() as connection:
+            return list((await connection.execute(text(
+                "SELECT word_vectors FROM memories WHERE user_id = :u ORDER BY id"), {"u": user_id})).scalars())
+
+    kept = await stored()
+    # "Mia: I keep bees in the garden" is four words (mia, keep, bees, garden); "Is it the one?" has one (one).
+    assert [len(words(vectors)) for vectors in kept] == [4, 4 + 2]
+    async with engine.begin() as connection:  # as memories stored before words were kept
+        await connection.execute(text("UPDATE memories SET word_vectors = NULL WHERE user_id = :u"), {"u": user_id})
+    assert await memory.reindex(user_id, everything=False) == 2
+    assert await stored() == kept
+    assert await memory.reindex(user_id, everything=False) == 0
 
 
 async def test_before_the_move_is_dated_by_the_memory_of_the_move(repo: MemoryRepository,
