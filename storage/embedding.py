@@ -99,7 +99,7 @@ class MiniLMEmbedder:
     def _encode(self, texts: list[str], with_words: bool) -> tuple[np.ndarray, list[bytes]]:
         """The vectors of ``texts`` and, when asked, their words (see `words`)."""
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        words: list[bytes] = [b""] * len(texts)
+        worded: list[bytes] = [b""] * len(texts)
         # Similar lengths batch together: less padding to run through the model.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         with self._lock:
@@ -117,22 +117,25 @@ class MiniLMEmbedder:
                     for row, (i, encoding) in enumerate(zip(chunk, encodings, strict=True)):
                         kept = [at for at, token in enumerate(encoding.tokens)
                                 if token.startswith("##") or (token.isalnum() and token not in STOPWORDS)]
-                        words[i] = quantize(hidden[row, kept])
-        return out, words
+                        worded[i] = quantize(hidden[row, kept])
+        return out, worded
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        return (await self.embed_with_words(texts))[0] if texts else []
+        return (await self._encoded(texts, with_words=False))[0]
 
     async def embed_with_words(self, texts: list[str]) -> tuple[list[list[float]], list[bytes]]:
         """The vectors of ``texts`` and their words: for each text, its words' vectors in int8, 384 bytes each (none
         for a text of stopwords alone); `words` reads them back."""
+        return await self._encoded(texts, with_words=True)
+
+    async def _encoded(self, texts: list[str], with_words: bool) -> tuple[list[list[float]], list[bytes]]:
         if not texts:
             return [], []
         try:
-            vectors, words = await asyncio.to_thread(self._encode, texts, True)
+            vectors, worded = await asyncio.to_thread(self._encode, texts, with_words)
         except Exception as exc:  # onnxruntime raises its own types
             raise EmbeddingError(f"local embedding failed: {exc}", context={"texts": len(texts)}) from exc
-        return vectors.tolist(), words
+        return vectors.tolist(), worded
 
     async def close(self) -> None:
         """Nothing to let go of: the model runs in this process."""
