@@ -4,9 +4,10 @@ Vectors are L2-normalised, so cosine similarity is a dot product. The dimension 
 embedders, `companion memory reindex` rebuilds every stored vector.
 
 The offline embedder also gives a text's words, each as the model read it in its sentence (its last layer's vector
-of that token, stopwords and punctuation left out, 384 bytes a word in int8). Search ranks memories by how well each
-word of a question finds its like among a memory's words (late interaction, as ColBERT ranks): "What activities does
-Melanie do?" finds the stretch where Melanie tells of pottery, which the vector of the whole text misses.
+of that token, stopwords and punctuation left out, in 4 bits a dimension: 192 bytes a word). Search ranks memories by
+how well each word of a question finds its like among a memory's words (late interaction, as ColBERT ranks): "What
+activities does Melanie do?" finds the stretch where Melanie tells of pottery, which the vector of the whole text
+misses.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ a an the of to in on at for and or but is are was were be been being am do does 
 when where why how i you he she it we they me him her his its our their my your us them with from about as by that
 this these those any some s t so if then than there here not no just can could would will should may might shall
 """.split())
-WORD_BYTES = 384  # one int8 per dimension
+# A word is stored in 4 bits a dimension: -7..7 (plus 8), two dimensions a byte, the even one in the high half. On
+# LoCoMo, recall was the same as with 8 bits (0.8983 against 0.8976), and a search reads half the bytes.
+WORD_LEVELS = 7
+WORD_BYTES = 192
 
 
 class Embedder(Protocol):
@@ -124,8 +128,8 @@ class MiniLMEmbedder:
         return (await self._encoded(texts, with_words=False))[0]
 
     async def embed_with_words(self, texts: list[str]) -> tuple[list[list[float]], list[bytes]]:
-        """The vectors of ``texts`` and their words: for each text, its words' vectors in int8, 384 bytes each (none
-        for a text of stopwords alone); `words` reads them back."""
+        """The vectors of ``texts`` and their words: for each text, its words' vectors in 4 bits a dimension, 192 bytes
+        each (none for a text of stopwords alone); `words` reads them back."""
         return await self._encoded(texts, with_words=True)
 
     async def _encoded(self, texts: list[str], with_words: bool) -> tuple[list[list[float]], list[bytes]]:
@@ -142,14 +146,24 @@ class MiniLMEmbedder:
 
 
 def quantize(vectors: np.ndarray) -> bytes:
-    """Word vectors as int8, each scaled to fill -127..127 (its direction is what counts)."""
+    """Word vectors in WORD_BYTES each, every one scaled to fill -7..7 (its direction is what counts)."""
     scale = np.clip(np.abs(vectors).max(axis=1, keepdims=True), 1e-12, None)
-    return np.round(vectors * (127 / scale)).astype(np.int8).tobytes()
+    levels = (np.round(vectors * (WORD_LEVELS / scale)) + WORD_LEVELS + 1).astype(np.uint8)
+    return ((levels[:, 0::2] << 4) | levels[:, 1::2]).tobytes()
+
+
+def _halves(stored: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The even and the odd dimensions of stored words, as float32 levels."""
+    packed = np.frombuffer(stored, dtype=np.uint8).reshape(-1, WORD_BYTES)
+    return ((packed >> 4).astype(np.float32) - (WORD_LEVELS + 1),
+            (packed & 15).astype(np.float32) - (WORD_LEVELS + 1))
 
 
 def words(stored: bytes) -> np.ndarray:
     """Word vectors stored by `quantize`, as unit float32 rows."""
-    vectors = np.frombuffer(stored, dtype=np.int8).reshape(-1, WORD_BYTES).astype(np.float32)
+    even, odd = _halves(stored)
+    vectors = np.empty((len(even), 2 * WORD_BYTES), dtype=np.float32)
+    vectors[:, 0::2], vectors[:, 1::2] = even, odd
     return vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
 
 
@@ -160,12 +174,12 @@ def word_match(question: np.ndarray, candidates: list[bytes]) -> np.ndarray:
     having = [at for at, stored in enumerate(candidates) if stored]
     if not having or not len(question):
         return scores
-    matrix = np.frombuffer(b"".join(candidates[at] for at in having), dtype=np.int8).reshape(-1, WORD_BYTES)
-    matrix = matrix.astype(np.float32)
+    even, odd = _halves(b"".join(candidates[at] for at in having))
     # Cosines of every stored word with every word of the question, each stored word's norm divided out after.
-    cosines = (matrix @ question.T) / np.sqrt(np.einsum("ij,ij->i", matrix, matrix))[:, None].clip(1e-12)
+    dots = even @ question[:, 0::2].T + odd @ question[:, 1::2].T
+    norms = np.sqrt(np.einsum("ij,ij->i", even, even) + np.einsum("ij,ij->i", odd, odd))
     starts = np.cumsum([0] + [len(candidates[at]) // WORD_BYTES for at in having[:-1]])
-    scores[having] = np.maximum.reduceat(cosines, starts, axis=0).mean(axis=1)
+    scores[having] = np.maximum.reduceat(dots / norms.clip(1e-12)[:, None], starts, axis=0).mean(axis=1)
     return scores
 
 

@@ -411,12 +411,13 @@ async def test_a_question_finds_the_memories_that_answer_it_by_their_words_witho
     start = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
     user = await user_who_said(repo, memory, {line: start + timedelta(days=day) for day, line in enumerate(lines)})
 
-    found = await memory.search(user.id, "What hobbies does Mia have?", k=5)
-    assert sum(any(line in hit.content for hit in found.hits) for line in hobbies) == 3
+    question = "What activities does Mia enjoy?"  # "activities" is a word of a chore alone
+    found = await memory.search(user.id, question, k=5)
+    assert sum(any(line in hit.content for hit in found.hits) for line in hobbies) >= 2
     sessions = create_session_factory(engine)
     unworded = await MemoryIndex(sessions, VectorsOnly(), PgVectorStore(sessions)).search(
-        user.id, "What hobbies does Mia have?", k=5)  # the same vectors and keywords, no words ranking
-    assert sum(any(line in hit.content for hit in unworded.hits) for line in hobbies) <= 1
+        user.id, question, k=5)  # the same vectors and keywords, no words ranking
+    assert not any(line in hit.content for hit in unworded.hits for line in hobbies)
 
 
 async def test_memories_keep_their_words_and_reindexing_what_is_missing_gives_them_to_older_ones(

@@ -1,4 +1,4 @@
-"""memories.word_vectors: a memory's words as the offline embedder read them, for search to rank by (int8 vectors).
+"""memories.word_vectors: a memory's words as the offline embedder read them, for search to rank by (4-bit vectors).
 
 Memories stored before this revision have none until `companion memory reindex --missing` embeds them again
 (`companion dev` does it as it starts); search ranks them by their other rankings meanwhile.
