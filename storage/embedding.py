@@ -6,8 +6,7 @@ embedders, `companion memory reindex` rebuilds every stored vector.
 The offline embedder also gives a text's words, each as the model read it in its sentence (its last layer's vector
 of that token, stopwords and punctuation left out, in 4 bits a dimension: 192 bytes a word). Search ranks memories by
 how well each word of a question finds its like among a memory's words (late interaction, as ColBERT ranks): "What
-activities does Melanie do?" finds the stretch where Melanie tells of pottery, which the vector of the whole text
-misses.
+activities does Mia enjoy?" finds "I signed up for a pottery class", which the vector of the whole text misses.
 """
 
 from __future__ import annotations

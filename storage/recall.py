@@ -56,8 +56,8 @@ KEYWORD_WEIGHT = 1.5
 TIME_WEIGHT = 2.5
 CANDIDATES = 100
 STALE_SLACK = 10
-# The words ranking: of the best fused memories, this many are ranked by their words, with this weight. It finds what
-# the other rankings miss most ("What activities does Melanie do?"); on LoCoMo, weights of 3 to 6 gave recall@10
+# The words ranking: of the best fused memories, this many are ranked by their words, with this weight. It finds the
+# memories that answer a question without sharing a word with it; on LoCoMo, weights of 3 to 6 gave recall@10
 # 0.896-0.900, 2 gave 0.892; ranking 60 memories instead of 100 gave 0.886, 150 gave 0.893.
 WORDS_CANDIDATES = 100
 WORDS_WEIGHT = 4.0
