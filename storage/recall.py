@@ -27,7 +27,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
-from sqlalchemy import REAL, DateTime, Select, bindparam, delete, func, select, text
+from sqlalchemy import REAL, DateTime, Select, bindparam, delete, func, null, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -153,12 +153,17 @@ def spread(hits: Sequence[MemoryHit], k: int) -> list[MemoryHit]:
     return (picked + waiting)[:k]
 
 
+def has_words(wording: np.ndarray | None) -> bool:
+    """Whether a query has words to rank memories by (the offline embedder's, and not stopwords alone)."""
+    return wording is not None and len(wording) > 0
+
+
 def by_words(hits: list[MemoryHit], worded: Sequence[bytes | None], wording: np.ndarray | None,
              keep: int) -> list[MemoryHit]:
     """The best ``keep`` of ``hits`` (best fused first, ``worded`` their words) with the words ranking fused in: by
     how well each word of the query (``wording``) finds its like among a memory's words, best first; a memory without
     words keeps its score. Without the query's words, the first ``keep`` hits."""
-    if wording is None or not len(wording) or not hits:
+    if not has_words(wording) or not hits:
         return hits[:keep]
     matched = word_match(wording, [stored or b"" for stored in worded])
     having = [at for at in range(len(hits)) if worded[at]]
@@ -461,7 +466,7 @@ class MemoryIndex:
     @staticmethod
     def _candidates(pool: int, wording: np.ndarray | None) -> int:
         """How many of the best fused memories to read: those ranked by their words too, when the query has some."""
-        return max(pool, WORDS_CANDIDATES) if wording is not None and len(wording) else pool
+        return max(pool, WORDS_CANDIDATES) if has_words(wording) else pool
 
     async def _search_at_once(self, user_id: int, query: str, vector: list[float], k: int,
                               when: TimeRange | None = None) -> tuple[list[MemoryHit], list[bytes | None]] | None:
@@ -525,7 +530,7 @@ class MemoryIndex:
         worded: list[bytes | None] = []
         if ranked:
             # A few more than asked for: a vector store may still know a vector whose row is gone.
-            rows = await self._rows(user_id, ranked)
+            rows = await self._rows(user_id, ranked, with_words=has_words(wording))
             for memory_id in ranked:
                 row = rows.get(memory_id)
                 if row is None:  # a vector whose row is gone (or another user's): never shown
@@ -585,10 +590,13 @@ class MemoryIndex:
         _log.warning("memory.search_without_vectors", user_id=user_id, store=self.store.name, error=exc.code,
                      detail=exc.message)
 
-    async def _rows(self, user_id: int, ids: list[int]) -> dict[int, Memory]:
+    async def _rows(self, user_id: int, ids: list[int], with_words: bool = False) -> dict[int, Memory]:
+        """The rows of ``ids`` (of this user), with their words when asked (~10 KB a memory), else None for them."""
+        words_column = Memory.word_vectors if with_words else null().label("word_vectors")
+
         async def work(session: AsyncSession) -> dict[int, Memory]:
             rows = await session.execute(select(Memory.id, Memory.kind, Memory.content, Memory.occurred_at,
-                                                Memory.source_keys, Memory.word_vectors)
+                                                Memory.source_keys, words_column)
                                          .where(Memory.user_id == user_id, Memory.id.in_(ids)))
             return {row.id: row for row in rows}
 
