@@ -49,16 +49,17 @@ def build_prompt(context: UserContextSchema, message_key: str, note: str | None 
 
 
 def fit_memory(context: UserContextSchema, hits: list[MemoryHit], shown: set[str],
-               budget: PromptBudget = PromptBudget()) -> None:
+               budget: PromptBudget = PromptBudget()) -> list[MemoryHit]:
     """Fit the user's memory into ``budget.memory_tokens``: the quoted profile first, trimmed when it would leave
     what is recalled less than a third (the oldest diary moments go first, then the latest plans, the farthest
     events, the last facts), then as ``context.recalled`` the best hits that fit what is left, up to RECALL_K, none
-    made only of messages the prompt already shows."""
+    made only of messages the prompt already shows. Returns the hits recalled."""
     ceiling = budget.memory_tokens - budget.memory_tokens // RECALL_SHARE
     context.recalled = []
     trimmed = (context.diary_entries, context.pending_nudges, context.upcoming_events, context.facts)
     while (used := budget.count(context.memory_block())) > ceiling and (items := next(filter(None, trimmed), None)):
         items.pop()
+    fitted: list[MemoryHit] = []
     for hit in hits:
         if len(context.recalled) == RECALL_K:
             break
@@ -73,6 +74,8 @@ def fit_memory(context: UserContextSchema, hits: list[MemoryHit], shown: set[str
             context.recalled.pop()
             break
         used += cost
+        fitted.append(hit)
+    return fitted
 
 
 HEARD_NOTE = ("The user sent this message as a voice recording: it is what a transcription model heard. If it is very "

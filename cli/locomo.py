@@ -5,10 +5,11 @@ as a message (speaker_a is the user, speaker_b the companion, each message at it
 stretches of conversation; with --extract, the LLM extraction of the remember step runs over each session too. Then,
 for every question of categories 1-4, the top k memories are retrieved for the question, and recall is the share of
 its evidence turns those memories cover through their provenance. For each question, the prompt a reply would get
-(the memory fitted to MEMORY_PROMPT_TOKENS, the recent conversation at the conversation's end) is built and its
-tokens counted. With --answer, a configured OpenAI-compatible model answers each question from that prompt's memory
-and a judge model (--judge-model, else the same) grades it CORRECT or WRONG against the gold answer: J is the share
-graded correct, as the mem0 paper reports it. The last line printed is one JSON object.
+(the memory fitted to MEMORY_PROMPT_TOKENS, the recent conversation at the conversation's end) is built, its tokens
+counted and the share of the evidence it holds taken (recall_prompt: what the model would see). With --answer, a
+configured OpenAI-compatible model answers each question from that prompt's memory and a judge model (--judge-model,
+else the same) grades it CORRECT or WRONG against the gold answer: J is the share graded correct, as the mem0 paper
+reports it. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -193,7 +194,10 @@ async def score(index: MemoryIndex, user_id: int, dia_of: dict[str, str], questi
         if context is None:
             continue
         mine = context.model_copy(deep=True)
-        fit_memory(mine, found.hits, {m.message_key for m in mine.recent_messages}, budget)
+        shown = {m.message_key for m in mine.recent_messages}
+        fitted = fit_memory(mine, found.hits, shown, budget)
+        seen = {dia_of.get(key) for key in shown | {key for hit in fitted for key in hit.source_keys}}
+        results["prompt_recall"].append(len(evidence & seen) / len(evidence))
         prompt = build_prompt(mine, message_key="", budget=budget)
         results["memory_tokens"].append(budget.count(mine.memory_block()))
         results["prompt_tokens"].append(sum(budget.count(message["content"]) + MESSAGE_TOKENS
@@ -220,6 +224,8 @@ def summary(results: dict[str, Any], ks: tuple[int, ...] = KS, headline: int = 1
     out["questions"] = len(results["recall"][headline])
     out["p50_ms"] = round(statistics.median(latency), 2) if latency else 0.0
     out["p95_ms"] = _p95(latency)
+    if results["prompt_recall"]:
+        out["recall_prompt"] = mean(results["prompt_recall"])
     for name in ("memory_tokens", "prompt_tokens"):
         if results[name]:
             out[f"{name}_p50"] = statistics.median(results[name])
@@ -237,7 +243,8 @@ def _p95(ordered: list[float]) -> float:
 
 def new_results(ks: tuple[int, ...] = KS, headline: int = 10) -> dict[str, Any]:
     return {"recall": {k: [] for k in ks}, "by_category": {c: [] for c in CATEGORIES}, "latency_ms": [],
-            "headline": headline, "memory_tokens": [], "prompt_tokens": [], "judged": {c: [] for c in CATEGORIES}}
+            "headline": headline, "memory_tokens": [], "prompt_tokens": [], "prompt_recall": [],
+            "judged": {c: [] for c in CATEGORIES}}
 
 
 async def run_locomo(settings: Settings, path: Path, k: int = 10, extract: bool = False, answer: bool = False,

@@ -794,6 +794,7 @@ def test_companion_bench_locomo_prints_its_figures_as_json(database_url: str, tm
     assert figures["questions"] > 5 and 0 < figures["recall@7"] <= 1 and figures["conversations"] == 1
     # The prompt a reply to each question would get, its memory within MEMORY_PROMPT_TOKENS (400 here).
     assert 0 < figures["memory_tokens_p50"] <= figures["memory_tokens_p95"] <= 400
+    assert 0 < figures["recall_prompt"] <= 1  # the share of the evidence that prompt holds
     assert figures["memory_tokens_p95"] < figures["prompt_tokens_p95"] and "J" not in figures
 
     offline = subprocess.run([sys.executable, "-m", "cli", "bench", "locomo", "--data", str(data), "--answer"],
