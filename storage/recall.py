@@ -10,9 +10,10 @@ PostgreSQL full text (English stemming, the user's own rows for document frequen
 ("last week", "in May") adds a third, the memories of that time. With pgvector, the rankings, their fusion and the rows
 come from one statement. With the offline embedder, the best hundred are ranked once more by their words (each word
 of the query matched to its like among a memory's words, `storage.embedding.word_match`) and that ranking fused in
-too. The best are then spread over the past: a stretch of conversation that only repeats one already found waits
-behind memories of other moments. Every query is scoped to one user. When the vector store fails,
-search goes on with keywords alone and says so in the log.
+too. The best are then spread over the past: stretches of conversation that overlap join into one (each message read
+once, in order), and a memory that repeats one already found without joining it waits behind memories of other
+moments. Every query is scoped to one user. When the vector store fails, search goes on with keywords alone and says
+so in the log.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ ANCHOR_CANDIDATES = 20
 _TELLS_FIRST = {MemoryKind.EVENT.value: 0, MemoryKind.DIARY.value: 1}
 # Search fuses k * POOL_FACTOR memories, from which `spread` picks k.
 POOL_FACTOR = 2
-# A memory that shares this many of its messages with better ones adds at most one message to them: it waits.
-SHARED_HELD_BACK = 2
+# Overlapping stretches join while together they hold at most this many messages (two stretches of three that share
+# one): never more text than the two would show apart. 4 gave LoCoMo recall@10 0.880, 5 0.919, 6 0.922, 7 0.927, while
+# the share of the evidence a reply's prompt holds stayed 0.899-0.900 from 5 on.
+JOINED_MESSAGES = 5
 BM25_K1 = 1.2
 BM25_B = 0.75
 
@@ -137,20 +140,62 @@ def conversation_memories(messages: Sequence[MessageRead], new_keys: set[str], u
 
 
 def spread(hits: Sequence[MemoryHit], k: int) -> list[MemoryHit]:
-    """The best k hits, where a hit that shares SHARED_HELD_BACK of its messages with better ones (the stretch of
-    conversation beside one already picked) waits until the hits about other moments are placed."""
+    """The best k hits, spread over the past: a stretch of conversation that overlaps one already picked joins it
+    (`joined`), and a hit that cannot join a better one it overlaps waits until the hits about other moments are
+    placed. So no message is shown twice unless fewer than k hits are about other moments."""
     picked: list[MemoryHit] = []
     waiting: list[MemoryHit] = []
     shown: set[str] = set()
     for hit in hits:
-        if len(shown.intersection(hit.source_keys)) >= SHARED_HELD_BACK:
-            waiting.append(hit)
+        if shared := shown.intersection(hit.source_keys):
+            # It may join the one picked that holds all it shares: joined, no message would show twice.
+            at, together = next(((at, together) for at, better in enumerate(picked)
+                                 if shared <= set(better.source_keys)
+                                 and (together := joined(better, hit)) is not None), (None, None))
+            if at is None:
+                waiting.append(hit)
+            else:
+                picked[at] = together
+                shown.update(hit.source_keys)
             continue
         picked.append(hit)
         shown.update(hit.source_keys)
         if len(picked) == k:
             return picked
     return (picked + waiting)[:k]
+
+
+def joined(better: MemoryHit, other: MemoryHit) -> MemoryHit | None:
+    """``better`` (a stretch of conversation) with the messages of ``other`` that overlaps it, as one stretch read
+    in order (scored, identified and found as ``better``, of the time of its last message); None unless both are
+    stretches sharing a message, the two together hold at most JOINED_MESSAGES and their texts line up (a text cut
+    at MAX_MEMORY_CHARS does not)."""
+    conversation = MemoryKind.CONVERSATION
+    if better.kind != conversation or other.kind != conversation:
+        return None
+    if not set(better.source_keys) & set(other.source_keys):
+        return None
+    # The earlier stretch is the one whose last message the other holds too.
+    first, second = (better, other) if better.source_keys[-1] in other.source_keys else (other, better)
+    keys = list(dict.fromkeys([*first.source_keys, *second.source_keys]))
+    if len(keys) > JOINED_MESSAGES:
+        return None
+    cut = _overlap(first.content, second.content)
+    if cut == 0:
+        return None
+    return dataclasses.replace(better, content=first.content + second.content[cut:], source_keys=keys,
+                               occurred_at=max(first.occurred_at, second.occurred_at),
+                               via=tuple(dict.fromkeys([*better.via, *other.via])))
+
+
+def _overlap(first: str, second: str) -> int:
+    """The length of the longest start of ``second``, in whole lines, that ``first`` ends with (0: none)."""
+    cut = len(second)
+    while cut > 0:
+        if first.endswith(second[:cut]) and (cut == len(first) or first[-cut - 1] == "\n"):
+            return cut
+        cut = second.rfind("\n", 0, cut)
+    return 0
 
 
 def has_words(wording: np.ndarray | None) -> bool:
