@@ -281,7 +281,9 @@ SELECT id FROM dated ORDER BY rank""").bindparams(bindparam("since", type_=DateT
 # order the fusion meets them: the vector ranking's, then the keyword ranking's, then the time ranking's), the time
 # ranking when the query names a time (the memories of that time, best fused first, then newest first) and the best
 # rows. One row at least: the count of the user's vectors, with no memory when nothing was found or the user is past
-# the limit.
+# the limit. The rows are read by id alone (each ranking holds the user's memories only): asked for the user's too,
+# PostgreSQL may read them through the user's index, a scan of all their memories for each row, while the statistics
+# of the table do not yet know the user's many (a search took 21-27 ms against 11-13 ms, in a freshly loaded one).
 _HYBRID_SQL = text(f"""
 WITH {_KEYWORD_CTES},
 keyword AS (
@@ -316,7 +318,7 @@ fused AS (
 best AS (
     SELECT f.id, f.dense_rank, f.keyword_rank, f.dated_rank, f.score, m.kind, m.content, m.occurred_at,
            m.source_keys, m.word_vectors
-    FROM fused f JOIN memories m ON m.id = f.id AND m.user_id = :user_id
+    FROM fused f JOIN memories m ON m.id = f.id
     ORDER BY f.score DESC, f.dense_rank NULLS LAST, f.keyword_rank, f.dated_rank
     LIMIT :k
 )
