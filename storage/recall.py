@@ -69,7 +69,7 @@ _TELLS_FIRST = {MemoryKind.EVENT.value: 0, MemoryKind.DIARY.value: 1}
 POOL_FACTOR = 2
 # Overlapping stretches join while together they hold at most this many messages (two stretches of three that share
 # one): never more text than the two would show apart. 4 gave LoCoMo recall@10 0.880, 5 0.919, 6 0.922, 7 0.927, while
-# the share of the evidence a reply's prompt holds stayed 0.899-0.900 from 5 on.
+# the share of the evidence a reply's prompt holds went 0.862, 0.897, 0.898, 0.897.
 JOINED_MESSAGES = 5
 BM25_K1 = 1.2
 BM25_B = 0.75

@@ -161,9 +161,10 @@ async def test_the_memory_in_a_prompt_keeps_to_its_token_budget_leaving_recall_a
     budget = PromptBudget(memory_tokens=600)
     context = await repo.get_user_context(user_id, now=NOW)
     diary_before = len(context.diary_entries)
-    fit_memory(context, hits, shown=set(), budget=budget)
+    fitted = fit_memory(context, hits, shown=set(), budget=budget)
 
     assert count_tokens(context.memory_block()) <= budget.memory_tokens
+    assert fitted == hits[:len(context.recalled)]  # the hits recalled, as the bench counts what a prompt holds
     # The profile was trimmed, the diary first, so that the best recalled memories have room, in their order.
     assert len(context.diary_entries) < diary_before and context.facts
     assert 0 < len(context.recalled) <= RECALL_K
@@ -174,7 +175,8 @@ async def test_the_memory_in_a_prompt_keeps_to_its_token_budget_leaving_recall_a
     assert count_tokens(prompt.system_prompt) > profile and hits[0].content[:30] in prompt.before_message
 
     roomy = await repo.get_user_context(user_id, now=NOW)
-    fit_memory(roomy, hits, shown={"old0"}, budget=PromptBudget(memory_tokens=100_000))
+    fitted = fit_memory(roomy, hits, shown={"old0"}, budget=PromptBudget(memory_tokens=100_000))
+    assert fitted == hits[1:RECALL_K + 1]
     assert len(roomy.diary_entries) == diary_before  # nothing trimmed when it fits
     assert len(roomy.recalled) == RECALL_K and roomy.recalled[0].content == hits[1].content  # old0 is shown
 
