@@ -62,7 +62,7 @@ async def search(settings: Settings, telegram_id: int, query: str, k: int) -> in
             for line in lines[1:]:
                 print(" " * len(head) + line)
         note = " (vector store unavailable: keywords only)" if found.degraded else ""
-        print(f"{len(found.hits)} memories in {found.elapsed_ms:.1f} ms{note}")
+        print(f"{len(found.hits)} found in {found.elapsed_ms:.1f} ms{note}")
     return 0
 
 

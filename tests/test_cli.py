@@ -171,7 +171,8 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
         assert summary == "Conversation with user 42 (Telegram id 42)"
         _a_second_worker_stops_gracefully_on_sigterm(tmp_path, offline)
         deadline = time.monotonic() + 60
-        while not all("2 memories" in (found := _companion("memory", "search", "--user", user, query, cwd=tmp_path,
+        # Both messages remembered: the two stretches (the message, then it and the reply) found as one.
+        while not all("I hear you" in (found := _companion("memory", "search", "--user", user, query, cwd=tmp_path,
                                                            env=offline).stdout)
                       for user, query in (("43", "hello"), ("42", "Simon"))):
             assert time.monotonic() < deadline, dev.tail()
@@ -179,6 +180,8 @@ def test_companion_dev_runs_answers_stops_cleanly_and_keeps_conversations(tmp_pa
         # A line per memory: score, when (the user's time), kind, how it was found, its text.
         assert re.match(r"\d\.\d{3}  \d{4}-\d\d-\d\d \d\d:\d\d  conversation +vector\+keyword +.*Simon",
                         found.splitlines()[0]), found
+        assert "Hi, I'm Simon / Companion: I hear you" in " ".join(found.split())  # two messages, one hit
+        assert found.splitlines()[-1].startswith("1 found in "), found
     finally:
         assert dev.stop() == 0, dev.tail()
     data_dir = tmp_path / ".companion"
