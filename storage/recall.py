@@ -148,15 +148,14 @@ def spread(hits: Sequence[MemoryHit], k: int) -> list[MemoryHit]:
     shown: set[str] = set()
     for hit in hits:
         if shared := shown.intersection(hit.source_keys):
-            # It may join the one picked that holds all it shares: joined, no message would show twice.
-            at, together = next(((at, together) for at, better in enumerate(picked)
-                                 if shared <= set(better.source_keys)
-                                 and (together := joined(better, hit)) is not None), (None, None))
-            if at is None:
-                waiting.append(hit)
+            # It joins the one picked that holds all it shares (so no message shows twice), or it waits.
+            for at, better in enumerate(picked):
+                if shared <= set(better.source_keys) and (together := joined(better, hit)) is not None:
+                    picked[at] = together
+                    shown.update(hit.source_keys)
+                    break
             else:
-                picked[at] = together
-                shown.update(hit.source_keys)
+                waiting.append(hit)
             continue
         picked.append(hit)
         shown.update(hit.source_keys)
