@@ -498,15 +498,14 @@ def test_found_memories_show_each_message_once_while_other_moments_are_found() -
 
 def test_only_stretches_of_one_conversation_whose_texts_line_up_join() -> None:
     at = datetime(2026, 5, 1, 18, 0, tzinfo=UTC)
-    stretch = _stretch
-    together = joined(stretch(range(2, 5)), stretch(range(0, 3)))
+    together = joined(_stretch(range(2, 5)), _stretch(range(0, 3)))
     assert together is not None and together.memory_id == 4 and together.occurred_at == at + timedelta(minutes=4)
     assert together.content == "\n".join(f"Mia: line {n}" for n in range(5))
     assert together.source_keys == [f"k{n}" for n in range(5)]
-    assert joined(stretch(range(0, 3)), stretch(range(2, 5), kind=MemoryKind.FACT)) is None  # a fact stays apart
-    assert joined(stretch(range(0, 3)), stretch(range(3, 6))) is None  # no message in common
-    assert joined(stretch(range(0, 3)), stretch(range(2, 3 + JOINED_MESSAGES))) is None  # too long together
-    assert joined(stretch(range(0, 3), cut=20), stretch(range(2, 5))) is None  # a text cut short does not line up
+    assert joined(_stretch(range(0, 3)), _stretch(range(2, 5), kind=MemoryKind.FACT)) is None  # a fact stays apart
+    assert joined(_stretch(range(0, 3)), _stretch(range(3, 6))) is None  # no message in common
+    assert joined(_stretch(range(0, 3)), _stretch(range(2, 3 + JOINED_MESSAGES))) is None  # too long together
+    assert joined(_stretch(range(0, 3), cut=20), _stretch(range(2, 5))) is None  # a text cut short does not line up
 
 
 async def test_memories_keep_their_words_and_reindexing_what_is_missing_gives_them_to_older_ones(
